@@ -1,0 +1,1 @@
+//! Read-only view of a queue directory (for tools). TODO

@@ -1,0 +1,551 @@
+//! The writer thread (group commit) and the recovery that runs before it starts.
+//!
+//! Appenders encode their frames into `State::pending` under the lock and wait on the batch's
+//! completion. The writer takes the whole pending buffer at once, writes it with one `pwrite` per
+//! segment it touches, `fdatasync`s it (`fsync = always`), publishes the new durable end to
+//! readers, then completes the batch. While it syncs, the next batch fills up: the more appenders,
+//! the larger the batches, and one fsync serves them all.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::cursor::{self, CursorFile};
+use super::record::micros_since_epoch;
+use super::segment::{self, SegmentMeta, SEGMENT_HEADER};
+use super::{FsyncPolicy, QueueError, QueueOptions, RecoveryReport, Shared, SEQ_RESERVATION};
+
+const RESERVATION_FILE: &str = "seq.reserved";
+const RESERVATION_MAGIC: &[u8; 8] = b"EGWQRES1";
+/// How often the writer looks for records past `max_age` when idle.
+const AGE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A pending buffer that grew past this during a burst is not kept for reuse.
+const SPARE_BUFFER_MAX: usize = 8 << 20;
+
+/// The active segment as the writer holds it.
+pub(crate) struct Active {
+    file: File,
+    meta: SegmentMeta,
+}
+
+/// What recovery hands to [`super::Queue::open`].
+pub(crate) struct Recovered {
+    pub segments: VecDeque<SegmentMeta>,
+    pub active: Active,
+    pub reserved: u64,
+    pub next_seq: u64,
+    pub cursors: Vec<(String, CursorFile)>,
+    pub report: RecoveryReport,
+}
+
+fn read_reservation(dir: &Path) -> u64 {
+    let Ok(b) = fs::read(dir.join(RESERVATION_FILE)) else {
+        return 0;
+    };
+    if b.len() != 20 || &b[..8] != RESERVATION_MAGIC {
+        return 0;
+    }
+    let crc = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+    if crc32c::crc32c(&b[..16]) != crc {
+        return 0;
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[8..16]);
+    u64::from_le_bytes(v)
+}
+
+fn write_reservation(dir: &Path, upto: u64) -> io::Result<()> {
+    let mut b = [0u8; 20];
+    b[..8].copy_from_slice(RESERVATION_MAGIC);
+    b[8..16].copy_from_slice(&upto.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..16]);
+    b[16..].copy_from_slice(&crc.to_le_bytes());
+    let tmp = dir.join(".seq.reserved.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(&b)?;
+    f.sync_data()?;
+    fs::rename(&tmp, dir.join(RESERVATION_FILE))?;
+    segment::sync_dir(dir)
+}
+
+/// Copies a damaged range to quarantine during recovery (before `Shared` exists).
+fn quarantine_file(dir: &Path, base: u64, offset: usize, bytes: &[u8]) -> bool {
+    let path = dir
+        .join("quarantine")
+        .join(format!("{base:020}-{offset}.bin"));
+    if path.exists() {
+        return false;
+    }
+    fs::write(&path, bytes).is_ok()
+}
+
+/// Scans one segment that has no trustworthy sidecar, quarantines damage, truncates a torn tail.
+fn recover_segment(
+    dir: &Path,
+    base: u64,
+    report: &mut RecoveryReport,
+) -> Result<SegmentMeta, QueueError> {
+    let path = segment::segment_path(dir, base);
+    let buf =
+        segment::read_segment(dir, base).map_err(|e| QueueError::io("read segment", &path, e))?;
+    if !segment::header_ok(&buf, base) {
+        // Not one of our segments (or its creation was torn): keep the bytes, start it over.
+        if buf.len() > SEGMENT_HEADER || !buf.iter().all(|&b| b == 0) && !buf.is_empty() {
+            if quarantine_file(dir, base, 0, &buf) {
+                report.quarantined_ranges += 1;
+            }
+            tracing::warn!(segment = %path.display(), bytes = buf.len(), "segment header damaged; file moved to quarantine");
+        }
+        report.truncated_bytes += buf.len() as u64;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| QueueError::io("open segment", &path, e))?;
+        f.set_len(0)
+            .and_then(|()| f.write_all(&segment::header_bytes(base)))
+            .and_then(|()| f.sync_data())
+            .map_err(|e| QueueError::io("rewrite segment header", &path, e))?;
+        return Ok(SegmentMeta::empty(base));
+    }
+    let scan = segment::scan(&buf, base);
+    for bad in &scan.bad {
+        let bytes = &buf[bad.offset..bad.offset + bad.len];
+        if quarantine_file(dir, base, bad.offset, bytes) {
+            report.quarantined_ranges += 1;
+            report.quarantined_records += bad.missing_records;
+        }
+        tracing::warn!(
+            segment = %path.display(),
+            offset = bad.offset,
+            bytes = bad.len,
+            records = bad.missing_records,
+            reason = bad.reason,
+            "damaged records in the middle of a segment moved to quarantine"
+        );
+    }
+    if scan.tail_bytes > 0 {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| QueueError::io("open segment", &path, e))?;
+        f.set_len(scan.meta.bytes)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| QueueError::io("truncate torn tail of", &path, e))?;
+        report.truncated_bytes += scan.tail_bytes as u64;
+        tracing::warn!(
+            segment = %path.display(),
+            offset = scan.meta.bytes,
+            bytes = scan.tail_bytes,
+            reason = scan.tail_reason,
+            "torn tail truncated (a write that was cut off by a crash; it was never acknowledged)"
+        );
+    }
+    Ok(scan.meta)
+}
+
+/// Brings the directory to a consistent state and starts a fresh active segment.
+pub(crate) fn recover(dir: &Path, opts: &QueueOptions) -> Result<Recovered, QueueError> {
+    let seg_dir = segment::segments_dir(dir);
+    let bases = segment::list_segments(dir).map_err(|e| QueueError::io("list", &seg_dir, e))?;
+    let mut report = RecoveryReport::default();
+    let mut segments = VecDeque::new();
+    let mut last_seq = 0u64;
+    for (i, &base) in bases.iter().enumerate() {
+        let path = segment::segment_path(dir, base);
+        let len = fs::metadata(&path)
+            .map_err(|e| QueueError::io("stat", &path, e))?
+            .len();
+        let is_last = i + 1 == bases.len();
+        let meta = match (is_last, segment::read_meta(dir, base, len)) {
+            (false, Some(m)) => m,
+            _ => {
+                let m = recover_segment(dir, base, &mut report)?;
+                if m.records > 0 {
+                    segment::write_meta(dir, &m)
+                        .map_err(|e| QueueError::io("write sidecar", &seg_dir, e))?;
+                }
+                m
+            }
+        };
+        if meta.records == 0 || meta.last_seq <= last_seq {
+            // Empty (a roll cut off by a crash) or out of order (a stray file): nothing to serve.
+            if meta.records > 0 {
+                tracing::warn!(segment = %path.display(), "segment overlaps the one before it; moved to quarantine");
+                let _ = fs::rename(
+                    &path,
+                    dir.join("quarantine")
+                        .join(format!("{base:020}-overlap.seg")),
+                );
+                report.quarantined_ranges += 1;
+                report.quarantined_records += meta.records;
+            }
+            segment::remove_segment(dir, base)
+                .map_err(|e| QueueError::io("remove empty segment", &path, e))?;
+            continue;
+        }
+        last_seq = meta.last_seq;
+        report.records += meta.records;
+        segments.push_back(meta);
+    }
+    let reserved = read_reservation(dir);
+    let next_seq = (last_seq + 1).max(reserved).max(1);
+    let reserved = next_seq + SEQ_RESERVATION;
+    write_reservation(dir, reserved)
+        .map_err(|e| QueueError::io("write", dir.join(RESERVATION_FILE), e))?;
+    let file = segment::create_segment(dir, next_seq)
+        .map_err(|e| QueueError::io("create segment", segment::segment_path(dir, next_seq), e))?;
+    let active = Active {
+        file,
+        meta: SegmentMeta::empty(next_seq),
+    };
+    segments.push_back(active.meta.clone());
+    report.segments = segments.len();
+    report.next_seq = next_seq;
+
+    let cdir = cursor::cursors_dir(dir);
+    let mut cursors = Vec::new();
+    for (name, c) in
+        cursor::load_all(dir).map_err(|e| QueueError::io("read cursors in", &cdir, e))?
+    {
+        match c {
+            Some(c) => cursors.push((name, c)),
+            None => {
+                tracing::error!(cursor = %name, "cursor file damaged; the cursor restarts at the oldest record (duplicates, not loss)");
+                let c = CursorFile::default();
+                cursor::store(dir, &name, &c)
+                    .map_err(|e| QueueError::io("rewrite cursor in", &cdir, e))?;
+                report.cursors_reset.push(name.clone());
+                cursors.push((name, c));
+            }
+        }
+    }
+    let _ = opts;
+    Ok(Recovered {
+        segments,
+        active,
+        reserved,
+        next_seq,
+        cursors,
+        report,
+    })
+}
+
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    active: Active,
+    reserved: u64,
+) -> Result<JoinHandle<()>, QueueError> {
+    let dir = shared.dir.clone();
+    let writer = Writer {
+        shared,
+        active,
+        reserved,
+        last_sync: Instant::now(),
+        unsynced: false,
+        spare: Vec::new(),
+        last_age_check: Instant::now(),
+    };
+    std::thread::Builder::new()
+        .name("queue-writer".into())
+        .spawn(move || writer.run())
+        .map_err(|e| QueueError::io("start writer thread for", dir, e))
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    active: Active,
+    reserved: u64,
+    last_sync: Instant,
+    /// Bytes were written since the last fdatasync (`interval` policy).
+    unsynced: bool,
+    spare: Vec<u8>,
+    last_age_check: Instant,
+}
+
+/// Reads the frame header at `pos` of a buffer the appenders encoded (trusted, in bounds).
+fn frame_at(buf: &[u8], pos: usize) -> (usize, u64, u64) {
+    let word = |a: usize, n: usize| -> u64 {
+        let mut x = [0u8; 8];
+        x[..n].copy_from_slice(&buf[a..a + n]);
+        u64::from_le_bytes(x)
+    };
+    let len = word(pos, 4) as usize + 8;
+    (len, word(pos + 8, 8), word(pos + 16, 8))
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            let taken = {
+                let mut st = self.shared.lock();
+                loop {
+                    if !st.pending.is_empty() {
+                        break;
+                    }
+                    if st.closing {
+                        break;
+                    }
+                    let timeout = self.idle_timeout();
+                    let (guard, res) = self
+                        .shared
+                        .wake_writer
+                        .wait_timeout(st, timeout)
+                        .unwrap_or_else(|e| e.into_inner());
+                    st = guard;
+                    if res.timed_out() && st.pending.is_empty() {
+                        drop(st);
+                        self.housekeeping();
+                        st = self.shared.lock();
+                    }
+                }
+                if st.pending.is_empty() {
+                    None
+                } else {
+                    let buf = std::mem::replace(&mut st.pending, std::mem::take(&mut self.spare));
+                    st.in_flight_bytes = buf.len() as u64;
+                    let batch = std::mem::replace(&mut st.batch, super::Batch::new());
+                    Some((buf, batch))
+                }
+            };
+            let Some((mut buf, batch)) = taken else {
+                // Closing and nothing left to write.
+                self.sync_now();
+                return;
+            };
+            let before = self.active.meta.base;
+            let mut sealed = Vec::new();
+            let result = self.write_batch(&buf, &mut sealed);
+            self.publish(before, &sealed);
+            if let Err(error) = &result {
+                tracing::error!(%error, records = count_frames(&buf), "queue append batch failed");
+                self.shared.space.notify_waiters();
+            }
+            batch.complete(result);
+            self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+            if self.unsynced {
+                if let FsyncPolicy::Interval(iv) = self.shared.opts.fsync {
+                    if self.last_sync.elapsed() >= iv {
+                        self.sync_now();
+                    }
+                }
+            }
+            buf.clear();
+            if buf.capacity() <= SPARE_BUFFER_MAX {
+                self.spare = buf;
+            }
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        let mut t = AGE_CHECK_EVERY;
+        if let (true, FsyncPolicy::Interval(iv)) = (self.unsynced, self.shared.opts.fsync) {
+            t = t.min(
+                iv.saturating_sub(self.last_sync.elapsed())
+                    .max(Duration::from_millis(1)),
+            );
+        }
+        t
+    }
+
+    fn housekeeping(&mut self) {
+        if self.unsynced {
+            if let FsyncPolicy::Interval(iv) = self.shared.opts.fsync {
+                if self.last_sync.elapsed() >= iv {
+                    self.sync_now();
+                }
+            }
+        }
+        if self.last_age_check.elapsed() >= AGE_CHECK_EVERY {
+            self.last_age_check = Instant::now();
+            if let Some(max_age) = self.shared.opts.max_age {
+                self.expire(max_age);
+            }
+        }
+    }
+
+    /// Drops segments whose newest record is older than `max_age`; seals the active segment first
+    /// when all of it has expired (it only happens when no appends came for `max_age`).
+    fn expire(&mut self, max_age: Duration) {
+        let cutoff = micros_since_epoch(SystemTime::now())
+            .saturating_sub(u64::try_from(max_age.as_micros()).unwrap_or(u64::MAX));
+        let m = &self.active.meta;
+        if m.records > 0 && m.last_time_us < cutoff {
+            let before = m.base;
+            let next = m.last_seq + 1;
+            match self.roll(next) {
+                Ok(sealed) => self.publish(before, &[sealed]),
+                Err(error) => tracing::error!(%error, "could not seal expired active segment"),
+            }
+        }
+        let gone: Vec<SegmentMeta> = {
+            let mut st = self.shared.lock();
+            let mut gone = Vec::new();
+            while st.segments.len() > 1
+                && st
+                    .segments
+                    .front()
+                    .is_some_and(|s| s.records == 0 || s.last_time_us < cutoff)
+            {
+                match st.drop_front(&self.shared.counters) {
+                    Some(s) => gone.push(s),
+                    None => break,
+                }
+            }
+            gone
+        };
+        if !gone.is_empty() {
+            let records: u64 = gone.iter().map(|s| s.records).sum();
+            tracing::warn!(segments = gone.len(), records, max_age = ?max_age, "dropped records older than max_age");
+            self.shared.persist_cursors();
+            self.shared.unlink_segments(&gone);
+        }
+    }
+
+    fn sync_now(&mut self) {
+        if !self.unsynced {
+            return;
+        }
+        let t = Instant::now();
+        match self.active.file.sync_data() {
+            Ok(()) => {
+                self.unsynced = false;
+                self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.shared.fsync_done(t.elapsed());
+            }
+            Err(error) => tracing::error!(%error, "fdatasync of the active segment failed"),
+        }
+        self.last_sync = Instant::now();
+    }
+
+    /// Seals the active segment (sync, sidecar) and starts a new one at `next_base`.
+    fn roll(&mut self, next_base: u64) -> Result<SegmentMeta, QueueError> {
+        let dir = self.shared.dir.clone();
+        let path = segment::segment_path(&dir, self.active.meta.base);
+        let t = Instant::now();
+        self.active
+            .file
+            .sync_data()
+            .map_err(|e| QueueError::io("sync segment", &path, e))?;
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.fsync_done(t.elapsed());
+        segment::write_meta(&dir, &self.active.meta)
+            .map_err(|e| QueueError::io("write sidecar of", &path, e))?;
+        let file = segment::create_segment(&dir, next_base).map_err(|e| {
+            QueueError::io("create segment", segment::segment_path(&dir, next_base), e)
+        })?;
+        let sealed = std::mem::replace(
+            &mut self.active,
+            Active {
+                file,
+                meta: SegmentMeta::empty(next_base),
+            },
+        );
+        self.unsynced = false;
+        Ok(sealed.meta)
+    }
+
+    /// Writes one batch, pushing the segments it sealed onto `sealed` (also when it fails later:
+    /// they are on disk). On error, what it wrote to the active segment since the last good point
+    /// is cut back off.
+    fn write_batch(&mut self, buf: &[u8], sealed: &mut Vec<SegmentMeta>) -> Result<(), QueueError> {
+        let dir = self.shared.dir.clone();
+        // Sequence numbers must be reserved durably before any of them reaches the disk.
+        let mut last = 0;
+        let mut pos = 0;
+        while pos < buf.len() {
+            let (len, seq, _) = frame_at(buf, pos);
+            last = seq;
+            pos += len;
+        }
+        if last >= self.reserved {
+            let upto = last + SEQ_RESERVATION;
+            write_reservation(&dir, upto)
+                .map_err(|e| QueueError::io("write", dir.join(RESERVATION_FILE), e))?;
+            self.reserved = upto;
+        }
+
+        let seg_limit = self.shared.opts.segment_bytes;
+        let mut start_of_segment = self.active.meta.clone();
+        let mut meta = self.active.meta.clone();
+        let mut chunk = 0;
+        let mut pos = 0;
+        while pos < buf.len() {
+            let (len, seq, time) = frame_at(buf, pos);
+            if meta.records > 0 && meta.bytes + len as u64 > seg_limit {
+                self.write_chunk(&buf[chunk..pos], &meta)?;
+                sealed.push(self.roll(seq)?);
+                start_of_segment = self.active.meta.clone();
+                meta = self.active.meta.clone();
+                chunk = pos;
+            }
+            meta.push(seq, time, len);
+            pos += len;
+        }
+        let path = segment::segment_path(&dir, meta.base);
+        self.write_chunk(&buf[chunk..], &meta)?;
+        match self.shared.opts.fsync {
+            FsyncPolicy::Always => {
+                let t = Instant::now();
+                if let Err(e) = self.active.file.sync_data() {
+                    // After a failed fdatasync the page cache may claim data that is not on disk:
+                    // cut everything since the last good sync and fail the batch.
+                    let _ = self.active.file.set_len(start_of_segment.bytes);
+                    self.active.meta = start_of_segment;
+                    return Err(QueueError::io("sync segment", &path, e));
+                }
+                self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.shared.fsync_done(t.elapsed());
+            }
+            FsyncPolicy::Interval(_) => self.unsynced = true,
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at the active segment's end; `after` is its meta once they are written.
+    fn write_chunk(&mut self, bytes: &[u8], after: &SegmentMeta) -> Result<(), QueueError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let at = self.active.meta.bytes;
+        if let Err(e) = self.active.file.write_all_at(bytes, at) {
+            let _ = self.active.file.set_len(at);
+            let path = segment::segment_path(&self.shared.dir, self.active.meta.base);
+            return Err(QueueError::io("write segment", path, e));
+        }
+        self.active.meta = after.clone();
+        Ok(())
+    }
+
+    /// Shows readers what is now durable: the segments sealed by this batch and the active one.
+    fn publish(&self, active_before: u64, sealed: &[SegmentMeta]) {
+        let last = {
+            let mut st = self.shared.lock();
+            st.in_flight_bytes = 0;
+            if st.segments.back().is_some_and(|s| s.base == active_before) {
+                st.segments.pop_back();
+            }
+            for s in sealed {
+                st.segments.push_back(s.clone());
+            }
+            st.segments.push_back(self.active.meta.clone());
+            st.last_readable_seq()
+        };
+        self.shared.readable.send_replace(last);
+    }
+}
+
+fn count_frames(buf: &[u8]) -> usize {
+    let mut n = 0;
+    let mut pos = 0;
+    while pos < buf.len() {
+        pos += frame_at(buf, pos).0;
+        n += 1;
+    }
+    n
+}
