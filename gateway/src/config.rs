@@ -394,7 +394,7 @@ const SIZE_UNITS_HELP: &str =
 /// Parses a byte size: `"1000000"`, `"512 MiB"`, `"16MiB"`, `"10 MB"`. The number must be
 /// whole, the unit is case-insensitive, and spaces around either are allowed. The error says
 /// what was wrong and what is accepted.
-fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     // Invariant: `find` returns the byte index of a char, so the split is on a char boundary.
     let split = trimmed
@@ -455,7 +455,7 @@ fn format_size(bytes: u64) -> String {
     ];
     if bytes != 0 {
         for (unit, name) in UNITS {
-            if bytes % unit == 0 {
+            if bytes.is_multiple_of(unit) {
                 return format!("{} {name}", bytes / unit);
             }
         }

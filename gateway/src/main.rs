@@ -1,1 +1,468 @@
-fn main() {}
+//! The `gateway` binary: parses the command line, sets up logging, loads the config and calls
+//! into the library. Everything that decides anything lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use gateway::config::{Config, ConfigError, DEFAULT_CONFIG};
+use gateway::queue::inspect::Inspector;
+use gateway::queue::{bench, FsyncPolicy, Queue};
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Edge gateway: MQTT in, crash-safe disk queue, at-least-once uplinks"
+)]
+struct Cli {
+    /// Log format: human-readable lines or one JSON object per line (for collectors).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (until SIGINT or SIGTERM).
+    Run {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0, or exit 1 listing every problem.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the commented default config.
+    PrintDefaultConfig,
+    /// Look into a queue directory (works while a gateway holds it, without disturbing it).
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Records, bytes, segments, oldest record age, and each cursor's position and lag.
+    Stats {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per record: seq, time, device, topic, payload size, payload preview.
+    Inspect {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        /// First sequence number to show.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Check every record's CRC; exit 1 on damage the queue has not already quarantined.
+    Verify {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure durable appends on this disk (writes into a temporary subdirectory of --data-dir).
+    Bench {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        /// Payload bytes per record.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Concurrent appenders (device connections).
+        #[arg(long, default_value_t = 64)]
+        appenders: usize,
+        /// Appends each appender keeps in flight.
+        #[arg(long, default_value_t = 100)]
+        inflight: usize,
+        #[arg(long, value_enum, default_value_t = BenchFsync::Always)]
+        fsync: BenchFsync,
+        /// Sync period with --fsync interval.
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        fsync_interval: Duration,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        segment_bytes: u64,
+        #[arg(long)]
+        json: bool,
+        /// Keep the queue the bench wrote (in DATA_DIR/queue-bench-PID) instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchFsync {
+    Always,
+    Interval,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    gateway::config::parse_size(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => Ok(check_config(&config)),
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    report_config_error(&e);
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            runtime()?.block_on(run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Queue(q) => queue_command(q),
+    }
+}
+
+fn report_config_error(e: &ConfigError) {
+    eprintln!(
+        "error: {:#}",
+        anyhow::Error::new(ErrorText(
+            e.to_string(),
+            std::error::Error::source(e).map(|s| s.to_string())
+        ))
+    );
+}
+
+/// A config error's text with its cause, for `{:#}` printing.
+#[derive(Debug)]
+struct ErrorText(String, Option<String>);
+
+impl std::fmt::Display for ErrorText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.1 {
+            Some(cause) => write!(f, "{}: {cause}", self.0),
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl std::error::Error for ErrorText {}
+
+fn check_config(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report_config_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the gateway until SIGINT/SIGTERM. Today that is the queue; ingest and uplinks plug in here.
+async fn run(config: Config) -> Result<()> {
+    let opts = config.queue.to_options();
+    let (queue, report) = tokio::task::spawn_blocking(move || Queue::open(opts))
+        .await
+        .context("queue open task")??;
+    let stats = queue.stats();
+    tracing::info!(
+        data_dir = %queue.data_dir().display(),
+        records = stats.records,
+        bytes = stats.bytes,
+        max_bytes = stats.max_bytes,
+        fsync = ?queue.options().fsync,
+        full_policy = ?queue.options().full_policy,
+        truncated_bytes = report.truncated_bytes,
+        quarantined_records = report.quarantined_records,
+        "queue ready"
+    );
+    tracing::warn!("no MQTT listeners or uplinks are built yet: the gateway holds its queue open and waits for a signal");
+    shutdown_signal().await;
+    tracing::info!("shutting down: flushing and closing the queue");
+    tokio::task::spawn_blocking(move || queue.close())
+        .await
+        .context("queue close task")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn fmt_time(us: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_micros(us)).to_string()
+}
+
+fn fmt_age(us: Option<u64>) -> String {
+    let Some(us) = us else {
+        return "-".into();
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let secs = now.saturating_sub(us) / 1_000_000;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn preview(payload: &[u8]) -> String {
+    let shown = &payload[..payload.len().min(32)];
+    let text = shown.iter().all(|&b| b.is_ascii_graphic() || b == b' ');
+    let mut s = if text {
+        format!("{:?}", String::from_utf8_lossy(shown))
+    } else {
+        shown.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    if payload.len() > shown.len() {
+        s.push('…');
+    }
+    s
+}
+
+fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {
+    match cmd {
+        QueueCommand::Stats { data_dir, json } => {
+            let s = Inspector::open(&data_dir)?.stats();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("data_dir     {}", s.data_dir.display());
+            println!(
+                "in use by    {}",
+                s.in_use_by_pid
+                    .as_deref()
+                    .map_or("nobody".into(), |p| format!("pid {p}"))
+            );
+            println!("records      {}", s.records);
+            println!("bytes        {}", s.bytes);
+            println!("segments     {}", s.segments);
+            println!(
+                "seq range    {}",
+                match (s.first_seq, s.last_seq) {
+                    (Some(a), Some(b)) => format!("{a}..={b}"),
+                    _ => "empty".into(),
+                }
+            );
+            println!("oldest age   {}", fmt_age(s.oldest_time_us));
+            println!(
+                "quarantine   {} file(s), {} bytes",
+                s.quarantine_files, s.quarantine_bytes
+            );
+            if s.cursors.is_empty() {
+                println!("cursors      none");
+            } else {
+                println!("cursors:");
+                println!(
+                    "  {:<24} {:>20} {:>12} {:>14} {:>10}",
+                    "name", "acked", "lag", "oldest unacked", "dropped"
+                );
+                for c in &s.cursors {
+                    println!(
+                        "  {:<24} {:>20} {:>12} {:>14} {:>10}",
+                        c.name,
+                        c.acked,
+                        c.lag_records,
+                        fmt_age(c.oldest_unacked_time_us),
+                        c.dropped
+                    );
+                }
+            }
+            for name in &s.damaged_cursors {
+                println!("  {name}: cursor file damaged (reset to the oldest record on next open)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Inspect {
+            data_dir,
+            from,
+            limit,
+        } => {
+            let records = Inspector::open(&data_dir)?.records(from, limit)?;
+            for r in &records {
+                println!(
+                    "{:>12}  {}  {:<20}  {:<32}  {:>6}B  {}",
+                    r.seq,
+                    fmt_time(r.received_at_us),
+                    r.device_id,
+                    r.topic,
+                    r.payload.len(),
+                    preview(&r.payload)
+                );
+            }
+            if records.is_empty() {
+                eprintln!("no records from seq {from}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Verify { data_dir, json } => {
+            let r = Inspector::open(&data_dir)?.verify()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for p in &r.problems {
+                    println!(
+                        "DAMAGED  {} offset {} ({} bytes): {}",
+                        p.file.display(),
+                        p.offset,
+                        p.bytes,
+                        p.reason
+                    );
+                }
+                for p in &r.notes {
+                    println!(
+                        "note     {} offset {} ({} bytes): {}{}",
+                        p.file.display(),
+                        p.offset,
+                        p.bytes,
+                        p.reason,
+                        if p.quarantined {
+                            " [already quarantined]"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                println!(
+                    "{} segment(s), {} record(s), {} bytes checked: {}",
+                    r.segments,
+                    r.records,
+                    r.bytes,
+                    if r.problems.is_empty() {
+                        "ok".to_string()
+                    } else {
+                        format!("{} problem(s)", r.problems.len())
+                    }
+                );
+            }
+            Ok(if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        QueueCommand::Bench {
+            data_dir,
+            payload,
+            appenders,
+            inflight,
+            fsync,
+            fsync_interval,
+            seconds,
+            segment_bytes,
+            json,
+            keep,
+        } => {
+            let opts = bench::BenchOptions {
+                data_dir,
+                payload_bytes: payload,
+                appenders: appenders.max(1),
+                inflight: inflight.max(1),
+                fsync: match fsync {
+                    BenchFsync::Always => FsyncPolicy::Always,
+                    BenchFsync::Interval => FsyncPolicy::Interval(fsync_interval),
+                },
+                duration: Duration::from_secs(seconds),
+                segment_bytes,
+                keep,
+            };
+            std::fs::create_dir_all(&opts.data_dir)
+                .with_context(|| format!("create {}", opts.data_dir.display()))?;
+            let r = runtime()?.block_on(bench::run(opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} records in {:.1}s: {:.0} records/s, {:.1} MiB/s payload",
+                    r.records, r.seconds, r.records_per_s, r.mib_per_s
+                );
+                println!(
+                    "append-to-durable latency: p50 {} µs, p99 {} µs, max {} µs",
+                    r.p50_us, r.p99_us, r.max_us
+                );
+                println!(
+                    "disk bytes per record: {:.1} (payload {} + topic {} + {:.1} overhead)",
+                    r.disk_bytes_per_record,
+                    r.payload_bytes,
+                    r.topic_bytes,
+                    r.disk_bytes_per_record - (r.payload_bytes + r.topic_bytes) as f64
+                );
+                println!(
+                    "fsyncs: {} ({:.0} records each, mean {} µs)",
+                    r.fsyncs, r.records_per_fsync, r.mean_fsync_us
+                );
+                println!(
+                    "reopen of the {} MiB backlog ({} records): {:.0} ms, RSS after {} MiB",
+                    r.backlog_bytes >> 20,
+                    r.backlog_records,
+                    r.reopen_ms,
+                    r.rss_kib_after_reopen >> 10
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -62,6 +62,7 @@
 //! The old last segment is then sealed and a new active segment started, so every segment except
 //! the last one has a sidecar.
 
+pub mod bench;
 mod cursor;
 pub mod inspect;
 mod lock;
@@ -266,6 +267,8 @@ struct State {
     /// Segments on disk, oldest first; the last one is the active segment. `bytes` and `last_seq`
     /// of the active one only cover what readers may see (durable).
     segments: VecDeque<SegmentMeta>,
+    /// Sum of `bytes` over `segments` (kept, not recomputed: it is checked on every append).
+    segment_bytes: u64,
     /// Bytes the writer has taken but not yet published.
     in_flight_bytes: u64,
     cursors: BTreeMap<String, CursorState>,
@@ -275,9 +278,34 @@ struct State {
 
 impl State {
     fn used_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.bytes).sum::<u64>()
-            + self.pending.len() as u64
-            + self.in_flight_bytes
+        self.segment_bytes + self.pending.len() as u64 + self.in_flight_bytes
+    }
+
+    /// Removes the oldest segment from the books (never the active one).
+    fn pop_front(&mut self) -> Option<SegmentMeta> {
+        if self.segments.len() < 2 {
+            return None;
+        }
+        let seg = self.segments.pop_front()?;
+        self.segment_bytes -= seg.bytes;
+        Some(seg)
+    }
+
+    /// Replaces the active segment's entry by the segments sealed since and the new active one.
+    fn publish(&mut self, active_before: u64, sealed: &[SegmentMeta], active: &SegmentMeta) {
+        if self
+            .segments
+            .back()
+            .is_some_and(|s| s.base == active_before)
+        {
+            if let Some(old) = self.segments.pop_back() {
+                self.segment_bytes -= old.bytes;
+            }
+        }
+        for s in sealed.iter().chain(std::iter::once(active)) {
+            self.segment_bytes += s.bytes;
+            self.segments.push_back(s.clone());
+        }
     }
 
     fn last_readable_seq(&self) -> u64 {
@@ -287,10 +315,7 @@ impl State {
     /// Removes the oldest segment from the books, charging its records to every cursor that had
     /// not confirmed them. Returns its base for the caller to unlink.
     fn drop_front(&mut self, counters: &Counters) -> Option<SegmentMeta> {
-        if self.segments.len() < 2 {
-            return None;
-        }
-        let seg = self.segments.pop_front()?;
+        let seg = self.pop_front()?;
         for c in self.cursors.values_mut() {
             let lost = lost_records(&seg, c.acked);
             c.dropped += lost;
@@ -298,6 +323,34 @@ impl State {
         counters.dropped.fetch_add(seg.records, Ordering::Relaxed);
         Some(seg)
     }
+}
+
+pub(crate) fn quarantine_path(dir: &Path, base: u64, offset: usize) -> PathBuf {
+    dir.join("quarantine")
+        .join(format!("{base:020}-{offset}.bin"))
+}
+
+/// Writes a quarantine file unless one for the same place exists. `Ok(true)` when written now.
+pub(crate) fn write_quarantine(
+    dir: &Path,
+    base: u64,
+    offset: usize,
+    bytes: &[u8],
+) -> io::Result<bool> {
+    use std::io::Write;
+    let path = quarantine_path(dir, base, offset);
+    let mut f = match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    Ok(true)
 }
 
 /// Records of `seg` above `acked`.
@@ -344,17 +397,12 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Copies a damaged range to the quarantine directory, once per (segment, offset).
+    /// Copies a damaged range to the quarantine directory, once per (segment, offset): the file is
+    /// created exclusively, so two readers passing the same damage count it once.
     fn quarantine(&self, base: u64, offset: usize, bytes: &[u8], missing: u64, reason: &str) {
-        let path = self
-            .dir
-            .join("quarantine")
-            .join(format!("{base:020}-{offset}.bin"));
-        if path.exists() {
-            return;
-        }
-        match fs::write(&path, bytes) {
-            Ok(()) => {
+        match write_quarantine(&self.dir, base, offset, bytes) {
+            Ok(false) => {}
+            Ok(true) => {
                 self.counters
                     .quarantined_records
                     .fetch_add(missing, Ordering::Relaxed);
@@ -367,8 +415,7 @@ impl Shared {
                     bytes = bytes.len(),
                     records = missing,
                     reason,
-                    quarantine = %path.display(),
-                    "damaged queue record moved to quarantine and skipped"
+                    "damaged queue record copied to quarantine and skipped"
                 );
             }
             Err(error) => tracing::error!(
@@ -522,6 +569,7 @@ impl Queue {
                 pending: Vec::with_capacity(1 << 20),
                 batch: Batch::new(),
                 next_seq: recovered.next_seq,
+                segment_bytes: recovered.segments.iter().map(|s| s.bytes).sum(),
                 segments: recovered.segments,
                 in_flight_bytes: 0,
                 cursors: recovered
@@ -688,13 +736,7 @@ impl Queue {
         if !cursor::valid_name(name) {
             return Err(QueueError::BadCursorName(name.to_string()));
         }
-        let acked = {
-            let st = self.shared.lock();
-            match st.cursors.get(name) {
-                Some(c) => Some(c.acked),
-                None => None,
-            }
-        };
+        let acked = self.shared.lock().cursors.get(name).map(|c| c.acked);
         let acked = match acked {
             Some(a) => a,
             None => {

@@ -227,7 +227,7 @@ pub(crate) fn check_frame(buf: &[u8]) -> Frame {
         return Frame::Incomplete;
     };
     let body_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if body_len < BODY_FIXED + 2 || body_len > MAX_BODY {
+    if !(BODY_FIXED + 2..=MAX_BODY).contains(&body_len) {
         return Frame::Invalid("length prefix out of range");
     }
     let Some(body) = buf.get(FRAME_HEADER..FRAME_HEADER + body_len) else {

@@ -76,13 +76,13 @@ fn write_reservation(dir: &Path, upto: u64) -> io::Result<()> {
 
 /// Copies a damaged range to quarantine during recovery (before `Shared` exists).
 fn quarantine_file(dir: &Path, base: u64, offset: usize, bytes: &[u8]) -> bool {
-    let path = dir
-        .join("quarantine")
-        .join(format!("{base:020}-{offset}.bin"));
-    if path.exists() {
-        return false;
+    match super::write_quarantine(dir, base, offset, bytes) {
+        Ok(written) => written,
+        Err(error) => {
+            tracing::error!(segment = base, offset, %error, "could not write quarantine file");
+            false
+        }
     }
-    fs::write(&path, bytes).is_ok()
 }
 
 /// Scans one segment that has no trustworthy sidecar, quarantines damage, truncates a torn tail.
@@ -95,22 +95,15 @@ fn recover_segment(
     let buf =
         segment::read_segment(dir, base).map_err(|e| QueueError::io("read segment", &path, e))?;
     if !segment::header_ok(&buf, base) {
-        // Not one of our segments (or its creation was torn): keep the bytes, start it over.
-        if buf.len() > SEGMENT_HEADER || !buf.iter().all(|&b| b == 0) && !buf.is_empty() {
+        // A segment whose creation was cut off (short, or all zeros) holds nothing. Anything else
+        // with a bad header is not ours to read: keep a copy. The caller removes the file.
+        if buf.len() > SEGMENT_HEADER || buf.iter().any(|&b| b != 0) {
             if quarantine_file(dir, base, 0, &buf) {
                 report.quarantined_ranges += 1;
             }
-            tracing::warn!(segment = %path.display(), bytes = buf.len(), "segment header damaged; file moved to quarantine");
+            tracing::warn!(segment = %path.display(), bytes = buf.len(), "segment header damaged; file copied to quarantine");
         }
         report.truncated_bytes += buf.len() as u64;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| QueueError::io("open segment", &path, e))?;
-        f.set_len(0)
-            .and_then(|()| f.write_all(&segment::header_bytes(base)))
-            .and_then(|()| f.sync_data())
-            .map_err(|e| QueueError::io("rewrite segment header", &path, e))?;
         return Ok(SegmentMeta::empty(base));
     }
     let scan = segment::scan(&buf, base);
@@ -314,8 +307,9 @@ impl Writer {
                 }
             };
             let Some((mut buf, batch)) = taken else {
-                // Closing and nothing left to write.
+                // Closing and nothing left to write: sync, and wake readers so they see the close.
                 self.sync_now();
+                self.shared.readable.send_modify(|_| {});
                 return;
             };
             let before = self.active.meta.base;
@@ -527,16 +521,14 @@ impl Writer {
         let last = {
             let mut st = self.shared.lock();
             st.in_flight_bytes = 0;
-            if st.segments.back().is_some_and(|s| s.base == active_before) {
-                st.segments.pop_back();
-            }
-            for s in sealed {
-                st.segments.push_back(s.clone());
-            }
-            st.segments.push_back(self.active.meta.clone());
+            st.publish(active_before, sealed, &self.active.meta);
             st.last_readable_seq()
         };
         self.shared.readable.send_replace(last);
+        // A roll may have made a sealed segment that drop-oldest can now delete for a waiter.
+        if !sealed.is_empty() {
+            self.shared.space.notify_waiters();
+        }
     }
 }
 
