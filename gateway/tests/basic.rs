@@ -100,3 +100,42 @@ async fn records_survive_reopen_and_acked_ones_are_not_read_again() {
     let s = q.append(&NewRecord::new("d", "t", b"x")).await.unwrap();
     assert!(s > got.last().unwrap().seq);
 }
+
+#[tokio::test]
+async fn a_cursor_created_while_the_first_append_is_pending_still_gets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _) = Queue::open(opts(dir.path())).unwrap();
+    // The record has its seq but may not be written yet when the uplink's cursor is created.
+    let pending = q.try_append(&NewRecord::new("d", "t", b"first")).unwrap();
+    let mut reader = q.reader("late").unwrap();
+    let seq = pending.durable().await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(5), reader.next_batch(10, 1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch[0].seq, seq);
+    assert_eq!(batch[0].payload, b"first");
+}
+
+#[tokio::test]
+async fn confirmed_segments_give_their_bytes_back_to_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.segment_bytes = 8 << 10;
+    o.max_bytes = 32 << 10;
+    let (q, _) = Queue::open(o).unwrap();
+    let mut reader = q.reader("up").unwrap();
+    // Ten times max_bytes goes through as long as the uplink keeps confirming.
+    let payload = vec![0u8; 200];
+    for _ in 0..1500 {
+        let seq = tokio::time::timeout(
+            Duration::from_secs(5),
+            q.append(&NewRecord::new("d", "t", &payload)),
+        )
+        .await
+        .expect("append must not wait: everything before it was confirmed")
+        .unwrap();
+        reader.ack_through(seq).await.unwrap();
+    }
+    assert!(q.stats().bytes <= 32 << 10);
+}

@@ -105,7 +105,9 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport, QueueError> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let stats = q.stats();
-    drop(q);
+    tokio::task::spawn_blocking(move || q.close())
+        .await
+        .map_err(|_| QueueError::Closed)?;
     // How long recovery takes on the backlog just written (an operator's restart time).
     let reopen_opts = qo.clone();
     let (reopen_ms, backlog_records, rss_kib) = tokio::task::spawn_blocking(move || {

@@ -11,7 +11,8 @@
 //!     00000000000000000001.seg    records with seq >= 1, until the next segment's base
 //!     00000000000000000001.meta   sidecar written when that segment was sealed
 //!     00000000000000004097.seg    the active segment (the last one): the only one written to
-//!   cursors/<name>.cursor         one per uplink: acked seq + dropped count, replaced atomically
+//!   cursors/<name>.cursor         one per uplink: acked seq + dropped count, two slots written
+//!                                 in turn, in place (a torn write leaves the other slot)
 //!   quarantine/<base>-<offset>.bin  damaged bytes cut out of a segment, named by where they were
 //!
 //! segment file := header frame*
@@ -28,7 +29,8 @@
 //! str          := len:varint(LEB128) utf8-bytes
 //! meta         := "EGWQMET1" base last_seq records bytes first_time_us last_time_us (u64le each)
 //!                 crc:u32le
-//! cursor       := "EGWQCUR1" acked:u64le dropped:u64le crc:u32le
+//! cursor       := slot slot
+//! slot         := "EGWQCUR2" gen:u64le acked:u64le dropped:u64le crc:u32le pad:u32le  (newer gen wins)
 //! ```
 //!
 //! A record with a 64-byte payload, an 8-byte device id and topic `t` costs 8 + 17 + 9 + 2 + 64
@@ -50,6 +52,10 @@
 //!   is cut back off the file, and every appender in it gets the error.
 //! - A cursor's file is written before the queue acts on it: a segment is deleted only after every
 //!   cursor's persisted position has passed its last record (and never while no cursor exists).
+//!   Cursor writes need no new disk blocks, so confirmations (and the space they free) keep
+//!   working on a full disk.
+//! - Memory: records waiting for the writer are capped (`PENDING_CAP_BYTES`); readers read from
+//!   the files. Nothing grows with the backlog.
 //! - Disk use (segments + records waiting for the writer) stays within `max_bytes`.
 //!
 //! # Recovery (on open)
@@ -60,7 +66,10 @@
 //! frame with no valid frame after them) is truncated; a damaged range with valid frames after it
 //! is copied to `quarantine/` and skipped. Both are counted and logged, and the queue serves on.
 //! The old last segment is then sealed and a new active segment started, so every segment except
-//! the last one has a sidecar.
+//! the last one has a sidecar. Cursors are read first, and segments they all passed are deleted
+//! before recovery writes anything, so a queue that filled its disk still opens; if no new segment
+//! can be created, the old last segment stays the active one. The next sequence number is above
+//! every record, every cursor position and the durable reservation.
 
 pub mod bench;
 mod cursor;
@@ -91,6 +100,11 @@ use segment::SegmentMeta;
 
 /// How far ahead the writer reserves sequence numbers (one extra fsync per this many records).
 pub const SEQ_RESERVATION: u64 = 1 << 20;
+
+/// Bytes of records waiting for the writer beyond which appends wait (see `pending_cap`): at
+/// 6,400 appends in flight of ~100 bytes a batch is under 1 MiB, so this only bites when the
+/// disk stalls.
+const PENDING_CAP_BYTES: u64 = 16 << 20;
 
 /// Errors of the queue. Each says what failed and on which file.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -251,8 +265,13 @@ impl Batch {
 
 #[derive(Debug, Clone, Copy)]
 struct CursorState {
+    /// Confirmed position, as far as the owner told us.
     acked: u64,
+    /// The position in the cursor file; retention deletes only below this.
+    persisted: u64,
     dropped: u64,
+    /// Write generation of the cursor file's slots.
+    gen: u64,
 }
 
 /// Everything appenders, the writer, readers and ackers share, under one mutex. Critical sections
@@ -277,6 +296,11 @@ struct State {
 }
 
 impl State {
+    /// Bytes handed to appenders' futures but not yet written (bounds the writer's memory).
+    fn unwritten_bytes(&self) -> u64 {
+        self.pending.len() as u64 + self.in_flight_bytes
+    }
+
     fn used_bytes(&self) -> u64 {
         self.segment_bytes + self.pending.len() as u64 + self.in_flight_bytes
     }
@@ -288,6 +312,10 @@ impl State {
         }
         let seg = self.segments.pop_front()?;
         self.segment_bytes -= seg.bytes;
+        debug_assert_eq!(
+            self.segment_bytes,
+            self.segments.iter().map(|s| s.bytes).sum::<u64>()
+        );
         Some(seg)
     }
 
@@ -386,6 +414,8 @@ pub(crate) struct Shared {
     readable: watch::Sender<u64>,
     /// Notified whenever bytes are freed (segments deleted, a failed batch cut back).
     space: Notify,
+    /// Serialises cursor file writes.
+    cursor_io: Mutex<()>,
     counters: Counters,
     _lock: lock::DirLock,
 }
@@ -427,20 +457,36 @@ impl Shared {
         }
     }
 
-    /// Writes every cursor's file (after drop counts changed).
-    fn persist_cursors(&self) {
-        let cursors: Vec<(String, CursorState)> = self
-            .lock()
-            .cursors
-            .iter()
-            .map(|(n, c)| (n.clone(), *c))
-            .collect();
-        for (name, c) in cursors {
-            let file = CursorFile {
+    /// Writes one cursor's current state to its file (serialised with every other cursor
+    /// write, so slots and generations stay in order), then records what is persisted.
+    fn persist_cursor(&self, name: &str) -> Result<(), QueueError> {
+        let _io = self.cursor_io.lock().unwrap_or_else(|e| e.into_inner());
+        let file = {
+            let mut st = self.lock();
+            let Some(c) = st.cursors.get_mut(name) else {
+                // Removed meanwhile: do not bring its file back.
+                return Ok(());
+            };
+            c.gen += 1;
+            CursorFile {
                 acked: c.acked,
                 dropped: c.dropped,
-            };
-            if let Err(error) = cursor::store(&self.dir, &name, &file) {
+                gen: c.gen,
+            }
+        };
+        cursor::store(&self.dir, name, &file)
+            .map_err(|e| QueueError::io("write cursor", cursor::cursors_dir(&self.dir), e))?;
+        if let Some(c) = self.lock().cursors.get_mut(name) {
+            c.persisted = c.persisted.max(file.acked);
+        }
+        Ok(())
+    }
+
+    /// Writes every cursor's file (after drop counts changed).
+    fn persist_cursors(&self) {
+        let names: Vec<String> = self.lock().cursors.keys().cloned().collect();
+        for name in names {
+            if let Err(error) = self.persist_cursor(&name) {
                 tracing::error!(cursor = %name, %error, "could not persist cursor drop count");
             }
         }
@@ -469,21 +515,43 @@ impl Shared {
     fn apply_retention(&self) {
         let gone: Vec<SegmentMeta> = {
             let mut st = self.lock();
-            let Some(min_acked) = st.cursors.values().map(|c| c.acked).min() else {
+            let Some(min_acked) = st.cursors.values().map(|c| c.persisted).min() else {
                 return;
             };
             let mut gone = Vec::new();
-            while st.segments.len() > 1
-                && st.segments.front().is_some_and(|s| s.last_seq <= min_acked)
-            {
-                if let Some(s) = st.segments.pop_front() {
-                    gone.push(s);
+            while st.segments.front().is_some_and(|s| s.last_seq <= min_acked) {
+                match st.pop_front() {
+                    Some(s) => gone.push(s),
+                    None => break,
                 }
             }
             gone
         };
         self.unlink_segments(&gone);
     }
+}
+
+/// Counts an appender in `waiting_appenders` for as long as it lives (also when its future is
+/// dropped while waiting).
+struct WaitingGuard<'a>(&'a Shared);
+
+impl<'a> WaitingGuard<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.lock().waiting_appenders += 1;
+        WaitingGuard(shared)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting_appenders -= 1;
+    }
+}
+
+/// Most bytes that appends may have waiting for the writer: a few batches' worth, at least one
+/// record of the largest size. Beyond it appends see `Full` until the disk catches up.
+fn pending_cap(opts: &QueueOptions) -> u64 {
+    PENDING_CAP_BYTES.max(opts.segment_bytes)
 }
 
 /// A handle to an open queue. Cheap to clone; the queue closes when [`Queue::close`] is called or
@@ -553,7 +621,7 @@ impl Queue {
             fs::create_dir_all(&p).map_err(|e| QueueError::io("create directory", &p, e))?;
         }
         let lock = lock::DirLock::acquire(&dir)?;
-        let recovered = writer::recover(&dir, &opts)?;
+        let recovered = writer::recover(&dir)?;
         let report = recovered.report.clone();
         let (readable, _) = watch::channel(recovered.segments.back().map_or(0, |s| s.last_seq));
         let counters = Counters::default();
@@ -580,7 +648,9 @@ impl Queue {
                             n,
                             CursorState {
                                 acked: c.acked,
+                                persisted: c.acked,
                                 dropped: c.dropped,
+                                gen: c.gen,
                             },
                         )
                     })
@@ -592,6 +662,7 @@ impl Queue {
             wake_writer: Condvar::new(),
             readable,
             space: Notify::new(),
+            cursor_io: Mutex::new(()),
             counters,
             _lock: lock,
         });
@@ -639,6 +710,15 @@ impl Queue {
                 return Err(QueueError::Closed);
             }
             let max = self.shared.opts.max_bytes;
+            if st.unwritten_bytes() > 0
+                && st.unwritten_bytes() + len as u64 > pending_cap(&self.shared.opts)
+            {
+                // The disk is behind: hold appenders back instead of buffering without bound.
+                return Err(QueueError::Full {
+                    bytes: st.used_bytes(),
+                    max_bytes: max,
+                });
+            }
             if st.used_bytes() + len as u64 > max {
                 if self.shared.opts.full_policy == FullPolicy::DropOldest {
                     while st.used_bytes() + len as u64 > max {
@@ -651,7 +731,10 @@ impl Queue {
                 if st.used_bytes() + len as u64 > max {
                     let bytes = st.used_bytes();
                     drop(st);
-                    self.shared.unlink_segments(&dropped);
+                    if !dropped.is_empty() {
+                        self.shared.persist_cursors();
+                        self.shared.unlink_segments(&dropped);
+                    }
                     return Err(QueueError::Full {
                         bytes,
                         max_bytes: max,
@@ -703,26 +786,23 @@ impl Queue {
     /// Appends and waits until the record is durable; under `backpressure` it first waits for
     /// space as long as the queue is full. Returns the record's sequence number.
     pub async fn append(&self, rec: &NewRecord<'_>) -> Result<u64, QueueError> {
-        let mut waiting = false;
-        let result = loop {
+        let mut waiting: Option<WaitingGuard<'_>> = None;
+        let pending = loop {
             let notified = self.shared.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.try_append(rec) {
                 Err(QueueError::Full { .. }) => {
-                    if !waiting {
-                        waiting = true;
-                        self.shared.lock().waiting_appenders += 1;
+                    if waiting.is_none() {
+                        waiting = Some(WaitingGuard::new(&self.shared));
                     }
                     notified.await;
                 }
-                other => break other,
+                other => break other?,
             }
         };
-        if waiting {
-            self.shared.lock().waiting_appenders -= 1;
-        }
-        result?.durable().await
+        drop(waiting);
+        pending.durable().await
     }
 
     /// Whether an append of `bytes` would find the queue full right now.
@@ -731,7 +811,8 @@ impl Queue {
         st.used_bytes() >= self.shared.opts.max_bytes
     }
 
-    /// Opens a reader on the named cursor, creating the cursor at the oldest record if it is new.
+    /// Opens a reader on the named cursor, creating the cursor at the oldest record if it is new
+    /// (blocking: creating a cursor syncs its file).
     pub fn reader(&self, name: &str) -> Result<Reader, QueueError> {
         if !cursor::valid_name(name) {
             return Err(QueueError::BadCursorName(name.to_string()));
@@ -740,29 +821,39 @@ impl Queue {
         let acked = match acked {
             Some(a) => a,
             None => {
+                let _io = self
+                    .shared
+                    .cursor_io
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                // Invariant: every record, durable or still pending, has seq >= the oldest
+                // segment's base (the active segment's base is at most the next pending seq).
                 let start = {
                     let st = self.shared.lock();
                     st.segments
-                        .iter()
-                        .find(|s| s.records > 0)
+                        .front()
                         .map_or(st.next_seq, |s| s.base)
                         .saturating_sub(1)
                 };
                 let file = CursorFile {
                     acked: start,
                     dropped: 0,
+                    gen: 1,
                 };
-                cursor::store(&self.shared.dir, name, &file).map_err(|e| {
-                    QueueError::io("write cursor", cursor::cursors_dir(&self.shared.dir), e)
+                cursor::create(&self.shared.dir, name, &file).map_err(|e| {
+                    QueueError::io("create cursor", cursor::cursors_dir(&self.shared.dir), e)
                 })?;
-                self.shared.lock().cursors.insert(
-                    name.to_string(),
-                    CursorState {
+                self.shared
+                    .lock()
+                    .cursors
+                    .entry(name.to_string())
+                    .or_insert(CursorState {
                         acked: start,
+                        persisted: start,
                         dropped: 0,
-                    },
-                );
-                start
+                        gen: 1,
+                    })
+                    .acked
             }
         };
         Ok(Reader::new(
@@ -773,15 +864,21 @@ impl Queue {
         ))
     }
 
-    /// Removes a cursor: the queue no longer keeps records for it.
+    /// Removes a cursor: the queue no longer keeps records for it (blocking: syncs the directory).
     pub fn remove_cursor(&self, name: &str) -> Result<(), QueueError> {
         if !cursor::valid_name(name) {
             return Err(QueueError::BadCursorName(name.to_string()));
         }
+        let _io = self
+            .shared
+            .cursor_io
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.shared.lock().cursors.remove(name);
         cursor::remove(&self.shared.dir, name).map_err(|e| {
             QueueError::io("remove cursor", cursor::cursors_dir(&self.shared.dir), e)
         })?;
-        self.shared.lock().cursors.remove(name);
+        drop(_io);
         self.shared.apply_retention();
         Ok(())
     }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::cursor::{self, CursorFile};
 use super::record::{check_frame, decode_frame, Frame, Record, FRAME_HEADER, MAX_BODY};
 use super::segment::{self, SegmentMeta, SEGMENT_HEADER};
 use super::{QueueError, Shared};
@@ -152,13 +151,16 @@ impl ReadState {
                                 bytes += r.payload.len();
                                 out.push(r);
                             }
-                            None => damage(Damage {
-                                base: seg.base,
-                                offset: off,
-                                bytes: &[],
-                                missing_records: 1,
-                                reason: "record body does not decode",
-                            }),
+                            None => {
+                                let bytes = read_or(open, off, len, end, dir)?;
+                                damage(Damage {
+                                    base: seg.base,
+                                    offset: off,
+                                    bytes,
+                                    missing_records: 1,
+                                    reason: "record body does not decode",
+                                })
+                            }
                         }
                     }
                     Err(reason) => {
@@ -323,31 +325,27 @@ impl Reader {
         }
     }
 
-    /// Marks every record up to `seq` as confirmed: persists the cursor (atomically), then lets
-    /// the queue delete segments that every cursor has passed. A `seq` at or below the current
-    /// position is ignored; one beyond the last durable record is clamped to it.
+    /// Marks every record up to `seq` as confirmed: persists the cursor (in place, synced), then
+    /// lets the queue delete segments that every cursor's persisted position has passed. A `seq`
+    /// at or below the confirmed position is ignored; one beyond the last durable record is
+    /// clamped to it. After `remove_cursor` it does nothing.
     pub async fn ack_through(&mut self, seq: u64) -> Result<(), QueueError> {
-        let (seq, dropped) = {
-            let st = self.shared.lock();
+        let seq = {
+            let mut st = self.shared.lock();
             let seq = seq.min(st.last_readable_seq());
-            let dropped = st.cursors.get(&self.name).map_or(0, |c| c.dropped);
-            (seq, dropped)
+            if seq <= self.acked {
+                return Ok(());
+            }
+            let Some(c) = st.cursors.get_mut(&self.name) else {
+                return Ok(());
+            };
+            c.acked = c.acked.max(seq);
+            seq
         };
-        if seq <= self.acked {
-            return Ok(());
-        }
         let shared = self.shared.clone();
         let name = self.name.clone();
         tokio::task::spawn_blocking(move || {
-            let file = CursorFile {
-                acked: seq,
-                dropped,
-            };
-            cursor::store(&shared.dir, &name, &file)
-                .map_err(|e| QueueError::io("write cursor", cursor::cursors_dir(&shared.dir), e))?;
-            if let Some(c) = shared.lock().cursors.get_mut(&name) {
-                c.acked = c.acked.max(seq);
-            }
+            shared.persist_cursor(&name)?;
             shared.apply_retention();
             Ok::<(), QueueError>(())
         })

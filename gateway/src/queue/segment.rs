@@ -263,12 +263,32 @@ pub(crate) fn scan(buf: &[u8], base: u64) -> Scan {
 }
 
 /// Finds the first offset at or after `from` where a valid frame with a sequence number above
-/// `prev_seq` starts, with its sequence number.
+/// `prev_seq` starts, with its sequence number. Cheap checks (length fits, seq close above
+/// `prev_seq`, flags byte sane) come before the CRC, so a long damaged stretch costs little more
+/// than one pass over it.
 pub(crate) fn resync(buf: &[u8], from: usize, prev_seq: u64) -> Option<(usize, u64)> {
     let end = buf.len().checked_sub(FRAME_HEADER)?;
-    (from..=end).find_map(|off| match check_frame(&buf[off..]) {
-        Frame::Valid { seq, .. } if seq > prev_seq => Some((off, seq)),
-        _ => None,
+    let plausible = |off: usize| -> bool {
+        let Some(h) = buf.get(off..off + FRAME_HEADER + 17) else {
+            return false;
+        };
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&h[8..16]);
+        let seq = u64::from_le_bytes(seq);
+        len <= buf.len() - off - FRAME_HEADER
+            && seq > prev_seq
+            && seq - prev_seq < 1 << 32
+            && h[FRAME_HEADER + 16] & 0x80 == 0
+    };
+    (from..=end).find_map(|off| {
+        if !plausible(off) {
+            return None;
+        }
+        match check_frame(&buf[off..]) {
+            Frame::Valid { seq, .. } if seq > prev_seq => Some((off, seq)),
+            _ => None,
+        }
     })
 }
 

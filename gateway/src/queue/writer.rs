@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::cursor::{self, CursorFile};
 use super::record::micros_since_epoch;
 use super::segment::{self, SegmentMeta, SEGMENT_HEADER};
-use super::{FsyncPolicy, QueueError, QueueOptions, RecoveryReport, Shared, SEQ_RESERVATION};
+use super::{FsyncPolicy, QueueError, RecoveryReport, Shared, SEQ_RESERVATION};
 
 const RESERVATION_FILE: &str = "seq.reserved";
 const RESERVATION_MAGIC: &[u8; 8] = b"EGWQRES1";
@@ -85,7 +85,22 @@ fn quarantine_file(dir: &Path, base: u64, offset: usize, bytes: &[u8]) -> bool {
     }
 }
 
-/// Scans one segment that has no trustworthy sidecar, quarantines damage, truncates a torn tail.
+/// Moves a whole file into quarantine by renaming it (needs no free space).
+fn quarantine_whole(dir: &Path, path: &Path, base: u64, what: &str) -> bool {
+    let to = dir
+        .join("quarantine")
+        .join(format!("{base:020}-{what}.seg"));
+    match fs::rename(path, &to) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(segment = %path.display(), %error, "could not move segment to quarantine; leaving it in place, unused");
+            false
+        }
+    }
+}
+
+/// Scans one segment that has no trustworthy sidecar, quarantines damage, truncates a torn tail,
+/// and syncs what stays (a previous run with `fsync = interval` may have left it unsynced).
 fn recover_segment(
     dir: &Path,
     base: u64,
@@ -94,25 +109,37 @@ fn recover_segment(
     let path = segment::segment_path(dir, base);
     let buf =
         segment::read_segment(dir, base).map_err(|e| QueueError::io("read segment", &path, e))?;
-    if !segment::header_ok(&buf, base) {
-        // A segment whose creation was cut off (short, or all zeros) holds nothing. Anything else
-        // with a bad header is not ours to read: keep a copy. The caller removes the file.
-        if buf.len() > SEGMENT_HEADER || buf.iter().any(|&b| b != 0) {
-            if quarantine_file(dir, base, 0, &buf) {
-                report.quarantined_ranges += 1;
-            }
-            tracing::warn!(segment = %path.display(), bytes = buf.len(), "segment header damaged; file copied to quarantine");
-        }
+    if buf.len() <= SEGMENT_HEADER && !segment::header_ok(&buf, base) {
+        // A segment whose creation was cut off: it holds nothing. The caller removes it.
         report.truncated_bytes += buf.len() as u64;
         return Ok(SegmentMeta::empty(base));
     }
     let scan = segment::scan(&buf, base);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| QueueError::io("open segment", &path, e))?;
+    if !segment::header_ok(&buf, base) {
+        if scan.meta.records == 0 {
+            tracing::warn!(segment = %path.display(), bytes = buf.len(), "segment header damaged and no valid record inside; file moved to quarantine");
+            if quarantine_whole(dir, &path, base, "bad-header") {
+                report.quarantined_ranges += 1;
+            }
+            return Ok(SegmentMeta::empty(base));
+        }
+        // The records behind a damaged header are intact (each has its CRC): repair in place.
+        quarantine_file(dir, base, 0, &buf[..SEGMENT_HEADER]);
+        file.write_all_at(&segment::header_bytes(base), 0)
+            .map_err(|e| QueueError::io("repair segment header of", &path, e))?;
+        report.quarantined_ranges += 1;
+        tracing::warn!(segment = %path.display(), records = scan.meta.records, "segment header damaged; repaired, records kept");
+    }
     for bad in &scan.bad {
         let bytes = &buf[bad.offset..bad.offset + bad.len];
-        if quarantine_file(dir, base, bad.offset, bytes) {
-            report.quarantined_ranges += 1;
-            report.quarantined_records += bad.missing_records;
-        }
+        // Counted even if the copy fails (disk full): the records are skipped either way.
+        quarantine_file(dir, base, bad.offset, bytes);
+        report.quarantined_ranges += 1;
+        report.quarantined_records += bad.missing_records;
         tracing::warn!(
             segment = %path.display(),
             offset = bad.offset,
@@ -123,12 +150,7 @@ fn recover_segment(
         );
     }
     if scan.tail_bytes > 0 {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| QueueError::io("open segment", &path, e))?;
-        f.set_len(scan.meta.bytes)
-            .and_then(|()| f.sync_data())
+        file.set_len(scan.meta.bytes)
             .map_err(|e| QueueError::io("truncate torn tail of", &path, e))?;
         report.truncated_bytes += scan.tail_bytes as u64;
         tracing::warn!(
@@ -136,18 +158,46 @@ fn recover_segment(
             offset = scan.meta.bytes,
             bytes = scan.tail_bytes,
             reason = scan.tail_reason,
-            "torn tail truncated (a write that was cut off by a crash; it was never acknowledged)"
+            "torn tail truncated (a write cut off by a crash; it was never acknowledged)"
         );
     }
+    file.sync_data()
+        .map_err(|e| QueueError::io("sync segment", &path, e))?;
     Ok(scan.meta)
 }
 
-/// Brings the directory to a consistent state and starts a fresh active segment.
-pub(crate) fn recover(dir: &Path, opts: &QueueOptions) -> Result<Recovered, QueueError> {
+/// Brings the directory to a consistent state and starts a fresh active segment. On a full disk
+/// it still opens: it first deletes what every cursor has confirmed, and if it cannot create a
+/// new segment it appends to the last one.
+pub(crate) fn recover(dir: &Path) -> Result<Recovered, QueueError> {
     let seg_dir = segment::segments_dir(dir);
-    let bases = segment::list_segments(dir).map_err(|e| QueueError::io("list", &seg_dir, e))?;
+    let cdir = cursor::cursors_dir(dir);
     let mut report = RecoveryReport::default();
-    let mut segments = VecDeque::new();
+
+    // Cursors first: they decide what recovery may delete to make room.
+    let loaded = cursor::load_all(dir).map_err(|e| QueueError::io("read cursors in", &cdir, e))?;
+    let mut cursors = Vec::new();
+    for (name, c) in loaded {
+        match c {
+            Some(c) => cursors.push((name, c)),
+            None => {
+                tracing::error!(cursor = %name, "cursor file damaged; the cursor restarts at the oldest record (duplicates, not loss)");
+                let c = CursorFile {
+                    gen: 1,
+                    ..CursorFile::default()
+                };
+                cursor::create(dir, &name, &c)
+                    .map_err(|e| QueueError::io("rewrite cursor in", &cdir, e))?;
+                report.cursors_reset.push(name.clone());
+                cursors.push((name, c));
+            }
+        }
+    }
+    let min_acked = cursors.iter().map(|(_, c)| c.acked).min();
+    let max_acked = cursors.iter().map(|(_, c)| c.acked).max().unwrap_or(0);
+
+    let bases = segment::list_segments(dir).map_err(|e| QueueError::io("list", &seg_dir, e))?;
+    let mut segments: VecDeque<SegmentMeta> = VecDeque::new();
     let mut last_seq = 0u64;
     for (i, &base) in bases.iter().enumerate() {
         let path = segment::segment_path(dir, base);
@@ -155,70 +205,102 @@ pub(crate) fn recover(dir: &Path, opts: &QueueOptions) -> Result<Recovered, Queu
             .map_err(|e| QueueError::io("stat", &path, e))?
             .len();
         let is_last = i + 1 == bases.len();
-        let meta = match (is_last, segment::read_meta(dir, base, len)) {
-            (false, Some(m)) => m,
-            _ => {
+        let sidecar = if is_last {
+            None
+        } else {
+            segment::read_meta(dir, base, len)
+        };
+        let meta = match sidecar {
+            Some(m) => m,
+            None => {
                 let m = recover_segment(dir, base, &mut report)?;
-                if m.records > 0 {
-                    segment::write_meta(dir, &m)
-                        .map_err(|e| QueueError::io("write sidecar", &seg_dir, e))?;
+                if m.records > 0 && !is_last {
+                    if let Err(error) = segment::write_meta(dir, &m) {
+                        tracing::warn!(segment = %path.display(), %error, "could not write sidecar; the segment is scanned again at the next open");
+                    }
                 }
                 m
             }
         };
-        if meta.records == 0 || meta.last_seq <= last_seq {
-            // Empty (a roll cut off by a crash) or out of order (a stray file): nothing to serve.
-            if meta.records > 0 {
-                tracing::warn!(segment = %path.display(), "segment overlaps the one before it; moved to quarantine");
-                let _ = fs::rename(
-                    &path,
-                    dir.join("quarantine")
-                        .join(format!("{base:020}-overlap.seg")),
-                );
+        if meta.records == 0 {
+            segment::remove_segment(dir, base)
+                .map_err(|e| QueueError::io("remove empty segment", &path, e))?;
+            continue;
+        }
+        if meta.last_seq <= last_seq {
+            tracing::warn!(segment = %path.display(), "segment overlaps the one before it; moved to quarantine");
+            if quarantine_whole(dir, &path, base, "overlap") {
+                let _ = fs::remove_file(segment::meta_path(dir, base));
                 report.quarantined_ranges += 1;
                 report.quarantined_records += meta.records;
             }
+            continue;
+        }
+        // Free what every cursor confirmed before writing anything (the disk may be full).
+        if !is_last && min_acked.is_some_and(|m| meta.last_seq <= m) {
             segment::remove_segment(dir, base)
-                .map_err(|e| QueueError::io("remove empty segment", &path, e))?;
+                .map_err(|e| QueueError::io("delete confirmed segment", &path, e))?;
+            last_seq = meta.last_seq;
             continue;
         }
         last_seq = meta.last_seq;
         report.records += meta.records;
         segments.push_back(meta);
     }
-    let reserved = read_reservation(dir);
-    let next_seq = (last_seq + 1).max(reserved).max(1);
-    let reserved = next_seq + SEQ_RESERVATION;
-    write_reservation(dir, reserved)
-        .map_err(|e| QueueError::io("write", dir.join(RESERVATION_FILE), e))?;
-    let file = segment::create_segment(dir, next_seq)
-        .map_err(|e| QueueError::io("create segment", segment::segment_path(dir, next_seq), e))?;
-    let active = Active {
-        file,
-        meta: SegmentMeta::empty(next_seq),
-    };
-    segments.push_back(active.meta.clone());
-    report.segments = segments.len();
-    report.next_seq = next_seq;
 
-    let cdir = cursor::cursors_dir(dir);
-    let mut cursors = Vec::new();
-    for (name, c) in
-        cursor::load_all(dir).map_err(|e| QueueError::io("read cursors in", &cdir, e))?
-    {
-        match c {
-            Some(c) => cursors.push((name, c)),
-            None => {
-                tracing::error!(cursor = %name, "cursor file damaged; the cursor restarts at the oldest record (duplicates, not loss)");
-                let c = CursorFile::default();
-                cursor::store(dir, &name, &c)
-                    .map_err(|e| QueueError::io("rewrite cursor in", &cdir, e))?;
-                report.cursors_reset.push(name.clone());
-                cursors.push((name, c));
-            }
+    // Never hand out a seq that anyone may have seen: not a record's, not a cursor's position,
+    // not one covered by the durable reservation.
+    let old_reserved = read_reservation(dir);
+    let highest_base = bases.last().copied().unwrap_or(0);
+    let next_seq = (last_seq + 1)
+        .max(old_reserved)
+        .max(max_acked + 1)
+        .max(highest_base)
+        .max(1);
+    let reserved = match write_reservation(dir, next_seq + SEQ_RESERVATION) {
+        Ok(()) => next_seq + SEQ_RESERVATION,
+        Err(error) => {
+            // The writer reserves again before its first write; until then nothing is written.
+            tracing::warn!(%error, "could not write the sequence reservation now; will retry before the first append");
+            old_reserved.min(next_seq)
+        }
+    };
+
+    let tail = segments.back().cloned();
+    if let Some(t) = &tail {
+        if let Err(error) = segment::write_meta(dir, t) {
+            tracing::warn!(%error, segment = t.base, "could not write sidecar of the old last segment");
         }
     }
-    let _ = opts;
+    let active = match segment::create_segment(dir, next_seq) {
+        Ok(file) => {
+            let active = Active {
+                file,
+                meta: SegmentMeta::empty(next_seq),
+            };
+            segments.push_back(active.meta.clone());
+            active
+        }
+        Err(e) => {
+            let err = QueueError::io("create segment", segment::segment_path(dir, next_seq), e);
+            let _ = segment::remove_segment(dir, next_seq);
+            let Some(t) = tail else {
+                return Err(err);
+            };
+            // No room for a new file: keep appending to the old last segment.
+            tracing::warn!(error = %err, segment = t.base, "appending to the previous last segment");
+            let _ = fs::remove_file(segment::meta_path(dir, t.base));
+            let path = segment::segment_path(dir, t.base);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| QueueError::io("open segment", &path, e))?;
+            Active { file, meta: t }
+        }
+    };
+    report.segments = segments.len();
+    report.next_seq = next_seq;
     Ok(Recovered {
         segments,
         active,
@@ -322,13 +404,8 @@ impl Writer {
             }
             batch.complete(result);
             self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
-            if self.unsynced {
-                if let FsyncPolicy::Interval(iv) = self.shared.opts.fsync {
-                    if self.last_sync.elapsed() >= iv {
-                        self.sync_now();
-                    }
-                }
-            }
+            // Interval syncs and max_age are due under steady traffic too, not only when idle.
+            self.housekeeping();
             buf.clear();
             if buf.capacity() <= SPARE_BUFFER_MAX {
                 self.spare = buf;
@@ -473,7 +550,18 @@ impl Writer {
             let (len, seq, time) = frame_at(buf, pos);
             if meta.records > 0 && meta.bytes + len as u64 > seg_limit {
                 self.write_chunk(&buf[chunk..pos], &meta)?;
-                sealed.push(self.roll(seq)?);
+                match self.roll(seq) {
+                    Ok(m) => sealed.push(m),
+                    Err(e) => {
+                        // Nothing of this batch in this segment may stay visible or on disk: its
+                        // appenders get the error. A sidecar written before the failure no longer
+                        // matches the file's length, so the next open rescans the segment.
+                        let _ = self.active.file.set_len(start_of_segment.bytes);
+                        self.active.meta = start_of_segment;
+                        let _ = segment::remove_segment(&dir, seq);
+                        return Err(e);
+                    }
+                }
                 start_of_segment = self.active.meta.clone();
                 meta = self.active.meta.clone();
                 chunk = pos;
