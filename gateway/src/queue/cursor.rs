@@ -99,7 +99,7 @@ pub(crate) fn create(dir: &Path, name: &str, c: &CursorFile) -> io::Result<()> {
         gen: c.gen.saturating_sub(1),
         ..*c
     };
-    let (first, second) = if c.gen % 2 == 0 {
+    let (first, second) = if c.gen.is_multiple_of(2) {
         (c, &older)
     } else {
         (&older, c)
