@@ -15,5 +15,7 @@
 //! Ingest (MQTT over TLS), uplinks (AMQP, Kafka), the forwarder and metrics arrive with their own
 //! issues and plug into the queue's `append` / `Reader` API.
 
+pub mod certs;
 pub mod config;
+pub mod ingest;
 pub mod queue;

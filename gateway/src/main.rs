@@ -46,9 +46,30 @@ enum Command {
     },
     /// Print the commented default config.
     PrintDefaultConfig,
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Add or change a user in a password file (the password is read from stdin).
+    Passwd {
+        /// The password file (created if missing).
+        file: PathBuf,
+        user: String,
+    },
     /// Look into a queue directory (works while a gateway holds it, without disturbing it).
     #[command(subcommand)]
     Queue(QueueCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a throwaway CA, a server certificate for localhost/127.0.0.1 and N device
+    /// certificates (CN = device id dev-00001...) for development and tests.
+    Generate {
+        #[arg(long, default_value = "certs/dev")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,7 +152,7 @@ fn main() -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -168,6 +189,28 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue(q) => queue_command(q),
+        Command::Certs(CertsCommand::Generate { out, devices }) => {
+            gateway::certs::generate(&out, devices)?;
+            println!(
+                "wrote {0}/ca.pem, {0}/server.pem (+ keys) and {1} device certificates in {0}/devices/",
+                out.display(),
+                devices
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Passwd { file, user } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("read the password from stdin")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!("empty password on stdin; pipe one in: echo 'secret' | gateway passwd FILE USER");
+            }
+            gateway::ingest::auth::set_password(&file, &user, password)?;
+            println!("{}: set password for {user}", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -209,8 +252,26 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-/// Runs the gateway until SIGINT/SIGTERM. Today that is the queue; ingest and uplinks plug in here.
+/// Makes the default config's development certificates when they are missing (only for the
+/// default paths: any other missing file is an error from the TLS setup, naming it).
+fn ensure_dev_certs(config: &Config) -> Result<()> {
+    use gateway::config::{TlsSetting, DEV_CERT_DIR};
+    let needs = config.effective_listeners().iter().any(|l| {
+        matches!(&l.tls, TlsSetting::On(t) if t.is_dev_default() && !t.cert.exists() && !t.key.exists())
+    });
+    if needs {
+        gateway::certs::generate(Path::new(DEV_CERT_DIR), 10)?;
+        tracing::warn!(
+            dir = DEV_CERT_DIR,
+            "development certificates were missing and have been created (a throwaway CA, a server certificate for localhost and 10 device certificates dev-00001..dev-00010); do not use them in production"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the gateway until SIGINT/SIGTERM: the queue and MQTT ingest (uplinks plug in here).
 async fn run(config: Config) -> Result<()> {
+    ensure_dev_certs(&config)?;
     let opts = config.queue.to_options();
     let (queue, report) = tokio::task::spawn_blocking(move || Queue::open(opts))
         .await
@@ -227,9 +288,19 @@ async fn run(config: Config) -> Result<()> {
         quarantined_records = report.quarantined_records,
         "queue ready"
     );
-    tracing::warn!("no MQTT listeners or uplinks are built yet: the gateway holds its queue open and waits for a signal");
+    let ingest = gateway::ingest::Ingest::bind(&config, queue.clone()).await?;
+    for (addr, tls) in ingest.local_addrs() {
+        tracing::info!(%addr, tls, "listening for MQTT devices");
+    }
+    tracing::warn!("no uplinks are built yet: messages are stored in the queue and stay there");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(ingest.run(shutdown.clone()));
     shutdown_signal().await;
-    tracing::info!("shutting down: flushing and closing the queue");
+    tracing::info!(
+        "shutting down: closing device connections (in-flight acks finish), then the queue"
+    );
+    shutdown.cancel();
+    let _ = serving.await;
     tokio::task::spawn_blocking(move || queue.close())
         .await
         .context("queue close task")?;

@@ -24,8 +24,11 @@ use serde::Deserialize;
 
 use crate::queue::{self, FsyncPolicy, QueueOptions};
 
+mod ingest;
+pub use ingest::*;
+
 /// The commented default configuration, as printed by `gateway print-default-config`.
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/gateway.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/gateway.toml");
 
 /// Default for `queue.data_dir`. It is relative so that a first run works from any directory
 /// without root. Packaged installs set an absolute path such as `/var/lib/gateway`.
@@ -76,6 +79,34 @@ pub const MIN_MAX_AGE: Duration = Duration::from_secs(1);
 pub struct Config {
     /// `[queue]`: the on-disk store-and-forward queue.
     pub queue: QueueConfig,
+    /// `[[listeners]]`: where devices connect. None configured means the default TLS listener.
+    pub listeners: Vec<ListenerConfig>,
+    /// `[auth]`: who may connect.
+    pub auth: AuthConfig,
+    /// `[[acl]]`: what each identity may publish to. None configured means `devices/%c/#`.
+    pub acl: Vec<AclRule>,
+    /// `[limits]`: per-connection and global bounds.
+    pub limits: LimitsConfig,
+}
+
+impl Config {
+    /// The listeners in effect (the default one when none is configured).
+    pub fn effective_listeners(&self) -> Vec<ListenerConfig> {
+        if self.listeners.is_empty() {
+            vec![ListenerConfig::default()]
+        } else {
+            self.listeners.clone()
+        }
+    }
+
+    /// The ACL rules in effect.
+    pub fn effective_acl(&self) -> Vec<AclRule> {
+        if self.acl.is_empty() {
+            default_acl()
+        } else {
+            self.acl.clone()
+        }
+    }
 }
 
 /// The `[queue]` section. Each field defaults to the matching `DEFAULT_*` constant.
@@ -239,6 +270,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         self.queue.check(&mut problems);
+        ingest::check_listeners(&self.listeners, &mut problems);
+        ingest::check_limits(&self.limits, &mut problems);
+        ingest::check_acl(&self.acl, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -1,0 +1,168 @@
+//! Development certificates (rcgen, pure Rust): a throwaway CA, a server certificate for
+//! localhost/127.0.0.1 and one client certificate per device whose CN is the device id.
+//!
+//! Layout written by [`generate`] (and read by `firmware-sim --certs-dir`):
+//!
+//! ```text
+//! OUT/ca.pem  OUT/ca.key              the CA (its key signs device certificates)
+//! OUT/server.pem  OUT/server.key      CN and SANs localhost, 127.0.0.1, ::1
+//! OUT/devices/<id>.pem  <id>.key      CN = device id, for mutual TLS
+//! ```
+//!
+//! Keys are PKCS#8 PEM, written with mode 0600. These are for development and tests only.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// Why certificates could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("could not write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// A CA that can sign more certificates (the one in `OUT/ca.*`).
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut d = DistinguishedName::new();
+    d.push(DnType::CommonName, cn);
+    d.push(DnType::OrganizationName, "edge gateway dev (throwaway)");
+    d
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    let err = |source| CertError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(err)?;
+    }
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if private {
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)
+}
+
+impl DevCa {
+    /// A new self-signed CA.
+    pub fn new() -> Result<(DevCa, String), CertError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn("edge gateway dev CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok((
+            DevCa {
+                issuer: Issuer::new(params, key),
+                pem: cert.pem(),
+            },
+            key_pem,
+        ))
+    }
+
+    /// Loads the CA from `ca.pem` / `ca.key` in `dir`.
+    pub fn load(dir: &Path) -> Result<DevCa, CertError> {
+        let read = |p: PathBuf| {
+            fs::read_to_string(&p).map_err(|source| CertError::Read { path: p, source })
+        };
+        let pem = read(dir.join("ca.pem"))?;
+        let key = KeyPair::from_pem(&read(dir.join("ca.key"))?)?;
+        let issuer = Issuer::from_ca_cert_pem(&pem, key)?;
+        Ok(DevCa { issuer, pem })
+    }
+
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A server certificate for these DNS names / IP addresses. Returns (cert PEM, key PEM).
+    pub fn server_cert(&self, names: &[&str]) -> Result<(String, String), CertError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(names.first().copied().unwrap_or("localhost"));
+        for n in names {
+            params.subject_alt_names.push(match n.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*n).try_into()?),
+            });
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A device (client) certificate with CN = `device_id`, valid from `not_before` for `valid`.
+    pub fn device_cert_valid(
+        &self,
+        device_id: &str,
+        not_before: SystemTime,
+        valid: Duration,
+    ) -> Result<(String, String), CertError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(device_id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before.into();
+        params.not_after = (not_before + valid).into();
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A device certificate valid for ten years from yesterday.
+    pub fn device_cert(&self, device_id: &str) -> Result<(String, String), CertError> {
+        let yesterday = SystemTime::now() - Duration::from_secs(86_400);
+        self.device_cert_valid(device_id, yesterday, Duration::from_secs(10 * 365 * 86_400))
+    }
+}
+
+/// Device ids as `firmware-sim` names them: `dev-00001` ...
+pub fn device_id(n: usize) -> String {
+    format!("dev-{n:05}")
+}
+
+/// Writes a new CA, a server certificate and `devices` device certificates into `out`.
+pub fn generate(out: &Path, devices: usize) -> Result<(), CertError> {
+    let (ca, ca_key) = DevCa::new()?;
+    write_file(&out.join("ca.pem"), ca.pem(), false)?;
+    write_file(&out.join("ca.key"), &ca_key, true)?;
+    let (cert, key) = ca.server_cert(&["localhost", "127.0.0.1", "::1"])?;
+    write_file(&out.join("server.pem"), &cert, false)?;
+    write_file(&out.join("server.key"), &key, true)?;
+    for n in 1..=devices {
+        let id = device_id(n);
+        let (cert, key) = ca.device_cert(&id)?;
+        write_file(&out.join("devices").join(format!("{id}.pem")), &cert, false)?;
+        write_file(&out.join("devices").join(format!("{id}.key")), &key, true)?;
+    }
+    Ok(())
+}

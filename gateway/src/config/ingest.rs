@@ -1,0 +1,303 @@
+//! The device-facing sections: `[[listeners]]`, `[auth]`, `[[acl]]` and `[limits]`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{de, duration_value, quoted, size_value, Problem};
+
+/// Where the default config's development certificates live; `gateway run` makes them when
+/// they are missing (and only for these paths).
+pub const DEV_CERT_DIR: &str = "certs/dev";
+pub const DEV_SERVER_CERT: &str = "certs/dev/server.pem";
+pub const DEV_SERVER_KEY: &str = "certs/dev/server.key";
+pub const DEV_CA: &str = "certs/dev/ca.pem";
+
+/// The default listener: MQTT over TLS on the standard port on all interfaces. Not 1883: that is
+/// plaintext MQTT's port, and on our machines Mosquitto holds it.
+pub const DEFAULT_BIND: &str = "0.0.0.0:8883";
+/// Device connections: enough for a large site, bounded so that a connect flood cannot exhaust
+/// file descriptors and memory (about 30 KiB per idle TLS connection).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Sensor messages are small; 256 KiB leaves room for firmware-sized blobs and bounds memory
+/// per connection.
+pub const DEFAULT_MAX_PACKET_SIZE: u64 = 256 << 10;
+/// QoS 1/2 publishes a device may have unacknowledged: enough to keep a link busy through one
+/// group commit (a few ms), small enough to bound memory per connection.
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 64;
+pub const DEFAULT_MAX_TOPIC_LENGTH: usize = 256;
+/// TLS handshake plus CONNECT: a slow cellular link needs a few seconds, a slow-loris client is
+/// cut off after this.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish waits for queue space (backpressure) before MQTT 5 devices are told
+/// "quota exceeded".
+pub const DEFAULT_QUOTA_WAIT: Duration = Duration::from_secs(5);
+
+/// `[[listeners]]`: one bound socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address and port, e.g. "0.0.0.0:8883".
+    pub bind: String,
+    /// A table with the certificate files, or `false` for plaintext (only when said explicitly).
+    pub tls: TlsSetting,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            bind: DEFAULT_BIND.into(),
+            tls: TlsSetting::On(TlsConfig {
+                cert: PathBuf::from(DEV_SERVER_CERT),
+                key: PathBuf::from(DEV_SERVER_KEY),
+                client_ca: Some(PathBuf::from(DEV_CA)),
+                require_client_cert: true,
+            }),
+        }
+    }
+}
+
+/// `tls = false` or `tls = { cert = ..., key = ... }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum TlsSetting {
+    /// Must be `false`: plaintext, logged as a warning.
+    Off(bool),
+    On(TlsConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA bundle (PEM) for client certificates; without it no client certificate is asked for.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (mutual TLS).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+impl TlsConfig {
+    /// Whether these are exactly the default config's development certificate paths.
+    pub fn is_dev_default(&self) -> bool {
+        self.cert == std::path::Path::new(DEV_SERVER_CERT)
+            && self.key == std::path::Path::new(DEV_SERVER_KEY)
+            && self
+                .client_ca
+                .as_deref()
+                .is_none_or(|c| c == std::path::Path::new(DEV_CA))
+    }
+}
+
+/// Where a device's identity comes from when it presents a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertIdentity {
+    /// The subject's common name.
+    #[default]
+    Cn,
+    /// The first DNS subject alternative name.
+    San,
+}
+
+/// `[auth]`: who may connect.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `user:argon2-hash` lines, managed with `gateway passwd FILE USER`.
+    pub password_file: Option<PathBuf>,
+    /// Accept connections with neither a client certificate nor a password (logged as a warning).
+    pub allow_anonymous: bool,
+    pub cert_identity: CertIdentity,
+    /// With a client certificate, the MQTT client id must equal the certificate's identity.
+    pub client_id_must_match: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            password_file: None,
+            allow_anonymous: false,
+            cert_identity: CertIdentity::Cn,
+            client_id_must_match: true,
+        }
+    }
+}
+
+/// `[[acl]]`: topics an identity may publish to. `%c` is the client id, `%u` the username.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// An identity (certificate CN/SAN or username), or a pattern with `*` (any characters).
+    #[serde(default = "any_identity")]
+    pub identity: String,
+    /// MQTT topic filters (`+`, `#`) the identity may publish to.
+    pub publish: Vec<String>,
+}
+
+fn any_identity() -> String {
+    "*".into()
+}
+
+/// The rule that applies when no `[[acl]]` is configured.
+pub fn default_acl() -> Vec<AclRule> {
+    vec![AclRule {
+        identity: any_identity(),
+        publish: vec!["devices/%c/#".into()],
+    }]
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_packet_size: u64,
+    pub receive_maximum: u16,
+    pub max_topic_length: usize,
+    #[serde(deserialize_with = "de::duration")]
+    pub connect_timeout: Duration,
+    #[serde(deserialize_with = "de::duration")]
+    pub quota_wait: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            receive_maximum: DEFAULT_RECEIVE_MAXIMUM,
+            max_topic_length: DEFAULT_MAX_TOPIC_LENGTH,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            quota_wait: DEFAULT_QUOTA_WAIT,
+        }
+    }
+}
+
+pub(super) fn check_listeners(listeners: &[ListenerConfig], problems: &mut Vec<Problem>) {
+    let mut seen = Vec::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        match l.bind.parse::<SocketAddr>() {
+            Ok(addr) => {
+                if seen.contains(&addr) {
+                    problems.push(Problem {
+                        key: key("bind"),
+                        value: quoted(&l.bind),
+                        reason: "bound by another listener too; give each listener its own address"
+                            .into(),
+                    });
+                }
+                seen.push(addr);
+            }
+            Err(_) => problems.push(Problem {
+                key: key("bind"),
+                value: quoted(&l.bind),
+                reason: "not an address:port; write e.g. \"0.0.0.0:8883\" or \"127.0.0.1:8883\""
+                    .into(),
+            }),
+        }
+        match &l.tls {
+            TlsSetting::Off(true) => problems.push(Problem {
+                key: key("tls"),
+                value: "true".into(),
+                reason: "tls = true needs the certificate files; write tls = { cert = \"...\", key = \"...\" }, or tls = false for plaintext".into(),
+            }),
+            TlsSetting::Off(false) => {}
+            TlsSetting::On(t) => {
+                if t.require_client_cert && t.client_ca.is_none() {
+                    problems.push(Problem {
+                        key: key("tls.require_client_cert"),
+                        value: "true".into(),
+                        reason: "needs tls.client_ca, the CA that signs device certificates".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn check_limits(l: &LimitsConfig, problems: &mut Vec<Problem>) {
+    let mut p = |k: &str, value: String, reason: &str| {
+        problems.push(Problem {
+            key: format!("limits.{k}"),
+            value,
+            reason: reason.into(),
+        })
+    };
+    if l.max_connections == 0 {
+        p(
+            "max_connections",
+            "0".into(),
+            "no device could connect; set at least 1",
+        );
+    }
+    if l.max_packet_size < 1024 || l.max_packet_size > 256 << 20 {
+        p(
+            "max_packet_size",
+            size_value(l.max_packet_size),
+            "must be between \"1 KiB\" and \"256 MiB\"",
+        );
+    }
+    if l.receive_maximum == 0 {
+        p("receive_maximum", "0".into(), "MQTT requires at least 1");
+    }
+    if l.max_topic_length == 0 || l.max_topic_length > 65_535 {
+        p(
+            "max_topic_length",
+            l.max_topic_length.to_string(),
+            "must be between 1 and 65535 (MQTT's limit)",
+        );
+    }
+    if l.connect_timeout < Duration::from_millis(100) {
+        p(
+            "connect_timeout",
+            duration_value(l.connect_timeout),
+            "shorter than 100ms: no TLS handshake completes that fast; raise it",
+        );
+    }
+}
+
+pub(super) fn check_acl(rules: &[AclRule], problems: &mut Vec<Problem>) {
+    for (i, r) in rules.iter().enumerate() {
+        if r.publish.is_empty() {
+            problems.push(Problem {
+                key: format!("acl[{i}].publish"),
+                value: "[]".into(),
+                reason: "empty: the rule allows nothing; list topic filters or remove the rule"
+                    .into(),
+            });
+        }
+        for (j, f) in r.publish.iter().enumerate() {
+            if !filter_ok(f) {
+                problems.push(Problem {
+                    key: format!("acl[{i}].publish[{j}]"),
+                    value: quoted(f),
+                    reason:
+                        "not a topic filter: '#' only as the last level, '+' only as a whole level"
+                            .into(),
+                });
+            }
+        }
+    }
+}
+
+/// Whether `f` is a valid MQTT topic filter.
+pub fn filter_ok(f: &str) -> bool {
+    if f.is_empty() {
+        return false;
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i + 1 == levels.len(),
+        "+" => true,
+        other => !other.contains(['#', '+']),
+    })
+}

@@ -1,0 +1,400 @@
+//! Who may connect (client certificates, a password file with argon2 hashes, or anonymous when
+//! configured) and what they may publish to (ACL rules with `%c` / `%u`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use rand::rngs::OsRng;
+
+use super::codec::{reason, Connect};
+use super::session::{Identity, PublishAcl};
+use crate::config::{AclRule, AuthConfig, CertIdentity};
+
+/// Errors loading or changing the password file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("could not read password file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("password file {path}, line {line}: {why}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
+    #[error("could not write password file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("user name {0:?} is not allowed: no ':' or whitespace, 1-128 characters")]
+    BadUser(String),
+    #[error("could not hash the password: {0}")]
+    Hash(String),
+}
+
+/// Decides whether a CONNECT is allowed in, and who it is.
+pub struct Authenticator {
+    passwords: HashMap<String, String>,
+    allow_anonymous: bool,
+    client_id_must_match: bool,
+    cert_identity: CertIdentity,
+}
+
+fn parse_password_file(path: &Path) -> Result<HashMap<String, String>, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut users = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parse_err = |why: &str| AuthError::Parse {
+            path: path.to_path_buf(),
+            line: i + 1,
+            why: why.to_string(),
+        };
+        let (user, hash) = line
+            .split_once(':')
+            .ok_or_else(|| parse_err("expected user:hash"))?;
+        PasswordHash::new(hash)
+            .map_err(|_| parse_err("not an argon2 hash (make one with `gateway passwd`)"))?;
+        users.insert(user.to_string(), hash.to_string());
+    }
+    Ok(users)
+}
+
+fn user_ok(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 128
+        && !user.contains(':')
+        && !user.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Adds or changes `user` in the password file at `path` (created if missing), written atomically.
+pub fn set_password(path: &Path, user: &str, password: &str) -> Result<(), AuthError> {
+    if !user_ok(user) {
+        return Err(AuthError::BadUser(user.to_string()));
+    }
+    let mut lines: Vec<String> = match std::fs::read_to_string(path) {
+        Ok(t) => t.lines().map(str::to_string).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(AuthError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| AuthError::Hash(e.to_string()))?
+        .to_string();
+    let entry = format!("{user}:{hash}");
+    match lines
+        .iter_mut()
+        .find(|l| l.split_once(':').is_some_and(|(u, _)| u == user))
+    {
+        Some(l) => *l = entry,
+        None => lines.push(entry),
+    }
+    let werr = |source| AuthError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(werr)?;
+        for l in &lines {
+            writeln!(f, "{l}").map_err(werr)?;
+        }
+        f.sync_all().map_err(werr)?;
+    }
+    std::fs::rename(&tmp, path).map_err(werr)
+}
+
+impl Authenticator {
+    pub fn new(cfg: &AuthConfig) -> Result<Authenticator, AuthError> {
+        let passwords = match &cfg.password_file {
+            Some(p) => parse_password_file(p)?,
+            None => HashMap::new(),
+        };
+        Ok(Authenticator {
+            passwords,
+            allow_anonymous: cfg.allow_anonymous,
+            client_id_must_match: cfg.client_id_must_match,
+            cert_identity: cfg.cert_identity,
+        })
+    }
+
+    pub fn cert_identity_mode(&self) -> CertIdentity {
+        self.cert_identity
+    }
+
+    /// Checks a CONNECT. `cert_identity` is the identity of a verified client certificate.
+    /// CPU-heavy when a password is checked (argon2): call it off the async workers.
+    pub fn authenticate(&self, c: &Connect, cert_identity: Option<&str>) -> Result<Identity, u8> {
+        if let Some(id) = cert_identity {
+            if self.client_id_must_match && c.client_id != id {
+                return Err(reason::CLIENT_ID_NOT_VALID);
+            }
+            return Ok(Identity {
+                name: id.to_string(),
+                username: c.username.clone(),
+            });
+        }
+        match (&c.username, &c.password) {
+            (Some(user), Some(password)) => {
+                let hash = self
+                    .passwords
+                    .get(user)
+                    .ok_or(reason::BAD_USER_OR_PASSWORD)?;
+                let parsed = PasswordHash::new(hash).map_err(|_| reason::BAD_USER_OR_PASSWORD)?;
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .map_err(|_| reason::BAD_USER_OR_PASSWORD)?;
+                Ok(Identity {
+                    name: user.clone(),
+                    username: Some(user.clone()),
+                })
+            }
+            (Some(_), None) if !self.allow_anonymous => Err(reason::BAD_USER_OR_PASSWORD),
+            _ if self.allow_anonymous => Ok(Identity {
+                name: c.client_id.clone(),
+                username: c.username.clone(),
+            }),
+            _ => Err(reason::NOT_AUTHORIZED),
+        }
+    }
+}
+
+/// The identity in a client certificate (DER): its CN, or its first DNS SAN.
+pub fn identity_from_cert(der: &[u8], mode: CertIdentity) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    match mode {
+        CertIdentity::Cn => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string),
+        CertIdentity::San => cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+            }),
+    }
+}
+
+/// ACL rules, checked in order; a publish is allowed when any rule for the identity allows it.
+pub struct Acl {
+    rules: Vec<AclRule>,
+}
+
+impl Acl {
+    pub fn new(rules: Vec<AclRule>) -> Acl {
+        Acl { rules }
+    }
+}
+
+fn glob(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, tail)) => {
+            let Some(rest) = s.strip_prefix(head) else {
+                return false;
+            };
+            (0..=rest.len())
+                .filter(|&i| rest.is_char_boundary(i))
+                .any(|i| glob(tail, &rest[i..]))
+        }
+    }
+}
+
+/// Whether the substituted values can be used literally inside one topic level.
+fn literal_level_ok(v: &str) -> bool {
+    !v.is_empty() && !v.contains(['/', '+', '#'])
+}
+
+/// MQTT topic matching with `%c` / `%u` substituted as literal text.
+fn filter_matches(filter: &str, topic: &str, client_id: &str, username: Option<&str>) -> bool {
+    let mut topic_levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        let Some(t) = topic_levels.next() else {
+            return false;
+        };
+        if f == "+" {
+            continue;
+        }
+        let level = if f.contains('%') {
+            if f.contains("%c") && !literal_level_ok(client_id) {
+                return false;
+            }
+            let mut l = f.replace("%c", client_id);
+            if l.contains("%u") {
+                match username {
+                    Some(u) if literal_level_ok(u) => l = l.replace("%u", u),
+                    _ => return false,
+                }
+            }
+            l
+        } else {
+            f.to_string()
+        };
+        if level != t {
+            return false;
+        }
+    }
+    topic_levels.next().is_none()
+}
+
+impl PublishAcl for Acl {
+    fn may_publish(&self, identity: &Identity, client_id: &str, topic: &str) -> bool {
+        self.rules
+            .iter()
+            .filter(|r| glob(&r.identity, &identity.name))
+            .any(|r| {
+                r.publish
+                    .iter()
+                    .any(|f| filter_matches(f, topic, client_id, identity.username.as_deref()))
+            })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::ingest::codec::Version;
+
+    fn ident(name: &str, user: Option<&str>) -> Identity {
+        Identity {
+            name: name.into(),
+            username: user.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn default_acl_lets_a_device_publish_only_under_its_own_tree() {
+        let acl = Acl::new(crate::config::default_acl());
+        let i = ident("dev-1", None);
+        assert!(acl.may_publish(&i, "dev-1", "devices/dev-1/telemetry"));
+        assert!(acl.may_publish(&i, "dev-1", "devices/dev-1/a/b/c"));
+        assert!(!acl.may_publish(&i, "dev-1", "devices/dev-2/telemetry"));
+        assert!(!acl.may_publish(&i, "dev-1", "devices"));
+        // A client id with wildcard characters never widens the rule.
+        assert!(!acl.may_publish(&ident("#", None), "#", "devices/x/y"));
+        assert!(!acl.may_publish(&ident("a/b", None), "a/b", "devices/a/b/t"));
+    }
+
+    #[test]
+    fn rules_apply_by_identity_pattern_with_username_substitution() {
+        let acl = Acl::new(vec![
+            AclRule {
+                identity: "gw-*".into(),
+                publish: vec!["sites/%u/+/temp".into()],
+            },
+            AclRule {
+                identity: "admin".into(),
+                publish: vec!["#".into()],
+            },
+        ]);
+        assert!(acl.may_publish(&ident("gw-7", Some("north")), "c", "sites/north/x/temp"));
+        assert!(!acl.may_publish(&ident("gw-7", Some("north")), "c", "sites/south/x/temp"));
+        assert!(!acl.may_publish(&ident("gw-7", None), "c", "sites/north/x/temp"));
+        assert!(acl.may_publish(&ident("admin", None), "c", "any/thing"));
+        assert!(!acl.may_publish(&ident("other", None), "c", "any/thing"));
+    }
+
+    fn connect(id: &str, user: Option<&str>, pw: Option<&str>) -> Connect {
+        Connect {
+            version: Version::V311,
+            client_id: id.into(),
+            clean_start: true,
+            keep_alive: 30,
+            username: user.map(str::to_string),
+            password: pw.map(str::to_string),
+            will: None,
+            client_max_packet: None,
+            auth_method: None,
+        }
+    }
+
+    #[test]
+    fn passwords_are_checked_against_argon2_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passwd");
+        set_password(&file, "alice", "s3cret").unwrap();
+        set_password(&file, "bob", "hunter2").unwrap();
+        set_password(&file, "alice", "changed").unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(!text.contains("changed"));
+        let a = Authenticator::new(&AuthConfig {
+            password_file: Some(file),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            a.authenticate(&connect("c1", Some("alice"), Some("changed")), None)
+                .unwrap()
+                .name,
+            "alice"
+        );
+        assert_eq!(
+            a.authenticate(&connect("c1", Some("alice"), Some("s3cret")), None),
+            Err(reason::BAD_USER_OR_PASSWORD)
+        );
+        assert_eq!(
+            a.authenticate(&connect("c1", Some("eve"), Some("x")), None),
+            Err(reason::BAD_USER_OR_PASSWORD)
+        );
+        assert_eq!(
+            a.authenticate(&connect("c1", None, None), None),
+            Err(reason::NOT_AUTHORIZED)
+        );
+    }
+
+    #[test]
+    fn a_certificate_identity_must_match_the_client_id() {
+        let a = Authenticator::new(&AuthConfig::default()).unwrap();
+        assert!(a
+            .authenticate(&connect("dev-1", None, None), Some("dev-1"))
+            .is_ok());
+        assert_eq!(
+            a.authenticate(&connect("dev-2", None, None), Some("dev-1")),
+            Err(reason::CLIENT_ID_NOT_VALID)
+        );
+    }
+
+    #[test]
+    fn certificate_cn_is_read() {
+        let (ca, _) = crate::certs::DevCa::new().unwrap();
+        let (pem, _) = ca.device_cert("dev-00042").unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(
+            identity_from_cert(&der, CertIdentity::Cn).as_deref(),
+            Some("dev-00042")
+        );
+    }
+}

@@ -1,0 +1,627 @@
+//! MQTT packet codec: rumqttc's `mqttbytes` (3.1.1: `v4`, 5: `v5`), pinned at 0.25.1, behind one
+//! small, version-independent vocabulary of what a device sends and what the gateway answers.
+//!
+//! Gaps of that codec handled here:
+//! - an MQTT 5 DISCONNECT with remaining length 0 (reason 0x00, no properties) fails to decode;
+//! - AUTH (type 15) is not decoded: we report it so the session can refuse it;
+//! - MQTT 3.1 (`MQIsdp`, level 3) is rejected as an invalid protocol: we recognise it so the
+//!   session can answer CONNACK 0x01 (unacceptable protocol version) as 3.1 expects.
+//!
+//! Every decode takes untrusted bytes and returns an error, never panics.
+
+use bytes::{Buf, Bytes, BytesMut};
+use rumqttc::mqttbytes::v4 as m4;
+use rumqttc::mqttbytes::{self as mb, QoS};
+use rumqttc::v5::mqttbytes::v5 as m5;
+use rumqttc::v5::mqttbytes::{self as mb5, QoS as QoS5};
+
+/// The protocol a connection speaks, fixed by its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V311,
+    V5,
+}
+
+/// A device's last will, as stored with its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub payload_format: Option<u8>,
+}
+
+/// CONNECT, for either version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    pub version: Version,
+    pub client_id: String,
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub will: Option<Will>,
+    /// MQTT 5: how many QoS 1/2 acks the client accepts in flight (ours to it: unused, we send
+    /// no publishes) and the largest packet it accepts.
+    pub client_max_packet: Option<u32>,
+    /// MQTT 5: an enhanced authentication method (we support none).
+    pub auth_method: Option<String>,
+}
+
+/// PUBLISH from a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
+    pub pkid: u16,
+    pub payload: Bytes,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub payload_format: Option<u8>,
+    pub topic_alias: Option<u16>,
+}
+
+/// What a device may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    Connect(Box<Connect>),
+    /// A CONNECT for a protocol we do not speak (MQTT 3.1 `MQIsdp`, or an unknown level).
+    UnsupportedProtocol {
+        level: u8,
+    },
+    Publish(Publish),
+    PubRel {
+        pkid: u16,
+    },
+    /// Acks for publishes we never send: a protocol error from a device.
+    UnexpectedAck,
+    Subscribe {
+        pkid: u16,
+        filters: usize,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: usize,
+    },
+    PingReq,
+    Disconnect {
+        reason: u8,
+    },
+    Auth,
+}
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The packet is larger than the maximum packet size.
+    #[error("packet of {size} bytes exceeds the maximum packet size {max}")]
+    TooLarge { size: usize, max: usize },
+    /// The bytes break the protocol's encoding rules.
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+}
+
+/// What the gateway sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    ConnAck {
+        /// 3.1.1 return code (0..=5) or MQTT 5 reason code.
+        code: u8,
+        props: Option<ConnAckProps>,
+    },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRec {
+        pkid: u16,
+        reason: u8,
+    },
+    PubComp {
+        pkid: u16,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
+    UnsubAck {
+        pkid: u16,
+        filters: usize,
+    },
+    PingResp,
+    Disconnect {
+        reason: u8,
+        text: Option<String>,
+    },
+}
+
+/// The MQTT 5 CONNACK properties the gateway states about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnAckProps {
+    pub receive_maximum: u16,
+    pub max_packet_size: u32,
+    pub assigned_client_id: Option<String>,
+    pub reason: Option<String>,
+    pub server_keep_alive: Option<u16>,
+}
+
+/// MQTT 5 reason codes the gateway uses.
+pub mod reason {
+    pub const SUCCESS: u8 = 0x00;
+    pub const UNSPECIFIED: u8 = 0x80;
+    pub const MALFORMED: u8 = 0x81;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
+    pub const UNSUPPORTED_PROTOCOL: u8 = 0x84;
+    pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    pub const BAD_USER_OR_PASSWORD: u8 = 0x86;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const SERVER_BUSY: u8 = 0x89;
+    pub const BAD_AUTH_METHOD: u8 = 0x8C;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const PACKET_ID_IN_USE: u8 = 0x91;
+    pub const PACKET_ID_NOT_FOUND: u8 = 0x92;
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
+    pub const WILDCARD_NOT_SUPPORTED: u8 = 0xA2;
+}
+
+fn qos_u8(q: QoS) -> u8 {
+    match q {
+        QoS::AtMostOnce => 0,
+        QoS::AtLeastOnce => 1,
+        QoS::ExactlyOnce => 2,
+    }
+}
+
+fn qos5_u8(q: QoS5) -> u8 {
+    q as u8
+}
+
+fn malformed(e: impl std::fmt::Debug) -> DecodeError {
+    DecodeError::Malformed(format!("{e:?}"))
+}
+
+/// Reads the fixed header at the start of `buf`: `(packet type, header length, remaining
+/// length)`, or `None` when more bytes are needed.
+fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, DecodeError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    let mut len: usize = 0;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((first >> 4, 2 + i, len)));
+        }
+    }
+    Err(DecodeError::Malformed(
+        "remaining length longer than 4 bytes".into(),
+    ))
+}
+
+/// Peeks at a CONNECT's protocol name and level (before we know the version).
+fn connect_level(body: &[u8]) -> Option<(&[u8], u8)> {
+    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    let name = body.get(2..2 + n)?;
+    let level = *body.get(2 + n)?;
+    Some((name, level))
+}
+
+/// Decodes one packet from the front of `buf`, consuming it. `Ok(None)`: more bytes needed
+/// (nothing consumed). `version` is `None` until CONNECT was decoded.
+pub fn decode(
+    buf: &mut BytesMut,
+    version: Option<Version>,
+    max_packet: usize,
+) -> Result<Option<Inbound>, DecodeError> {
+    let Some((ptype, header_len, remaining)) = fixed_header(buf)? else {
+        return Ok(None);
+    };
+    let size = header_len + remaining;
+    if size > max_packet {
+        return Err(DecodeError::TooLarge {
+            size,
+            max: max_packet,
+        });
+    }
+    if buf.len() < size {
+        return Ok(None);
+    }
+    let flags = buf[0] & 0x0f;
+    // Packets the vendored codec mishandles, or that we answer before knowing the version.
+    match (ptype, version) {
+        (1, _) => {
+            if let Some((name, level)) = connect_level(&buf[header_len..size]) {
+                let v = match (name, level) {
+                    (b"MQTT", 4) => Some(Version::V311),
+                    (b"MQTT", 5) => Some(Version::V5),
+                    _ => None,
+                };
+                if v.is_none() {
+                    buf.advance(size);
+                    return Ok(Some(Inbound::UnsupportedProtocol { level }));
+                }
+                return decode_connect(buf, v.unwrap_or(Version::V311), size);
+            }
+            return Err(DecodeError::Malformed(
+                "CONNECT without protocol name".into(),
+            ));
+        }
+        (14, Some(Version::V5)) if remaining == 0 => {
+            buf.advance(size);
+            return Ok(Some(Inbound::Disconnect { reason: 0 }));
+        }
+        (15, _) => {
+            buf.advance(size);
+            return Ok(Some(Inbound::Auth));
+        }
+        (_, None) => {
+            return Err(DecodeError::Malformed(format!(
+                "packet type {ptype} before CONNECT"
+            )))
+        }
+        _ => {}
+    }
+    // Flags fixed by the spec for everything but PUBLISH (type 3).
+    let want_flags = match ptype {
+        6 | 8 | 10 => 0b0010,
+        3 => flags,
+        _ => 0,
+    };
+    if flags != want_flags {
+        return Err(DecodeError::Malformed(format!(
+            "reserved flags {flags:#06b} on packet type {ptype}"
+        )));
+    }
+    match version {
+        Some(Version::V5) => decode_v5(buf, max_packet),
+        _ => decode_v4(buf, max_packet),
+    }
+}
+
+fn decode_connect(
+    buf: &mut BytesMut,
+    version: Version,
+    size: usize,
+) -> Result<Option<Inbound>, DecodeError> {
+    match version {
+        Version::V311 => match m4::Packet::read(buf, size) {
+            Ok(m4::Packet::Connect(c)) => Ok(Some(Inbound::Connect(Box::new(Connect {
+                version,
+                client_id: c.client_id,
+                clean_start: c.clean_session,
+                keep_alive: c.keep_alive,
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c.login.map(|l| l.password),
+                will: c.last_will.map(|w| Will {
+                    topic: w.topic,
+                    payload: w.message,
+                    qos: qos_u8(w.qos),
+                    retain: w.retain,
+                    user_properties: Vec::new(),
+                    content_type: None,
+                    payload_format: None,
+                }),
+                client_max_packet: None,
+                auth_method: None,
+            })))),
+            Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
+            Err(e) => Err(malformed(e)),
+        },
+        Version::V5 => match m5::Packet::read(buf, Some(size as u32)) {
+            Ok(m5::Packet::Connect(c, will, login)) => {
+                let props = c.properties.unwrap_or_default();
+                let will = match will {
+                    Some(w) => {
+                        let (user_properties, content_type, payload_format) = match w.properties {
+                            Some(wp) => (
+                                wp.user_properties,
+                                wp.content_type,
+                                wp.payload_format_indicator,
+                            ),
+                            None => (Vec::new(), None, None),
+                        };
+                        Some(Will {
+                            topic: String::from_utf8(w.topic.to_vec())
+                                .map_err(|_| malformed("will topic is not UTF-8"))?,
+                            payload: w.message,
+                            qos: qos5_u8(w.qos),
+                            retain: w.retain,
+                            user_properties,
+                            content_type,
+                            payload_format,
+                        })
+                    }
+                    None => None,
+                };
+                Ok(Some(Inbound::Connect(Box::new(Connect {
+                    version,
+                    client_id: c.client_id,
+                    clean_start: c.clean_start,
+                    keep_alive: c.keep_alive,
+                    username: login.as_ref().map(|l| l.username.clone()),
+                    password: login.map(|l| l.password),
+                    will,
+                    client_max_packet: props.max_packet_size,
+                    auth_method: props.authentication_method,
+                }))))
+            }
+            Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
+            Err(e) => Err(malformed(e)),
+        },
+    }
+}
+
+fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeError> {
+    let p = m4::Packet::read(buf, max).map_err(malformed)?;
+    Ok(Some(match p {
+        m4::Packet::Publish(p) => Inbound::Publish(Publish {
+            topic: p.topic,
+            qos: qos_u8(p.qos),
+            retain: p.retain,
+            dup: p.dup,
+            pkid: p.pkid,
+            payload: p.payload,
+            user_properties: Vec::new(),
+            content_type: None,
+            payload_format: None,
+            topic_alias: None,
+        }),
+        m4::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
+        m4::Packet::Subscribe(s) => Inbound::Subscribe {
+            pkid: s.pkid,
+            filters: s.filters.len(),
+        },
+        m4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.topics.len(),
+        },
+        m4::Packet::PingReq => Inbound::PingReq,
+        m4::Packet::Disconnect => Inbound::Disconnect { reason: 0 },
+        m4::Packet::Connect(_) => return Err(malformed("second CONNECT")),
+        m4::Packet::PubAck(_) | m4::Packet::PubRec(_) | m4::Packet::PubComp(_) => {
+            Inbound::UnexpectedAck
+        }
+        other => return Err(malformed(format!("unexpected packet {other:?}"))),
+    }))
+}
+
+fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeError> {
+    let p = m5::Packet::read(buf, Some(max as u32)).map_err(malformed)?;
+    Ok(Some(match p {
+        m5::Packet::Publish(p) => {
+            let props = p.properties.unwrap_or_default();
+            Inbound::Publish(Publish {
+                topic: String::from_utf8(p.topic.to_vec())
+                    .map_err(|_| malformed("topic is not UTF-8"))?,
+                qos: qos5_u8(p.qos),
+                retain: p.retain,
+                dup: p.dup,
+                pkid: p.pkid,
+                payload: p.payload,
+                user_properties: props.user_properties,
+                content_type: props.content_type,
+                payload_format: props.payload_format_indicator,
+                topic_alias: props.topic_alias,
+            })
+        }
+        m5::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
+        m5::Packet::Subscribe(s) => Inbound::Subscribe {
+            pkid: s.pkid,
+            filters: s.filters.len(),
+        },
+        m5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.filters.len(),
+        },
+        m5::Packet::PingReq(_) => Inbound::PingReq,
+        m5::Packet::Disconnect(d) => Inbound::Disconnect {
+            reason: d.reason_code as u8,
+        },
+        m5::Packet::Auth(_) => Inbound::Auth,
+        m5::Packet::Connect(..) => return Err(malformed("second CONNECT")),
+        m5::Packet::PubAck(_) | m5::Packet::PubRec(_) | m5::Packet::PubComp(_) => {
+            Inbound::UnexpectedAck
+        }
+        other => return Err(malformed(format!("unexpected packet {other:?}"))),
+    }))
+}
+
+/// Appends the encoding of `p` to `out`.
+pub fn encode(p: &Outbound, version: Version, out: &mut BytesMut) {
+    let r = match version {
+        Version::V311 => encode_v4(p, out).map_err(|e| format!("{e:?}")),
+        Version::V5 => encode_v5(p, out).map_err(|e| format!("{e:?}")),
+    };
+    // Our own packets are small and well-formed; a failure here is a bug, logged not panicked.
+    if let Err(error) = r {
+        tracing::error!(%error, packet = ?p, "could not encode an outgoing packet");
+    }
+}
+
+fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
+    match p {
+        Outbound::ConnAck { code, .. } => {
+            // CONNACK for 3.1.1 (and the 3.1 refusal): fixed header, flags, return code.
+            out.extend_from_slice(&[0x20, 0x02, 0x00, *code]);
+            Ok(4)
+        }
+        Outbound::PubAck { pkid, .. } => m4::PubAck::new(*pkid).write(out),
+        Outbound::PubRec { pkid, .. } => m4::PubRec::new(*pkid).write(out),
+        Outbound::PubComp { pkid } => m4::PubComp::new(*pkid).write(out),
+        Outbound::SubAck { pkid, codes } => {
+            let codes = codes
+                .iter()
+                .map(|_| m4::SubscribeReasonCode::Failure)
+                .collect();
+            m4::SubAck::new(*pkid, codes).write(out)
+        }
+        Outbound::UnsubAck { pkid, .. } => m4::UnsubAck::new(*pkid).write(out),
+        Outbound::PingResp => m4::PingResp.write(out),
+        // 3.1.1 has no server DISCONNECT: the connection is just closed.
+        Outbound::Disconnect { .. } => Ok(0),
+    }
+}
+
+fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
+    match p {
+        Outbound::ConnAck { code, props } => {
+            let properties = props.as_ref().map(|c| m5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(c.receive_maximum),
+                max_qos: None,
+                retain_available: Some(0),
+                max_packet_size: Some(c.max_packet_size),
+                assigned_client_identifier: c.assigned_client_id.clone(),
+                topic_alias_max: Some(0),
+                reason_string: c.reason.clone(),
+                user_properties: Vec::new(),
+                wildcard_subscription_available: Some(0),
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: Some(0),
+                server_keep_alive: c.server_keep_alive,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            });
+            m5::ConnAck {
+                session_present: false,
+                code: connect_return_code(*code),
+                properties,
+            }
+            .write(out)
+        }
+        Outbound::PubAck { pkid, reason } => m5::PubAck {
+            pkid: *pkid,
+            reason: puback_reason(*reason),
+            properties: None,
+        }
+        .write(out),
+        Outbound::PubRec { pkid, reason } => m5::PubRec {
+            pkid: *pkid,
+            reason: pubrec_reason(*reason),
+            properties: None,
+        }
+        .write(out),
+        Outbound::PubComp { pkid } => m5::PubComp {
+            pkid: *pkid,
+            reason: m5::PubCompReason::Success,
+            properties: None,
+        }
+        .write(out),
+        Outbound::SubAck { pkid, codes } => m5::SubAck {
+            pkid: *pkid,
+            return_codes: codes
+                .iter()
+                .map(|_| m5::SubscribeReasonCode::ImplementationSpecific)
+                .collect(),
+            properties: Some(m5::SubAckProperties {
+                reason_string: Some("subscriptions are not supported by this gateway".into()),
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::UnsubAck { pkid, filters } => m5::UnsubAck {
+            pkid: *pkid,
+            reasons: vec![m5::UnsubAckReason::NoSubscriptionExisted; *filters],
+            properties: None,
+        }
+        .write(out),
+        Outbound::PingResp => m5::PingResp::write(out),
+        Outbound::Disconnect { reason, text } => m5::Disconnect {
+            reason_code: disconnect_reason(*reason),
+            properties: text.as_ref().map(|t| m5::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(t.clone()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            }),
+        }
+        .write(out),
+    }
+}
+
+fn connect_return_code(code: u8) -> m5::ConnectReturnCode {
+    use m5::ConnectReturnCode as C;
+    match code {
+        reason::SUCCESS => C::Success,
+        reason::MALFORMED => C::MalformedPacket,
+        reason::PROTOCOL_ERROR => C::ProtocolError,
+        reason::IMPLEMENTATION_SPECIFIC => C::ImplementationSpecificError,
+        reason::UNSUPPORTED_PROTOCOL => C::UnsupportedProtocolVersion,
+        reason::CLIENT_ID_NOT_VALID => C::ClientIdentifierNotValid,
+        reason::BAD_USER_OR_PASSWORD => C::BadUserNamePassword,
+        reason::NOT_AUTHORIZED => C::NotAuthorized,
+        reason::SERVER_BUSY => C::ServerBusy,
+        reason::BAD_AUTH_METHOD => C::BadAuthenticationMethod,
+        reason::QUOTA_EXCEEDED => C::QuotaExceeded,
+        reason::CONNECTION_RATE_EXCEEDED => C::ConnectionRateExceeded,
+        reason::PACKET_TOO_LARGE => C::PacketTooLarge,
+        _ => C::UnspecifiedError,
+    }
+}
+
+fn puback_reason(code: u8) -> m5::PubAckReason {
+    use m5::PubAckReason as R;
+    match code {
+        reason::SUCCESS => R::Success,
+        reason::IMPLEMENTATION_SPECIFIC => R::ImplementationSpecificError,
+        reason::NOT_AUTHORIZED => R::NotAuthorized,
+        reason::TOPIC_NAME_INVALID => R::TopicNameInvalid,
+        reason::PACKET_ID_IN_USE => R::PacketIdentifierInUse,
+        reason::QUOTA_EXCEEDED => R::QuotaExceeded,
+        _ => R::UnspecifiedError,
+    }
+}
+
+fn pubrec_reason(code: u8) -> m5::PubRecReason {
+    use m5::PubRecReason as R;
+    match code {
+        reason::SUCCESS => R::Success,
+        reason::IMPLEMENTATION_SPECIFIC => R::ImplementationSpecificError,
+        reason::NOT_AUTHORIZED => R::NotAuthorized,
+        reason::TOPIC_NAME_INVALID => R::TopicNameInvalid,
+        reason::PACKET_ID_IN_USE => R::PacketIdentifierInUse,
+        reason::QUOTA_EXCEEDED => R::QuotaExceeded,
+        _ => R::UnspecifiedError,
+    }
+}
+
+fn disconnect_reason(code: u8) -> m5::DisconnectReasonCode {
+    use m5::DisconnectReasonCode as D;
+    match code {
+        reason::SUCCESS => D::NormalDisconnection,
+        reason::MALFORMED => D::MalformedPacket,
+        reason::PROTOCOL_ERROR => D::ProtocolError,
+        reason::IMPLEMENTATION_SPECIFIC => D::ImplementationSpecificError,
+        reason::NOT_AUTHORIZED => D::NotAuthorized,
+        reason::SERVER_BUSY => D::ServerBusy,
+        reason::SERVER_SHUTTING_DOWN => D::ServerShuttingDown,
+        reason::KEEP_ALIVE_TIMEOUT => D::KeepAliveTimeout,
+        reason::SESSION_TAKEN_OVER => D::SessionTakenOver,
+        reason::TOPIC_NAME_INVALID => D::TopicNameInvalid,
+        reason::RECEIVE_MAXIMUM_EXCEEDED => D::ReceiveMaximumExceeded,
+        reason::TOPIC_ALIAS_INVALID => D::TopicAliasInvalid,
+        reason::PACKET_TOO_LARGE => D::PacketTooLarge,
+        reason::QUOTA_EXCEEDED => D::QuotaExceeded,
+        reason::QOS_NOT_SUPPORTED => D::QoSNotSupported,
+        _ => D::UnspecifiedError,
+    }
+}

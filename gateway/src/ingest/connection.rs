@@ -1,0 +1,437 @@
+//! One device connection: reads bytes, feeds the session state machine, performs its actions.
+//!
+//! Two tasks per connection. The reader decodes packets and appends publishes to the queue. The
+//! writer owns the socket's write half and sends what the reader queues for it, in order: for a
+//! QoS 1/2 publish that is "wait until the append is durable, then PUBACK/PUBREC", so acks leave
+//! in the order the publishes arrived and never before the record is on disk. The channel
+//! between them is bounded: when a device has `receive_maximum` publishes waiting for the disk,
+//! the reader stops reading its socket (TCP flow control slows the device down).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, reason, DecodeError, Outbound, Version};
+use super::session::{Action, Message, Session};
+use super::Shared;
+use crate::queue::{NewRecord, PendingAppend, QueueError};
+
+/// What the reader hands the writer.
+enum Out {
+    Packet(Outbound),
+    /// Send `ack` once `pending` is durable.
+    AfterDurable {
+        pending: PendingAppend,
+        ack: Option<Outbound>,
+    },
+    Close,
+}
+
+/// Runs a connection to the end. `cert_identity`: from a verified client certificate.
+pub(crate) async fn serve<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    cert_identity: Option<String>,
+    shared: Arc<Shared>,
+    deadline: Instant,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel(usize::from(shared.limits.receive_maximum) + 8);
+    let version = Arc::new(std::sync::OnceLock::new());
+    let writer = tokio::spawn(write_loop(wr, rx, version.clone(), shared.clone()));
+    let mut conn = Conn {
+        session: Session::new(shared.session_limits()),
+        shared: shared.clone(),
+        tx,
+        version,
+        cert_identity,
+        registered: None,
+        taken_over: Arc::new(Notify::new()),
+        shutdown: shutdown.clone(),
+    };
+    let span = tracing::debug_span!("conn", %peer);
+    tracing::Instrument::instrument(
+        async {
+            conn.read_loop(rd, deadline, shutdown).await;
+            conn.finish().await;
+        },
+        span,
+    )
+    .await;
+    drop(conn);
+    let _ = writer.await;
+}
+
+struct Conn {
+    session: Session,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Out>,
+    version: Arc<std::sync::OnceLock<Version>>,
+    cert_identity: Option<String>,
+    /// (client id, registration id) once connected.
+    registered: Option<(String, u64)>,
+    taken_over: Arc<Notify>,
+    shutdown: CancellationToken,
+}
+
+enum Step {
+    Continue,
+    Stop,
+}
+
+impl Conn {
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &mut self,
+        mut rd: R,
+        connect_deadline: Instant,
+        shutdown: CancellationToken,
+    ) {
+        let max_packet = self.shared.limits.max_packet_size as usize;
+        let mut buf = BytesMut::with_capacity(4096);
+        loop {
+            // Everything complete in the buffer first.
+            loop {
+                match codec::decode(&mut buf, self.session.version(), max_packet) {
+                    Ok(Some(packet)) => {
+                        let acts = self.session.on_packet(packet, &*self.shared.acl);
+                        if let Step::Stop = self.perform(acts).await {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bad packet from device");
+                        let too_large = matches!(e, DecodeError::TooLarge { .. });
+                        let acts = self.session.on_decode_error(too_large);
+                        let _ = self.perform(acts).await;
+                        return;
+                    }
+                }
+            }
+            let timeout = if self.session.is_connected() {
+                match self.session.keep_alive() {
+                    ka if ka.is_zero() => None,
+                    ka => Some(ka + ka / 2),
+                }
+            } else {
+                Some(connect_deadline.saturating_duration_since(Instant::now()))
+            };
+            let read = async {
+                match timeout {
+                    Some(t) => tokio::time::timeout(t, rd.read_buf(&mut buf)).await.ok(),
+                    None => Some(rd.read_buf(&mut buf).await),
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    None => {
+                        let acts = if self.session.is_connected() {
+                            self.session.on_keep_alive_expired()
+                        } else {
+                            self.shared.stats.refused("timeout");
+                            vec![Action::Close { publish_will: false }]
+                        };
+                        let _ = self.perform(acts).await;
+                        return;
+                    }
+                    Some(Ok(0)) | Some(Err(_)) => return, // peer closed or reset
+                    Some(Ok(_)) => {}
+                },
+                _ = self.taken_over.notified() => {
+                    let acts = self.session.on_taken_over();
+                    let _ = self.perform(acts).await;
+                    return;
+                }
+                _ = shutdown.cancelled() => {
+                    let acts = self.session.on_shutdown();
+                    let _ = self.perform(acts).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, out: Out) -> bool {
+        self.tx.send(out).await.is_ok()
+    }
+
+    async fn perform(&mut self, actions: Vec<Action>) -> Step {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            match a {
+                Action::Send(p) => {
+                    if let Some(v) = self.session.version() {
+                        let _ = self.version.set(v);
+                    }
+                    if !self.send(Out::Packet(p)).await {
+                        return Step::Stop;
+                    }
+                }
+                Action::Authenticate(c) => {
+                    let result = self.authenticate(&c).await;
+                    if let Ok(ident) = &result {
+                        tracing::debug!(client_id = %c.client_id, identity = %ident.name, "authenticated");
+                    }
+                    let mut more = self.session.authenticated(result, &*self.shared.acl);
+                    if self.session.is_connected() {
+                        self.register();
+                    }
+                    more.extend(queue.drain(..));
+                    queue = more.into();
+                }
+                Action::Append { message, ack } => {
+                    if let Step::Stop = self.append(*message, ack).await {
+                        return Step::Stop;
+                    }
+                }
+                Action::Refused(r) => self.shared.stats.refused(r.as_label()),
+                Action::Close { publish_will } => {
+                    if publish_will {
+                        self.publish_will().await;
+                    }
+                    let _ = self.send(Out::Close).await;
+                    return Step::Stop;
+                }
+            }
+        }
+        Step::Continue
+    }
+
+    async fn authenticate(&self, c: &codec::Connect) -> Result<super::session::Identity, u8> {
+        // argon2 costs tens of ms and ~19 MiB: bounded, and off the async workers.
+        let Ok(_permit) = self.shared.auth_permits.acquire().await else {
+            return Err(reason::SERVER_BUSY);
+        };
+        let shared = self.shared.clone();
+        let c = c.clone();
+        let cert = self.cert_identity.clone();
+        tokio::task::spawn_blocking(move || shared.auth.authenticate(&c, cert.as_deref()))
+            .await
+            .unwrap_or(Err(reason::SERVER_BUSY))
+    }
+
+    fn register(&mut self) {
+        let Some(id) = self.session.client_id().map(str::to_string) else {
+            return;
+        };
+        let reg = self.shared.next_reg.fetch_add(1, Ordering::Relaxed);
+        let previous = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), (reg, self.taken_over.clone()));
+        if let Some((_, old)) = previous {
+            tracing::info!(client_id = %id, "session taken over by a new connection");
+            self.shared.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+            old.notify_one();
+        }
+        self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
+        self.registered = Some((id, reg));
+    }
+
+    /// Appends a message, holding the device back while the queue is full (backpressure).
+    async fn append(&mut self, m: Message, ack: Option<Outbound>) -> Step {
+        self.shared.stats.publishes[usize::from(m.qos.min(2))].fetch_add(1, Ordering::Relaxed);
+        let v5 = self.session.version() == Some(Version::V5);
+        let quota_deadline = Instant::now() + self.shared.limits.quota_wait;
+        let queue = self.shared.queue.clone();
+        loop {
+            let notified = queue.wait_for_space();
+            let rec = record_of(&m);
+            match queue.try_append(&rec) {
+                Ok(pending) => {
+                    return if self.send(Out::AfterDurable { pending, ack }).await {
+                        Step::Continue
+                    } else {
+                        Step::Stop
+                    };
+                }
+                Err(QueueError::Full { .. }) => {
+                    // Not reading the socket while we wait: the device is slowed by TCP.
+                    let now = Instant::now();
+                    if v5 && now >= quota_deadline {
+                        self.shared.stats.refused("quota");
+                        return self.refuse(ack, reason::QUOTA_EXCEEDED).await;
+                    }
+                    let wait = if v5 {
+                        quota_deadline.saturating_duration_since(now)
+                    } else {
+                        Duration::from_secs(1)
+                    };
+                    tokio::select! {
+                        _ = tokio::time::timeout(wait, notified) => {}
+                        _ = self.shutdown.cancelled() => {
+                            // Not stored, not acknowledged: the device resends to whoever runs next.
+                            let _ = self.send(Out::Close).await;
+                            return Step::Stop;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "append failed; the device gets no acknowledgement");
+                    self.shared.stats.refused(e.as_label());
+                    return self.refuse(ack, reason::UNSPECIFIED).await;
+                }
+            }
+        }
+    }
+
+    /// The message was not stored: MQTT 5 is told with a reason code; 3.1.1 cannot be told, so
+    /// its connection is closed (the device resends after reconnecting).
+    async fn refuse(&mut self, ack: Option<Outbound>, code: u8) -> Step {
+        let refusal = match ack {
+            None => return Step::Continue, // QoS 0: dropped, counted by the caller
+            Some(Outbound::PubAck { pkid, .. }) => Outbound::PubAck { pkid, reason: code },
+            Some(Outbound::PubRec { pkid, .. }) => Outbound::PubRec { pkid, reason: code },
+            Some(other) => other,
+        };
+        if self.session.version() == Some(Version::V5) {
+            if self.send(Out::Packet(refusal)).await {
+                Step::Continue
+            } else {
+                Step::Stop
+            }
+        } else {
+            let _ = self.send(Out::Close).await;
+            Step::Stop
+        }
+    }
+
+    async fn publish_will(&mut self) {
+        let Some(will) = self.session.take_will() else {
+            return;
+        };
+        let rec = record_of(&will);
+        match self.shared.queue.try_append(&rec) {
+            Ok(p) => {
+                if let Err(error) = p.durable().await {
+                    tracing::warn!(%error, "could not store last will");
+                } else {
+                    self.shared.stats.wills.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not store last will"),
+        }
+    }
+
+    /// The connection ended (any way): the will if it ended without DISCONNECT, deregister.
+    async fn finish(&mut self) {
+        if self.session.is_connected() {
+            self.publish_will().await;
+        }
+        let _ = self.send(Out::Close).await;
+        if let Some((id, reg)) = self.registered.take() {
+            let mut map = self
+                .shared
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if map.get(&id).is_some_and(|(r, _)| *r == reg) {
+                map.remove(&id);
+            }
+            self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn record_of(m: &Message) -> NewRecord<'_> {
+    NewRecord {
+        received_at: m.received_at,
+        device_id: &m.device_id,
+        username: m.username.as_deref(),
+        topic: &m.topic,
+        qos: m.qos,
+        retain: m.retain,
+        user_properties: &m.user_properties,
+        content_type: m.content_type.as_deref(),
+        payload_format: m.payload_format,
+        payload: &m.payload,
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Out>,
+    version: Arc<std::sync::OnceLock<Version>>,
+    shared: Arc<Shared>,
+) {
+    let mut buf = BytesMut::with_capacity(1024);
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        // Encode everything that is ready, then write it in one go.
+        while let Some(out) = next.take() {
+            let v = version.get().copied().unwrap_or(Version::V311);
+            match out {
+                Out::Packet(p) => codec::encode(&p, v, &mut buf),
+                Out::AfterDurable { pending, ack } => {
+                    if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
+                        break 'outer;
+                    }
+                    buf.clear();
+                    match pending.durable().await {
+                        Ok(_) => {
+                            if let Some(a) = ack {
+                                codec::encode(&a, v, &mut buf);
+                                shared.stats.acks.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "append failed after it was queued; no acknowledgement");
+                            shared.stats.refused(error.as_label());
+                            match (v, ack) {
+                                (Version::V5, Some(Outbound::PubAck { pkid, .. })) => {
+                                    codec::encode(
+                                        &Outbound::PubAck {
+                                            pkid,
+                                            reason: reason::UNSPECIFIED,
+                                        },
+                                        v,
+                                        &mut buf,
+                                    )
+                                }
+                                (Version::V5, Some(Outbound::PubRec { pkid, .. })) => {
+                                    codec::encode(
+                                        &Outbound::PubRec {
+                                            pkid,
+                                            reason: reason::UNSPECIFIED,
+                                        },
+                                        v,
+                                        &mut buf,
+                                    )
+                                }
+                                (_, None) => {}
+                                // 3.1.1: no negative ack exists; close, the device resends.
+                                _ => break 'outer,
+                            }
+                        }
+                    }
+                }
+                Out::Close => {
+                    let _ = wr.write_all(&buf).await;
+                    break 'outer;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if !buf.is_empty() {
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+            buf.clear();
+        }
+        if wr.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,282 @@
+//! MQTT 3.1.1 and 5 over TLS: listeners, the per-connection session loop, authentication and ACLs.
+//!
+//! ```text
+//! accept (bounded by max_connections) --TLS handshake + CONNECT within connect_timeout-->
+//!   connection::serve: reader decodes (codec) -> session (state machine, no I/O) -> actions
+//!                      writer sends packets; PUBACK/PUBREC only after queue append is durable
+//! ```
+//!
+//! Device MQTT is terminated here rather than by an embedded broker because the acknowledgement
+//! must wait for the disk: see DESIGN.md, "PUBACK means durable".
+
+pub mod auth;
+pub mod codec;
+mod connection;
+pub mod session;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, LimitsConfig, TlsSetting};
+use crate::queue::Queue;
+use auth::{Acl, Authenticator};
+use session::SessionLimits;
+
+/// Why ingest could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("cannot listen on {addr}: {source}; is another process using it? (the default MQTT-over-TLS port 8883 can be changed in [[listeners]])")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+}
+
+/// Counters of the ingest side (exported as metrics by the metrics module).
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub connected: AtomicU64,
+    pub connections_total: AtomicU64,
+    /// Publishes received, by QoS 0, 1, 2.
+    pub publishes: [AtomicU64; 3],
+    /// PUBACK/PUBREC sent after a durable append.
+    pub acks: AtomicU64,
+    pub takeovers: AtomicU64,
+    pub wills: AtomicU64,
+    refusals: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl IngestStats {
+    pub(crate) fn refused(&self, label: &'static str) {
+        *self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(label)
+            .or_default() += 1;
+    }
+
+    /// Refusals by reason (auth, acl, limit, malformed, quota, tls, timeout, ...).
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn refused_count(&self, label: &str) -> u64 {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(label)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    queue: Queue,
+    auth: Authenticator,
+    acl: Arc<Acl>,
+    limits: LimitsConfig,
+    /// Connected client ids: registration id and the notifier that closes that connection.
+    registry: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    next_reg: AtomicU64,
+    auth_permits: Semaphore,
+    stats: Arc<IngestStats>,
+}
+
+impl Shared {
+    fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            max_packet_size: u32::try_from(self.limits.max_packet_size).unwrap_or(u32::MAX),
+            receive_maximum: self.limits.receive_maximum,
+            max_topic_length: self.limits.max_topic_length,
+            max_client_id_length: 128,
+        }
+    }
+}
+
+/// A bound listener, ready to accept.
+struct Listener {
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Ingest with its sockets bound; [`Ingest::run`] serves until the shutdown token fires.
+pub struct Ingest {
+    listeners: Vec<Listener>,
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+}
+
+impl Ingest {
+    /// Builds TLS configs and binds every listener (no connection is accepted yet).
+    pub async fn bind(config: &Config, queue: Queue) -> Result<Ingest, IngestError> {
+        let mut listeners = Vec::new();
+        for l in config.effective_listeners() {
+            let tls = match &l.tls {
+                TlsSetting::On(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+                TlsSetting::Off(_) => {
+                    tracing::warn!(bind = %l.bind, "plaintext MQTT listener (tls = false): credentials and data cross the network unencrypted");
+                    None
+                }
+            };
+            let tcp = TcpListener::bind(&l.bind)
+                .await
+                .map_err(|source| IngestError::Bind {
+                    addr: l.bind.clone(),
+                    source,
+                })?;
+            listeners.push(Listener { tcp, tls });
+        }
+        if config.auth.allow_anonymous {
+            tracing::warn!("anonymous devices are allowed ([auth] allow_anonymous = true)");
+        }
+        let auth = Authenticator::new(&config.auth)?;
+        let shared = Arc::new(Shared {
+            queue,
+            auth,
+            acl: Arc::new(Acl::new(config.effective_acl())),
+            limits: config.limits.clone(),
+            registry: Mutex::new(HashMap::new()),
+            next_reg: AtomicU64::new(1),
+            auth_permits: Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
+            stats: Arc::new(IngestStats::default()),
+        });
+        Ok(Ingest {
+            listeners,
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            shared,
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0), with whether each is TLS.
+    pub fn local_addrs(&self) -> Vec<(SocketAddr, bool)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.tcp.local_addr().ok().map(|a| (a, l.tls.is_some())))
+            .collect()
+    }
+
+    pub fn stats(&self) -> Arc<IngestStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Accepts and serves until `shutdown` fires, then closes every connection (each finishes the
+    /// acks for what it already stored) and waits for them.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        for l in self.listeners {
+            tracker.spawn(accept_loop(
+                l,
+                self.shared.clone(),
+                self.connections.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tracker.close();
+        shutdown.cancelled().await;
+        tracker.wait().await;
+    }
+}
+
+async fn accept_loop(
+    l: Listener,
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = l.tcp.accept() => match r {
+                Ok(x) => x,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            shared.stats.refused("limit");
+            tracing::warn!(%peer, "connection refused: max_connections reached");
+            drop(tcp);
+            continue;
+        };
+        shared
+            .stats
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = tcp.set_nodelay(true);
+        let deadline = Instant::now() + shared.limits.connect_timeout;
+        let (shared, tls, shutdown) = (shared.clone(), l.tls.clone(), shutdown.clone());
+        // The handshake runs in the connection's own task: the accept loop never waits on it.
+        tracker.spawn(async move {
+            let _permit = permit;
+            handle(tcp, peer, tls, shared, deadline, shutdown).await;
+        });
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    deadline: Instant,
+    shutdown: CancellationToken,
+) {
+    let Some(acceptor) = tls else {
+        connection::serve(tcp, peer, None, shared, deadline, shutdown).await;
+        return;
+    };
+    let budget = deadline.saturating_duration_since(Instant::now());
+    let stream = match tokio::time::timeout(budget, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => {
+            shared.stats.refused("tls");
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.stats.refused("timeout");
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let cert_identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|der| auth::identity_from_cert(der, shared.auth.cert_identity_mode()));
+    connection::serve(stream, peer, cert_identity, shared, deadline, shutdown).await;
+}

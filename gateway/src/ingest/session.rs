@@ -1,0 +1,772 @@
+//! The MQTT session state machine of one device connection. No I/O: it takes decoded packets
+//! and returns actions; the connection loop (`connection.rs`) performs them. That keeps every
+//! protocol rule testable without sockets, and lets the fuzz harness drive it with raw bytes.
+//!
+//! The one promise it encodes: a PUBACK (QoS 1) or PUBREC (QoS 2) is only ever emitted as the
+//! continuation of an [`Action::Append`], which the connection sends after the queue reported the
+//! record durable, in the order the publishes arrived.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::codec::{reason, ConnAckProps, Connect, Inbound, Outbound, Publish, Version, Will};
+
+/// Limits a session enforces; from the `[limits]` config section.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_packet_size: u32,
+    pub receive_maximum: u16,
+    pub max_topic_length: usize,
+    pub max_client_id_length: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_packet_size: 256 << 10,
+            receive_maximum: 64,
+            max_topic_length: 256,
+            max_client_id_length: 128,
+        }
+    }
+}
+
+/// A message to append to the queue (a PUBLISH or a will), owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub received_at: SystemTime,
+    pub device_id: String,
+    pub username: Option<String>,
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub payload: Bytes,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub payload_format: Option<u8>,
+}
+
+/// Who a connected device is, as decided by authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The name ACLs are written for: the certificate identity or the username.
+    pub name: String,
+    pub username: Option<String>,
+}
+
+/// Why a session refused or ended something; bounded labels for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Auth,
+    Acl,
+    Limit,
+    Malformed,
+    Protocol,
+}
+
+impl Refusal {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Refusal::Auth => "auth",
+            Refusal::Acl => "acl",
+            Refusal::Limit => "limit",
+            Refusal::Malformed => "malformed",
+            Refusal::Protocol => "protocol",
+        }
+    }
+}
+
+/// What the connection must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send(Outbound),
+    /// Check the credentials of this CONNECT, then call [`Session::authenticated`].
+    Authenticate(Box<Connect>),
+    /// Append to the queue; once durable send `ack` (if any). Acks leave in append order.
+    Append {
+        message: Box<Message>,
+        ack: Option<Outbound>,
+    },
+    /// Count a refusal (metrics); the session goes on unless a `Close` follows.
+    Refused(Refusal),
+    /// Close the connection after everything before it; `publish_will` says whether the will (if
+    /// any, see [`Session::take_will`]) goes into the queue.
+    Close {
+        publish_will: bool,
+    },
+}
+
+/// Decides what a connected identity may publish to. Implemented by `auth::Acl`.
+pub trait PublishAcl: Send + Sync {
+    fn may_publish(&self, identity: &Identity, client_id: &str, topic: &str) -> bool;
+}
+
+enum State {
+    AwaitConnect,
+    Authenticating(Box<Connect>),
+    Connected(Connected),
+    Closed,
+}
+
+struct Connected {
+    client_id: String,
+    identity: Identity,
+    /// QoS 2 packet ids whose PUBREC was (or will be) sent and whose PUBREL has not come yet.
+    awaiting_rel: HashSet<u16>,
+}
+
+/// One connection's protocol state.
+pub struct Session {
+    limits: SessionLimits,
+    version: Option<Version>,
+    state: State,
+    will: Option<Will>,
+    keep_alive: u16,
+    assigned_ids: u64,
+}
+
+impl Session {
+    pub fn new(limits: SessionLimits) -> Session {
+        Session {
+            limits,
+            version: None,
+            state: State::AwaitConnect,
+            will: None,
+            keep_alive: 0,
+            assigned_ids: 0,
+        }
+    }
+
+    /// The protocol version, once CONNECT arrived.
+    pub fn version(&self) -> Option<Version> {
+        self.version
+    }
+
+    /// The keep-alive the client asked for, in seconds (0 = none).
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_secs(u64::from(self.keep_alive))
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        match &self.state {
+            State::Connected(c) => Some(&c.client_id),
+            _ => None,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        matches!(self.state, State::Connected(_))
+    }
+
+    /// The will as a message to append, if the connection ends without a normal DISCONNECT.
+    pub fn take_will(&mut self) -> Option<Message> {
+        let will = self.will.take()?;
+        let State::Connected(c) = &self.state else {
+            return None;
+        };
+        Some(Message {
+            received_at: SystemTime::now(),
+            device_id: c.client_id.clone(),
+            username: c.identity.username.clone(),
+            topic: will.topic,
+            qos: will.qos,
+            retain: will.retain,
+            payload: will.payload,
+            user_properties: will.user_properties,
+            content_type: will.content_type,
+            payload_format: will.payload_format,
+        })
+    }
+
+    fn close_with(&mut self, code: u8, text: &str, why: Refusal) -> Vec<Action> {
+        let mut out = vec![Action::Refused(why)];
+        if self.version == Some(Version::V5) {
+            out.push(Action::Send(Outbound::Disconnect {
+                reason: code,
+                text: Some(text.to_string()),
+            }));
+        }
+        let publish_will = self.is_connected();
+        self.state = State::Closed;
+        out.push(Action::Close { publish_will });
+        out
+    }
+
+    /// A decode error on this connection's bytes.
+    pub fn on_decode_error(&mut self, too_large: bool) -> Vec<Action> {
+        if too_large {
+            self.close_with(reason::PACKET_TOO_LARGE, "packet too large", Refusal::Limit)
+        } else {
+            self.close_with(reason::MALFORMED, "malformed packet", Refusal::Malformed)
+        }
+    }
+
+    /// No packet within 1.5 x keep-alive.
+    pub fn on_keep_alive_expired(&mut self) -> Vec<Action> {
+        self.close_with(
+            reason::KEEP_ALIVE_TIMEOUT,
+            "keep alive timeout",
+            Refusal::Protocol,
+        )
+    }
+
+    /// Another connection took this client id over.
+    pub fn on_taken_over(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.version == Some(Version::V5) {
+            out.push(Action::Send(Outbound::Disconnect {
+                reason: reason::SESSION_TAKEN_OVER,
+                text: Some("another connection with this client id".into()),
+            }));
+        }
+        // The device is alive (it just reconnected): its will is not published.
+        self.will = None;
+        self.state = State::Closed;
+        out.push(Action::Close {
+            publish_will: false,
+        });
+        out
+    }
+
+    /// The server is shutting down.
+    pub fn on_shutdown(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.version == Some(Version::V5) {
+            out.push(Action::Send(Outbound::Disconnect {
+                reason: reason::SERVER_SHUTTING_DOWN,
+                text: None,
+            }));
+        }
+        self.will = None;
+        self.state = State::Closed;
+        out.push(Action::Close {
+            publish_will: false,
+        });
+        out
+    }
+
+    /// Handles one decoded packet.
+    pub fn on_packet(&mut self, packet: Inbound, acl: &dyn PublishAcl) -> Vec<Action> {
+        match (&mut self.state, packet) {
+            (State::Closed, _) => Vec::new(),
+            (State::AwaitConnect, Inbound::UnsupportedProtocol { level }) => {
+                // 3.1 and unknown levels: CONNACK "unacceptable protocol version" (0x01), in the
+                // 3.x layout that such a client can read.
+                self.state = State::Closed;
+                tracing::debug!(level, "CONNECT with unsupported protocol level");
+                vec![
+                    Action::Refused(Refusal::Protocol),
+                    Action::Send(Outbound::ConnAck {
+                        code: 0x01,
+                        props: None,
+                    }),
+                    Action::Close {
+                        publish_will: false,
+                    },
+                ]
+            }
+            (State::AwaitConnect, Inbound::Connect(c)) => self.on_connect(c, acl),
+            (State::AwaitConnect, _) => {
+                self.state = State::Closed;
+                vec![
+                    Action::Refused(Refusal::Protocol),
+                    Action::Close {
+                        publish_will: false,
+                    },
+                ]
+            }
+            (State::Authenticating(_), _) => self.close_with(
+                reason::PROTOCOL_ERROR,
+                "packet before CONNACK",
+                Refusal::Protocol,
+            ),
+            (State::Connected(_), Inbound::Publish(p)) => self.on_publish(p, acl),
+            (State::Connected(c), Inbound::PubRel { pkid }) => {
+                c.awaiting_rel.remove(&pkid);
+                vec![Action::Send(Outbound::PubComp { pkid })]
+            }
+            (State::Connected(_), Inbound::Subscribe { pkid, filters }) => vec![
+                Action::Refused(Refusal::Protocol),
+                Action::Send(Outbound::SubAck {
+                    pkid,
+                    codes: vec![0x80; filters.max(1)],
+                }),
+            ],
+            (State::Connected(_), Inbound::Unsubscribe { pkid, filters }) => {
+                vec![Action::Send(Outbound::UnsubAck { pkid, filters })]
+            }
+            (State::Connected(_), Inbound::PingReq) => vec![Action::Send(Outbound::PingResp)],
+            (State::Connected(_), Inbound::Disconnect { reason }) => {
+                // 0x04: "disconnect with will message".
+                let publish_will = reason == 0x04;
+                if !publish_will {
+                    self.will = None;
+                }
+                self.state = State::Closed;
+                vec![Action::Close { publish_will }]
+            }
+            (State::Connected(_), Inbound::Auth) => self.close_with(
+                reason::BAD_AUTH_METHOD,
+                "enhanced authentication is not supported",
+                Refusal::Auth,
+            ),
+            (State::Connected(_), Inbound::Connect(_)) => {
+                self.close_with(reason::PROTOCOL_ERROR, "second CONNECT", Refusal::Protocol)
+            }
+            (State::Connected(_), Inbound::UnexpectedAck | Inbound::UnsupportedProtocol { .. }) => {
+                self.close_with(
+                    reason::PROTOCOL_ERROR,
+                    "unexpected packet",
+                    Refusal::Protocol,
+                )
+            }
+        }
+    }
+
+    fn refuse_connect(
+        &mut self,
+        v: Version,
+        v4_code: u8,
+        v5_code: u8,
+        why: Refusal,
+        text: &str,
+    ) -> Vec<Action> {
+        self.state = State::Closed;
+        let code = if v == Version::V5 { v5_code } else { v4_code };
+        vec![
+            Action::Refused(why),
+            Action::Send(Outbound::ConnAck {
+                code,
+                props: (v == Version::V5).then(|| ConnAckProps {
+                    receive_maximum: self.limits.receive_maximum,
+                    max_packet_size: self.limits.max_packet_size,
+                    assigned_client_id: None,
+                    reason: Some(text.to_string()),
+                    server_keep_alive: None,
+                }),
+            }),
+            Action::Close {
+                publish_will: false,
+            },
+        ]
+    }
+
+    fn on_connect(&mut self, mut c: Box<Connect>, acl: &dyn PublishAcl) -> Vec<Action> {
+        let v = c.version;
+        self.version = Some(v);
+        if c.auth_method.is_some() {
+            return self.refuse_connect(
+                v,
+                0x04,
+                reason::BAD_AUTH_METHOD,
+                Refusal::Auth,
+                "enhanced authentication is not supported",
+            );
+        }
+        if c.client_id.is_empty() {
+            if v == Version::V311 && !c.clean_start {
+                return self.refuse_connect(
+                    v,
+                    0x02,
+                    reason::CLIENT_ID_NOT_VALID,
+                    Refusal::Protocol,
+                    "empty client id needs a clean session",
+                );
+            }
+            self.assigned_ids += 1;
+            c.client_id = format!(
+                "gw-{:x}-{}",
+                std::process::id(),
+                rand_suffix(self.assigned_ids)
+            );
+        }
+        if c.client_id.len() > self.limits.max_client_id_length
+            || c.client_id.chars().any(|ch| ch.is_control())
+        {
+            return self.refuse_connect(
+                v,
+                0x02,
+                reason::CLIENT_ID_NOT_VALID,
+                Refusal::Limit,
+                "client id too long or not printable",
+            );
+        }
+        if let Some(w) = &c.will {
+            if !topic_ok(&w.topic, self.limits.max_topic_length) {
+                return self.refuse_connect(
+                    v,
+                    0x02,
+                    reason::TOPIC_NAME_INVALID,
+                    Refusal::Malformed,
+                    "invalid will topic",
+                );
+            }
+        }
+        let _ = acl;
+        self.keep_alive = c.keep_alive;
+        self.state = State::Authenticating(c.clone());
+        vec![Action::Authenticate(c)]
+    }
+
+    /// The result of [`Action::Authenticate`]: `Ok(identity)` or an MQTT 5 reason code
+    /// (`BAD_USER_OR_PASSWORD`, `NOT_AUTHORIZED`, `CLIENT_ID_NOT_VALID`).
+    pub fn authenticated(
+        &mut self,
+        result: Result<Identity, u8>,
+        acl: &dyn PublishAcl,
+    ) -> Vec<Action> {
+        let State::Authenticating(c) = std::mem::replace(&mut self.state, State::Closed) else {
+            return Vec::new();
+        };
+        let v = c.version;
+        let identity = match result {
+            Ok(i) => i,
+            Err(code) => {
+                let v4 = match code {
+                    reason::BAD_USER_OR_PASSWORD => 0x04,
+                    reason::CLIENT_ID_NOT_VALID => 0x02,
+                    _ => 0x05,
+                };
+                return self.refuse_connect(v, v4, code, Refusal::Auth, "not authorized");
+            }
+        };
+        if let Some(w) = &c.will {
+            if !acl.may_publish(&identity, &c.client_id, &w.topic) {
+                return self.refuse_connect(
+                    v,
+                    0x05,
+                    reason::NOT_AUTHORIZED,
+                    Refusal::Acl,
+                    "will topic not allowed",
+                );
+            }
+        }
+        self.will = c.will.clone();
+        let assigned = c.client_id.starts_with("gw-").then(|| c.client_id.clone());
+        self.state = State::Connected(Connected {
+            client_id: c.client_id.clone(),
+            identity,
+            awaiting_rel: HashSet::new(),
+        });
+        vec![Action::Send(Outbound::ConnAck {
+            code: 0,
+            props: (v == Version::V5).then_some(ConnAckProps {
+                receive_maximum: self.limits.receive_maximum,
+                max_packet_size: self.limits.max_packet_size,
+                assigned_client_id: assigned,
+                reason: None,
+                server_keep_alive: None,
+            }),
+        })]
+    }
+
+    fn on_publish(&mut self, p: Publish, acl: &dyn PublishAcl) -> Vec<Action> {
+        let v = self.version.unwrap_or(Version::V311);
+        if p.topic_alias.is_some() {
+            return self.close_with(
+                reason::TOPIC_ALIAS_INVALID,
+                "topic aliases are not supported (topic alias maximum is 0)",
+                Refusal::Protocol,
+            );
+        }
+        if p.topic.len() > self.limits.max_topic_length {
+            return self.close_with(reason::TOPIC_NAME_INVALID, "topic too long", Refusal::Limit);
+        }
+        if !topic_ok(&p.topic, usize::MAX) {
+            return self.close_with(
+                reason::TOPIC_NAME_INVALID,
+                "invalid topic name",
+                Refusal::Malformed,
+            );
+        }
+        if p.qos > 0 && p.pkid == 0 {
+            return self.close_with(reason::PROTOCOL_ERROR, "packet id 0", Refusal::Malformed);
+        }
+        let State::Connected(c) = &mut self.state else {
+            return Vec::new();
+        };
+        if !acl.may_publish(&c.identity, &c.client_id, &p.topic) {
+            return match (v, p.qos) {
+                (Version::V5, 0) => vec![Action::Refused(Refusal::Acl)],
+                (Version::V5, 1) => vec![
+                    Action::Refused(Refusal::Acl),
+                    Action::Send(Outbound::PubAck {
+                        pkid: p.pkid,
+                        reason: reason::NOT_AUTHORIZED,
+                    }),
+                ],
+                (Version::V5, _) => vec![
+                    Action::Refused(Refusal::Acl),
+                    Action::Send(Outbound::PubRec {
+                        pkid: p.pkid,
+                        reason: reason::NOT_AUTHORIZED,
+                    }),
+                ],
+                // 3.1.1 has no way to refuse a publish: close the connection.
+                (Version::V311, _) => {
+                    self.state = State::Closed;
+                    vec![
+                        Action::Refused(Refusal::Acl),
+                        Action::Close { publish_will: true },
+                    ]
+                }
+            };
+        }
+        if p.qos == 2 && c.awaiting_rel.contains(&p.pkid) {
+            // A resend of a QoS 2 publish already stored: acknowledge again, do not store twice.
+            return vec![Action::Send(Outbound::PubRec {
+                pkid: p.pkid,
+                reason: reason::SUCCESS,
+            })];
+        }
+        let ack = match p.qos {
+            0 => None,
+            1 => Some(Outbound::PubAck {
+                pkid: p.pkid,
+                reason: reason::SUCCESS,
+            }),
+            _ => {
+                c.awaiting_rel.insert(p.pkid);
+                Some(Outbound::PubRec {
+                    pkid: p.pkid,
+                    reason: reason::SUCCESS,
+                })
+            }
+        };
+        let message = Message {
+            received_at: SystemTime::now(),
+            device_id: c.client_id.clone(),
+            username: c.identity.username.clone(),
+            topic: p.topic,
+            qos: p.qos,
+            retain: p.retain,
+            payload: p.payload,
+            user_properties: p.user_properties,
+            content_type: p.content_type,
+            payload_format: p.payload_format,
+        };
+        vec![Action::Append {
+            message: Box::new(message),
+            ack,
+        }]
+    }
+}
+
+/// A topic name a device may publish to: not empty, no wildcards, no NUL, within `max` bytes.
+pub fn topic_ok(topic: &str, max: usize) -> bool {
+    !topic.is_empty() && topic.len() <= max && !topic.contains(['+', '#', '\0'])
+}
+
+fn rand_suffix(n: u64) -> String {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{t:08x}{n:x}")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    struct DevicesOwnTree;
+    impl PublishAcl for DevicesOwnTree {
+        fn may_publish(&self, _: &Identity, client_id: &str, topic: &str) -> bool {
+            topic.starts_with(&format!("devices/{client_id}/"))
+        }
+    }
+
+    fn connect(v: Version, id: &str) -> Box<Connect> {
+        Box::new(Connect {
+            version: v,
+            client_id: id.into(),
+            clean_start: true,
+            keep_alive: 30,
+            username: None,
+            password: None,
+            will: None,
+            client_max_packet: None,
+            auth_method: None,
+        })
+    }
+
+    fn publish(topic: &str, qos: u8, pkid: u16) -> Inbound {
+        Inbound::Publish(Publish {
+            topic: topic.into(),
+            qos,
+            retain: false,
+            dup: false,
+            pkid,
+            payload: Bytes::from_static(b"x"),
+            user_properties: vec![],
+            content_type: None,
+            payload_format: None,
+            topic_alias: None,
+        })
+    }
+
+    fn connected(v: Version, id: &str) -> Session {
+        let mut s = Session::new(SessionLimits::default());
+        let a = s.on_packet(Inbound::Connect(connect(v, id)), &DevicesOwnTree);
+        assert!(matches!(a[0], Action::Authenticate(_)));
+        let ident = Identity {
+            name: id.into(),
+            username: None,
+        };
+        let a = s.authenticated(Ok(ident), &DevicesOwnTree);
+        assert!(matches!(
+            a[0],
+            Action::Send(Outbound::ConnAck { code: 0, .. })
+        ));
+        s
+    }
+
+    #[test]
+    fn qos1_publish_is_acked_only_through_an_append() {
+        let mut s = connected(Version::V311, "d1");
+        let a = s.on_packet(publish("devices/d1/t", 1, 7), &DevicesOwnTree);
+        assert_eq!(a.len(), 1);
+        match &a[0] {
+            Action::Append { message, ack } => {
+                assert_eq!(message.device_id, "d1");
+                assert_eq!(message.topic, "devices/d1/t");
+                assert_eq!(ack, &Some(Outbound::PubAck { pkid: 7, reason: 0 }));
+            }
+            other => panic!("expected Append, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn qos2_duplicate_is_not_appended_twice() {
+        let mut s = connected(Version::V5, "d1");
+        let a = s.on_packet(publish("devices/d1/t", 2, 9), &DevicesOwnTree);
+        assert!(matches!(a[0], Action::Append { .. }));
+        let a = s.on_packet(publish("devices/d1/t", 2, 9), &DevicesOwnTree);
+        assert_eq!(
+            a,
+            vec![Action::Send(Outbound::PubRec { pkid: 9, reason: 0 })]
+        );
+        let a = s.on_packet(Inbound::PubRel { pkid: 9 }, &DevicesOwnTree);
+        assert_eq!(a, vec![Action::Send(Outbound::PubComp { pkid: 9 })]);
+        // After PUBREL the id is free: a new publish with it is a new message.
+        let a = s.on_packet(publish("devices/d1/t", 2, 9), &DevicesOwnTree);
+        assert!(matches!(a[0], Action::Append { .. }));
+    }
+
+    #[test]
+    fn acl_denial_is_puback_0x87_in_v5_and_a_close_in_v311() {
+        let mut s = connected(Version::V5, "d1");
+        let a = s.on_packet(publish("devices/other/t", 1, 3), &DevicesOwnTree);
+        assert_eq!(
+            a,
+            vec![
+                Action::Refused(Refusal::Acl),
+                Action::Send(Outbound::PubAck {
+                    pkid: 3,
+                    reason: 0x87
+                })
+            ]
+        );
+        let mut s = connected(Version::V311, "d1");
+        let a = s.on_packet(publish("devices/other/t", 1, 3), &DevicesOwnTree);
+        assert!(matches!(a.last(), Some(Action::Close { .. })));
+    }
+
+    #[test]
+    fn mqtt31_gets_a_refusing_connack() {
+        let mut s = Session::new(SessionLimits::default());
+        let a = s.on_packet(Inbound::UnsupportedProtocol { level: 3 }, &DevicesOwnTree);
+        assert!(a.contains(&Action::Send(Outbound::ConnAck {
+            code: 1,
+            props: None
+        })));
+        assert!(matches!(a.last(), Some(Action::Close { .. })));
+    }
+
+    #[test]
+    fn wildcards_and_aliases_in_publish_topics_close_the_connection() {
+        for bad in ["devices/d1/+", "devices/#", ""] {
+            let mut s = connected(Version::V5, "d1");
+            let a = s.on_packet(publish(bad, 1, 1), &DevicesOwnTree);
+            assert!(matches!(a.last(), Some(Action::Close { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn subscribe_is_refused_and_the_session_goes_on() {
+        let mut s = connected(Version::V311, "d1");
+        let a = s.on_packet(
+            Inbound::Subscribe {
+                pkid: 4,
+                filters: 2,
+            },
+            &DevicesOwnTree,
+        );
+        assert!(a.contains(&Action::Send(Outbound::SubAck {
+            pkid: 4,
+            codes: vec![0x80, 0x80]
+        })));
+        assert!(s.is_connected());
+    }
+
+    #[test]
+    fn will_is_kept_unless_a_normal_disconnect_arrives() {
+        let mut c = connect(Version::V5, "d1");
+        c.will = Some(Will {
+            topic: "devices/d1/status".into(),
+            payload: Bytes::from_static(b"offline"),
+            qos: 1,
+            retain: false,
+            user_properties: vec![],
+            content_type: None,
+            payload_format: None,
+        });
+        let mut s = Session::new(SessionLimits::default());
+        s.on_packet(Inbound::Connect(c.clone()), &DevicesOwnTree);
+        s.authenticated(
+            Ok(Identity {
+                name: "d1".into(),
+                username: None,
+            }),
+            &DevicesOwnTree,
+        );
+        let w = s.take_will().unwrap();
+        assert_eq!(w.topic, "devices/d1/status");
+        assert_eq!(w.device_id, "d1");
+
+        let mut s = Session::new(SessionLimits::default());
+        s.on_packet(Inbound::Connect(c), &DevicesOwnTree);
+        s.authenticated(
+            Ok(Identity {
+                name: "d1".into(),
+                username: None,
+            }),
+            &DevicesOwnTree,
+        );
+        let a = s.on_packet(Inbound::Disconnect { reason: 0 }, &DevicesOwnTree);
+        assert_eq!(
+            a,
+            vec![Action::Close {
+                publish_will: false
+            }]
+        );
+        assert!(s.take_will().is_none());
+    }
+
+    #[test]
+    fn failed_authentication_refuses_with_the_version_specific_code() {
+        let mut s = Session::new(SessionLimits::default());
+        s.on_packet(
+            Inbound::Connect(connect(Version::V311, "d1")),
+            &DevicesOwnTree,
+        );
+        let a = s.authenticated(Err(reason::BAD_USER_OR_PASSWORD), &DevicesOwnTree);
+        assert!(a.contains(&Action::Send(Outbound::ConnAck {
+            code: 4,
+            props: None
+        })));
+    }
+}

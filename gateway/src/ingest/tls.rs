@@ -1,0 +1,81 @@
+//! The rustls server configuration, built once per listener at start (and again on reload),
+//! never per connection. The `ring` provider: pure Rust plus assembly, no C toolchain or cmake
+//! needed to cross-compile for ARM edge boards.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::TlsConfig;
+
+/// Why a listener's TLS configuration could not be built. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS file {path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
+    let why = match std::fs::metadata(path) {
+        Err(_) => format!("cannot read it ({e}); check the path in the listener's tls section"),
+        Ok(_) => format!("not usable: {e}"),
+    };
+    TlsError::File {
+        path: path.to_path_buf(),
+        why,
+    }
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+/// The crypto provider used for every TLS config of the gateway.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the server config for one listener.
+pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certs(&t.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&t.key).map_err(|e| file_err(&t.key, e))?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let builder = match &t.client_ca {
+        Some(ca_path) => {
+            let mut roots = RootCertStore::empty();
+            for c in certs(ca_path)? {
+                roots.add(c).map_err(|e| file_err(ca_path, e))?;
+            }
+            let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let v = if t.require_client_cert {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            builder
+                .with_client_cert_verifier(v.build().map_err(|e| TlsError::Rustls(e.to_string()))?)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| file_err(&t.key, format!("does not match the certificate: {e}")))?;
+    // Many small messages per connection: tickets make device reconnects cheap.
+    cfg.send_tls13_tickets = 2;
+    Ok(Arc::new(cfg))
+}
