@@ -1,0 +1,146 @@
+//! A gateway (queue + ingest) on 127.0.0.1:0 with certificates made at test time, and TLS
+//! client configurations for devices.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::config::{Config, ListenerConfig, TlsConfig, TlsSetting};
+use gateway::ingest::{Ingest, IngestStats};
+use gateway::queue::{Queue, Record};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub certs: PathBuf,
+    pub queue: Queue,
+    pub stats: Arc<IngestStats>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Certificates in `dir/certs`: ca, server (localhost/127.0.0.1), devices dev-00001..=dev-00005.
+pub fn make_certs(dir: &std::path::Path) -> PathBuf {
+    let certs = dir.join("certs");
+    gateway::certs::generate(&certs, 5).unwrap();
+    certs
+}
+
+/// A config listening with mutual TLS on 127.0.0.1:0, queue in `dir/data`.
+pub fn base_config(dir: &std::path::Path, certs: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.queue.data_dir = dir.join("data");
+    c.queue.segment_bytes = 1 << 20;
+    c.queue.max_bytes = 64 << 20;
+    c.listeners = vec![ListenerConfig {
+        bind: "127.0.0.1:0".into(),
+        tls: TlsSetting::On(TlsConfig {
+            cert: certs.join("server.pem"),
+            key: certs.join("server.key"),
+            client_ca: Some(certs.join("ca.pem")),
+            require_client_cert: false,
+        }),
+    }];
+    c
+}
+
+impl TestGateway {
+    /// Starts with the base config, changed by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = make_certs(dir.path());
+        let mut config = base_config(dir.path(), &certs);
+        tweak(&mut config, dir.path());
+        config.validate().unwrap();
+        let (queue, _) = Queue::open(config.queue.to_options()).unwrap();
+        let ingest = Ingest::bind(&config, queue.clone()).await.unwrap();
+        let addr = ingest.local_addrs()[0].0;
+        let stats = ingest.stats();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ingest.run(shutdown.clone()));
+        TestGateway {
+            addr,
+            certs,
+            queue,
+            stats,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Every record in the queue so far (from a cursor of its own).
+    pub fn records(&self) -> Vec<Record> {
+        let mut r = self.queue.reader("test-inspect").unwrap();
+        let mut out = Vec::new();
+        loop {
+            let b = r.read_now(1000, usize::MAX).unwrap();
+            if b.is_empty() {
+                return out;
+            }
+            out.extend(b);
+        }
+    }
+
+    /// Polls until `n` records are in the queue (or 10 s pass).
+    pub async fn wait_records(&self, n: usize) -> Vec<Record> {
+        for _ in 0..200 {
+            let r = self.records();
+            if r.len() >= n {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.records()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let q = self.queue.clone();
+        tokio::task::spawn_blocking(move || q.close())
+            .await
+            .unwrap();
+    }
+}
+
+/// A rustls client config trusting the test CA, with device `device`'s certificate if given.
+pub fn client_tls(certs: &std::path::Path, device: Option<&str>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(gateway::ingest::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(match device {
+        Some(d) => {
+            let dev = certs.join("devices");
+            let chain: Vec<_> = CertificateDer::pem_file_iter(dev.join(format!("{d}.pem")))
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(dev.join(format!("{d}.key"))).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    })
+}
+
+/// rumqttc (3.1.1) options for `device` over mutual TLS to `addr`.
+pub fn v4_options(addr: SocketAddr, certs: &std::path::Path, device: &str) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(device, "127.0.0.1", addr.port());
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(client_tls(certs, Some(device))),
+    ));
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
