@@ -161,8 +161,8 @@ fn fill_up(path: &Path) {
             Err(_) => break,
         }
     }
-    let mut one = [0u8; 1];
-    while f.write(&mut one).is_ok_and(|n| n == 1) {}
+    let one = [0u8; 1];
+    while f.write(&one).is_ok_and(|n| n == 1) {}
     let _ = f.sync_all();
 }
 
@@ -171,7 +171,9 @@ async fn a_queue_on_a_full_disk_still_opens_delivers_and_frees_space_as_cursors_
     let fs = match SmallFs::mount("2m") {
         Ok(fs) => fs,
         Err(why) => {
-            eprintln!("SKIPPED disk-full test: cannot mount a small tmpfs here ({why}); run as root");
+            eprintln!(
+                "SKIPPED disk-full test: cannot mount a small tmpfs here ({why}); run as root"
+            );
             return;
         }
     };
@@ -211,10 +213,12 @@ async fn a_queue_on_a_full_disk_still_opens_delivers_and_frees_space_as_cursors_
         if b.is_empty() {
             break;
         }
-        got.extend(
-            b.into_iter()
-                .map(|r| (r.seq, u32::from_le_bytes(r.payload[..4].try_into().unwrap()))),
-        );
+        got.extend(b.into_iter().map(|r| {
+            (
+                r.seq,
+                u32::from_le_bytes(r.payload[..4].try_into().unwrap()),
+            )
+        }));
     }
     assert_eq!(got, durable);
     // Confirming works on a full disk (cursor writes need no new blocks) and frees segments...

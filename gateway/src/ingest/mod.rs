@@ -12,6 +12,8 @@
 pub mod auth;
 pub mod codec;
 mod connection;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod session;
 pub mod tls;
 

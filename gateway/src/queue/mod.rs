@@ -292,6 +292,11 @@ struct State {
     in_flight_bytes: u64,
     cursors: BTreeMap<String, CursorState>,
     waiting_appenders: u64,
+    /// Size of the last record refused with `Full` (0 after a successful append): what "full"
+    /// means for `is_full` and `wait_for_space`.
+    last_refused_len: u64,
+    /// `segment_bytes` from the options (for the roll overhead in `used_bytes`).
+    segment_limit: u64,
     closing: bool,
 }
 
@@ -301,8 +306,20 @@ impl State {
         self.pending.len() as u64 + self.in_flight_bytes
     }
 
+    /// Disk bytes in use or promised: segment files, their sidecars, records waiting for the
+    /// writer, and the header and sidecar of every segment those records may still roll into.
     fn used_bytes(&self) -> u64 {
-        self.segment_bytes + self.pending.len() as u64 + self.in_flight_bytes
+        let per_segment = (segment::SEGMENT_HEADER + segment::META_LEN) as u64;
+        let unwritten = self.unwritten_bytes();
+        self.segment_bytes
+            + self.segments.len() as u64 * segment::META_LEN as u64
+            + unwritten
+            + (1 + unwritten / self.segment_limit) * per_segment
+    }
+
+    /// Whether the last refused record (or any record) would still find the queue full.
+    fn is_full(&self, max: u64) -> bool {
+        self.used_bytes() + self.last_refused_len.max(1) > max
     }
 
     /// Removes the oldest segment from the books (never the active one).
@@ -417,7 +434,8 @@ pub(crate) struct Shared {
     /// Serialises cursor file writes.
     cursor_io: Mutex<()>,
     counters: Counters,
-    _lock: lock::DirLock,
+    /// Held until the queue is closed (then another `open` may take the directory).
+    lock: Mutex<Option<lock::DirLock>>,
 }
 
 impl Shared {
@@ -463,6 +481,10 @@ impl Shared {
         let _io = self.cursor_io.lock().unwrap_or_else(|e| e.into_inner());
         let file = {
             let mut st = self.lock();
+            if st.closing {
+                // The directory may belong to another process by now.
+                return Err(QueueError::Closed);
+            }
             let Some(c) = st.cursors.get_mut(name) else {
                 // Removed meanwhile: do not bring its file back.
                 return Ok(());
@@ -576,6 +598,12 @@ impl WriterHandle {
         if let Some(h) = handle {
             let _ = h.join();
         }
+        // Nothing writes any more: let the next process (or a reopen here) have the directory.
+        self.shared
+            .lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 
@@ -656,6 +684,8 @@ impl Queue {
                     })
                     .collect(),
                 waiting_appenders: 0,
+                last_refused_len: 0,
+                segment_limit: opts.segment_bytes.max(1),
                 closing: false,
             }),
             opts,
@@ -664,7 +694,7 @@ impl Queue {
             space: Notify::new(),
             cursor_io: Mutex::new(()),
             counters,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         });
         shared.apply_retention();
         let handle = writer::spawn(shared.clone(), recovered.active, recovered.reserved)?;
@@ -714,6 +744,7 @@ impl Queue {
                 && st.unwritten_bytes() + len as u64 > pending_cap(&self.shared.opts)
             {
                 // The disk is behind: hold appenders back instead of buffering without bound.
+                st.last_refused_len = len as u64;
                 return Err(QueueError::Full {
                     bytes: st.used_bytes(),
                     max_bytes: max,
@@ -730,6 +761,7 @@ impl Queue {
                 }
                 if st.used_bytes() + len as u64 > max {
                     let bytes = st.used_bytes();
+                    st.last_refused_len = len as u64;
                     drop(st);
                     if !dropped.is_empty() {
                         self.shared.persist_cursors();
@@ -743,6 +775,7 @@ impl Queue {
             }
             let seq = st.next_seq;
             st.next_seq += 1;
+            st.last_refused_len = 0;
             let was_empty = st.pending.is_empty();
             record::encode_frame(&mut st.pending, rec, seq, len);
             let batch = st.batch.clone();
@@ -769,18 +802,21 @@ impl Queue {
         Ok(pending)
     }
 
-    /// Waits until some space was freed (or the queue closes). Use after [`QueueError::Full`].
+    /// Waits until the record last refused with [`QueueError::Full`] would fit (or the queue
+    /// closes). Use after `Full`; then try again (another appender may have taken the space).
     pub async fn wait_for_space(&self) {
-        let notified = self.shared.space.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        {
-            let st = self.shared.lock();
-            if st.closing || st.used_bytes() < self.shared.opts.max_bytes {
-                return;
+        loop {
+            let notified = self.shared.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.shared.lock();
+                if st.closing || !st.is_full(self.shared.opts.max_bytes) {
+                    return;
+                }
             }
+            notified.await;
         }
-        notified.await;
     }
 
     /// Appends and waits until the record is durable; under `backpressure` it first waits for
@@ -805,15 +841,18 @@ impl Queue {
         pending.durable().await
     }
 
-    /// Whether an append of `bytes` would find the queue full right now.
+    /// Whether the queue is full right now: the last record refused with `Full` (or, if none
+    /// was, a one-byte record) would not fit.
     pub fn is_full(&self) -> bool {
-        let st = self.shared.lock();
-        st.used_bytes() >= self.shared.opts.max_bytes
+        self.shared.lock().is_full(self.shared.opts.max_bytes)
     }
 
     /// Opens a reader on the named cursor, creating the cursor at the oldest record if it is new
     /// (blocking: creating a cursor syncs its file).
     pub fn reader(&self, name: &str) -> Result<Reader, QueueError> {
+        if self.shared.lock().closing {
+            return Err(QueueError::Closed);
+        }
         if !cursor::valid_name(name) {
             return Err(QueueError::BadCursorName(name.to_string()));
         }
@@ -893,7 +932,12 @@ impl Queue {
             bytes: st.used_bytes(),
             segments: st.segments.len(),
             first_seq: first.map(|s| s.base),
-            last_seq: (records > 0).then(|| st.last_readable_seq()),
+            last_seq: st
+                .segments
+                .iter()
+                .rev()
+                .find(|s| s.records > 0)
+                .map(|s| s.last_seq),
             oldest_time_us: first.map(|s| s.first_time_us),
             max_bytes: self.shared.opts.max_bytes,
             waiting_appenders: st.waiting_appenders,

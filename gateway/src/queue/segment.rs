@@ -11,7 +11,7 @@ use super::record::{check_frame, Frame, FRAME_HEADER};
 pub(crate) const SEGMENT_HEADER: usize = 16;
 const SEGMENT_MAGIC: &[u8; 8] = b"EGWQSEG1";
 const META_MAGIC: &[u8; 8] = b"EGWQMET1";
-const META_LEN: usize = 8 + 6 * 8 + 4;
+pub(crate) const META_LEN: usize = 8 + 6 * 8 + 4;
 
 pub(crate) fn segments_dir(dir: &Path) -> PathBuf {
     dir.join("segments")
@@ -32,7 +32,12 @@ pub(crate) fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     for entry in fs::read_dir(segments_dir(dir))? {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
+        // Only names this module writes: exactly 20 ASCII digits (a stray "5.seg" would
+        // otherwise alias segment 00000000000000000005).
         if let Some(stem) = name.strip_suffix(".seg") {
+            if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
             if let Ok(base) = stem.parse::<u64>() {
                 bases.push(base);
             }

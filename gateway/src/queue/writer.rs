@@ -613,10 +613,9 @@ impl Writer {
             st.last_readable_seq()
         };
         self.shared.readable.send_replace(last);
-        // A roll may have made a sealed segment that drop-oldest can now delete for a waiter.
-        if !sealed.is_empty() {
-            self.shared.space.notify_waiters();
-        }
+        // Appends held back by the pending cap can go on now; after a roll, drop-oldest has a
+        // sealed segment it can delete.
+        self.shared.space.notify_waiters();
     }
 }
 
