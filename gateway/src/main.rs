@@ -256,7 +256,7 @@ fn check_config(path: &Path) -> ExitCode {
 /// default paths: any other missing file is an error from the TLS setup, naming it).
 fn ensure_dev_certs(config: &Config) -> Result<()> {
     use gateway::config::{TlsSetting, DEV_CERT_DIR};
-    let needs = config.effective_listeners().iter().any(|l| {
+    let needs = config.listeners.clone().iter().any(|l| {
         matches!(&l.tls, TlsSetting::On(t) if t.is_dev_default() && !t.cert.exists() && !t.key.exists())
     });
     if needs {
@@ -522,8 +522,8 @@ fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {
                     r.disk_bytes_per_record - (r.payload_bytes + r.topic_bytes) as f64
                 );
                 println!(
-                    "fsyncs: {} ({:.0} records each, mean {} µs)",
-                    r.fsyncs, r.records_per_fsync, r.mean_fsync_us
+                    "fsyncs: {} ({:.0} records each, mean {} µs, max {} µs)",
+                    r.fsyncs, r.records_per_fsync, r.mean_fsync_us, r.max_fsync_us
                 );
                 println!(
                     "reopen of the {} MiB backlog ({} records): {:.0} ms, RSS after {} MiB",

@@ -182,6 +182,13 @@ impl Default for LimitsConfig {
 }
 
 pub(super) fn check_listeners(listeners: &[ListenerConfig], problems: &mut Vec<Problem>) {
+    if listeners.is_empty() {
+        problems.push(Problem {
+            key: "listeners".into(),
+            value: "[]".into(),
+            reason: "no listener: devices could not connect; add a [[listeners]] section".into(),
+        });
+    }
     let mut seen = Vec::new();
     for (i, l) in listeners.iter().enumerate() {
         let key = |k: &str| format!("listeners[{i}].{k}");
@@ -266,6 +273,13 @@ pub(super) fn check_limits(l: &LimitsConfig, problems: &mut Vec<Problem>) {
 }
 
 pub(super) fn check_acl(rules: &[AclRule], problems: &mut Vec<Problem>) {
+    if rules.is_empty() {
+        problems.push(Problem {
+            key: "acl".into(),
+            value: "[]".into(),
+            reason: "no rule: no device could publish anything; add an [[acl]] section".into(),
+        });
+    }
     for (i, r) in rules.iter().enumerate() {
         if r.publish.is_empty() {
             problems.push(Problem {

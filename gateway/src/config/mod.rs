@@ -74,37 +74,30 @@ pub const MAX_FSYNC_INTERVAL: Duration = Duration::from_secs(60);
 pub const MIN_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// The whole gateway configuration: the root of the TOML file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// `[queue]`: the on-disk store-and-forward queue.
     pub queue: QueueConfig,
-    /// `[[listeners]]`: where devices connect. None configured means the default TLS listener.
+    /// `[[listeners]]`: where devices connect. Default: TLS on 0.0.0.0:8883 with the development
+    /// certificates.
     pub listeners: Vec<ListenerConfig>,
     /// `[auth]`: who may connect.
     pub auth: AuthConfig,
-    /// `[[acl]]`: what each identity may publish to. None configured means `devices/%c/#`.
+    /// `[[acl]]`: what each identity may publish to. Default: `devices/%c/#` for everyone.
     pub acl: Vec<AclRule>,
     /// `[limits]`: per-connection and global bounds.
     pub limits: LimitsConfig,
 }
 
-impl Config {
-    /// The listeners in effect (the default one when none is configured).
-    pub fn effective_listeners(&self) -> Vec<ListenerConfig> {
-        if self.listeners.is_empty() {
-            vec![ListenerConfig::default()]
-        } else {
-            self.listeners.clone()
-        }
-    }
-
-    /// The ACL rules in effect.
-    pub fn effective_acl(&self) -> Vec<AclRule> {
-        if self.acl.is_empty() {
-            default_acl()
-        } else {
-            self.acl.clone()
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            queue: QueueConfig::default(),
+            listeners: vec![ListenerConfig::default()],
+            auth: AuthConfig::default(),
+            acl: default_acl(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -615,6 +608,18 @@ mod tests {
             "fsync",
             "fsync_interval",
             "full_policy",
+            "bind",
+            "tls",
+            "allow_anonymous",
+            "cert_identity",
+            "client_id_must_match",
+            "publish",
+            "max_connections",
+            "max_packet_size",
+            "receive_maximum",
+            "max_topic_length",
+            "connect_timeout",
+            "quota_wait",
         ] {
             assert!(
                 DEFAULT_CONFIG.contains(&format!("{key} = ")),

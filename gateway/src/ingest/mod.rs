@@ -137,7 +137,7 @@ impl Ingest {
     /// Builds TLS configs and binds every listener (no connection is accepted yet).
     pub async fn bind(config: &Config, queue: Queue) -> Result<Ingest, IngestError> {
         let mut listeners = Vec::new();
-        for l in config.effective_listeners() {
+        for l in config.listeners.clone() {
             let tls = match &l.tls {
                 TlsSetting::On(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
                 TlsSetting::Off(_) => {
@@ -160,7 +160,7 @@ impl Ingest {
         let shared = Arc::new(Shared {
             queue,
             auth,
-            acl: Arc::new(Acl::new(config.effective_acl())),
+            acl: Arc::new(Acl::new(config.acl.clone())),
             limits: config.limits.clone(),
             registry: Mutex::new(HashMap::new()),
             next_reg: AtomicU64::new(1),

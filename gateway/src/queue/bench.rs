@@ -39,6 +39,7 @@ pub struct BenchReport {
     pub fsyncs: u64,
     pub records_per_fsync: f64,
     pub mean_fsync_us: u64,
+    pub max_fsync_us: u64,
     /// Time to reopen (recover) the backlog the bench wrote, and its size.
     pub reopen_ms: f64,
     pub backlog_records: u64,
@@ -168,6 +169,7 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport, QueueError> {
             records as f64 / stats.fsyncs as f64
         },
         mean_fsync_us: stats.fsync_us_total.checked_div(stats.fsyncs).unwrap_or(0),
+        max_fsync_us: stats.fsync_us_max,
         reopen_ms,
         backlog_records,
         backlog_bytes: disk,

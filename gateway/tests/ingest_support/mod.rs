@@ -2,10 +2,14 @@
 //! client configurations for devices.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use raw::{Connect, TlsRaw};
 
 use gateway::config::{Config, ListenerConfig, TlsConfig, TlsSetting};
 use gateway::ingest::{Ingest, IngestStats};
@@ -99,6 +103,52 @@ impl TestGateway {
         self.records()
     }
 
+    /// A raw MQTT client over TLS, presenting `device`'s certificate if given.
+    pub async fn raw(&self, device: Option<&str>) -> TlsRaw {
+        raw::tls_connect(self.addr, client_tls(&self.certs, device))
+            .await
+            .unwrap()
+    }
+
+    /// A raw client with `device`'s certificate, connected with `connect` (CONNACK success
+    /// asserted).
+    pub async fn raw_connected(&self, device: &str, connect: &Connect) -> TlsRaw {
+        let mut c = self.raw(Some(device)).await;
+        let ack = c.connect(connect).await;
+        assert_eq!(ack.connack_code(), 0, "CONNACK for {device}: {ack:?}");
+        c
+    }
+
+    /// Polls `cond` every 10 ms until it holds; panics after `within`.
+    pub async fn wait_until(&self, what: &str, within: Duration, cond: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !cond(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {within:?} waiting for {what}; refusals {:?}",
+                self.stats.refusals()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the refusal counter `label` reaches `n`.
+    pub async fn wait_refused(&self, label: &str, n: u64) {
+        self.wait_until(&format!("{n} refusal(s) {label:?}"), raw::WAIT, |g| {
+            g.stats.refused_count(label) >= n
+        })
+        .await;
+        assert_eq!(self.stats.refused_count(label), n, "refusals {label:?}");
+    }
+
+    /// Waits until no device is connected (every connection has finished, will included).
+    pub async fn wait_disconnected(&self) {
+        self.wait_until("every connection to finish", raw::WAIT, |g| {
+            g.stats.connected.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
@@ -133,6 +183,40 @@ pub fn client_tls(certs: &std::path::Path, device: Option<&str>) -> Arc<rustls::
         }
         None => b.with_no_client_auth(),
     })
+}
+
+/// Makes the (only) listener require a client certificate signed by the test CA.
+pub fn require_client_cert(config: &mut Config) {
+    for l in &mut config.listeners {
+        if let TlsSetting::On(t) = &mut l.tls {
+            t.require_client_cert = true;
+        }
+    }
+}
+
+/// A rustls client config trusting the test CA in `certs`, presenting the given certificate
+/// and key (PEM), e.g. one signed by another CA or already expired.
+pub fn client_tls_pem(
+    certs: &std::path::Path,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(gateway::ingest::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
 }
 
 /// rumqttc (3.1.1) options for `device` over mutual TLS to `addr`.
