@@ -15,6 +15,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const DEV: &str = "dev-00001";
 const TOPIC: &str = "devices/dev-00001/telemetry";
 
+/// A QoS 1 PUBLISH to [`TOPIC`] whose encoding is exactly `size` (128..16384) bytes.
+fn sized_publish(v5: bool, size: usize, fill: u8, pkid: u16) -> Publish {
+    let mut p = Publish::new(v5, TOPIC, &[]).qos(1, pkid);
+    let overhead = p.encode().len() + 1; // the remaining length takes 2 bytes
+    p.payload = vec![fill; size - overhead];
+    assert_eq!(p.encode().len(), size);
+    p
+}
+
 #[tokio::test]
 async fn oversize_publish_is_refused_and_the_connection_closed() {
     let gw = TestGateway::start(|c, _| c.limits.max_packet_size = 1024).await;
@@ -30,9 +39,11 @@ async fn oversize_publish_is_refused_and_the_connection_closed() {
         "maximum packet size 1024 in CONNACK: {:?}",
         ack.connack_properties()
     );
-    c.publish_qos1(true, TOPIC, 1, &[b'a'; 900]).await;
-    c.publish(&Publish::new(true, TOPIC, &[b'b'; 2000]).qos(1, 2))
-        .await;
+    // Exactly 1024 bytes, fixed header included, is within the limit; one more is not.
+    let fits = sized_publish(true, 1024, b'a', 1);
+    c.publish(&fits).await;
+    assert_eq!(c.recv().await.ack_reason(), 0, "a 1024-byte packet fits");
+    c.publish(&sized_publish(true, 1025, b'b', 2)).await;
     let last = c.until_closed(WAIT).await;
     assert_eq!(last.len(), 1, "{last:?}");
     assert_eq!(last[0].disconnect_reason(), 0x95, "packet too large");
@@ -51,7 +62,7 @@ async fn oversize_publish_is_refused_and_the_connection_closed() {
         1,
         "only the packet within the limit is stored"
     );
-    assert_eq!(records[0].payload, [b'a'; 900]);
+    assert_eq!(records[0].payload, fits.payload);
     gw.stop().await;
 }
 
@@ -170,15 +181,18 @@ async fn client_that_finishes_tls_but_never_sends_connect_is_dropped_after_conne
 #[tokio::test]
 async fn topic_longer_than_max_topic_length_is_refused() {
     let gw = TestGateway::start(|c, _| c.limits.max_topic_length = 32).await;
-    let long = format!("devices/{DEV}/{}", "x".repeat(40));
+    let longest = format!("devices/{DEV}/{}", "x".repeat(32 - 18));
+    assert_eq!(longest.len(), 32);
+    let long = format!("{longest}y");
     let mut c = gw.raw_connected(DEV, &Connect::v5(DEV)).await;
-    c.publish(&Publish::new(true, &long, b"long").qos(1, 1))
+    c.publish_qos1(true, &longest, 1, b"just fits").await;
+    c.publish(&Publish::new(true, &long, b"long").qos(1, 2))
         .await;
     let last = c.until_closed(WAIT).await;
     assert_eq!(last.len(), 1, "{last:?}");
     assert_eq!(last[0].disconnect_reason(), 0x90, "topic name invalid");
     gw.wait_refused("limit", 1).await;
-    assert!(gw.records().is_empty());
+    assert_eq!(gw.records().len(), 1, "only the topic within the limit");
     gw.stop().await;
 }
 
@@ -252,16 +266,30 @@ async fn malformed_bytes_after_connect_close_that_connection_only() {
 
 #[tokio::test]
 async fn will_is_stored_when_the_gateway_closes_a_connection_for_bad_input() {
-    let gw = TestGateway::start(|_, _| {}).await;
-    let (what, bytes) = malformed_inputs().swap_remove(1);
-    let connect = Connect::v4(DEV).will("devices/dev-00001/status", b"offline", 1);
-    let mut c = gw.raw_connected(DEV, &connect).await;
-    c.send(&bytes).await.unwrap();
-    c.until_closed(WAIT).await;
-    gw.wait_disconnected().await;
-    let records = gw.records();
-    assert_eq!(records.len(), 1, "the will after {what}");
-    assert_eq!(records[0].payload, b"offline");
+    let gw = TestGateway::start(|c, _| c.limits.max_packet_size = 1024).await;
+    let (malformed, bytes) = malformed_inputs().swap_remove(1);
+    let oversize = Publish::new(false, TOPIC, &[0; 2000]).qos(1, 1).encode();
+    let denied = Publish::new(false, "devices/dev-00002/t", b"x")
+        .qos(1, 1)
+        .encode();
+    let cases = [
+        (malformed, bytes),
+        ("oversize packet", oversize),
+        ("3.1.1 publish outside the ACL", denied),
+    ];
+    for (what, bytes) in &cases {
+        let connect = Connect::v4(DEV).will("devices/dev-00001/status", what.as_bytes(), 1);
+        let mut c = gw.raw_connected(DEV, &connect).await;
+        c.send(bytes).await.unwrap();
+        c.until_closed(WAIT).await;
+        gw.wait_disconnected().await;
+    }
+    let wills: Vec<String> = gw
+        .records()
+        .iter()
+        .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+        .collect();
+    assert_eq!(wills, cases.map(|(what, _)| what.to_string()));
     gw.stop().await;
 }
 

@@ -17,7 +17,7 @@ const DEV: &str = "dev-00003";
 
 fn paho_available() -> bool {
     std::process::Command::new("python3")
-        .args(["-c", "import paho.mqtt.client"])
+        .args(["-c", "import paho.mqtt"])
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -26,7 +26,7 @@ fn paho_available() -> bool {
 async fn paho_publishes_qos_0_1_2_over_tls_with_mqtt311_and_5_into_the_queue() {
     if !paho_available() {
         eprintln!(
-            "SKIPPED: python3 cannot `import paho.mqtt.client`; install it with \
+            "SKIPPED: python3 cannot `import paho.mqtt`; install it with \
              `pip install paho-mqtt==2.1.0` (.ci/run does) to run this test"
         );
         return;

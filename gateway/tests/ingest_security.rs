@@ -265,3 +265,24 @@ async fn password_file_lets_in_good_passwords_and_refuses_bad_ones() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn will_topic_outside_the_acl_is_refused_at_connect() {
+    let gw = TestGateway::start(|_, _| {}).await;
+    let mut c = gw.raw(Some(DEV)).await;
+    let ack = c
+        .connect(&Connect::v4(DEV).will(OTHERS_TOPIC, b"w", 1))
+        .await;
+    assert_eq!(ack.connack_code(), 0x05, "3.1.1: not authorized");
+    assert_eq!(c.until_closed(WAIT).await, []);
+
+    let mut c = gw.raw(Some(DEV)).await;
+    let ack = c
+        .connect(&Connect::v5(DEV).will(OTHERS_TOPIC, b"w", 1))
+        .await;
+    assert_eq!(ack.connack_code(), 0x87, "MQTT 5: not authorized");
+    assert_eq!(c.until_closed(WAIT).await, []);
+    gw.wait_refused("acl", 2).await;
+    assert!(gw.records().is_empty());
+    gw.stop().await;
+}

@@ -56,12 +56,9 @@ async fn takeover_closes_the_old_mqtt311_connection() {
 }
 
 #[tokio::test]
-async fn silent_client_is_closed_after_one_and_a_half_keepalives_and_its_will_is_stored() {
+async fn silent_client_is_closed_after_one_and_a_half_keepalives() {
     let gw = TestGateway::start(|_, _| {}).await;
-    let connect = Connect::v4(DEV)
-        .keep_alive(1)
-        .will(WILL_TOPIC, b"offline", 1);
-    let mut c = gw.raw_connected(DEV, &connect).await;
+    let mut c = gw.raw_connected(DEV, &Connect::v4(DEV).keep_alive(1)).await;
     let silent_since = Instant::now();
     let before_close = c.until_closed(WAIT).await;
     let silent_for = silent_since.elapsed();
@@ -70,34 +67,50 @@ async fn silent_client_is_closed_after_one_and_a_half_keepalives_and_its_will_is
         silent_for >= Duration::from_millis(1300) && silent_for <= Duration::from_millis(2500),
         "closed after {silent_for:?}; expected about 1.5 s (1.5 x keep-alive 1 s)"
     );
-
-    // The connection ended without DISCONNECT: the will goes into the queue.
-    let records = gw.wait_records(1).await;
-    assert_eq!(
-        records.len(),
-        1,
-        "the will of a device whose keep-alive expired"
-    );
-    let will = &records[0];
-    assert_eq!(will.device_id, DEV);
-    assert_eq!(will.topic, WILL_TOPIC);
-    assert_eq!(will.payload, b"offline");
-    assert_eq!(will.qos, 1);
+    gw.wait_disconnected().await;
     gw.stop().await;
 }
 
 #[tokio::test]
-async fn silent_mqtt5_client_gets_disconnect_0x8d_and_its_will_is_stored() {
+async fn silent_mqtt5_client_gets_disconnect_0x8d_keep_alive_timeout() {
     let gw = TestGateway::start(|_, _| {}).await;
-    let connect = Connect::v5(DEV)
-        .keep_alive(1)
-        .will(WILL_TOPIC, b"offline-v5", 0);
-    let mut c = gw.raw_connected(DEV, &connect).await;
+    let mut c = gw.raw_connected(DEV, &Connect::v5(DEV).keep_alive(1)).await;
+    let silent_since = Instant::now();
     let last = c.until_closed(WAIT).await;
+    let silent_for = silent_since.elapsed();
     assert_eq!(last.len(), 1, "{last:?}");
     assert_eq!(last[0].disconnect_reason(), 0x8D, "Keep alive timeout");
-    let records = gw.wait_records(1).await;
-    assert_eq!(payloads(&records), ["offline-v5"]);
+    assert!(
+        silent_for >= Duration::from_millis(1300) && silent_for <= Duration::from_millis(2500),
+        "closed after {silent_for:?}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn will_is_stored_when_the_keepalive_expires() {
+    let gw = TestGateway::start(|_, _| {}).await;
+    for (v5, payload) in [(false, "offline-311"), (true, "offline-5")] {
+        let connect = if v5 {
+            Connect::v5(DEV)
+        } else {
+            Connect::v4(DEV)
+        };
+        let connect = connect
+            .keep_alive(1)
+            .will(WILL_TOPIC, payload.as_bytes(), 1);
+        let mut c = gw.raw_connected(DEV, &connect).await;
+        c.until_closed(WAIT).await;
+        gw.wait_disconnected().await;
+    }
+    // The connections ended without DISCONNECT: the wills go into the queue.
+    let records = gw.records();
+    assert_eq!(payloads(&records), ["offline-311", "offline-5"]);
+    for will in &records {
+        assert_eq!(will.device_id, DEV);
+        assert_eq!(will.topic, WILL_TOPIC);
+        assert_eq!(will.qos, 1);
+    }
     gw.stop().await;
 }
 
@@ -443,5 +456,94 @@ async fn mqtt5_connack_states_the_gateways_limits_and_missing_features() {
     assert_eq!(prop(0x25), [0], "retain available");
     assert_eq!(prop(0x28), [0], "wildcard subscription available");
     assert_eq!(prop(0x2A), [0], "shared subscription available");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn publish_pipelined_behind_connect_is_accepted() {
+    let gw = TestGateway::start(|_, _| {}).await;
+    for v5 in [false, true] {
+        let connect = if v5 {
+            Connect::v5(DEV)
+        } else {
+            Connect::v4(DEV)
+        };
+        let mut c = gw.raw(Some(DEV)).await;
+        // CONNECT and PUBLISH in one write, before the CONNACK could have been seen.
+        let mut both = connect.encode();
+        both.extend(Publish::new(v5, TOPIC, b"eager").qos(1, 1).encode());
+        c.send(&both).await.unwrap();
+        assert_eq!(c.recv().await.connack_code(), 0);
+        let ack = c.recv().await;
+        assert_eq!(
+            (ack.kind, ack.pkid(), ack.ack_reason()),
+            (kind::PUBACK, 1, 0)
+        );
+        c.send(&raw::DISCONNECT).await.unwrap();
+        c.until_closed(WAIT).await;
+    }
+    assert_eq!(payloads(&gw.records()), ["eager", "eager"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn records_carry_the_retain_flag_of_a_mqtt311_publish() {
+    let gw = TestGateway::start(|_, _| {}).await;
+    let mut c = gw.raw_connected(DEV, &Connect::v4(DEV)).await;
+    c.publish(&Publish::new(false, TOPIC, b"retained").qos(1, 1).retain())
+        .await;
+    assert_eq!(c.recv().await.pkid(), 1);
+    c.publish_qos1(false, TOPIC, 2, b"plain").await;
+    let records = gw.records();
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| (r.payload.as_slice(), r.retain))
+            .collect::<Vec<_>>(),
+        [(&b"retained"[..], true), (&b"plain"[..], false)]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt5_topic_alias_is_refused_with_disconnect_0x94() {
+    // CONNACK says topic alias maximum 0, so any alias is a protocol error.
+    let gw = TestGateway::start(|_, _| {}).await;
+    let mut c = gw.raw_connected(DEV, &Connect::v5(DEV)).await;
+    c.publish(
+        &Publish::new(true, TOPIC, b"aliased")
+            .qos(1, 1)
+            .property(0x23, &1u16.to_be_bytes()),
+    )
+    .await;
+    let last = c.until_closed(WAIT).await;
+    assert_eq!(last.len(), 1, "{last:?}");
+    assert_eq!(last[0].disconnect_reason(), 0x94, "topic alias invalid");
+    assert!(gw.records().is_empty());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt5_publish_with_retain_is_refused_as_retain_is_not_available() {
+    let gw = TestGateway::start(|_, _| {}).await;
+    let mut c = gw.raw_connected(DEV, &Connect::v5(DEV)).await;
+    c.publish(&Publish::new(true, TOPIC, b"retained").qos(1, 1).retain())
+        .await;
+    let last = c.until_closed(WAIT).await;
+    assert_eq!(last.len(), 1, "{last:?}");
+    assert_eq!(last[0].disconnect_reason(), 0x9A, "retain not supported");
+    assert!(gw.records().is_empty());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt5_will_with_retain_is_refused_as_retain_is_not_available() {
+    let gw = TestGateway::start(|_, _| {}).await;
+    let mut c = gw.raw(Some(DEV)).await;
+    let ack = c
+        .connect(&Connect::v5(DEV).will(WILL_TOPIC, b"w", 1).will_retain())
+        .await;
+    assert_eq!(ack.connack_code(), 0x9A, "retain not supported");
+    assert_eq!(c.until_closed(WAIT).await, []);
     gw.stop().await;
 }

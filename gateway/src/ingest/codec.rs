@@ -173,6 +173,7 @@ pub mod reason {
     pub const PACKET_TOO_LARGE: u8 = 0x95;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
     pub const WILDCARD_NOT_SUPPORTED: u8 = 0xA2;
@@ -574,6 +575,8 @@ fn connect_return_code(code: u8) -> m5::ConnectReturnCode {
         reason::QUOTA_EXCEEDED => C::QuotaExceeded,
         reason::CONNECTION_RATE_EXCEEDED => C::ConnectionRateExceeded,
         reason::PACKET_TOO_LARGE => C::PacketTooLarge,
+        reason::RETAIN_NOT_SUPPORTED => C::RetainNotSupported,
+        reason::TOPIC_NAME_INVALID => C::TopicNameInvalid,
         _ => C::UnspecifiedError,
     }
 }
@@ -622,6 +625,7 @@ fn disconnect_reason(code: u8) -> m5::DisconnectReasonCode {
         reason::PACKET_TOO_LARGE => D::PacketTooLarge,
         reason::QUOTA_EXCEEDED => D::QuotaExceeded,
         reason::QOS_NOT_SUPPORTED => D::QoSNotSupported,
+        reason::RETAIN_NOT_SUPPORTED => D::RetainNotSupported,
         _ => D::UnspecifiedError,
     }
 }

@@ -123,6 +123,8 @@ pub struct Session {
     version: Option<Version>,
     state: State,
     will: Option<Will>,
+    /// (client id, username) the will is published as; kept after the session is closed.
+    will_owner: Option<(String, Option<String>)>,
     keep_alive: u16,
     assigned_ids: u64,
 }
@@ -136,6 +138,7 @@ impl Session {
             will: None,
             keep_alive: 0,
             assigned_ids: 0,
+            will_owner: None,
         }
     }
 
@@ -163,13 +166,11 @@ impl Session {
     /// The will as a message to append, if the connection ends without a normal DISCONNECT.
     pub fn take_will(&mut self) -> Option<Message> {
         let will = self.will.take()?;
-        let State::Connected(c) = &self.state else {
-            return None;
-        };
+        let (device_id, username) = self.will_owner.clone()?;
         Some(Message {
             received_at: SystemTime::now(),
-            device_id: c.client_id.clone(),
-            username: c.identity.username.clone(),
+            device_id,
+            username,
             topic: will.topic,
             qos: will.qos,
             retain: will.retain,
@@ -307,6 +308,13 @@ impl Session {
                 self.state = State::Closed;
                 vec![Action::Close { publish_will }]
             }
+            // Type 15 is reserved in 3.1.1: a malformed packet there.
+            (State::Connected(_), Inbound::Auth) if self.version == Some(Version::V311) => self
+                .close_with(
+                    reason::MALFORMED,
+                    "reserved packet type",
+                    Refusal::Malformed,
+                ),
             (State::Connected(_), Inbound::Auth) => self.close_with(
                 reason::BAD_AUTH_METHOD,
                 "enhanced authentication is not supported",
@@ -394,6 +402,16 @@ impl Session {
             );
         }
         if let Some(w) = &c.will {
+            // CONNACK says "retain available: no" (MQTT-3.2.2-13: refuse a retained will).
+            if v == Version::V5 && w.retain {
+                return self.refuse_connect(
+                    v,
+                    0x02,
+                    reason::RETAIN_NOT_SUPPORTED,
+                    Refusal::Protocol,
+                    "retain is not available",
+                );
+            }
             if !topic_ok(&w.topic, self.limits.max_topic_length) {
                 return self.refuse_connect(
                     v,
@@ -444,6 +462,7 @@ impl Session {
             }
         }
         self.will = c.will.clone();
+        self.will_owner = Some((c.client_id.clone(), identity.username.clone()));
         let assigned = c.client_id.starts_with("gw-").then(|| c.client_id.clone());
         self.state = State::Connected(Connected {
             client_id: c.client_id.clone(),
@@ -479,6 +498,13 @@ impl Session {
                 reason::TOPIC_NAME_INVALID,
                 "invalid topic name",
                 Refusal::Malformed,
+            );
+        }
+        if v == Version::V5 && p.retain {
+            return self.close_with(
+                reason::RETAIN_NOT_SUPPORTED,
+                "retain is not available",
+                Refusal::Protocol,
             );
         }
         if p.qos > 0 && p.pkid == 0 {

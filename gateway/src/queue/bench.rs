@@ -124,7 +124,10 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport, QueueError> {
     let disk: u64 = std::fs::read_dir(dir.join("segments"))
         .map(|rd| {
             rd.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.ends_with(".seg") && !n.starts_with('.')
+                })
                 .filter_map(|e| e.metadata().ok())
                 .map(|m| m.len())
                 .sum()

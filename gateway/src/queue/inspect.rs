@@ -288,7 +288,9 @@ impl Inspector {
                 };
                 // A torn tail of the last segment is what a crash leaves; recovery handles it.
                 // Anywhere else, or a complete frame with a bad CRC, is damage.
-                if is_last && scan.tail_reason == "incomplete" {
+                if scan.tail_reason == segment::PREALLOCATED {
+                    // Unused space of a preallocated segment: neither damage nor worth a note.
+                } else if is_last && scan.tail_reason == "incomplete" {
                     report.notes.push(p);
                 } else {
                     report.problems.push(p);

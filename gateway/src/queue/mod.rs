@@ -297,6 +297,9 @@ struct State {
     last_refused_len: u64,
     /// `segment_bytes` from the options (for the roll overhead in `used_bytes`).
     segment_limit: u64,
+    /// Disk held by preallocation beyond what records use: the active segment's unused zeros and
+    /// the spare (counted as two full segments when preallocating).
+    prealloc_reserve: u64,
     closing: bool,
 }
 
@@ -315,6 +318,7 @@ impl State {
             + self.segments.len() as u64 * segment::META_LEN as u64
             + unwritten
             + (1 + unwritten / self.segment_limit) * per_segment
+            + self.prealloc_reserve
     }
 
     /// Whether the last refused record (or any record) would still find the queue full.
@@ -587,6 +591,7 @@ pub struct Queue {
 struct WriterHandle {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    spares: Mutex<Option<writer::SparesThread>>,
 }
 
 impl WriterHandle {
@@ -596,6 +601,11 @@ impl WriterHandle {
         self.shared.space.notify_waiters();
         let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
+            let _ = h.join();
+        }
+        let spares = self.spares.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((s, h)) = spares {
+            s.stop();
             let _ = h.join();
         }
         // Nothing writes any more: let the next process (or a reopen here) have the directory.
@@ -686,6 +696,11 @@ impl Queue {
                 waiting_appenders: 0,
                 last_refused_len: 0,
                 segment_limit: opts.segment_bytes.max(1),
+                prealloc_reserve: if opts.preallocates() {
+                    2 * opts.segment_bytes
+                } else {
+                    0
+                },
                 closing: false,
             }),
             opts,
@@ -697,7 +712,7 @@ impl Queue {
             lock: Mutex::new(Some(lock)),
         });
         shared.apply_retention();
-        let handle = writer::spawn(shared.clone(), recovered.active, recovered.reserved)?;
+        let (handle, spares) = writer::spawn(shared.clone(), recovered.active, recovered.reserved)?;
         tracing::info!(
             dir = %shared.dir.display(),
             segments = report.segments,
@@ -712,6 +727,7 @@ impl Queue {
                 writer: Arc::new(WriterHandle {
                     shared: shared.clone(),
                     thread: Mutex::new(Some(handle)),
+                    spares: Mutex::new(spares),
                 }),
                 shared,
             },

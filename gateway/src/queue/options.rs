@@ -41,6 +41,13 @@ pub struct QueueOptions {
 }
 
 impl QueueOptions {
+    /// Whether segments are pre-written with zeros before use (see `queue/mod.rs`): only with
+    /// segments of at least 1 MiB and room for at least 16 of them, since the active segment and
+    /// one spare occupy their full size on disk.
+    pub fn preallocates(&self) -> bool {
+        self.segment_bytes >= 1 << 20 && self.max_bytes >= 16 * self.segment_bytes
+    }
+
     /// Options with the documented defaults for `data_dir` (as in `config/gateway.toml`).
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         QueueOptions {

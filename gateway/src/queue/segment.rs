@@ -189,6 +189,70 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `Scan::tail_reason` of a tail that is all zeros (a preallocated segment's unused space).
+pub(crate) const PREALLOCATED: &str = "preallocated";
+
+/// Name of the spare, pre-zeroed segment file (not a segment: not 20 digits).
+pub(crate) const SPARE: &str = ".spare.seg";
+
+/// Writes a file of `size` zeros at `segments/.spare.seg` (via a temporary name), synced, so that
+/// appends into it later change no file size or block allocation: `fdatasync` then flushes data
+/// only, which on ext4 avoids a journal commit per batch.
+pub(crate) fn prepare_spare(dir: &Path, size: u64) -> io::Result<()> {
+    let sdir = segments_dir(dir);
+    let tmp = sdir.join(".spare.tmp");
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = size;
+        let mut since_sync = 0u64;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n])?;
+            left -= n as u64;
+            since_sync += n as u64;
+            // In small synced steps, so the writer's fdatasyncs never queue behind one large
+            // flush of zeros.
+            if since_sync >= 4 << 20 {
+                f.sync_data()?;
+                since_sync = 0;
+            }
+        }
+        f.sync_all()?;
+        fs::rename(&tmp, sdir.join(SPARE))?;
+        sync_dir(&sdir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Turns the spare into segment `base`: rename, header, sync. `Ok(None)` when there is no spare.
+pub(crate) fn take_spare(dir: &Path, base: u64) -> io::Result<Option<File>> {
+    let sdir = segments_dir(dir);
+    let path = segment_path(dir, base);
+    match fs::rename(sdir.join(SPARE), &path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let f = OpenOptions::new().read(true).write(true).open(&path)?;
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&header_bytes(base), 0)?;
+    f.sync_data()?;
+    sync_dir(&sdir)?;
+    Ok(Some(f))
+}
+
+/// Removes spare files left by an earlier run.
+pub(crate) fn remove_spares(dir: &Path) {
+    let sdir = segments_dir(dir);
+    for name in [SPARE, ".spare.tmp"] {
+        let _ = fs::remove_file(sdir.join(name));
+    }
+}
+
 /// A run of bytes in a segment that is not a valid record, followed by valid records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BadRange {
@@ -254,6 +318,12 @@ pub(crate) fn scan(buf: &[u8], base: u64) -> Scan {
                         at = next;
                     }
                     None => {
+                        // Zeros to the end are a preallocated segment's unused space, not damage.
+                        let reason = if buf[at..].iter().all(|&b| b == 0) {
+                            PREALLOCATED
+                        } else {
+                            reason
+                        };
                         return Scan {
                             meta,
                             bad,

@@ -149,7 +149,11 @@ fn recover_segment(
             "damaged records in the middle of a segment moved to quarantine"
         );
     }
-    if scan.tail_bytes > 0 {
+    if scan.tail_bytes > 0 && scan.tail_reason == segment::PREALLOCATED {
+        // Unused preallocated space: give it back, nothing was lost.
+        file.set_len(scan.meta.bytes)
+            .map_err(|e| QueueError::io("trim preallocated space of", &path, e))?;
+    } else if scan.tail_bytes > 0 {
         file.set_len(scan.meta.bytes)
             .map_err(|e| QueueError::io("truncate torn tail of", &path, e))?;
         report.truncated_bytes += scan.tail_bytes as u64;
@@ -171,6 +175,7 @@ fn recover_segment(
 /// new segment it appends to the last one.
 pub(crate) fn recover(dir: &Path) -> Result<Recovered, QueueError> {
     let seg_dir = segment::segments_dir(dir);
+    segment::remove_spares(dir);
     let cdir = cursor::cursors_dir(dir);
     let mut report = RecoveryReport::default();
 
@@ -311,13 +316,93 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, QueueError> {
     })
 }
 
+/// Keeps one pre-zeroed spare segment ready (see `segment::prepare_spare`), in its own thread so
+/// that writing the zeros never delays a batch.
+pub(crate) struct Spares {
+    ready: std::sync::Mutex<SpareState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SpareState {
+    ready: bool,
+    stop: bool,
+}
+
+impl Spares {
+    fn new() -> Arc<Spares> {
+        Arc::new(Spares {
+            ready: std::sync::Mutex::new(SpareState::default()),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SpareState> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims the spare if one is ready (the preparer then makes the next).
+    fn claim(&self) -> bool {
+        let mut st = self.lock();
+        let had = st.ready;
+        st.ready = false;
+        drop(st);
+        self.changed.notify_all();
+        had
+    }
+
+    pub(crate) fn stop(&self) {
+        self.lock().stop = true;
+        self.changed.notify_all();
+    }
+
+    fn run(self: Arc<Self>, dir: std::path::PathBuf, size: u64) {
+        loop {
+            {
+                let mut st = self.lock();
+                while st.ready && !st.stop {
+                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.stop {
+                    return;
+                }
+            }
+            match segment::prepare_spare(&dir, size) {
+                Ok(()) => self.lock().ready = true,
+                Err(error) => {
+                    tracing::warn!(%error, "could not prepare a spare segment; retrying in 5 s (segments grow as written meanwhile)");
+                    let st = self.lock();
+                    let _ = self
+                        .changed
+                        .wait_timeout_while(st, Duration::from_secs(5), |s| !s.stop);
+                }
+            }
+        }
+    }
+}
+
+/// The spare-segment preparer and its thread.
+pub(crate) type SparesThread = (Arc<Spares>, JoinHandle<()>);
+
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     active: Active,
     reserved: u64,
-) -> Result<JoinHandle<()>, QueueError> {
+) -> Result<(JoinHandle<()>, Option<SparesThread>), QueueError> {
     let dir = shared.dir.clone();
+    let spares = if shared.opts.preallocates() {
+        let spares = Spares::new();
+        let (s, d, size) = (spares.clone(), dir.clone(), shared.opts.segment_bytes);
+        let h = std::thread::Builder::new()
+            .name("queue-spare".into())
+            .spawn(move || s.run(d, size))
+            .map_err(|e| QueueError::io("start spare-segment thread for", dir.clone(), e))?;
+        Some((spares, h))
+    } else {
+        None
+    };
     let writer = Writer {
+        spares: spares.as_ref().map(|(s, _)| s.clone()),
         shared,
         active,
         reserved,
@@ -326,14 +411,17 @@ pub(crate) fn spawn(
         spare: Vec::new(),
         last_age_check: Instant::now(),
     };
-    std::thread::Builder::new()
+    let h = std::thread::Builder::new()
         .name("queue-writer".into())
         .spawn(move || writer.run())
-        .map_err(|e| QueueError::io("start writer thread for", dir, e))
+        .map_err(|e| QueueError::io("start writer thread for", dir, e))?;
+    Ok((h, spares))
 }
 
 struct Writer {
     shared: Arc<Shared>,
+    /// The spare-segment preparer, when segments are preallocated.
+    spares: Option<Arc<Spares>>,
     active: Active,
     reserved: u64,
     last_sync: Instant,
@@ -389,8 +477,17 @@ impl Writer {
                 }
             };
             let Some((mut buf, batch)) = taken else {
-                // Closing and nothing left to write: sync, and wake readers so they see the close.
+                // Closing and nothing left to write: sync, give back unused preallocated space,
+                // and wake readers so they see the close.
                 self.sync_now();
+                let len = self.active.file.metadata().map(|m| m.len()).unwrap_or(0);
+                if len > self.active.meta.bytes {
+                    let _ = self
+                        .active
+                        .file
+                        .set_len(self.active.meta.bytes)
+                        .and_then(|()| self.active.file.sync_data());
+                }
                 self.shared.readable.send_modify(|_| {});
                 return;
             };
@@ -505,11 +602,33 @@ impl Writer {
             .map_err(|e| QueueError::io("sync segment", &path, e))?;
         self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.shared.fsync_done(t.elapsed());
+        // A preallocated segment gives back its unused zeros when sealed.
+        let len = self
+            .active
+            .file
+            .metadata()
+            .map_err(|e| QueueError::io("stat segment", &path, e))?
+            .len();
+        if len > self.active.meta.bytes {
+            self.active
+                .file
+                .set_len(self.active.meta.bytes)
+                .and_then(|()| self.active.file.sync_data())
+                .map_err(|e| QueueError::io("trim segment", &path, e))?;
+        }
         segment::write_meta(&dir, &self.active.meta)
             .map_err(|e| QueueError::io("write sidecar of", &path, e))?;
-        let file = segment::create_segment(&dir, next_base).map_err(|e| {
-            QueueError::io("create segment", segment::segment_path(&dir, next_base), e)
-        })?;
+        let new_path = segment::segment_path(&dir, next_base);
+        let spare = match &self.spares {
+            Some(s) if s.claim() => segment::take_spare(&dir, next_base)
+                .map_err(|e| QueueError::io("take spare segment as", &new_path, e))?,
+            _ => None,
+        };
+        let file = match spare {
+            Some(f) => f,
+            None => segment::create_segment(&dir, next_base)
+                .map_err(|e| QueueError::io("create segment", &new_path, e))?,
+        };
         let sealed = std::mem::replace(
             &mut self.active,
             Active {

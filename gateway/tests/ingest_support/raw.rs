@@ -311,6 +311,7 @@ pub struct Will {
     pub topic: String,
     pub payload: Vec<u8>,
     pub qos: u8,
+    pub retain: bool,
 }
 
 /// A CONNECT packet.
@@ -368,7 +369,14 @@ impl Connect {
             topic: topic.into(),
             payload: payload.to_vec(),
             qos,
+            retain: false,
         });
+        self
+    }
+
+    /// Sets the will's retain flag (a will must be set first).
+    pub fn will_retain(mut self) -> Connect {
+        self.will.as_mut().expect("a will to retain").retain = true;
         self
     }
 
@@ -388,7 +396,7 @@ impl Connect {
             flags |= 0x02;
         }
         if let Some(w) = &self.will {
-            flags |= 0x04 | (w.qos << 3);
+            flags |= 0x04 | (w.qos << 3) | (u8::from(w.retain) << 5);
         }
         if self.password.is_some() {
             flags |= 0x40;
@@ -456,6 +464,18 @@ impl Publish {
 
     pub fn dup(mut self) -> Publish {
         self.dup = true;
+        self
+    }
+
+    pub fn retain(mut self) -> Publish {
+        self.retain = true;
+        self
+    }
+
+    /// Adds an encoded MQTT 5 property (identifier and value bytes).
+    pub fn property(mut self, id: u8, value: &[u8]) -> Publish {
+        self.properties.push(id);
+        self.properties.extend_from_slice(value);
         self
     }
 

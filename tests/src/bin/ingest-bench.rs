@@ -202,9 +202,14 @@ async fn drive(
             tokio::time::sleep(Duration::from_micros(500)).await;
             continue;
         }
-        let wait = if running { deadline - now } else { Duration::from_secs(10) };
+        let wait = if running {
+            deadline - now
+        } else {
+            Duration::from_secs(10)
+        };
         let n = match tokio::time::timeout(
-            wait.min(Duration::from_millis(5)).max(Duration::from_micros(100)),
+            wait.min(Duration::from_millis(5))
+                .max(Duration::from_micros(100)),
             rd.read(&mut inbuf[have..]),
         )
         .await
@@ -239,7 +244,9 @@ async fn drive(
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Gateway {
@@ -270,7 +277,10 @@ async fn start_gateway(bin: &Path, receive_maximum: usize) -> Result<Gateway> {
         .arg(&certs)
         .output()?;
     if !st.status.success() {
-        bail!("certs generate failed: {}", String::from_utf8_lossy(&st.stderr));
+        bail!(
+            "certs generate failed: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
     let port = free_port()?;
     let cfg = dir.path().join("gateway.toml");
@@ -418,7 +428,11 @@ async fn main() -> Result<()> {
             _ = tokio::time::sleep(Duration::from_millis(200)) => peak_rss = peak_rss.max(rss_kib(pid)),
         }
     }
-    let secs = start.elapsed().as_secs_f64().min(a.seconds as f64).max(0.001);
+    let secs = start
+        .elapsed()
+        .as_secs_f64()
+        .min(a.seconds as f64)
+        .max(0.001);
     let cpu = cpu_seconds(pid) - cpu0;
     lat.sort_unstable();
     let acked = lat.len() as f64;
@@ -443,9 +457,18 @@ async fn main() -> Result<()> {
             a.connections,
             a.inflight,
             a.payload,
-            if a.rate > 0 { format!(", target {} msg/s", a.rate) } else { ", flat out".into() }
+            if a.rate > 0 {
+                format!(", target {} msg/s", a.rate)
+            } else {
+                ", flat out".into()
+            }
         );
-        println!("acked publishes: {} in {:.1}s = {:.0}/s", lat.len(), secs, acked / secs);
+        println!(
+            "acked publishes: {} in {:.1}s = {:.0}/s",
+            lat.len(),
+            secs,
+            acked / secs
+        );
         println!(
             "PUBACK latency: p50 {} µs, p99 {} µs, max {} µs",
             pct(&lat, 0.50),
