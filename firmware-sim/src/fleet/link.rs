@@ -1,0 +1,270 @@
+//! The MQTT transport of one device: rumqttc's client and event loop for MQTT 3.1.1 or 5,
+//! reduced to the few events the device loop needs.
+//!
+//! rumqttc's `EventLoop::poll` is not cancel-safe (a publish can be taken from the request
+//! channel and recorded as in flight before it is written), so the device loop never drops a
+//! poll in progress: [`Loop::next`] moves the event loop into the future and hands it back with
+//! the event, and the device loop keeps that one future alive across its `select!`.
+//!
+//! Retransmission is the device's job, not rumqttc's: sessions are clean, and after a
+//! connection error the requests rumqttc had queued for the next session are discarded
+//! ([`Loop::forget_pending`]); the device then resends its whole outbox in order.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{Outgoing, Transport};
+
+/// MQTT protocol version.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+pub enum MqttVersion {
+    #[serde(rename = "3.1.1")]
+    #[value(name = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    #[value(name = "5")]
+    V5,
+}
+
+/// Everything needed to open one device's connection.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    pub version: MqttVersion,
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub credentials: Option<(String, String)>,
+    pub keep_alive: Duration,
+    /// Topic and payload of the last will (QoS 1, not retained).
+    pub will: (String, Vec<u8>),
+    /// In-flight window (the device's outbox size).
+    pub inflight: u16,
+    /// Largest packet sent or accepted.
+    pub max_packet: usize,
+}
+
+/// What happened on the connection, as the device loop sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// CONNACK accepted: the session is up.
+    Connected,
+    /// A PUBLISH was written to the network (`pkid` 0 for QoS 0), in submission order.
+    Written { pkid: u16 },
+    /// The broker took responsibility: PUBACK (QoS 1) or PUBCOMP (QoS 2).
+    Acked { pkid: u16 },
+    /// MQTT 5: PUBACK or PUBREC with an error reason code; the message was not accepted.
+    Refused { pkid: u16, reason: String },
+    /// The DISCONNECT we asked for was written.
+    DisconnectSent,
+    /// The connection attempt failed, or the connection closed.
+    Closed { error: String },
+    /// Anything else (pings, PUBREC, ...).
+    Other,
+}
+
+/// The request side: publish and disconnect without waiting.
+#[derive(Clone)]
+pub enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The event loop, owned by whichever future is polling it.
+pub enum Loop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// A poll in progress, holding the event loop until it yields.
+pub type PollFuture = Pin<Box<dyn Future<Output = (Loop, LinkEvent)> + Send>>;
+
+/// Why a request could not be queued.
+#[derive(Debug, thiserror::Error)]
+#[error("request channel of the MQTT event loop: {0}")]
+pub struct RequestError(String);
+
+impl Client {
+    /// Queues a PUBLISH. The channel holds more than the in-flight window, so this only fails
+    /// if the event loop is gone.
+    pub fn publish(&self, topic: &str, qos: u8, payload: Vec<u8>) -> Result<(), RequestError> {
+        match self {
+            Client::V4(c) => c
+                .try_publish(topic, qos_v4(qos), false, payload)
+                .map_err(|e| RequestError(e.to_string())),
+            Client::V5(c) => c
+                .try_publish(topic, qos_v5(qos), false, payload)
+                .map_err(|e| RequestError(e.to_string())),
+        }
+    }
+
+    /// Queues a DISCONNECT (so the broker does not publish the last will).
+    pub fn disconnect(&self) -> Result<(), RequestError> {
+        match self {
+            Client::V4(c) => c.try_disconnect().map_err(|e| RequestError(e.to_string())),
+            Client::V5(c) => c.try_disconnect().map_err(|e| RequestError(e.to_string())),
+        }
+    }
+}
+
+impl Loop {
+    /// Polls once: connects first if there is no connection.
+    pub fn next(self) -> PollFuture {
+        Box::pin(async move {
+            match self {
+                Loop::V4(mut el) => {
+                    let ev = translate_v4(el.poll().await);
+                    (Loop::V4(el), ev)
+                }
+                Loop::V5(mut el) => {
+                    let ev = translate_v5(el.poll().await);
+                    (Loop::V5(el), ev)
+                }
+            }
+        })
+    }
+
+    /// Drops what rumqttc saved from the last connection for replay: the device resends.
+    pub fn forget_pending(&mut self) {
+        match self {
+            Loop::V4(el) => el.pending.clear(),
+            Loop::V5(el) => el.pending.clear(),
+        }
+    }
+}
+
+/// Builds the client and event loop; nothing connects until the loop is polled.
+pub fn open(o: &LinkOptions) -> (Client, Loop) {
+    let transport = match &o.tls {
+        Some(config) => {
+            Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config.clone()))
+        }
+        None => Transport::tcp(),
+    };
+    // Room for the whole in-flight window plus a DISCONNECT.
+    let cap = usize::from(o.inflight) + 4;
+    match o.version {
+        MqttVersion::V311 => {
+            let mut opts = rumqttc::MqttOptions::new(&o.client_id, &o.host, o.port);
+            opts.set_transport(transport)
+                .set_keep_alive(o.keep_alive)
+                .set_clean_session(true)
+                .set_inflight(o.inflight)
+                .set_max_packet_size(o.max_packet, o.max_packet)
+                .set_last_will(rumqttc::LastWill::new(
+                    &o.will.0,
+                    o.will.1.clone(),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                ));
+            if let Some((user, pass)) = &o.credentials {
+                opts.set_credentials(user, pass);
+            }
+            let (client, el) = rumqttc::AsyncClient::new(opts, cap);
+            (Client::V4(client), Loop::V4(Box::new(el)))
+        }
+        MqttVersion::V5 => {
+            let mut opts = rumqttc::v5::MqttOptions::new(&o.client_id, &o.host, o.port);
+            opts.set_transport(transport)
+                .set_keep_alive(o.keep_alive)
+                .set_clean_start(true)
+                .set_outgoing_inflight_upper_limit(o.inflight)
+                .set_max_packet_size(u32::try_from(o.max_packet).ok())
+                .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    &o.will.0,
+                    o.will.1.clone(),
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    None,
+                ));
+            if let Some((user, pass)) = &o.credentials {
+                opts.set_credentials(user, pass);
+            }
+            let (client, el) = rumqttc::v5::AsyncClient::new(opts, cap);
+            (Client::V5(client), Loop::V5(Box::new(el)))
+        }
+    }
+}
+
+fn qos_v4(qos: u8) -> rumqttc::QoS {
+    match qos {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn qos_v5(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS;
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn translate_outgoing(o: Outgoing) -> LinkEvent {
+    match o {
+        Outgoing::Publish(pkid) => LinkEvent::Written { pkid },
+        Outgoing::Disconnect => LinkEvent::DisconnectSent,
+        _ => LinkEvent::Other,
+    }
+}
+
+fn translate_v4(ev: Result<rumqttc::Event, rumqttc::ConnectionError>) -> LinkEvent {
+    use rumqttc::{ConnectReturnCode, Event, Packet};
+    match ev {
+        Ok(Event::Incoming(Packet::ConnAck(ack))) => match ack.code {
+            ConnectReturnCode::Success => LinkEvent::Connected,
+            code => LinkEvent::Closed {
+                error: format!("connection refused: {code:?}"),
+            },
+        },
+        Ok(Event::Incoming(Packet::PubAck(ack))) => LinkEvent::Acked { pkid: ack.pkid },
+        Ok(Event::Incoming(Packet::PubComp(comp))) => LinkEvent::Acked { pkid: comp.pkid },
+        Ok(Event::Incoming(_)) => LinkEvent::Other,
+        Ok(Event::Outgoing(o)) => translate_outgoing(o),
+        Err(e) => LinkEvent::Closed {
+            error: e.to_string(),
+        },
+    }
+}
+
+fn translate_v5(ev: Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>) -> LinkEvent {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, PubRecReason};
+    use rumqttc::v5::Event;
+    match ev {
+        Ok(Event::Incoming(Packet::ConnAck(ack))) => match ack.code {
+            ConnectReturnCode::Success => LinkEvent::Connected,
+            code => LinkEvent::Closed {
+                error: format!("connection refused: {code:?}"),
+            },
+        },
+        Ok(Event::Incoming(Packet::PubAck(ack))) => match ack.reason {
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                LinkEvent::Acked { pkid: ack.pkid }
+            }
+            reason => LinkEvent::Refused {
+                pkid: ack.pkid,
+                reason: format!("{reason:?}"),
+            },
+        },
+        Ok(Event::Incoming(Packet::PubRec(rec))) => match rec.reason {
+            PubRecReason::Success | PubRecReason::NoMatchingSubscribers => LinkEvent::Other,
+            reason => LinkEvent::Refused {
+                pkid: rec.pkid,
+                reason: format!("{reason:?}"),
+            },
+        },
+        Ok(Event::Incoming(Packet::PubComp(comp))) => LinkEvent::Acked { pkid: comp.pkid },
+        Ok(Event::Incoming(_)) => LinkEvent::Other,
+        Ok(Event::Outgoing(o)) => translate_outgoing(o),
+        Err(e) => LinkEvent::Closed {
+            error: e.to_string(),
+        },
+    }
+}

@@ -1,0 +1,133 @@
+//! The AMQP 0-9-1 consumer of the verifier (lapin).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+
+use super::{record_message, Tally, VerifyError, VerifyOptions};
+use crate::manifest::Manifest;
+
+/// How often consumed messages are acknowledged when fewer than half a prefetch window came in.
+const ACK_EVERY: Duration = Duration::from_millis(100);
+/// How often the progress line is printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Consumes until complete (+ settle) or the timeout; returns whether it timed out.
+pub(super) async fn consume(
+    url: &str,
+    queue: &str,
+    opts: &VerifyOptions,
+    manifest: &Manifest,
+    tally: &mut Tally,
+    desc: &str,
+) -> Result<bool, VerifyError> {
+    let err = |operation: &'static str| {
+        move |error: lapin::Error| VerifyError::Amqp {
+            operation,
+            source_desc: desc.to_owned(),
+            error,
+        }
+    };
+    let started = Instant::now();
+    let deadline = started + opts.timeout;
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(err("connect"))?;
+    let channel = conn.create_channel().await.map_err(err("open channel"))?;
+    channel
+        .basic_qos(opts.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(err("basic.qos"))?;
+    let tag = format!("firmware-sim-verify-{}", std::process::id());
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(err("basic.consume"))?;
+
+    let ack_batch = u32::from(opts.prefetch / 2).max(1);
+    let mut last_tag: Option<u64> = None;
+    let mut unacked = 0u32;
+    let mut ack_tick = tokio::time::interval(ACK_EVERY);
+    let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
+    progress_tick.tick().await;
+    let mut complete_at: Option<Instant> = None;
+
+    let timed_out = loop {
+        if tally.complete() {
+            let at = *complete_at.get_or_insert_with(Instant::now);
+            if at.elapsed() >= opts.settle {
+                break false;
+            }
+        }
+        let stop_at = match complete_at {
+            Some(at) => deadline.min(at + opts.settle),
+            None => deadline,
+        };
+        tokio::select! {
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    record_message(tally, manifest, &delivery.data, now_us());
+                    last_tag = Some(delivery.delivery_tag);
+                    unacked += 1;
+                    if unacked >= ack_batch {
+                        ack_upto(&channel, &mut last_tag, &mut unacked).await.map_err(err("basic.ack"))?;
+                    }
+                }
+                Some(Err(e)) => return Err(err("consume")(e)),
+                None => return Err(VerifyError::Cancelled(desc.to_owned())),
+            },
+            _ = ack_tick.tick() => {
+                ack_upto(&channel, &mut last_tag, &mut unacked).await.map_err(err("basic.ack"))?;
+            }
+            _ = progress_tick.tick(), if opts.progress => {
+                eprintln!(
+                    "[{:>7.1}s] received {}  still expected {}",
+                    started.elapsed().as_secs_f64(),
+                    tally.received(),
+                    tally.remaining()
+                );
+            }
+            _ = tokio::time::sleep_until(stop_at.into()) => break complete_at.is_none(),
+        }
+    };
+
+    ack_upto(&channel, &mut last_tag, &mut unacked)
+        .await
+        .map_err(err("basic.ack"))?;
+    // Best effort: unacknowledged deliveries return to the queue when the channel closes anyway.
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    let _ = channel.close(200, "verify done".into()).await;
+    let _ = conn.close(200, "verify done".into()).await;
+    Ok(timed_out)
+}
+
+/// Acknowledges every delivery up to the last one consumed (one `multiple` ack).
+async fn ack_upto(
+    channel: &lapin::Channel,
+    last_tag: &mut Option<u64>,
+    unacked: &mut u32,
+) -> Result<(), lapin::Error> {
+    if let Some(tag) = last_tag.take() {
+        channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await?;
+        *unacked = 0;
+    }
+    Ok(())
+}

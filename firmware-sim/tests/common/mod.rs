@@ -1,0 +1,273 @@
+//! Helpers shared by the integration tests: unique names, the local brokers' addresses, a TCP
+//! (or TLS-terminating) proxy in front of Mosquitto that can cut every connection, an
+//! MQTT-to-AMQP bridge standing in for the gateway, and a certificate layout like
+//! `gateway certs generate` writes.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+/// Mosquitto on the development and CI machines (plaintext, anonymous).
+pub const MOSQUITTO: &str = "127.0.0.1:1883";
+/// RabbitMQ on the development and CI machines.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A name no other test run uses: topic prefixes, device id prefixes, queue names.
+pub fn unique(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mix =
+        firmware_sim::device::fnv1a(format!("{}-{nanos}-{tag}", std::process::id()).as_bytes());
+    format!("fsim{tag}{:08x}", mix as u32)
+}
+
+/// A proxy on 127.0.0.1:0 that forwards to `upstream`, optionally terminating TLS first.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: broadcast::Sender<()>,
+    /// Connections accepted (TLS handshakes completed, with TLS).
+    pub accepted: Arc<AtomicU64>,
+    /// TLS handshakes that failed (for example: no client certificate).
+    pub rejected: Arc<AtomicU64>,
+    /// While set, new connections are closed at once (the broker is "down").
+    refusing: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(
+        upstream: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (cut, _) = broadcast::channel(4);
+        let refusing = Arc::new(AtomicBool::new(false));
+        let refuse = refusing.clone();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let rejected = Arc::new(AtomicU64::new(0));
+        let upstream = upstream.to_owned();
+        let (cut_tx, acc, rej) = (cut.clone(), accepted.clone(), rejected.clone());
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let mut cut_rx = cut_tx.subscribe();
+                let upstream = upstream.clone();
+                let acceptor = acceptor.clone();
+                let (acc, rej) = (acc.clone(), rej.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    match acceptor {
+                        Some(acceptor) => match acceptor.accept(client).await {
+                            Ok(mut tls) => {
+                                acc.fetch_add(1, Ordering::Relaxed);
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut tls, &mut server) => {}
+                                    _ = cut_rx.recv() => {}
+                                }
+                            }
+                            Err(_) => {
+                                rej.fetch_add(1, Ordering::Relaxed);
+                            }
+                        },
+                        None => {
+                            acc.fetch_add(1, Ordering::Relaxed);
+                            let mut client = client;
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                _ = cut_rx.recv() => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Proxy {
+            addr,
+            cut,
+            accepted,
+            rejected,
+            refusing,
+        })
+    }
+
+    /// Starts or stops refusing new connections.
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, Ordering::Relaxed);
+    }
+
+    /// Drops every open connection at once, both sides, without an MQTT DISCONNECT.
+    pub fn cut_all(&self) {
+        let _ = self.cut.send(());
+    }
+}
+
+/// Writes a CA, a server certificate for 127.0.0.1/localhost and one certificate per device in
+/// the layout of `gateway certs generate`; returns a TLS server config that requires a client
+/// certificate signed by that CA.
+pub fn write_cert_layout(dir: &Path, ids: &[String]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "firmware-sim test CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    std::fs::create_dir_all(dir.join("devices"))?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    for id in ids {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, id.as_str());
+        let cert = params.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join(format!("devices/{id}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("devices/{id}.key")), key.serialize_pem())?;
+    }
+    let server_key = rcgen::KeyPair::generate()?;
+    let server = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?
+        .signed_by(&server_key, &issuer)?;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.der().to_vec()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(server.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )?;
+    Ok(Arc::new(config))
+}
+
+/// Stands in for the gateway: subscribes to `filter` on Mosquitto (QoS 1) and publishes every
+/// message, in arrival order, to the AMQP queue `queue`. Returns once subscribed.
+pub struct Bridge {
+    pub forwarded: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bridge {
+    pub async fn start(filter: &str, queue: &str, client_id: &str) -> anyhow::Result<Bridge> {
+        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+        let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ at 127.0.0.1:5672")?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", 1883);
+        opts.set_clean_session(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(100);
+        let (client, mut el) = AsyncClient::new(opts, 64);
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("bridge subscriber: {e} (is Mosquitto on 127.0.0.1:1883?)"),
+                Err(_) => bail!("bridge subscriber: no SUBACK within 5 s"),
+            }
+        }
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let count = forwarded.clone();
+        let queue = queue.to_owned();
+        // Confirms are awaited by a second task, so the subscriber never falls behind Mosquitto
+        // (which drops QoS 1 messages beyond its per-client queue limit).
+        let (confirms_tx, mut confirms_rx) = tokio::sync::mpsc::unbounded_channel();
+        let confirmer = tokio::spawn(async move {
+            while let Some(confirm) = confirms_rx.recv().await {
+                let confirm: lapin::PublisherConfirm = confirm;
+                if confirm.await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _keep = (client, conn, confirmer);
+            while let Ok(ev) = el.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    let confirm = channel
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &p.payload,
+                            lapin::BasicProperties::default(),
+                        )
+                        .await;
+                    if let Ok(confirm) = confirm {
+                        let _ = confirms_tx.send(confirm);
+                    }
+                }
+            }
+        });
+        Ok(Bridge { forwarded, task })
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// Declares a queue only this test uses (RabbitMQ deletes it after a minute unused, should the
+/// test die before deleting it).
+pub async fn declare_queue(
+    tag: &str,
+) -> anyhow::Result<(lapin::Connection, lapin::Channel, String)> {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ at 127.0.0.1:5672 (guest/guest)")?;
+    let channel = conn.create_channel().await?;
+    let name = unique(tag);
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+    channel
+        .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+        .await?;
+    Ok((conn, channel, name))
+}
+
+/// Deletes a queue made by [`declare_queue`] and closes its connection.
+pub async fn delete_queue(
+    conn: lapin::Connection,
+    channel: lapin::Channel,
+    name: &str,
+) -> anyhow::Result<()> {
+    channel
+        .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+        .await?;
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
