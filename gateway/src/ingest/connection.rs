@@ -46,7 +46,14 @@ pub(crate) async fn serve<S>(
     let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel(usize::from(shared.limits.receive_maximum) + 8);
     let version = Arc::new(std::sync::OnceLock::new());
-    let writer = tokio::spawn(write_loop(wr, rx, version.clone(), shared.clone()));
+    let acks_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        version.clone(),
+        shared.clone(),
+        acks_sent.clone(),
+    ));
     let mut conn = Conn {
         session: Session::new(shared.session_limits()),
         shared: shared.clone(),
@@ -56,6 +63,7 @@ pub(crate) async fn serve<S>(
         registered: None,
         taken_over: Arc::new(Notify::new()),
         shutdown: shutdown.clone(),
+        acks_sent,
     };
     let span = tracing::debug_span!("conn", %peer);
     tracing::Instrument::instrument(
@@ -80,6 +88,8 @@ struct Conn {
     registered: Option<(String, u64)>,
     taken_over: Arc<Notify>,
     shutdown: CancellationToken,
+    /// Acks the writer has put on the wire (for the receive maximum).
+    acks_sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 enum Step {
@@ -101,6 +111,8 @@ impl Conn {
             loop {
                 match codec::decode(&mut buf, self.session.version(), max_packet) {
                     Ok(Some(packet)) => {
+                        self.session
+                            .acks_sent(self.acks_sent.load(Ordering::Acquire));
                         let acts = self.session.on_packet(packet, &*self.shared.acl);
                         if let Step::Stop = self.perform(acts).await {
                             return;
@@ -288,6 +300,10 @@ impl Conn {
     /// The message was not stored: MQTT 5 is told with a reason code; 3.1.1 cannot be told, so
     /// its connection is closed (the device resends after reconnecting).
     async fn refuse(&mut self, ack: Option<Outbound>, code: u8) -> Step {
+        if ack.is_some() {
+            // The refusal takes the place of the ack the session counted as in flight.
+            self.acks_sent.fetch_add(1, Ordering::Release);
+        }
         let refusal = match ack {
             None => return Step::Continue, // QoS 0: dropped, counted by the caller
             Some(Outbound::PubAck { pkid, .. }) => Outbound::PubAck { pkid, reason: code },
@@ -363,6 +379,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Out>,
     version: Arc<std::sync::OnceLock<Version>>,
     shared: Arc<Shared>,
+    acks_sent: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut buf = BytesMut::with_capacity(1024);
     'outer: while let Some(first) = rx.recv().await {
@@ -377,6 +394,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         break 'outer;
                     }
                     buf.clear();
+                    // Counted before the ack is written: the device can only send its next
+                    // publish after reading it.
+                    if ack.is_some() {
+                        acks_sent.fetch_add(1, Ordering::Release);
+                    }
                     match pending.durable().await {
                         Ok(_) => {
                             if let Some(a) = ack {

@@ -127,6 +127,10 @@ pub struct Session {
     will_owner: Option<(String, Option<String>)>,
     keep_alive: u16,
     assigned_ids: u64,
+    /// Acks (PUBACK/PUBREC) this session asked for, and how many the connection reports sent:
+    /// the difference is what the device has in flight (MQTT 5 receive maximum).
+    acks_requested: u64,
+    acks_sent: u64,
 }
 
 impl Session {
@@ -139,7 +143,14 @@ impl Session {
             keep_alive: 0,
             assigned_ids: 0,
             will_owner: None,
+            acks_requested: 0,
+            acks_sent: 0,
         }
+    }
+
+    /// The connection reports how many acks it has sent in total (before each packet).
+    pub fn acks_sent(&mut self, total: u64) {
+        self.acks_sent = total;
     }
 
     /// The protocol version, once CONNECT arrived.
@@ -507,6 +518,14 @@ impl Session {
                 Refusal::Protocol,
             );
         }
+        let in_flight = self.acks_requested.saturating_sub(self.acks_sent);
+        if v == Version::V5 && p.qos > 0 && in_flight >= u64::from(self.limits.receive_maximum) {
+            return self.close_with(
+                reason::RECEIVE_MAXIMUM_EXCEEDED,
+                "more unacknowledged QoS 1/2 publishes than the receive maximum",
+                Refusal::Limit,
+            );
+        }
         if p.qos > 0 && p.pkid == 0 {
             return self.close_with(reason::PROTOCOL_ERROR, "packet id 0", Refusal::Malformed);
         }
@@ -560,6 +579,12 @@ impl Session {
                     reason: reason::SUCCESS,
                 })
             }
+        };
+        if ack.is_some() {
+            self.acks_requested += 1;
+        }
+        let State::Connected(c) = &mut self.state else {
+            return Vec::new();
         };
         let message = Message {
             received_at: SystemTime::now(),
@@ -719,6 +744,43 @@ mod tests {
             let a = s.on_packet(publish(bad, 1, 1), &DevicesOwnTree);
             assert!(matches!(a.last(), Some(Action::Close { .. })), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn mqtt5_publishes_beyond_the_receive_maximum_close_the_connection() {
+        let mut s = Session::new(SessionLimits {
+            receive_maximum: 2,
+            ..SessionLimits::default()
+        });
+        s.on_packet(
+            Inbound::Connect(connect(Version::V5, "d1")),
+            &DevicesOwnTree,
+        );
+        s.authenticated(
+            Ok(Identity {
+                name: "d1".into(),
+                username: None,
+            }),
+            &DevicesOwnTree,
+        );
+        for pkid in 1..=2 {
+            let a = s.on_packet(publish("devices/d1/t", 1, pkid), &DevicesOwnTree);
+            assert!(matches!(a[0], Action::Append { .. }));
+        }
+        // One ack went out: a third publish is within the limit again.
+        s.acks_sent(1);
+        let a = s.on_packet(publish("devices/d1/t", 1, 3), &DevicesOwnTree);
+        assert!(matches!(a[0], Action::Append { .. }));
+        // QoS 0 does not count.
+        let a = s.on_packet(publish("devices/d1/t", 0, 0), &DevicesOwnTree);
+        assert!(matches!(a[0], Action::Append { .. }));
+        let a = s.on_packet(publish("devices/d1/t", 1, 4), &DevicesOwnTree);
+        assert_eq!(a[0], Action::Refused(Refusal::Limit));
+        assert!(a.contains(&Action::Send(Outbound::Disconnect {
+            reason: 0x93,
+            text: Some("more unacknowledged QoS 1/2 publishes than the receive maximum".into())
+        })));
+        assert!(matches!(a.last(), Some(Action::Close { .. })));
     }
 
     #[test]
