@@ -123,3 +123,36 @@ async fn mosquitto_pub_with_a_device_certificate_lands_in_the_queue() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_plaintext_listener_works_only_when_configured_with_tls_false() {
+    let gw = TestGateway::start(|c, _| {
+        c.listeners[0].tls = gateway::config::TlsSetting::Off(false);
+        c.auth.allow_anonymous = true;
+    })
+    .await;
+    let mut o = rumqttc::MqttOptions::new("plain-1", "127.0.0.1", gw.addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(o, 10);
+    let acks = publish_and_collect_acks(&client, &mut el, "devices/plain-1/t", 3).await;
+    assert_eq!(acks, 3);
+    assert_eq!(gw.records().len(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_certificate_file_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = ingest_support::make_certs(dir.path());
+    let mut config = ingest_support::base_config(dir.path(), &certs);
+    if let gateway::config::TlsSetting::On(t) = &mut config.listeners[0].tls {
+        t.cert = dir.path().join("nope/server.pem");
+    }
+    let (queue, _) = gateway::queue::Queue::open(config.queue.to_options()).unwrap();
+    let err = match gateway::ingest::Ingest::bind(&config, queue.clone()).await {
+        Ok(_) => panic!("bind must fail without the certificate file"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("nope/server.pem"), "{err}");
+    queue.close();
+}
