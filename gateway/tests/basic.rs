@@ -172,9 +172,9 @@ async fn preallocated_segments_are_trimmed_when_sealed_and_closed_and_lose_nothi
     let insp = gateway::queue::inspect::Inspector::open(dir.path()).unwrap();
     for s in insp.segments() {
         assert_eq!(
-            s.file_bytes, s.bytes,
+            s.file_bytes, s.meta.bytes,
             "segment {} keeps unused space",
-            s.base
+            s.meta.base
         );
     }
     let (q, rep) = Queue::open(o).unwrap();

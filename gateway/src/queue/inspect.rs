@@ -14,13 +14,10 @@ use super::{cursor_stats, CursorStats, QueueError};
 /// One segment as the inspector sees it.
 #[derive(Debug, Clone)]
 pub struct SegmentInfo {
-    pub base: u64,
-    pub records: u64,
-    pub last_seq: u64,
-    pub bytes: u64,
+    /// What the segment holds (`bytes`: up to the end of its last whole record).
+    pub meta: SegmentMeta,
+    /// The file's size (more than `meta.bytes` while a preallocated segment is active).
     pub file_bytes: u64,
-    pub first_time_us: u64,
-    pub last_time_us: u64,
     /// Whether the figures come from the sealed segment's sidecar (else from a scan).
     pub from_sidecar: bool,
 }
@@ -113,13 +110,8 @@ impl Inspector {
                 },
             };
             segments.push(SegmentInfo {
-                base,
-                records: meta.records,
-                last_seq: meta.last_seq,
-                bytes: meta.bytes,
+                meta,
                 file_bytes,
-                first_time_us: meta.first_time_us,
-                last_time_us: meta.last_time_us,
                 from_sidecar,
             });
         }
@@ -145,22 +137,16 @@ impl Inspector {
     }
 
     fn metas(&self) -> Vec<SegmentMeta> {
-        self.segments
-            .iter()
-            .map(|s| SegmentMeta {
-                base: s.base,
-                last_seq: s.last_seq,
-                records: s.records,
-                bytes: s.bytes,
-                first_time_us: s.first_time_us,
-                last_time_us: s.last_time_us,
-            })
-            .collect()
+        self.segments.iter().map(|s| s.meta.clone()).collect()
     }
 
     pub fn stats(&self) -> DirStats {
         let metas = self.metas();
-        let live: Vec<&SegmentInfo> = self.segments.iter().filter(|s| s.records > 0).collect();
+        let live: Vec<&SegmentInfo> = self
+            .segments
+            .iter()
+            .filter(|s| s.meta.records > 0)
+            .collect();
         let (mut qfiles, mut qbytes) = (0, 0);
         if let Ok(rd) = fs::read_dir(self.dir.join("quarantine")) {
             for e in rd.flatten() {
@@ -171,12 +157,12 @@ impl Inspector {
         DirStats {
             data_dir: self.dir.clone(),
             in_use_by_pid: self.held_by.clone(),
-            records: live.iter().map(|s| s.records).sum(),
+            records: live.iter().map(|s| s.meta.records).sum(),
             bytes: self.segments.iter().map(|s| s.file_bytes).sum(),
             segments: self.segments.len(),
-            first_seq: live.first().map(|s| s.base),
-            last_seq: live.last().map(|s| s.last_seq),
-            oldest_time_us: live.first().map(|s| s.first_time_us),
+            first_seq: live.first().map(|s| s.meta.base),
+            last_seq: live.last().map(|s| s.meta.last_seq),
+            oldest_time_us: live.first().map(|s| s.meta.first_time_us),
             quarantine_files: qfiles,
             quarantine_bytes: qbytes,
             cursors: self
@@ -232,17 +218,17 @@ impl Inspector {
             problems: Vec::new(),
             notes: Vec::new(),
         };
-        let last = self.segments.last().map(|s| s.base);
+        let last = self.segments.last().map(|s| s.meta.base);
         for s in &self.segments {
-            let path = segment::segment_path(&self.dir, s.base);
-            let buf = match segment::read_segment(&self.dir, s.base) {
+            let path = segment::segment_path(&self.dir, s.meta.base);
+            let buf = match segment::read_segment(&self.dir, s.meta.base) {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(QueueError::io("read segment", &path, e)),
             };
             report.bytes += buf.len() as u64;
-            if !segment::header_ok(&buf, s.base) {
-                if !(Some(s.base) == last && buf.len() < segment::SEGMENT_HEADER) {
+            if !segment::header_ok(&buf, s.meta.base) {
+                if !(Some(s.meta.base) == last && buf.len() < segment::SEGMENT_HEADER) {
                     report.problems.push(Problem {
                         file: path.clone(),
                         offset: 0,
@@ -253,10 +239,11 @@ impl Inspector {
                 }
                 continue;
             }
-            let scan = segment::scan(&buf, s.base);
+            let scan = segment::scan(&buf, s.meta.base);
             report.records += scan.meta.records;
             for bad in &scan.bad {
-                let quarantined = super::quarantine_path(&self.dir, s.base, bad.offset).exists();
+                let quarantined =
+                    super::quarantine_path(&self.dir, s.meta.base, bad.offset).exists();
                 let p = Problem {
                     file: path.clone(),
                     offset: bad.offset as u64,
@@ -271,7 +258,7 @@ impl Inspector {
                 }
             }
             if scan.tail_bytes > 0 {
-                let is_last = Some(s.base) == last;
+                let is_last = Some(s.meta.base) == last;
                 let p = Problem {
                     file: path.clone(),
                     offset: scan.meta.bytes,
@@ -297,16 +284,16 @@ impl Inspector {
                 }
             }
             if s.from_sidecar
-                && (s.records != scan.meta.records || s.last_seq != scan.meta.last_seq)
+                && (s.meta.records != scan.meta.records || s.meta.last_seq != scan.meta.last_seq)
                 && scan.bad.is_empty()
             {
                 report.problems.push(Problem {
-                    file: segment::meta_path(&self.dir, s.base),
+                    file: segment::meta_path(&self.dir, s.meta.base),
                     offset: 0,
                     bytes: 0,
                     reason: format!(
                         "sidecar says {} records up to seq {}, the segment holds {} up to {}",
-                        s.records, s.last_seq, scan.meta.records, scan.meta.last_seq
+                        s.meta.records, s.meta.last_seq, scan.meta.records, scan.meta.last_seq
                     ),
                     quarantined: false,
                 });

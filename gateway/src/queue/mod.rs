@@ -84,6 +84,7 @@ mod writer;
 pub use options::{FsyncPolicy, FullPolicy, QueueOptions};
 pub use reader::Reader;
 pub use record::{EncodeError, NewRecord, Record};
+pub use segment::SegmentMeta;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
@@ -96,7 +97,6 @@ use std::thread::JoinHandle;
 use tokio::sync::{watch, Notify};
 
 use cursor::CursorFile;
-use segment::SegmentMeta;
 
 /// How far ahead the writer reserves sequence numbers (one extra fsync per this many records).
 pub const SEQ_RESERVATION: u64 = 1 << 20;

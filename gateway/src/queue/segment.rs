@@ -61,7 +61,7 @@ pub(crate) fn header_ok(buf: &[u8], base: u64) -> bool {
 /// What is known about one segment. For the active segment it is kept up to date by the writer;
 /// for sealed segments it comes from the `.meta` sidecar or a scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SegmentMeta {
+pub struct SegmentMeta {
     pub base: u64,
     /// Sequence number of the last record, `base - 1` when empty.
     pub last_seq: u64,
