@@ -192,6 +192,11 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// `Scan::tail_reason` of a tail that is all zeros (a preallocated segment's unused space).
 pub(crate) const PREALLOCATED: &str = "preallocated";
 
+/// The spare is written in steps of this many bytes, each synced.
+const SPARE_STEP: u64 = 4 << 20;
+/// The most zeros per second the spare preparer writes.
+const SPARE_BYTES_PER_S: f64 = 32.0 * 1024.0 * 1024.0;
+
 /// Name of the spare, pre-zeroed segment file (not a segment: not 20 digits).
 pub(crate) const SPARE: &str = ".spare.seg";
 
@@ -206,16 +211,24 @@ pub(crate) fn prepare_spare(dir: &Path, size: u64) -> io::Result<()> {
         let zeros = vec![0u8; 1 << 20];
         let mut left = size;
         let mut since_sync = 0u64;
+        let mut step = std::time::Instant::now();
         while left > 0 {
             let n = left.min(zeros.len() as u64) as usize;
             f.write_all(&zeros[..n])?;
             left -= n as u64;
             since_sync += n as u64;
             // In small synced steps, so the writer's fdatasyncs never queue behind one large
-            // flush of zeros.
-            if since_sync >= 4 << 20 {
+            // flush of zeros, and at most SPARE_BYTES_PER_S: when records arrive faster than
+            // that, the spare is not ready in time and the next segment simply grows as it is
+            // written (the disk's bandwidth goes to records, not zeros).
+            if since_sync >= SPARE_STEP {
                 f.sync_data()?;
                 since_sync = 0;
+                let min = std::time::Duration::from_secs_f64(SPARE_STEP as f64 / SPARE_BYTES_PER_S);
+                if let Some(rest) = min.checked_sub(step.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+                step = std::time::Instant::now();
             }
         }
         f.sync_all()?;
