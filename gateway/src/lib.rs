@@ -17,5 +17,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod forwarder;
 pub mod ingest;
 pub mod queue;
+pub mod uplink;

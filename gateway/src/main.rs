@@ -292,18 +292,61 @@ async fn run(config: Config) -> Result<()> {
     for (addr, tls) in ingest.local_addrs() {
         tracing::info!(%addr, tls, "listening for MQTT devices");
     }
-    tracing::warn!("no uplinks are built yet: messages are stored in the queue and stay there");
     let shutdown = tokio_util::sync::CancellationToken::new();
+    // Forwarders stop on their own token, after ingest: what ingest acknowledged last still
+    // gets its chance to go out during the grace period.
+    let forwarding = tokio_util::sync::CancellationToken::new();
+    let mut forwarders = Vec::new();
+    let mut dead_letters = None;
+    if config.uplinks.is_empty() {
+        tracing::warn!(
+            "no [[uplinks]] configured: messages are stored in the queue and stay there"
+        );
+    } else {
+        let opts = config.queue.to_options();
+        let dead =
+            tokio::task::spawn_blocking(move || gateway::forwarder::DeadLetters::open(&opts))
+                .await
+                .context("dead-letter store open task")??;
+        let routes = std::sync::Arc::new(gateway::uplink::Routes::new(config.routes.clone()));
+        for u in &config.uplinks {
+            let (_stats, h) = gateway::forwarder::spawn(
+                u.clone(),
+                config.gateway.id.clone(),
+                queue.clone(),
+                routes.clone(),
+                dead.clone(),
+                forwarding.clone(),
+            );
+            forwarders.push(h);
+        }
+        forwarders.push(gateway::forwarder::spawn_unrouted(
+            queue.clone(),
+            routes,
+            dead.clone(),
+            forwarding.clone(),
+        ));
+        dead_letters = Some(dead);
+    }
     let serving = tokio::spawn(ingest.run(shutdown.clone()));
     shutdown_signal().await;
     tracing::info!(
-        "shutting down: closing device connections (in-flight acks finish), then the queue"
+        "shutting down: closing device connections (in-flight acks finish), then forwarders, then the queue"
     );
     shutdown.cancel();
     let _ = serving.await;
-    tokio::task::spawn_blocking(move || queue.close())
-        .await
-        .context("queue close task")?;
+    forwarding.cancel();
+    for f in forwarders {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), f).await;
+    }
+    tokio::task::spawn_blocking(move || {
+        if let Some(d) = dead_letters {
+            d.close();
+        }
+        queue.close()
+    })
+    .await
+    .context("queue close task")?;
     Ok(())
 }
 

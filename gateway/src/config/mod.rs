@@ -25,7 +25,9 @@ use serde::Deserialize;
 use crate::queue::{self, FsyncPolicy, QueueOptions};
 
 mod ingest;
+mod uplink;
 pub use ingest::*;
+pub use uplink::*;
 
 /// The commented default configuration, as printed by `gateway print-default-config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../config/gateway.toml");
@@ -88,6 +90,12 @@ pub struct Config {
     pub acl: Vec<AclRule>,
     /// `[limits]`: per-connection and global bounds.
     pub limits: LimitsConfig,
+    /// `[gateway]`: identity towards the upstream.
+    pub gateway: GatewayConfig,
+    /// `[[uplinks]]`: where records are forwarded. None: records stay in the queue.
+    pub uplinks: Vec<UplinkConfig>,
+    /// `[[routes]]`: which records go to which uplinks.
+    pub routes: Vec<RouteConfig>,
 }
 
 impl Default for Config {
@@ -98,6 +106,9 @@ impl Default for Config {
             auth: AuthConfig::default(),
             acl: default_acl(),
             limits: LimitsConfig::default(),
+            gateway: GatewayConfig::default(),
+            uplinks: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -266,6 +277,7 @@ impl Config {
         ingest::check_listeners(&self.listeners, &mut problems);
         ingest::check_limits(&self.limits, &mut problems);
         ingest::check_acl(&self.acl, &mut problems);
+        uplink::check(&self.uplinks, &self.routes, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -1,0 +1,386 @@
+//! One forwarder per uplink: read from the uplink's cursor, prepare (route, template, payload),
+//! send a window, await the confirms, and advance the cursor over the contiguous prefix that is
+//! settled (confirmed, not routed to this uplink, or dead-lettered with a reason). Anything
+//! else (a dropped connection, a stall, a nack) rewinds the reader to the cursor and sends again:
+//! at least once, in queue order, hence in per-device order.
+//!
+//! Records that match no route at all are moved to the dead letters by a separate task with its
+//! own cursor (`_unrouted`), so they are kept and counted, never silently dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AmqpConfig, UplinkConfig};
+use crate::queue::{FsyncPolicy, FullPolicy, NewRecord, Queue, QueueError, QueueOptions, Record};
+use crate::uplink::amqp::{masked_url, AmqpUplink};
+use crate::uplink::{expand, transcode, Outcome, Prepared, Routes, UplinkError};
+
+/// Where records go that cannot be delivered: a small queue of its own in
+/// `data_dir/dead-letters`, so it is as crash-safe as the main one. Each record keeps its fields
+/// and gains user properties `x-dead-letter-reason`, `x-dead-letter-uplink`,
+/// `x-dead-letter-time` and `x-original-seq`.
+#[derive(Clone)]
+pub struct DeadLetters {
+    queue: Queue,
+    count: Arc<AtomicU64>,
+}
+
+/// Bound of the dead-letter store: it must not take the main queue's space.
+const DEAD_LETTER_MAX_BYTES: u64 = 64 << 20;
+
+impl DeadLetters {
+    /// Opens (creating) the store under `main`'s data directory. Blocking.
+    pub fn open(main: &QueueOptions) -> Result<DeadLetters, QueueError> {
+        let mut o = QueueOptions::new(main.data_dir.join("dead-letters"));
+        o.segment_bytes = 1 << 20;
+        o.max_bytes = DEAD_LETTER_MAX_BYTES;
+        o.fsync = FsyncPolicy::Always;
+        // Bounded; what it drops is counted per cursor like any queue's.
+        o.full_policy = FullPolicy::DropOldest;
+        let (queue, _) = Queue::open(o)?;
+        Ok(DeadLetters {
+            queue,
+            count: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Records dead-lettered since start.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Stores `r` with the reason; durable when this returns `Ok`.
+    pub async fn put(&self, r: &Record, uplink: &str, reason: &str) -> Result<(), QueueError> {
+        let mut props = r.user_properties.clone();
+        props.push(("x-dead-letter-reason".into(), reason.into()));
+        props.push(("x-dead-letter-uplink".into(), uplink.into()));
+        props.push((
+            "x-dead-letter-time".into(),
+            humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        ));
+        props.push(("x-original-seq".into(), r.seq.to_string()));
+        let rec = NewRecord {
+            received_at: r.received_at(),
+            device_id: &r.device_id,
+            username: r.username.as_deref(),
+            topic: &r.topic,
+            qos: r.qos,
+            retain: r.retain,
+            user_properties: &props,
+            content_type: r.content_type.as_deref(),
+            payload_format: r.payload_format,
+            payload: &r.payload,
+        };
+        self.queue.append(&rec).await?;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            uplink,
+            seq = r.seq,
+            reason,
+            "record moved to the dead letters"
+        );
+        Ok(())
+    }
+
+    pub fn close(&self) {
+        self.queue.close();
+    }
+}
+
+/// An uplink's state, for the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UplinkState {
+    Connecting,
+    Connected,
+    BackingOff,
+    Stalled,
+}
+
+/// Counters and state of one forwarder.
+#[derive(Debug)]
+pub struct ForwarderStats {
+    pub name: String,
+    pub state: Mutex<UplinkState>,
+    pub sent: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub nacked: AtomicU64,
+    pub returned: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl ForwarderStats {
+    fn new(name: &str) -> Arc<ForwarderStats> {
+        Arc::new(ForwarderStats {
+            name: name.to_string(),
+            state: Mutex::new(UplinkState::Connecting),
+            sent: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            nacked: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        })
+    }
+
+    /// Sets the state; logs only when it changes (not once per retry).
+    fn set(&self, s: UplinkState, why: Option<&UplinkError>) {
+        let mut cur = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *cur != s {
+            match why {
+                Some(e) => {
+                    tracing::warn!(uplink = %self.name, state = ?s, error = %e, "uplink state changed")
+                }
+                None => tracing::info!(uplink = %self.name, state = ?s, "uplink state changed"),
+            }
+            *cur = s;
+        }
+    }
+
+    pub fn state(&self) -> UplinkState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Exponential backoff with full jitter between `min` and `max`.
+fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let jitter = rand::random::<f64>();
+    min + (exp.saturating_sub(min)).mul_f64(jitter)
+}
+
+/// Starts the forwarder of `cfg`; returns its stats. It runs until `shutdown`.
+pub fn spawn(
+    cfg: UplinkConfig,
+    gateway_id: String,
+    queue: Queue,
+    routes: Arc<Routes>,
+    dead: DeadLetters,
+    shutdown: CancellationToken,
+) -> (Arc<ForwarderStats>, tokio::task::JoinHandle<()>) {
+    let UplinkConfig::Amqp(a) = cfg;
+    let stats = ForwarderStats::new(&a.name);
+    let s = stats.clone();
+    let h = tokio::spawn(async move {
+        if let Err(error) = run_amqp(a, gateway_id, queue, routes, dead, s, shutdown).await {
+            tracing::error!(%error, "forwarder stopped");
+        }
+    });
+    (stats, h)
+}
+
+async fn run_amqp(
+    cfg: AmqpConfig,
+    gateway_id: String,
+    queue: Queue,
+    routes: Arc<Routes>,
+    dead: DeadLetters,
+    stats: Arc<ForwarderStats>,
+    shutdown: CancellationToken,
+) -> Result<(), QueueError> {
+    let name = cfg.name.clone();
+    let mut reader = {
+        let q = queue.clone();
+        let n = name.clone();
+        tokio::task::spawn_blocking(move || q.reader(&n))
+            .await
+            .map_err(|_| QueueError::Closed)??
+    };
+    tracing::info!(uplink = %name, target = %masked_url(&cfg.url), exchange = %cfg.exchange, "forwarder starting");
+    let mut attempt = 0u32;
+    let mut nacks: HashMap<u64, u32> = HashMap::new();
+    'connect: loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        stats.set(UplinkState::Connecting, None);
+        let mut uplink = tokio::select! {
+            r = AmqpUplink::connect(&cfg, &gateway_id) => match r {
+                Ok(u) => u,
+                Err(e) => {
+                    stats.set(UplinkState::BackingOff, Some(&e));
+                    let wait = backoff(attempt, cfg.backoff_min, cfg.backoff_max);
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue 'connect,
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            },
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        if attempt > 0 {
+            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        attempt = 0;
+        stats.set(UplinkState::Connected, None);
+        reader.rewind();
+        loop {
+            let records = tokio::select! {
+                r = reader.next_batch(cfg.window, 8 << 20) => match r {
+                    Ok(r) => r,
+                    Err(QueueError::Closed) => { uplink.close().await; return Ok(()); }
+                    Err(e) => return Err(e),
+                },
+                _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
+            };
+            // Prepare: what this uplink sends, what it skips, what cannot be sent at all.
+            let mut prepared = Vec::new();
+            let mut settled_before: Vec<(u64, Option<String>)> = Vec::new();
+            for r in records {
+                match routes.for_uplink(&name, &r.topic) {
+                    None => settled_before.push((r.seq, None)),
+                    Some(route) => match transcode(route.payload, &r) {
+                        Ok((payload, content_type)) => prepared.push(Prepared {
+                            destination: expand(&cfg.exchange, &r, true),
+                            key: expand(&cfg.routing_key, &r, true),
+                            payload,
+                            content_type,
+                            record: r,
+                        }),
+                        Err(e) => {
+                            dead.put(&r, &name, &e.to_string()).await?;
+                            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            settled_before.push((r.seq, None));
+                        }
+                    },
+                }
+            }
+            stats
+                .sent
+                .fetch_add(prepared.len() as u64, Ordering::Relaxed);
+            let outcomes = if prepared.is_empty() {
+                Vec::new()
+            } else {
+                match uplink.send(&prepared).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let state = if matches!(e, UplinkError::Stalled { .. }) {
+                            UplinkState::Stalled
+                        } else {
+                            UplinkState::BackingOff
+                        };
+                        stats.set(state, Some(&e));
+                        reader.rewind();
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff(0, cfg.backoff_min, cfg.backoff_max)) => {}
+                            _ = shutdown.cancelled() => return Ok(()),
+                        }
+                        continue 'connect;
+                    }
+                }
+            };
+            // Walk in seq order: skipped and prepared records interleave.
+            let mut settled = settled_before
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect::<Vec<_>>();
+            let mut stop_at: Option<u64> = None;
+            for (m, o) in prepared.iter().zip(outcomes) {
+                let seq = m.record.seq;
+                match o {
+                    Outcome::Confirmed => {
+                        stats.confirmed.fetch_add(1, Ordering::Relaxed);
+                        nacks.remove(&seq);
+                        settled.push(seq);
+                    }
+                    Outcome::Returned { code, text } => {
+                        stats.returned.fetch_add(1, Ordering::Relaxed);
+                        dead.put(
+                            &m.record,
+                            &name,
+                            &format!("returned by the broker: {code} {text}"),
+                        )
+                        .await?;
+                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        settled.push(seq);
+                    }
+                    Outcome::Nacked => {
+                        stats.nacked.fetch_add(1, Ordering::Relaxed);
+                        let n = nacks.entry(seq).or_insert(0);
+                        *n += 1;
+                        if *n > cfg.max_retries {
+                            nacks.remove(&seq);
+                            dead.put(
+                                &m.record,
+                                &name,
+                                &format!("nacked by the broker {} times", cfg.max_retries + 1),
+                            )
+                            .await?;
+                            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            settled.push(seq);
+                        } else if stop_at.is_none_or(|s| seq < s) {
+                            stop_at = Some(seq);
+                        }
+                    }
+                }
+            }
+            // Invariant: the cursor only moves over a contiguous settled prefix.
+            settled.sort_unstable();
+            let ack_to = match stop_at {
+                Some(stop) => settled.iter().take_while(|&&s| s < stop).last().copied(),
+                None => settled.last().copied(),
+            };
+            if let Some(seq) = ack_to {
+                reader.ack_through(seq).await?;
+            }
+            if stop_at.is_some() {
+                // Retry from the first nacked record after a pause.
+                reader.rewind();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(1, cfg.backoff_min, cfg.backoff_max)) => {}
+                    _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
+                }
+            }
+        }
+    }
+}
+
+/// Moves records that match no route to the dead letters (cursor `_unrouted`).
+pub fn spawn_unrouted(
+    queue: Queue,
+    routes: Arc<Routes>,
+    dead: DeadLetters,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut reader = {
+            let q = queue.clone();
+            match tokio::task::spawn_blocking(move || q.reader("_unrouted")).await {
+                Ok(Ok(r)) => r,
+                _ => return,
+            }
+        };
+        loop {
+            let records = tokio::select! {
+                r = reader.next_batch(1024, 8 << 20) => match r { Ok(r) => r, Err(_) => return },
+                _ = shutdown.cancelled() => return,
+            };
+            let mut last = None;
+            for r in &records {
+                if !routes.any(&r.topic) {
+                    if let Err(error) = dead.put(r, "-", "no route matches the topic").await {
+                        tracing::error!(%error, "could not dead-letter an unrouted record; will retry");
+                        reader.rewind();
+                        break;
+                    }
+                }
+                last = Some(r.seq);
+            }
+            if let Some(seq) = last {
+                if reader.ack_through(seq).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,223 @@
+//! AMQP 0-9-1 uplink (lapin, rustls with `ring` for amqps): one connection and one channel with
+//! publisher confirms per uplink, so records keep their queue order. Messages are persistent
+//! (delivery mode 2) and `mandatory`: an unroutable one comes back and goes to the dead letters.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+
+use super::{Outcome, Prepared, UplinkError};
+use crate::config::AmqpConfig;
+
+/// A connected AMQP uplink.
+pub struct AmqpUplink {
+    name: String,
+    gateway_id: String,
+    confirm_timeout: Duration,
+    connection: Connection,
+    channel: Channel,
+}
+
+/// The URL with the password from `password_env` (if configured) put in.
+fn url_with_password(cfg: &AmqpConfig) -> Result<String, String> {
+    let Some(var) = &cfg.password_env else {
+        return Ok(cfg.url.clone());
+    };
+    let password = std::env::var(var)
+        .map_err(|_| format!("environment variable {var} (password_env) is not set"))?;
+    let (scheme, rest) = cfg
+        .url
+        .split_once("://")
+        .ok_or_else(|| "url has no scheme".to_string())?;
+    let (auth, host) = match rest.split_once('@') {
+        Some((auth, host)) => (auth, host),
+        None => ("guest", rest),
+    };
+    let user = auth.split(':').next().unwrap_or("guest");
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    Ok(format!("{scheme}://{user}:{encoded}@{host}"))
+}
+
+/// The URL as it may be logged: no password.
+pub fn masked_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (auth, host) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let user = auth.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl AmqpUplink {
+    pub async fn connect(cfg: &AmqpConfig, gateway_id: &str) -> Result<AmqpUplink, UplinkError> {
+        let err = |why: String| UplinkError::Connect {
+            uplink: cfg.name.clone(),
+            why,
+        };
+        let url = url_with_password(cfg).map_err(err)?;
+        let connection = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| err(format!("open channel: {e}")))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| err(format!("confirm.select: {e}")))?;
+        if cfg.declare {
+            let exchange = cfg.exchange.clone();
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| err(format!("declare exchange {exchange}: {e}")))?;
+            if let Some(q) = &cfg.declare_queue {
+                channel
+                    .queue_declare(
+                        q.as_str().into(),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| err(format!("declare queue {q}: {e}")))?;
+                channel
+                    .queue_bind(
+                        q.as_str().into(),
+                        exchange.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| err(format!("bind queue {q}: {e}")))?;
+            }
+        }
+        Ok(AmqpUplink {
+            name: cfg.name.clone(),
+            gateway_id: gateway_id.to_string(),
+            confirm_timeout: cfg.confirm_timeout,
+            connection,
+            channel,
+        })
+    }
+
+    fn properties(&self, m: &Prepared) -> BasicProperties {
+        let r = &m.record;
+        let mut headers = FieldTable::default();
+        // MQTT 5 user properties first, so the gateway's own headers win on a name clash.
+        for (k, v) in &r.user_properties {
+            headers.insert(
+                ShortString::from(k.as_str()),
+                AMQPValue::LongString(LongString::from(v.as_bytes())),
+            );
+        }
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes()));
+        headers.insert("device_id".into(), s(&r.device_id));
+        headers.insert("mqtt_topic".into(), s(&r.topic));
+        headers.insert("mqtt_qos".into(), AMQPValue::ShortShortUInt(r.qos));
+        headers.insert(
+            "gateway_seq".into(),
+            AMQPValue::LongLongInt(i64::try_from(r.seq).unwrap_or(i64::MAX)),
+        );
+        let mut p = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(format!("{}-{}", self.gateway_id, r.seq).as_str().into())
+            .with_timestamp(r.received_at_us / 1_000_000)
+            .with_app_id(self.gateway_id.as_str().into())
+            .with_headers(headers);
+        if let Some(ct) = &m.content_type {
+            p = p.with_content_type(ct.as_str().into());
+        }
+        p
+    }
+
+    /// Publishes the batch in order, then waits for every confirm (within the confirm timeout).
+    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, UplinkError> {
+        let lost = |why: String| UplinkError::Lost {
+            uplink: self.name.clone(),
+            why,
+        };
+        let mut confirms = Vec::with_capacity(batch.len());
+        for m in batch {
+            let c = self
+                .channel
+                .basic_publish(
+                    m.destination.as_str().into(),
+                    m.key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &m.payload,
+                    self.properties(m),
+                )
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+            confirms.push(c);
+        }
+        let wait = async {
+            let mut out = Vec::with_capacity(confirms.len());
+            for c in confirms {
+                out.push(match c.await.map_err(|e| lost(e.to_string()))? {
+                    Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Confirmed,
+                    Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
+                        Outcome::Returned {
+                            code: ret.reply_code,
+                            text: ret.reply_text.to_string(),
+                        }
+                    }
+                    Confirmation::Nack(None) => Outcome::Nacked,
+                });
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout(self.confirm_timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(UplinkError::Stalled {
+                uplink: self.name.clone(),
+                secs: self.confirm_timeout.as_secs(),
+            }),
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self
+            .channel
+            .close(200, "gateway shutting down".into())
+            .await;
+        let _ = self
+            .connection
+            .close(200, "gateway shutting down".into())
+            .await;
+    }
+}

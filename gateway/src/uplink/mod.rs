@@ -1,0 +1,193 @@
+//! Uplinks: where the forwarder sends records, and what they need from a record (routing,
+//! templates, the stable message id). One module per protocol; `amqp` first.
+//!
+//! An uplink takes a batch of prepared messages and answers, per message and in order, whether
+//! the upstream confirmed it, returned it (unroutable) or refused it (nack). A dropped
+//! connection or a confirm timeout is an error for the whole batch: the forwarder reconnects and
+//! sends again from its cursor (at least once).
+
+pub mod amqp;
+
+use crate::config::{PayloadMode, RouteConfig};
+use crate::queue::Record;
+
+/// What the upstream said about one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored by the upstream (publisher confirm / acks=all).
+    Confirmed,
+    /// Unroutable: the broker returned it (reply code and text).
+    Returned { code: u16, text: String },
+    /// The broker refused it (nack): retried, then dead-lettered.
+    Nacked,
+}
+
+/// Why a batch could not be sent. Always retryable: reconnect, re-send from the cursor.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UplinkError {
+    #[error("uplink {uplink}: cannot connect: {why}")]
+    Connect { uplink: String, why: String },
+    #[error("uplink {uplink}: connection lost: {why}")]
+    Lost { uplink: String, why: String },
+    #[error("uplink {uplink}: no confirm within {secs} s (stalled)")]
+    Stalled { uplink: String, secs: u64 },
+}
+
+impl UplinkError {
+    /// A bounded label for metrics and state.
+    pub fn as_label(&self) -> &'static str {
+        match self {
+            UplinkError::Connect { .. } => "connect",
+            UplinkError::Lost { .. } => "lost",
+            UplinkError::Stalled { .. } => "stalled",
+        }
+    }
+}
+
+/// A record made ready for one uplink: destination and payload decided.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub record: Record,
+    /// Exchange (AMQP) or topic (Kafka), from the uplink's template.
+    pub destination: String,
+    /// Routing key (AMQP) from the uplink's template.
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub content_type: Option<String>,
+}
+
+/// Expands a template (validated at config load) for a record.
+pub fn expand(template: &str, r: &Record, dots_for_slashes: bool) -> String {
+    let mut out = String::with_capacity(template.len() + r.topic.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = &after[..close];
+        match name {
+            "topic" if dots_for_slashes => out.push_str(&r.topic.replace('/', ".")),
+            "topic" => out.push_str(&r.topic),
+            "client_id" => out.push_str(&r.device_id),
+            "username" => out.push_str(r.username.as_deref().unwrap_or("")),
+            _ => {
+                if let Some(n) = name
+                    .strip_prefix("topic[")
+                    .and_then(|n| n.strip_suffix(']'))
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
+                    out.push_str(r.topic.split('/').nth(n).unwrap_or(""));
+                }
+            }
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// MQTT topic filter matching (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match t.next() {
+            Some(level) if f == "+" || f == level => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
+/// The routes, as the forwarders ask them.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    routes: Vec<RouteConfig>,
+}
+
+impl Routes {
+    pub fn new(routes: Vec<RouteConfig>) -> Routes {
+        Routes { routes }
+    }
+
+    /// The first route sending `topic` to `uplink`, if any.
+    pub fn for_uplink(&self, uplink: &str, topic: &str) -> Option<&RouteConfig> {
+        self.routes
+            .iter()
+            .find(|r| r.uplinks.iter().any(|u| u == uplink) && topic_matches(&r.filter, topic))
+    }
+
+    /// Whether any route takes `topic`.
+    pub fn any(&self, topic: &str) -> bool {
+        self.routes.iter().any(|r| topic_matches(&r.filter, topic))
+    }
+}
+
+/// Why a record cannot be prepared (it goes to the dead letters).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareError {
+    #[error("payload is not valid CBOR: {0}")]
+    NotCbor(String),
+}
+
+/// Applies the route's payload mode.
+pub fn transcode(mode: PayloadMode, r: &Record) -> Result<(Vec<u8>, Option<String>), PrepareError> {
+    match mode {
+        PayloadMode::Raw => Ok((r.payload.clone(), r.content_type.clone())),
+        PayloadMode::CborToJson => {
+            let value: ciborium::Value = ciborium::de::from_reader(r.payload.as_slice())
+                .map_err(|e| PrepareError::NotCbor(e.to_string()))?;
+            let json =
+                serde_json::to_vec(&value).map_err(|e| PrepareError::NotCbor(e.to_string()))?;
+            Ok((json, Some("application/json".into())))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rec(topic: &str) -> Record {
+        Record {
+            seq: 7,
+            received_at_us: 0,
+            device_id: "dev-1".into(),
+            username: Some("alice".into()),
+            topic: topic.into(),
+            qos: 1,
+            retain: false,
+            user_properties: vec![],
+            content_type: None,
+            payload_format: None,
+            payload: b"x".to_vec(),
+        }
+    }
+
+    #[test]
+    fn templates_expand_topic_levels_and_ids() {
+        let r = rec("devices/dev-1/telemetry");
+        assert_eq!(expand("{topic}", &r, true), "devices.dev-1.telemetry");
+        assert_eq!(expand("{topic}", &r, false), "devices/dev-1/telemetry");
+        assert_eq!(
+            expand("t.{topic[2]}.{client_id}.{username}", &r, true),
+            "t.telemetry.dev-1.alice"
+        );
+        assert_eq!(expand("{topic[9]}x", &r, true), "x");
+    }
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        assert!(topic_matches("devices/#", "devices/a/b"));
+        assert!(topic_matches("devices/#", "devices"));
+        assert!(topic_matches("devices/+/t", "devices/a/t"));
+        assert!(!topic_matches("devices/+/t", "devices/a/b/t"));
+        assert!(!topic_matches("a/b", "a/b/c"));
+    }
+}
