@@ -151,6 +151,40 @@ impl ForwarderStats {
     }
 }
 
+/// Keeps an uplink at or below `max_rate` records per second (a replay limit).
+struct Pace {
+    rate: Option<f64>,
+    start: tokio::time::Instant,
+    sent: u64,
+}
+
+impl Pace {
+    fn new(rate: Option<u32>) -> Pace {
+        Pace {
+            rate: rate.map(f64::from),
+            start: tokio::time::Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// Waits until `n` more records may go. After an idle spell the budget restarts, so an
+    /// idle uplink does not build up a burst.
+    async fn wait(&mut self, n: usize) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let due = self.start + Duration::from_secs_f64(self.sent as f64 / rate);
+        if now > due + Duration::from_secs(1) {
+            self.start = now;
+            self.sent = 0;
+        } else if due > now {
+            tokio::time::sleep_until(due).await;
+        }
+        self.sent += n as u64;
+    }
+}
+
 /// Exponential backoff with full jitter between `min` and `max`.
 fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     let exp = min.saturating_mul(1u32 << attempt.min(16)).min(max);
@@ -198,6 +232,7 @@ async fn run_amqp(
     tracing::info!(uplink = %name, target = %masked_url(&cfg.url), exchange = %cfg.exchange, "forwarder starting");
     let mut attempt = 0u32;
     let mut nacks: HashMap<u64, u32> = HashMap::new();
+    let mut pace = Pace::new(cfg.max_rate);
     'connect: loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -254,6 +289,10 @@ async fn run_amqp(
                         }
                     },
                 }
+            }
+            tokio::select! {
+                _ = pace.wait(prepared.len()) => {}
+                _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
             }
             stats
                 .sent
@@ -383,4 +422,26 @@ pub fn spawn_unrouted(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pace_keeps_an_uplink_at_its_max_rate() {
+        let mut p = Pace::new(Some(100));
+        let start = tokio::time::Instant::now();
+        for _ in 0..10 {
+            p.wait(50).await;
+        }
+        // 500 records at 100/s: the tenth batch may start after 450 records' worth.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(4_490), "{took:?}");
+        assert!(took <= Duration::from_millis(4_600), "{took:?}");
+        let mut unlimited = Pace::new(None);
+        let t = tokio::time::Instant::now();
+        unlimited.wait(1_000_000).await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
+    }
 }

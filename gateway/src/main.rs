@@ -98,6 +98,17 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the dead letters (records an uplink could not deliver, or no route took), with the
+    /// reason; `--replay` (gateway stopped) puts them back into the queue for the uplinks.
+    DeadLetters {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Append them to the queue again and remove them from the dead letters.
+        #[arg(long)]
+        replay: bool,
+    },
     /// Measure durable appends on this disk (writes into a temporary subdirectory of --data-dir).
     Bench {
         #[arg(long, default_value = "./data")]
@@ -396,6 +407,99 @@ fn preview(payload: &[u8]) -> String {
     s
 }
 
+/// Cursor of `queue dead-letters --replay` in the dead-letter store: what is behind it was
+/// replayed.
+const REPLAY_CURSOR: &str = "_replay";
+
+fn dead_letters(data_dir: &Path, limit: usize, replay: bool) -> Result<ExitCode> {
+    let dl_dir = data_dir.join("dead-letters");
+    if !dl_dir.join("segments").is_dir() {
+        println!("no dead letters in {}", data_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !replay {
+        let insp = Inspector::open(&dl_dir)?;
+        let from = insp
+            .stats()
+            .cursors
+            .iter()
+            .find(|c| c.name == REPLAY_CURSOR)
+            .map_or(0, |c| c.acked + 1);
+        let records = insp.records(from, limit)?;
+        for r in &records {
+            let prop = |k: &str| {
+                r.user_properties
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map_or("-", |(_, v)| v.as_str())
+            };
+            println!(
+                "{}  seq {:>10}  uplink {:<12} {:<20} {:<32} {:>6}B  {}",
+                prop("x-dead-letter-time"),
+                prop("x-original-seq"),
+                prop("x-dead-letter-uplink"),
+                r.device_id,
+                r.topic,
+                r.payload.len(),
+                prop("x-dead-letter-reason")
+            );
+        }
+        if records.is_empty() {
+            println!("no dead letters");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    runtime()?.block_on(async {
+        let main = Queue::open(gateway::queue::QueueOptions::new(data_dir))
+            .map_err(|e| anyhow::anyhow!("{e} (stop the gateway before --replay)"))?
+            .0;
+        let mut o = gateway::queue::QueueOptions::new(&dl_dir);
+        o.segment_bytes = 1 << 20;
+        o.max_bytes = 64 << 20;
+        let dl = Queue::open(o)?.0;
+        let mut reader = dl.reader(REPLAY_CURSOR)?;
+        let mut n = 0u64;
+        loop {
+            let batch = reader.read_now(1000, 8 << 20)?;
+            let Some(last) = batch.last().map(|r| r.seq) else {
+                break;
+            };
+            for r in &batch {
+                let props: Vec<(String, String)> = r
+                    .user_properties
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with("x-dead-letter-") && k != "x-original-seq")
+                    .cloned()
+                    .collect();
+                main.append(&gateway::queue::NewRecord {
+                    received_at: r.received_at(),
+                    device_id: &r.device_id,
+                    username: r.username.as_deref(),
+                    topic: &r.topic,
+                    qos: r.qos,
+                    retain: r.retain,
+                    user_properties: &props,
+                    content_type: r.content_type.as_deref(),
+                    payload_format: r.payload_format,
+                    payload: &r.payload,
+                })
+                .await?;
+                n += 1;
+            }
+            reader.ack_through(last).await?;
+        }
+        tokio::task::spawn_blocking(move || {
+            dl.close();
+            main.close();
+        })
+        .await?;
+        println!(
+            "replayed {n} dead letter(s) into the queue; the uplinks send them on the next start"
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {
     match cmd {
         QueueCommand::Stats { data_dir, json } => {
@@ -472,6 +576,11 @@ fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        QueueCommand::DeadLetters {
+            data_dir,
+            limit,
+            replay,
+        } => dead_letters(&data_dir, limit, replay),
         QueueCommand::Verify { data_dir, json } => {
             let r = Inspector::open(&data_dir)?.verify()?;
             if json {

@@ -39,6 +39,7 @@ fn amqp(name: &str, exchange: &str, queue: Option<&str>) -> AmqpConfig {
         max_retries: 3,
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_secs(1),
+        max_rate: None,
     }
 }
 

@@ -79,6 +79,10 @@ pub struct AmqpConfig {
     pub backoff_min: Duration,
     #[serde(default = "default_backoff_max", deserialize_with = "de::duration")]
     pub backoff_max: Duration,
+    /// At most this many records per second to this uplink (so a backlog after a long outage
+    /// does not flood the upstream). Not set: as fast as the upstream confirms.
+    #[serde(default)]
+    pub max_rate: Option<u32>,
 }
 
 fn default_routing_key() -> String {
@@ -208,6 +212,13 @@ pub(super) fn check(uplinks: &[UplinkConfig], routes: &[RouteConfig], problems: 
                 key: key("backoff_min"),
                 value: duration_value(a.backoff_min),
                 reason: "must be above zero and at most backoff_max".into(),
+            });
+        }
+        if a.max_rate == Some(0) {
+            problems.push(Problem {
+                key: key("max_rate"),
+                value: "0".into(),
+                reason: "nothing would ever be sent; remove the key for no limit".into(),
             });
         }
         if a.declare_queue.is_some() && !a.declare {
