@@ -1,1 +1,90 @@
+//! Helpers shared by the cross-process tests: locating (and if needed building) the workspace's
+//! binaries, and free loopback ports.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The binary `bin` of workspace package `package`, from the build this test belongs to.
+///
+/// Cargo builds a package's binaries only for that package's own integration tests, and
+/// artifact dependencies (`CARGO_BIN_EXE_*` of another package) are unstable. So: a test
+/// executable is `<target>/<profile>/deps/<test>-<hash>`, and the binary is
+/// `<target>/<profile>/<bin>`. `cargo test --workspace` has just built it; after `cargo test -p
+/// gateway-tests` it may be missing or older than the sources, and then this runs `cargo build -p
+/// <package> --bin <bin>` for that profile and target directory. Not unconditionally: that build
+/// resolves dependency features without the test crates' dev-dependencies, so it recompiles (and
+/// the next `cargo test` recompiles back) several crates even when nothing changed.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable inside <target>/<profile>/deps")
+        .to_path_buf();
+    let target_dir = profile_dir
+        .parent()
+        .expect("a target directory above the profile directory")
+        .to_path_buf();
+    let path = profile_dir.join(bin);
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace above tests/")
+        .to_path_buf();
+    let sources = [
+        workspace.join(package).join("src"),
+        workspace.join(package).join("Cargo.toml"),
+        workspace.join("gateway/src"),
+        workspace.join("Cargo.toml"),
+        workspace.join("Cargo.lock"),
+    ];
+    let built_at = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let newest_source = sources.iter().filter_map(|p| newest_mtime(p)).max();
+    if let (Some(built), Some(source)) = (built_at, newest_source) {
+        if built >= source {
+            return path;
+        }
+    }
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(other) => other.to_string(),
+    };
+    eprintln!("building {bin} ({path:?} is missing or older than its sources)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .current_dir(&workspace)
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .args(["--profile", &profile])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other if path.exists() => {
+            eprintln!("warning: `cargo build -p {package}` failed ({other:?}); using the existing {path:?}")
+        }
+        other => panic!("cannot build {bin} ({other:?}) and {path:?} is missing"),
+    }
+    assert!(path.exists(), "{path:?} missing after the build");
+    path
+}
+
+/// The latest modification time of `path` or of any file below it.
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller's server binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

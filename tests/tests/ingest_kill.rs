@@ -38,86 +38,12 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The `gateway` binary of the build this test belongs to.
-///
-/// Cargo builds a package's binaries only for that package's own integration tests, and
-/// artifact dependencies (`CARGO_BIN_EXE_*` of another package) are unstable. So: this test's
-/// executable is `<target>/<profile>/deps/ingest_kill-<hash>`, and the binary is
-/// `<target>/<profile>/gateway`. `cargo test --workspace` has just built it; after `cargo test
-/// -p gateway-tests` (which builds the gateway library, not its binary) it may be missing or
-/// older than the sources, and then we run `cargo build -p gateway --bin gateway` for that
-/// profile and target directory. Not unconditionally: that build resolves dependency features
-/// without the test crates' dev-dependencies, so it recompiles (and the next `cargo test`
-/// recompiles back) several crates even when nothing changed.
 fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable inside <target>/<profile>/deps")
-        .to_path_buf();
-    let target_dir = profile_dir.parent().unwrap();
-    let bin = profile_dir.join("gateway");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let sources = [
-        workspace.join("gateway/src"),
-        workspace.join("gateway/Cargo.toml"),
-        workspace.join("Cargo.toml"),
-        workspace.join("Cargo.lock"),
-    ];
-    let built_at = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let newest_source = sources.iter().filter_map(|p| newest_mtime(p)).max();
-    if let (Some(built), Some(source)) = (built_at, newest_source) {
-        if built >= source {
-            return bin;
-        }
-    }
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_string(),
-        Some(other) => other.to_string(),
-    };
-    eprintln!("building the gateway binary ({bin:?} is missing or older than its sources)");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .current_dir(workspace)
-        .args(["build", "--quiet", "-p", "gateway", "--bin", "gateway"])
-        .args(["--profile", &profile])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        other if bin.exists() => {
-            eprintln!(
-                "warning: `cargo build -p gateway` failed ({other:?}); using the existing {bin:?}"
-            )
-        }
-        other => panic!("cannot build the gateway binary ({other:?}) and {bin:?} is missing"),
-    }
-    assert!(bin.exists(), "{bin:?} missing after the build");
-    bin
+    gateway_tests::workspace_binary("gateway", "gateway")
 }
 
-/// The latest modification time of `path` or of any file below it.
-fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| newest_mtime(&e.path()))
-        .max()
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; the gateway binds it right after).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    gateway_tests::free_port()
 }
 
 fn toml_path(p: &Path) -> String {
