@@ -67,7 +67,23 @@ pub fn masked_url(url: &str) -> String {
 }
 
 impl AmqpUplink {
+    /// Connects, opens the confirm channel and declares what is configured, all within
+    /// `confirm_timeout`: a peer that accepts TCP and then says nothing (a black hole) is an error
+    /// like any other, and the forwarder backs off and tries again.
     pub async fn connect(cfg: &AmqpConfig, gateway_id: &str) -> Result<AmqpUplink, UplinkError> {
+        match tokio::time::timeout(cfg.confirm_timeout, Self::connect_inner(cfg, gateway_id)).await {
+            Ok(r) => r,
+            Err(_) => Err(UplinkError::Connect {
+                uplink: cfg.name.clone(),
+                why: format!(
+                    "no AMQP handshake within {} s (confirm_timeout)",
+                    cfg.confirm_timeout.as_secs_f64()
+                ),
+            }),
+        }
+    }
+
+    async fn connect_inner(cfg: &AmqpConfig, gateway_id: &str) -> Result<AmqpUplink, UplinkError> {
         let err = |why: String| UplinkError::Connect {
             uplink: cfg.name.clone(),
             why,
