@@ -14,10 +14,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AmqpConfig, UplinkConfig};
+use crate::config::UplinkConfig;
 use crate::queue::{FsyncPolicy, FullPolicy, NewRecord, Queue, QueueError, QueueOptions, Record};
-use crate::uplink::amqp::{masked_url, AmqpUplink};
-use crate::uplink::{expand, transcode, Outcome, Prepared, Routes, UplinkError};
+use crate::uplink::amqp::masked_url;
+use crate::uplink::{address, transcode, Outcome, Prepared, Routes, Uplink, UplinkError};
 
 /// Where records go that cannot be delivered: a small queue of its own in
 /// `data_dir/dead-letters`, so it is as crash-safe as the main one. Each record keeps its fields
@@ -201,19 +201,18 @@ pub fn spawn(
     dead: DeadLetters,
     shutdown: CancellationToken,
 ) -> (Arc<ForwarderStats>, tokio::task::JoinHandle<()>) {
-    let UplinkConfig::Amqp(a) = cfg;
-    let stats = ForwarderStats::new(&a.name);
+    let stats = ForwarderStats::new(cfg.name());
     let s = stats.clone();
     let h = tokio::spawn(async move {
-        if let Err(error) = run_amqp(a, gateway_id, queue, routes, dead, s, shutdown).await {
+        if let Err(error) = run(cfg, gateway_id, queue, routes, dead, s, shutdown).await {
             tracing::error!(%error, "forwarder stopped");
         }
     });
     (stats, h)
 }
 
-async fn run_amqp(
-    cfg: AmqpConfig,
+async fn run(
+    cfg: UplinkConfig,
     gateway_id: String,
     queue: Queue,
     routes: Arc<Routes>,
@@ -221,7 +220,9 @@ async fn run_amqp(
     stats: Arc<ForwarderStats>,
     shutdown: CancellationToken,
 ) -> Result<(), QueueError> {
-    let name = cfg.name.clone();
+    let name = cfg.name().to_string();
+    let (backoff_min, backoff_max) = cfg.backoff();
+    let max_retries = cfg.max_retries();
     let mut reader = {
         let q = queue.clone();
         let n = name.clone();
@@ -229,21 +230,28 @@ async fn run_amqp(
             .await
             .map_err(|_| QueueError::Closed)??
     };
-    tracing::info!(uplink = %name, target = %masked_url(&cfg.url), exchange = %cfg.exchange, "forwarder starting");
+    match &cfg {
+        UplinkConfig::Amqp(a) => {
+            tracing::info!(uplink = %name, target = %masked_url(&a.url), exchange = %a.exchange, "forwarder starting")
+        }
+        UplinkConfig::Kafka(k) => {
+            tracing::info!(uplink = %name, bootstrap = %k.bootstrap.join(","), topic = %k.topic, "forwarder starting")
+        }
+    }
     let mut attempt = 0u32;
     let mut nacks: HashMap<u64, u32> = HashMap::new();
-    let mut pace = Pace::new(cfg.max_rate);
+    let mut pace = Pace::new(cfg.max_rate());
     'connect: loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
         stats.set(UplinkState::Connecting, None);
         let mut uplink = tokio::select! {
-            r = AmqpUplink::connect(&cfg, &gateway_id) => match r {
+            r = Uplink::connect(&cfg, &gateway_id) => match r {
                 Ok(u) => u,
                 Err(e) => {
                     stats.set(UplinkState::BackingOff, Some(&e));
-                    let wait = backoff(attempt, cfg.backoff_min, cfg.backoff_max);
+                    let wait = backoff(attempt, backoff_min, backoff_max);
                     attempt = attempt.saturating_add(1);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue 'connect,
@@ -261,7 +269,7 @@ async fn run_amqp(
         reader.rewind();
         loop {
             let records = tokio::select! {
-                r = reader.next_batch(cfg.window, 8 << 20) => match r {
+                r = reader.next_batch(cfg.batch(), 8 << 20) => match r {
                     Ok(r) => r,
                     Err(QueueError::Closed) => { uplink.close().await; return Ok(()); }
                     Err(e) => return Err(e),
@@ -275,13 +283,16 @@ async fn run_amqp(
                 match routes.for_uplink(&name, &r.topic) {
                     None => settled_before.push((r.seq, None)),
                     Some(route) => match transcode(route.payload, &r) {
-                        Ok((payload, content_type)) => prepared.push(Prepared {
-                            destination: expand(&cfg.exchange, &r, true),
-                            key: expand(&cfg.routing_key, &r, true),
-                            payload,
-                            content_type,
-                            record: r,
-                        }),
+                        Ok((payload, content_type)) => {
+                            let (destination, key) = address(&cfg, &r);
+                            prepared.push(Prepared {
+                                destination,
+                                key,
+                                payload,
+                                content_type,
+                                record: r,
+                            })
+                        }
                         Err(e) => {
                             dead.put(&r, &name, &e.to_string()).await?;
                             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -311,7 +322,7 @@ async fn run_amqp(
                         stats.set(state, Some(&e));
                         reader.rewind();
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff(0, cfg.backoff_min, cfg.backoff_max)) => {}
+                            _ = tokio::time::sleep(backoff(0, backoff_min, backoff_max)) => {}
                             _ = shutdown.cancelled() => return Ok(()),
                         }
                         continue 'connect;
@@ -347,12 +358,12 @@ async fn run_amqp(
                         stats.nacked.fetch_add(1, Ordering::Relaxed);
                         let n = nacks.entry(seq).or_insert(0);
                         *n += 1;
-                        if *n > cfg.max_retries {
+                        if *n > max_retries {
                             nacks.remove(&seq);
                             dead.put(
                                 &m.record,
                                 &name,
-                                &format!("nacked by the broker {} times", cfg.max_retries + 1),
+                                &format!("nacked by the broker {} times", max_retries + 1),
                             )
                             .await?;
                             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -376,7 +387,7 @@ async fn run_amqp(
                 // Retry from the first nacked record after a pause.
                 reader.rewind();
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff(1, cfg.backoff_min, cfg.backoff_max)) => {}
+                    _ = tokio::time::sleep(backoff(1, backoff_min, backoff_max)) => {}
                     _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
                 }
             }

@@ -37,12 +37,44 @@ impl Default for GatewayConfig {
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum UplinkConfig {
     Amqp(AmqpConfig),
+    Kafka(KafkaConfig),
 }
 
 impl UplinkConfig {
     pub fn name(&self) -> &str {
         match self {
             UplinkConfig::Amqp(a) => &a.name,
+            UplinkConfig::Kafka(k) => &k.name,
+        }
+    }
+
+    /// Records read from the queue and sent per round (AMQP `window`, Kafka `max_batch`).
+    pub fn batch(&self) -> usize {
+        match self {
+            UplinkConfig::Amqp(a) => a.window,
+            UplinkConfig::Kafka(k) => k.max_batch,
+        }
+    }
+
+    pub fn max_retries(&self) -> u32 {
+        match self {
+            UplinkConfig::Amqp(a) => a.max_retries,
+            UplinkConfig::Kafka(k) => k.max_retries,
+        }
+    }
+
+    /// Reconnect backoff: `(backoff_min, backoff_max)`.
+    pub fn backoff(&self) -> (Duration, Duration) {
+        match self {
+            UplinkConfig::Amqp(a) => (a.backoff_min, a.backoff_max),
+            UplinkConfig::Kafka(k) => (k.backoff_min, k.backoff_max),
+        }
+    }
+
+    pub fn max_rate(&self) -> Option<u32> {
+        match self {
+            UplinkConfig::Amqp(a) => a.max_rate,
+            UplinkConfig::Kafka(k) => k.max_rate,
         }
     }
 }
@@ -83,6 +115,69 @@ pub struct AmqpConfig {
     /// does not flood the upstream). Not set: as fast as the upstream confirms.
     #[serde(default)]
     pub max_rate: Option<u32>,
+}
+
+/// Partitions of a topic the gateway creates (`create_topics`): a few, so keys spread, without
+/// assuming a large cluster.
+pub const DEFAULT_KAFKA_PARTITIONS: i32 = 3;
+/// Replication of a topic the gateway creates: 1 works on a single broker (a test or a site
+/// broker); set 3 for a production cluster.
+pub const DEFAULT_KAFKA_REPLICATION_FACTOR: i16 = 1;
+
+/// Compression of Kafka record batches. Only codecs with a pure-Rust implementation (the edge
+/// build has no C toolchain); no snappy (tansu stores it but cannot fetch it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum KafkaCompression {
+    #[default]
+    None,
+    Gzip,
+}
+
+/// A Kafka uplink. Records are keyed by device id and partitioned like the Java client's
+/// default partitioner, so one device's records stay in one partition, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Names the uplink and its queue cursor.
+    pub name: String,
+    /// Bootstrap brokers, `host:port` each.
+    pub bootstrap: Vec<String>,
+    /// Topic (template); `{topic}` has `/` turned into `.` (Kafka topic names have no `/`).
+    pub topic: String,
+    /// Create a missing topic (with `partitions` and `replication_factor`) when a record first
+    /// needs it. Off: a record for a missing topic goes to the dead letters.
+    #[serde(default)]
+    pub create_topics: bool,
+    #[serde(default = "default_kafka_partitions")]
+    pub partitions: i32,
+    #[serde(default = "default_kafka_replication_factor")]
+    pub replication_factor: i16,
+    #[serde(default)]
+    pub compression: KafkaCompression,
+    /// Records read from the queue per round: one produce request per partition per round.
+    #[serde(default = "default_window")]
+    pub max_batch: usize,
+    /// A produce (acks=all) not answered within this: stalled, reconnect and re-send.
+    #[serde(default = "default_confirm_timeout", deserialize_with = "de::duration")]
+    pub confirm_timeout: Duration,
+    /// Refusals of one record (e.g. too large) before it goes to the dead letters.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_backoff_min", deserialize_with = "de::duration")]
+    pub backoff_min: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "de::duration")]
+    pub backoff_max: Duration,
+    /// At most this many records per second to this uplink. Not set: no limit.
+    #[serde(default)]
+    pub max_rate: Option<u32>,
+}
+
+fn default_kafka_partitions() -> i32 {
+    DEFAULT_KAFKA_PARTITIONS
+}
+fn default_kafka_replication_factor() -> i16 {
+    DEFAULT_KAFKA_REPLICATION_FACTOR
 }
 
 fn default_routing_key() -> String {
@@ -159,74 +254,48 @@ pub fn check_template(t: &str) -> Result<(), String> {
 pub(super) fn check(uplinks: &[UplinkConfig], routes: &[RouteConfig], problems: &mut Vec<Problem>) {
     let mut names: Vec<&str> = Vec::new();
     for (i, u) in uplinks.iter().enumerate() {
-        let UplinkConfig::Amqp(a) = u;
         let key = |k: &str| format!("uplinks[{i}].{k}");
-        if names.contains(&a.name.as_str()) {
+        let name = u.name();
+        if names.contains(&name) {
             problems.push(Problem {
                 key: key("name"),
-                value: quoted(&a.name),
+                value: quoted(name),
                 reason: "another uplink has this name; names must be unique (they name cursors)"
                     .into(),
             });
         }
-        if a.name.is_empty()
-            || a.name.len() > 64
-            || a.name.starts_with('_')
-            || !a
-                .name
+        if name.is_empty()
+            || name.len() > 64
+            || name.starts_with('_')
+            || !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             problems.push(Problem {
                 key: key("name"),
-                value: quoted(&a.name),
+                value: quoted(name),
                 reason: "use 1-64 of A-Z a-z 0-9 - _ (not starting with '_')".into(),
             });
         }
-        names.push(&a.name);
-        if !(a.url.starts_with("amqp://") || a.url.starts_with("amqps://")) {
-            problems.push(Problem {
-                key: key("url"),
-                value: "(hidden)".into(),
-                reason: "must start with amqp:// or amqps://".into(),
-            });
-        }
-        for (k, t) in [("exchange", &a.exchange), ("routing_key", &a.routing_key)] {
-            if let Err(why) = check_template(t) {
-                problems.push(Problem {
-                    key: key(k),
-                    value: quoted(t),
-                    reason: why,
-                });
-            }
-        }
-        if a.window == 0 || a.window > 65_535 {
-            problems.push(Problem {
-                key: key("window"),
-                value: a.window.to_string(),
-                reason: "must be between 1 and 65535".into(),
-            });
-        }
-        if a.backoff_min > a.backoff_max || a.backoff_min.is_zero() {
+        names.push(name);
+        let (backoff_min, backoff_max) = u.backoff();
+        if backoff_min > backoff_max || backoff_min.is_zero() {
             problems.push(Problem {
                 key: key("backoff_min"),
-                value: duration_value(a.backoff_min),
+                value: duration_value(backoff_min),
                 reason: "must be above zero and at most backoff_max".into(),
             });
         }
-        if a.max_rate == Some(0) {
+        if u.max_rate() == Some(0) {
             problems.push(Problem {
                 key: key("max_rate"),
                 value: "0".into(),
                 reason: "nothing would ever be sent; remove the key for no limit".into(),
             });
         }
-        if a.declare_queue.is_some() && !a.declare {
-            problems.push(Problem {
-                key: key("declare_queue"),
-                value: quoted(a.declare_queue.as_deref().unwrap_or("")),
-                reason: "only used with declare = true".into(),
-            });
+        match u {
+            UplinkConfig::Amqp(a) => check_amqp(a, &key, problems),
+            UplinkConfig::Kafka(k) => check_kafka(k, &key, problems),
         }
     }
     for (i, r) in routes.iter().enumerate() {
@@ -256,6 +325,128 @@ pub(super) fn check(uplinks: &[UplinkConfig], routes: &[RouteConfig], problems: 
     }
 }
 
+fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    if !(a.url.starts_with("amqp://") || a.url.starts_with("amqps://")) {
+        problems.push(Problem {
+            key: key("url"),
+            value: "(hidden)".into(),
+            reason: "must start with amqp:// or amqps://".into(),
+        });
+    }
+    for (k, t) in [("exchange", &a.exchange), ("routing_key", &a.routing_key)] {
+        if let Err(why) = check_template(t) {
+            problems.push(Problem {
+                key: key(k),
+                value: quoted(t),
+                reason: why,
+            });
+        }
+    }
+    if a.window == 0 || a.window > 65_535 {
+        problems.push(Problem {
+            key: key("window"),
+            value: a.window.to_string(),
+            reason: "must be between 1 and 65535".into(),
+        });
+    }
+    if a.declare_queue.is_some() && !a.declare {
+        problems.push(Problem {
+            key: key("declare_queue"),
+            value: quoted(a.declare_queue.as_deref().unwrap_or("")),
+            reason: "only used with declare = true".into(),
+        });
+    }
+}
+
+fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    if k.bootstrap.is_empty() {
+        problems.push(Problem {
+            key: key("bootstrap"),
+            value: "[]".into(),
+            reason: "name at least one broker as \"host:port\"".into(),
+        });
+    }
+    for (j, b) in k.bootstrap.iter().enumerate() {
+        let ok = b.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            problems.push(Problem {
+                key: key(&format!("bootstrap[{j}]")),
+                value: quoted(b),
+                reason: "must be \"host:port\"".into(),
+            });
+        }
+    }
+    match check_template(&k.topic) {
+        Err(why) => problems.push(Problem {
+            key: key("topic"),
+            value: quoted(&k.topic),
+            reason: why,
+        }),
+        Ok(()) => {
+            // Only the literal parts can be checked here; expanded values are checked per record.
+            let literal = strip_placeholders(&k.topic);
+            if k.topic.is_empty() || !literal.bytes().all(kafka_topic_byte) {
+                problems.push(Problem {
+                    key: key("topic"),
+                    value: quoted(&k.topic),
+                    reason: "a Kafka topic name has only A-Z a-z 0-9 . _ - (besides placeholders)"
+                        .into(),
+                });
+            }
+        }
+    }
+    if k.partitions < 1 {
+        problems.push(Problem {
+            key: key("partitions"),
+            value: k.partitions.to_string(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    if k.replication_factor < 1 {
+        problems.push(Problem {
+            key: key("replication_factor"),
+            value: k.replication_factor.to_string(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    if k.max_batch == 0 || k.max_batch > 65_535 {
+        problems.push(Problem {
+            key: key("max_batch"),
+            value: k.max_batch.to_string(),
+            reason: "must be between 1 and 65535".into(),
+        });
+    }
+    if k.confirm_timeout.is_zero() {
+        problems.push(Problem {
+            key: key("confirm_timeout"),
+            value: duration_value(k.confirm_timeout),
+            reason: "must be above zero".into(),
+        });
+    }
+}
+
+/// Whether `b` may appear in a Kafka topic name.
+pub fn kafka_topic_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
+}
+
+/// A template without its `{...}` placeholders.
+fn strip_placeholders(t: &str) -> String {
+    let mut out = String::new();
+    let mut rest = t;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        match rest[open..].find('}') {
+            Some(close) => rest = &rest[open + close + 1..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -270,5 +461,77 @@ mod tests {
         assert!(e.contains("{device}"), "{e}");
         assert!(check_template("{topic").is_err());
         assert!(check_template("{topic[x]}").is_err());
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match crate::config::Config::from_toml_str(text) {
+            Err(crate::config::ConfigError::Invalid { problems }) => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kafka_uplink_parses_with_defaults() {
+        let c = crate::config::Config::from_toml_str(
+            r#"
+            [[uplinks]]
+            name = "kafka"
+            type = "kafka"
+            bootstrap = ["127.0.0.1:9092"]
+            topic = "site1.{topic[0]}"
+            compression = "gzip"
+            confirm_timeout = "5s"
+            "#,
+        )
+        .unwrap();
+        let UplinkConfig::Kafka(k) = &c.uplinks[0] else {
+            panic!("{:?}", c.uplinks[0]);
+        };
+        assert_eq!(k.compression, KafkaCompression::Gzip);
+        assert!(!k.create_topics);
+        assert_eq!(k.partitions, DEFAULT_KAFKA_PARTITIONS);
+        assert_eq!(k.replication_factor, DEFAULT_KAFKA_REPLICATION_FACTOR);
+        assert_eq!(k.max_batch, DEFAULT_WINDOW);
+        assert_eq!(k.confirm_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kafka_uplink_problems_name_the_key() {
+        let p = problems(
+            r#"
+            [[uplinks]]
+            name = "kafka"
+            type = "kafka"
+            bootstrap = ["localhost", "h:0"]
+            topic = "bad/topic.{device}"
+            partitions = 0
+            "#,
+        );
+        let all = p.join("\n");
+        for key in [
+            "uplinks[0].bootstrap[0]",
+            "uplinks[0].bootstrap[1]",
+            "uplinks[0].topic",
+            "uplinks[0].partitions",
+        ] {
+            assert!(all.contains(key), "{key} missing in:\n{all}");
+        }
+        let p = problems(
+            r#"
+            [[uplinks]]
+            name = "kafka"
+            type = "kafka"
+            bootstrap = ["h:9092"]
+            topic = "bad/topic"
+            "#,
+        );
+        assert!(p.join("").contains("uplinks[0].topic"), "{p:?}");
+        let e = crate::config::Config::from_toml_str(
+            "[[uplinks]]\nname = \"k\"\ntype = \"kafka\"\nbootstrap = [\"h:1\"]\ntopic = \"t\"\ncompression = \"snappy\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("snappy"), "{e}");
     }
 }

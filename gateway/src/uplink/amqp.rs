@@ -71,7 +71,8 @@ impl AmqpUplink {
     /// `confirm_timeout`: a peer that accepts TCP and then says nothing (a black hole) is an error
     /// like any other, and the forwarder backs off and tries again.
     pub async fn connect(cfg: &AmqpConfig, gateway_id: &str) -> Result<AmqpUplink, UplinkError> {
-        match tokio::time::timeout(cfg.confirm_timeout, Self::connect_inner(cfg, gateway_id)).await {
+        match tokio::time::timeout(cfg.confirm_timeout, Self::connect_inner(cfg, gateway_id)).await
+        {
             Ok(r) => r,
             Err(_) => Err(UplinkError::Connect {
                 uplink: cfg.name.clone(),

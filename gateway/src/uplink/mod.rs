@@ -1,5 +1,6 @@
 //! Uplinks: where the forwarder sends records, and what they need from a record (routing,
-//! templates, the stable message id). One module per protocol; `amqp` first.
+//! templates, the stable message id). One module per protocol (`amqp`, `kafka`); [`Uplink`]
+//! dispatches on the configured kind, so one forwarder loop serves both.
 //!
 //! An uplink takes a batch of prepared messages and answers, per message and in order, whether
 //! the upstream confirmed it, returned it (unroutable) or refused it (nack). A dropped
@@ -7,9 +8,61 @@
 //! sends again from its cursor (at least once).
 
 pub mod amqp;
+pub mod kafka;
+pub mod murmur2;
 
-use crate::config::{PayloadMode, RouteConfig};
+use crate::config::{PayloadMode, RouteConfig, UplinkConfig};
 use crate::queue::Record;
+
+use amqp::AmqpUplink;
+use kafka::KafkaUplink;
+
+/// A connected uplink of either kind. An enum rather than a trait object: two kinds, async
+/// methods, and no boxed futures on the hot path.
+pub enum Uplink {
+    /// Boxed: lapin's connection and channel are large, and the enum is moved around.
+    Amqp(Box<AmqpUplink>),
+    Kafka(KafkaUplink),
+}
+
+impl Uplink {
+    pub async fn connect(cfg: &UplinkConfig, gateway_id: &str) -> Result<Uplink, UplinkError> {
+        Ok(match cfg {
+            UplinkConfig::Amqp(a) => {
+                Uplink::Amqp(Box::new(AmqpUplink::connect(a, gateway_id).await?))
+            }
+            UplinkConfig::Kafka(k) => Uplink::Kafka(KafkaUplink::connect(k, gateway_id).await?),
+        })
+    }
+
+    /// Sends the batch in order; one outcome per message, in the batch's order.
+    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, UplinkError> {
+        match self {
+            Uplink::Amqp(u) => u.send(batch).await,
+            Uplink::Kafka(u) => u.send(batch).await,
+        }
+    }
+
+    pub async fn close(self) {
+        match self {
+            Uplink::Amqp(u) => u.close().await,
+            Uplink::Kafka(u) => u.close().await,
+        }
+    }
+}
+
+/// Destination and key of `r` on the uplink `cfg`: AMQP exchange and routing key from their
+/// templates; Kafka topic from its template and the device id as key. Either way `{topic}` has
+/// `/` turned into `.`.
+pub fn address(cfg: &UplinkConfig, r: &Record) -> (String, String) {
+    match cfg {
+        UplinkConfig::Amqp(a) => (
+            expand(&a.exchange, r, true),
+            expand(&a.routing_key, r, true),
+        ),
+        UplinkConfig::Kafka(k) => (expand(&k.topic, r, true), r.device_id.clone()),
+    }
+}
 
 /// What the upstream said about one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +103,7 @@ pub struct Prepared {
     pub record: Record,
     /// Exchange (AMQP) or topic (Kafka), from the uplink's template.
     pub destination: String,
-    /// Routing key (AMQP) from the uplink's template.
+    /// Routing key (AMQP) from the uplink's template; the device id (Kafka).
     pub key: String,
     pub payload: Vec<u8>,
     pub content_type: Option<String>,
