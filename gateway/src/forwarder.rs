@@ -239,7 +239,11 @@ async fn run(
         }
     }
     let mut attempt = 0u32;
+    let mut connected_before = false;
     let mut nacks: HashMap<u64, u32> = HashMap::new();
+    // Records already dead-lettered but not yet behind the cursor (an earlier record of their
+    // batch is being retried): never sent or dead-lettered again.
+    let mut dead_lettered: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     let mut pace = Pace::new(cfg.max_rate());
     'connect: loop {
         if shutdown.is_cancelled() {
@@ -261,9 +265,10 @@ async fn run(
             },
             _ = shutdown.cancelled() => return Ok(()),
         };
-        if attempt > 0 {
+        if connected_before {
             stats.reconnects.fetch_add(1, Ordering::Relaxed);
         }
+        connected_before = true;
         attempt = 0;
         stats.set(UplinkState::Connected, None);
         reader.rewind();
@@ -280,6 +285,10 @@ async fn run(
             let mut prepared = Vec::new();
             let mut settled_before: Vec<(u64, Option<String>)> = Vec::new();
             for r in records {
+                if dead_lettered.contains(&r.seq) {
+                    settled_before.push((r.seq, None));
+                    continue;
+                }
                 match routes.for_uplink(&name, &r.topic) {
                     None => settled_before.push((r.seq, None)),
                     Some(route) => match transcode(route.payload, &r) {
@@ -296,6 +305,7 @@ async fn run(
                         Err(e) => {
                             dead.put(&r, &name, &e.to_string()).await?;
                             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            dead_lettered.insert(r.seq);
                             settled_before.push((r.seq, None));
                         }
                     },
@@ -308,33 +318,26 @@ async fn run(
             stats
                 .sent
                 .fetch_add(prepared.len() as u64, Ordering::Relaxed);
-            let outcomes = if prepared.is_empty() {
-                Vec::new()
+            let (outcomes, failure) = if prepared.is_empty() {
+                (Vec::new(), None)
             } else {
-                match uplink.send(&prepared).await {
-                    Ok(o) => o,
-                    Err(e) => {
-                        let state = if matches!(e, UplinkError::Stalled { .. }) {
-                            UplinkState::Stalled
-                        } else {
-                            UplinkState::BackingOff
-                        };
-                        stats.set(state, Some(&e));
-                        reader.rewind();
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff(0, backoff_min, backoff_max)) => {}
-                            _ = shutdown.cancelled() => return Ok(()),
-                        }
-                        continue 'connect;
-                    }
+                tokio::select! {
+                    r = uplink.send(&prepared) => match r {
+                        Ok(o) => (o, None),
+                        Err(f) => (f.settled, Some(f.error)),
+                    },
+                    // Dropping the uplink closes its connection; unconfirmed records stay behind
+                    // the cursor and go out after the restart.
+                    _ = shutdown.cancelled() => return Ok(()),
                 }
             };
+            // Records of this batch without an outcome (the send failed first) are not settled.
+            let mut stop_at: Option<u64> = prepared.get(outcomes.len()).map(|m| m.record.seq);
             // Walk in seq order: skipped and prepared records interleave.
             let mut settled = settled_before
                 .into_iter()
                 .map(|(s, _)| s)
                 .collect::<Vec<_>>();
-            let mut stop_at: Option<u64> = None;
             for (m, o) in prepared.iter().zip(outcomes) {
                 let seq = m.record.seq;
                 match o {
@@ -352,6 +355,7 @@ async fn run(
                         )
                         .await?;
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        dead_lettered.insert(seq);
                         settled.push(seq);
                     }
                     Outcome::Nacked => {
@@ -367,6 +371,7 @@ async fn run(
                             )
                             .await?;
                             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            dead_lettered.insert(seq);
                             settled.push(seq);
                         } else if stop_at.is_none_or(|s| seq < s) {
                             stop_at = Some(seq);
@@ -382,6 +387,22 @@ async fn run(
             };
             if let Some(seq) = ack_to {
                 reader.ack_through(seq).await?;
+                // What the cursor passed needs no memory any more.
+                dead_lettered = dead_lettered.split_off(&(seq + 1));
+            }
+            if let Some(e) = failure {
+                let state = if matches!(e, UplinkError::Stalled { .. }) {
+                    UplinkState::Stalled
+                } else {
+                    UplinkState::BackingOff
+                };
+                stats.set(state, Some(&e));
+                reader.rewind();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(0, backoff_min, backoff_max)) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                continue 'connect;
             }
             if stop_at.is_some() {
                 // Retry from the first nacked record after a pause.

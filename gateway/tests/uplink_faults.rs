@@ -641,9 +641,6 @@ async fn connection_reset_mid_batch_loses_nothing_and_duplicates_at_most_a_windo
 /// broker dies mid-batch, the confirms of what got through still reach the gateway, then the
 /// connection is reset. Those confirmed records must not be sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: AmqpUplink::send fails the whole batch on a lost connection (or a confirm \
-            timeout), dropping the confirms it did receive: the forwarder re-sends records the \
-            broker had confirmed"]
 async fn records_confirmed_before_a_connection_dies_are_not_sent_again() {
     let t0 = Instant::now();
     let mut rig = Rig::new("acked", &[]).await;
@@ -730,8 +727,6 @@ async fn connection_cut_while_idle_is_remade_at_the_next_send_and_loses_nothing(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: ForwarderStats::reconnects counts only connects that follow a failed connect \
-            attempt, not the reconnect after a lost or stalled connection"]
 async fn a_reconnect_after_a_lost_connection_is_counted() {
     let mut rig = Rig::new("recount", &[]).await;
     let (f, _proxy) = cut_while_idle(&mut rig).await;

@@ -13,7 +13,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use super::{Outcome, Prepared, UplinkError};
+use super::{Outcome, Prepared, SendFailure, UplinkError};
 use crate::config::AmqpConfig;
 
 /// A connected AMQP uplink.
@@ -179,14 +179,18 @@ impl AmqpUplink {
     }
 
     /// Publishes the batch in order, then waits for every confirm (within the confirm timeout).
-    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, UplinkError> {
+    /// On a lost connection or a timeout, the outcomes that did arrive come back with the error,
+    /// so only records whose confirm was lost are sent again.
+    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, SendFailure> {
         let lost = |why: String| UplinkError::Lost {
             uplink: self.name.clone(),
             why,
         };
+        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
         let mut confirms = Vec::with_capacity(batch.len());
+        let mut publish_error = None;
         for m in batch {
-            let c = self
+            match self
                 .channel
                 .basic_publish(
                     m.destination.as_str().into(),
@@ -199,31 +203,49 @@ impl AmqpUplink {
                     self.properties(m),
                 )
                 .await
-                .map_err(|e| lost(e.to_string()))?;
-            confirms.push(c);
-        }
-        let wait = async {
-            let mut out = Vec::with_capacity(confirms.len());
-            for c in confirms {
-                out.push(match c.await.map_err(|e| lost(e.to_string()))? {
-                    Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Confirmed,
-                    Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
-                        Outcome::Returned {
-                            code: ret.reply_code,
-                            text: ret.reply_text.to_string(),
-                        }
-                    }
-                    Confirmation::Nack(None) => Outcome::Nacked,
-                });
+            {
+                Ok(c) => confirms.push(c),
+                Err(e) => {
+                    publish_error = Some(lost(e.to_string()));
+                    break;
+                }
             }
-            Ok(out)
-        };
-        match tokio::time::timeout(self.confirm_timeout, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(UplinkError::Stalled {
-                uplink: self.name.clone(),
-                secs: self.confirm_timeout.as_secs(),
+        }
+        let mut out = Vec::with_capacity(confirms.len());
+        for c in confirms {
+            let confirmation = match tokio::time::timeout_at(deadline, c).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    return Err(SendFailure {
+                        settled: out,
+                        error: lost(e.to_string()),
+                    })
+                }
+                Err(_) => {
+                    return Err(SendFailure {
+                        settled: out,
+                        error: UplinkError::Stalled {
+                            uplink: self.name.clone(),
+                            secs: self.confirm_timeout.as_secs(),
+                        },
+                    })
+                }
+            };
+            out.push(match confirmation {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Confirmed,
+                Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => Outcome::Returned {
+                    code: ret.reply_code,
+                    text: ret.reply_text.to_string(),
+                },
+                Confirmation::Nack(None) => Outcome::Nacked,
+            });
+        }
+        match publish_error {
+            Some(error) => Err(SendFailure {
+                settled: out,
+                error,
             }),
+            None => Ok(out),
         }
     }
 

@@ -36,10 +36,16 @@ impl Uplink {
     }
 
     /// Sends the batch in order; one outcome per message, in the batch's order.
-    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, UplinkError> {
+    /// Sends the batch in order. On failure, `SendFailure::settled` holds the outcomes that did
+    /// arrive for a prefix of the batch (their records are not re-sent).
+    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, SendFailure> {
         match self {
             Uplink::Amqp(u) => u.send(batch).await,
-            Uplink::Kafka(u) => u.send(batch).await,
+            // Partitions are sent concurrently: no reliable prefix to keep on failure.
+            Uplink::Kafka(u) => u.send(batch).await.map_err(|error| SendFailure {
+                settled: Vec::new(),
+                error,
+            }),
         }
     }
 
@@ -95,6 +101,13 @@ impl UplinkError {
             UplinkError::Stalled { .. } => "stalled",
         }
     }
+}
+
+/// A failed send: the error, and the outcomes received for a prefix of the batch before it.
+#[derive(Debug, Clone)]
+pub struct SendFailure {
+    pub settled: Vec<Outcome>,
+    pub error: UplinkError,
 }
 
 /// A record made ready for one uplink: destination and payload decided.
