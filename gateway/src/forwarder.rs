@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
-use crate::queue::{FsyncPolicy, FullPolicy, NewRecord, Queue, QueueError, QueueOptions, Record};
+use crate::queue::{FsyncPolicy, FullPolicy, Queue, QueueError, QueueOptions, Record};
 use crate::uplink::amqp::masked_url;
 use crate::uplink::{address, transcode, Outcome, Prepared, Routes, Uplink, UplinkError};
 
@@ -67,19 +67,7 @@ impl DeadLetters {
             humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         ));
         props.push(("x-original-seq".into(), r.seq.to_string()));
-        let rec = NewRecord {
-            received_at: r.received_at(),
-            device_id: &r.device_id,
-            username: r.username.as_deref(),
-            topic: &r.topic,
-            qos: r.qos,
-            retain: r.retain,
-            user_properties: &props,
-            content_type: r.content_type.as_deref(),
-            payload_format: r.payload_format,
-            payload: &r.payload,
-        };
-        self.queue.append(&rec).await?;
+        self.queue.append(&r.to_new(&props)).await?;
         self.count.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             uplink,

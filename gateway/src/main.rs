@@ -471,19 +471,7 @@ fn dead_letters(data_dir: &Path, limit: usize, replay: bool) -> Result<ExitCode>
                     .filter(|(k, _)| !k.starts_with("x-dead-letter-") && k != "x-original-seq")
                     .cloned()
                     .collect();
-                main.append(&gateway::queue::NewRecord {
-                    received_at: r.received_at(),
-                    device_id: &r.device_id,
-                    username: r.username.as_deref(),
-                    topic: &r.topic,
-                    qos: r.qos,
-                    retain: r.retain,
-                    user_properties: &props,
-                    content_type: r.content_type.as_deref(),
-                    payload_format: r.payload_format,
-                    payload: &r.payload,
-                })
-                .await?;
+                main.append(&r.to_new(&props)).await?;
                 n += 1;
             }
             reader.ack_through(last).await?;

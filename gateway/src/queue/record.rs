@@ -77,6 +77,22 @@ impl Record {
     pub fn received_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_micros(self.received_at_us)
     }
+
+    /// This record, to append again (dead letters, replay), with other user properties.
+    pub fn to_new<'a>(&'a self, user_properties: &'a [(String, String)]) -> NewRecord<'a> {
+        NewRecord {
+            received_at: self.received_at(),
+            device_id: &self.device_id,
+            username: self.username.as_deref(),
+            topic: &self.topic,
+            qos: self.qos,
+            retain: self.retain,
+            user_properties,
+            content_type: self.content_type.as_deref(),
+            payload_format: self.payload_format,
+            payload: &self.payload,
+        }
+    }
 }
 
 /// Why a record cannot be encoded. Checked before the record takes a sequence number.
