@@ -5,8 +5,8 @@
 //!   left unsent; 1 when some are still outstanding at the end; 2 on an error.
 //! - `bench`: 0, or 2 on an error.
 //! - `verify`: 0 when nothing acknowledged is missing and nothing is out of order (and
-//!   duplicates are within `--max-duplicates`); 1 otherwise; 2 on an error (including `--kafka`,
-//!   which is not built yet).
+//!   duplicates are within `--max-duplicates`); 1 otherwise; 2 on an error (broker unreachable,
+//!   queue or topic missing, bad manifest).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -187,10 +187,10 @@ pub struct VerifyArgs {
     /// Queue to consume (the gateway's uplink routes into it).
     #[arg(long, value_name = "Q")]
     pub queue: Option<String>,
-    /// Kafka bootstrap brokers (not built yet: exits with an error).
+    /// Kafka bootstrap brokers, host:port[,host:port...]; every partition is read from offset 0.
     #[arg(long, value_name = "BROKERS", requires = "topic")]
     pub kafka: Option<String>,
-    /// Kafka topic.
+    /// Kafka topic to read (the gateway's Kafka uplink produces into it).
     #[arg(long, value_name = "T")]
     pub topic: Option<String>,
     /// The manifest written by `run --manifest`.
@@ -205,7 +205,7 @@ pub struct VerifyArgs {
     /// Fail when there are more duplicates than N (by default duplicates never fail).
     #[arg(long, value_name = "N")]
     pub max_duplicates: Option<u64>,
-    /// AMQP prefetch window.
+    /// AMQP prefetch window (not used with --kafka).
     #[arg(long, default_value_t = verify::DEFAULT_PREFETCH)]
     pub prefetch: u16,
     /// Print the report as one JSON object.

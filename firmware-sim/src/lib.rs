@@ -11,7 +11,7 @@
 //!  └───────────────────────────────┘          └─────────────┬────────────────────────┘        │
 //!                                                           │ manifest.rs: per device,        │ uplink
 //!                                                           v acked seqs as ranges (ranges.rs)v
-//!                                       verify/: consume (AMQP, lapin) -> tally -> report <── RabbitMQ
+//!                       verify/: consume (AMQP: lapin; Kafka: rskafka) -> tally -> report <── RabbitMQ / Kafka
 //! ```
 //!
 //! - [`device`]: the device state machine (fixed-size `heapless` buffers, as on firmware).
@@ -19,7 +19,7 @@
 //!   RUSTSEC-2021-0127). Also decodes the same fields as JSON.
 //! - [`fleet`]: the runner (`run`, `bench`): connections, reconnects, progress, summary.
 //! - [`manifest`]: what a run acknowledged, per device; [`ranges`] compresses it.
-//! - [`verify`]: the delivery verifier (`verify --amqp`); Kafka is not built yet.
+//! - [`verify`]: the delivery verifier (`verify --amqp` or `verify --kafka`).
 //! - [`tls`]: rustls client configs (ring provider) from the `gateway certs generate` layout.
 //! - [`cli`]: the command line (flags over `fleet.toml` over defaults).
 

@@ -256,25 +256,31 @@ async fn a_clean_stream_passes_with_exit_code_zero() -> anyhow::Result<()> {
 }
 
 #[test]
-fn kafka_is_a_clear_error_not_a_silent_pass() {
+fn kafka_without_a_broker_is_an_error_not_a_silent_pass() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("manifest.json");
     manifest(&["dev-00001"], 0..1)
         .write(&path)
         .expect("manifest");
-    let out = Command::new(env!("CARGO_BIN_EXE_firmware-sim"))
-        .args([
-            "verify",
-            "--kafka",
-            "127.0.0.1:9092",
-            "--topic",
-            "t",
-            "--expect",
-        ])
-        .arg(&path)
-        .output()
-        .expect("runs the firmware-sim binary");
+    // A loopback port nobody listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let verify = |brokers: &str| {
+        Command::new(env!("CARGO_BIN_EXE_firmware-sim"))
+            .args(["verify", "--kafka", brokers, "--topic", "t"])
+            .args(["--timeout", "2s", "--expect"])
+            .arg(&path)
+            .output()
+            .expect("runs the firmware-sim binary")
+    };
+    let out = verify(&format!("127.0.0.1:{port}"));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not built yet"), "{stderr}");
+    assert!(stderr.contains("Kafka"), "{stderr}");
+    let out = verify("not-a-broker-list");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("host:port"), "{stderr}");
 }

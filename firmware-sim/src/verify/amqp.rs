@@ -1,25 +1,19 @@
 //! The AMQP 0-9-1 consumer of the verifier (lapin).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 
-use super::{record_message, Tally, VerifyError, VerifyOptions};
+use super::{now_us, print_progress, record_message, Tally, VerifyError, VerifyOptions};
 use crate::manifest::Manifest;
 
 /// How often consumed messages are acknowledged when fewer than half a prefetch window came in.
 const ACK_EVERY: Duration = Duration::from_millis(100);
 /// How often the progress line is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
 
 /// Consumes until complete (+ settle) or the timeout; returns whether it timed out.
 pub(super) async fn consume(
@@ -93,14 +87,7 @@ pub(super) async fn consume(
             _ = ack_tick.tick() => {
                 ack_upto(&channel, &mut last_tag, &mut unacked).await.map_err(err("basic.ack"))?;
             }
-            _ = progress_tick.tick(), if opts.progress => {
-                eprintln!(
-                    "[{:>7.1}s] received {}  still expected {}",
-                    started.elapsed().as_secs_f64(),
-                    tally.received(),
-                    tally.remaining()
-                );
-            }
+            _ = progress_tick.tick(), if opts.progress => print_progress(started, tally),
             _ = tokio::time::sleep_until(stop_at.into()) => break complete_at.is_none(),
         }
     };

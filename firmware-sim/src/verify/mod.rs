@@ -7,15 +7,21 @@
 //! upstream queue ─ consume ───┘      └─> VerifyReport: missing / duplicates / out of order
 //! ```
 //!
-//! The consumer uses manual acknowledgements (batched with `multiple`) and a prefetch window,
-//! and stops when every acknowledged reading has arrived (plus `settle`, to catch trailing
-//! duplicates) or at the timeout. Messages it consumed are acknowledged, so the queue is
-//! drained of them; messages it did not get to stay in the queue.
+//! Either consumer stops when every acknowledged reading has arrived (plus `settle`, to catch
+//! trailing duplicates) or at the timeout.
+//!
+//! - AMQP (`amqp`): manual acknowledgements (batched with `multiple`) and a prefetch
+//!   window. Messages it consumed are acknowledged, so the queue is drained of them; messages it
+//!   did not get to stay in the queue.
+//! - Kafka (`kafka`): every partition of the topic from offset 0, merged. Per-device order is
+//!   partition order (the gateway keys records by device id). Nothing is committed, so the
+//!   topic can be verified again.
 
 mod amqp;
+mod kafka;
 mod tally;
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use tally::{DeviceVerdict, OutOfOrder, Tally, Totals, VerifyReport};
 
@@ -26,7 +32,8 @@ use crate::manifest::Manifest;
 pub enum Source {
     /// An AMQP 0-9-1 queue (the gateway's RabbitMQ uplink routes into it).
     Amqp { url: String, queue: String },
-    /// A Kafka topic. Not built yet: it comes with the Kafka uplink.
+    /// A Kafka topic (the gateway's Kafka uplink produces into it); `brokers` is the
+    /// comma-separated bootstrap list, `host:port` each.
     Kafka { brokers: String, topic: String },
 }
 
@@ -88,12 +95,6 @@ impl VerifyOptions {
 /// Why verification could not run (as opposed to running and finding problems).
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    /// `--kafka` was asked for; the Kafka consumer is not built yet.
-    #[error(
-        "verify --kafka is not built yet: the Kafka consumer comes with the Kafka uplink \
-         (DESIGN: rdkafka or rskafka behind the Uplink trait); verify through --amqp for now"
-    )]
-    KafkaNotBuilt,
     /// An AMQP operation failed (connect, channel, qos, consume, ack).
     #[error("AMQP {operation} ({source_desc}): {error}")]
     Amqp {
@@ -101,9 +102,37 @@ pub enum VerifyError {
         source_desc: String,
         error: lapin::Error,
     },
-    /// The broker cancelled the consumer (queue deleted, node down).
-    #[error("AMQP consumer on {0} was cancelled by the broker")]
+    /// The broker cancelled the consumer (queue deleted, node down), or every Kafka partition
+    /// stream ended.
+    #[error("consumer on {0} was cancelled by the broker")]
     Cancelled(String),
+    /// `--kafka` is not a list of `host:port`.
+    #[error("--kafka {0:?}: expected bootstrap brokers as host:port[,host:port...]")]
+    KafkaBrokers(String),
+    /// A Kafka operation failed after rskafka's retries (connect, metadata, open partition).
+    #[error("Kafka {operation} ({source_desc}): {error}")]
+    Kafka {
+        operation: &'static str,
+        source_desc: String,
+        // Boxed: the rskafka error is large, and this enum is every `Result` of the verifier.
+        error: Box<rskafka::client::error::Error>,
+    },
+    /// Fetching a partition failed after rskafka's retries.
+    #[error("Kafka fetch of partition {partition} ({source_desc}): {error}")]
+    KafkaFetch {
+        partition: i32,
+        source_desc: String,
+        error: Box<rskafka::client::error::Error>,
+    },
+    /// Connecting and reading the topic's metadata took longer than the whole timeout.
+    #[error("Kafka ({source_desc}): no connection and topic metadata within {after:?}")]
+    KafkaSetupTimeout {
+        source_desc: String,
+        after: Duration,
+    },
+    /// The topic is not in the cluster's metadata (or has no partitions).
+    #[error("Kafka topic not found ({0})")]
+    TopicNotFound(String),
 }
 
 /// Consumes from `opts.source` until every acknowledged reading in `manifest` arrived (and
@@ -113,7 +142,7 @@ pub async fn verify(
     opts: &VerifyOptions,
     manifest: &Manifest,
 ) -> Result<VerifyReport, VerifyError> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut tally = Tally::new(manifest);
     let timed_out = match &opts.source {
         Source::Amqp { url, queue } => {
@@ -127,7 +156,17 @@ pub async fn verify(
             )
             .await?
         }
-        Source::Kafka { .. } => return Err(VerifyError::KafkaNotBuilt),
+        Source::Kafka { brokers, topic } => {
+            kafka::consume(
+                brokers,
+                topic,
+                opts,
+                manifest,
+                &mut tally,
+                &opts.source.to_string(),
+            )
+            .await?
+        }
     };
     Ok(tally.report(
         manifest,
@@ -136,6 +175,23 @@ pub async fn verify(
         timed_out,
         started.elapsed().as_secs_f64(),
     ))
+}
+
+/// Wall clock, epoch microseconds (0 if the clock is before 1970).
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The progress line on stderr.
+pub(crate) fn print_progress(started: Instant, tally: &Tally) {
+    eprintln!(
+        "[{:>7.1}s] received {}  still expected {}",
+        started.elapsed().as_secs_f64(),
+        tally.received(),
+        tally.remaining()
+    );
 }
 
 /// Decodes one upstream message and records it. `now_us`: arrival time, epoch microseconds.
