@@ -16,8 +16,8 @@ use gateway_tests::{free_port, workspace_binary};
 
 const INSTALL_TANSU: &str =
     "cargo install tansu --version 0.6.0 --locked --features dynostore,libsql";
-const DEVICES: u64 = 20;
-const PER_DEVICE: u64 = 50;
+const DEVICES: u64 = 100;
+const PER_DEVICE: u64 = 100;
 
 /// A child process stopped with SIGTERM (then SIGKILL) when dropped.
 struct Running(Child);
