@@ -7,11 +7,10 @@
 //! kafka-python 3.x. Without either the tests fail, saying how to install it.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use gateway::config::{KafkaCompression, KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
 use gateway::forwarder::{self, DeadLetters};
@@ -20,8 +19,9 @@ use gateway::uplink::murmur2::partition_for_key;
 use gateway::uplink::Routes;
 use tokio_util::sync::CancellationToken;
 
-const INSTALL_TANSU: &str =
-    "cargo install tansu --version 0.6.0 --locked --features dynostore,libsql";
+mod tansu;
+use tansu::Tansu;
+
 const INSTALL_KAFKA_PYTHON: &str = "pip install 'kafka-python>=3,<4'";
 
 fn unique(prefix: &str) -> String {
@@ -30,33 +30,6 @@ fn unique(prefix: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("{prefix}-{}-{n}", std::process::id())
-}
-
-/// The tansu binary, or a failure saying how to install it.
-fn tansu_binary() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os("TANSU") {
-        candidates.push(PathBuf::from(p));
-    }
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
-    if let Some(h) = cargo_home {
-        candidates.push(h.join("bin/tansu"));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("tansu")));
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "tansu (the Kafka-compatible test broker) is not installed: not in $TANSU, \
-             ~/.cargo/bin or PATH. Install it with `{INSTALL_TANSU}` (about 20 minutes from \
-             cold on 2 cores)."
-            )
-        })
 }
 
 fn require_kafka_python() {
@@ -69,123 +42,6 @@ fn require_kafka_python() {
         "python3 cannot `import kafka` (the independent Kafka client of this test); \
          install it with `{INSTALL_KAFKA_PYTHON}`"
     );
-}
-
-/// A tansu broker on a free loopback port, killed when dropped.
-struct Tansu {
-    child: Child,
-    port: u16,
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Tansu {
-    fn start() -> Tansu {
-        let bin = tansu_binary();
-        let dir = tempfile::tempdir().unwrap();
-        // The port is free when we look; should another process take it before tansu binds it,
-        // tansu exits, and we try another port.
-        for _ in 0..3 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            match start_on(&bin, dir.path(), port) {
-                Ok(child) => {
-                    return Tansu {
-                        child,
-                        port,
-                        bin,
-                        dir,
-                    }
-                }
-                Err(why) => eprintln!("tansu on port {port}: {why}"),
-            }
-        }
-        panic!("tansu did not start (see above)");
-    }
-
-    /// Kills the broker and starts it again on the same port and database.
-    fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = start_on(&self.bin, self.dir.path(), self.port)
-            .unwrap_or_else(|why| panic!("tansu restart on port {}: {why}", self.port));
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("tansu-{}.log", self.port)))
-            .unwrap_or_default()
-    }
-
-    fn create_topic(&self, name: &str, partitions: u32) {
-        let out = Command::new(&self.bin)
-            .args(["topic", "create", name])
-            .args(["--partitions", &partitions.to_string()])
-            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tansu topic create {name}: {}\n{}\nbroker log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-    }
-}
-
-/// Starts tansu on `port` and waits until it accepts connections (or exits).
-fn start_on(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
-    let url = format!("tcp://127.0.0.1:{port}");
-    let log_path = dir.join(format!("tansu-{port}.log"));
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(bin)
-        .arg("broker")
-        .args(["--listener-url", &url])
-        .args(["--advertised-listener-url", &url])
-        // tansu resolves a sqlite URL against its working directory (host + path).
-        .args(["--storage-engine", "sqlite://tansu.db"])
-        .current_dir(dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(child);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited ({status}):\n{}", log()));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("not ready within 10 s:\n{}", log()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One record as kafka_consume.py prints it.
