@@ -109,3 +109,82 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// The real gateway binary, started for one test: certificates for `dev-00001..` in `certs`, the
+/// queue in a temporary directory, MQTT with mutual TLS on a free loopback port, and the given
+/// extra TOML (uplinks, routes). Stopped (SIGTERM) when dropped.
+pub struct GatewayProcess {
+    pub port: u16,
+    pub certs: PathBuf,
+    pub dir: tempfile::TempDir,
+    _running: Running,
+}
+
+/// Starts a [`GatewayProcess`] and waits until it listens.
+pub fn start_gateway(devices: usize, extra_toml: &str) -> GatewayProcess {
+    let gateway = workspace_binary("gateway", "gateway");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let certs = dir.path().join("certs");
+    let st = Command::new(&gateway)
+        .args([
+            "certs",
+            "generate",
+            "--devices",
+            &devices.to_string(),
+            "--out",
+        ])
+        .arg(&certs)
+        .output()
+        .expect("gateway certs generate runs");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let port = free_port();
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[queue]
+data_dir = "{data}"
+
+[[listeners]]
+bind = "127.0.0.1:{port}"
+tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
+
+[gateway]
+id = "e2e"
+
+{extra_toml}
+"#,
+            data = dir.path().join("data").display(),
+            c = certs.display(),
+        ),
+    )
+    .expect("write the gateway config");
+    let running = Running(
+        Command::new(&gateway)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the gateway"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    GatewayProcess {
+        port,
+        certs,
+        dir,
+        _running: running,
+    }
+}

@@ -3,10 +3,9 @@
 //! queue there and must find every acknowledged message, once per device order.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
-use gateway_tests::{free_port, workspace_binary, Running};
+use gateway_tests::{start_gateway, workspace_binary};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 
@@ -14,43 +13,17 @@ const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 #[tokio::test]
 async fn fleet_of_100_devices_through_the_gateway_to_rabbitmq_loses_and_reorders_nothing() {
-    let gateway = workspace_binary("gateway", "gateway");
     let sim = workspace_binary("firmware-sim", "firmware-sim");
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let st = Command::new(&gateway)
-        .args(["certs", "generate", "--devices", "100", "--out"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-
     let n = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
     let exchange = format!("e2e-x-{n}");
     let queue = format!("e2e-q-{n}");
-    let port = free_port();
-    let cfg = dir.path().join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[queue]
-data_dir = "{data}"
-
-[[listeners]]
-bind = "127.0.0.1:{port}"
-tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
-
-[gateway]
-id = "e2e"
-
-[[uplinks]]
+    let gw = start_gateway(
+        100,
+        &format!(
+            r#"[[uplinks]]
 name = "rabbit"
 type = "amqp"
 url = "{URL}"
@@ -62,32 +35,12 @@ declare_queue = "{queue}"
 [[routes]]
 filter = "devices/#"
 uplinks = ["rabbit"]
-"#,
-            data = dir.path().join("data").display(),
-            c = certs.display(),
+"#
         ),
-    )
-    .unwrap();
-    let gw = Running(
-        Command::new(&gateway)
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (port, certs, dir) = (gw.port, gw.certs.clone(), gw.dir.path().to_path_buf());
 
-    let manifest = dir.path().join("manifest.json");
+    let manifest = dir.join("manifest.json");
     let run = tokio::process::Command::new(&sim)
         .args(["run", "--broker", &format!("127.0.0.1:{port}")])
         .arg("--certs-dir")

@@ -7,11 +7,9 @@
 //! fails, saying how to install it.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
-use gateway_tests::{free_port, workspace_binary, Running};
+use gateway_tests::{start_gateway, workspace_binary};
 
 const DEVICES: u64 = 100;
 const PER_DEVICE: u64 = 100;
@@ -22,49 +20,17 @@ use tansu::Tansu;
 
 #[tokio::test]
 async fn fleet_through_the_gateway_to_kafka_loses_and_reorders_nothing() {
-    let gateway = workspace_binary("gateway", "gateway");
     let sim = workspace_binary("firmware-sim", "firmware-sim");
     let tansu = Tansu::start();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let st = Command::new(&gateway)
-        .args([
-            "certs",
-            "generate",
-            "--devices",
-            &DEVICES.to_string(),
-            "--out",
-        ])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-
     let n = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
     let topic = format!("e2e-{n}");
-    let port = free_port();
-    let cfg = dir.path().join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[queue]
-data_dir = "{data}"
-
-[[listeners]]
-bind = "127.0.0.1:{port}"
-tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
-
-[gateway]
-id = "e2e"
-
-[[uplinks]]
+    let gw = start_gateway(
+        DEVICES as usize,
+        &format!(
+            r#"[[uplinks]]
 name = "kafka"
 type = "kafka"
 bootstrap = ["{bootstrap}"]
@@ -75,32 +41,12 @@ create_topics = true
 filter = "devices/#"
 uplinks = ["kafka"]
 "#,
-            data = dir.path().join("data").display(),
-            c = certs.display(),
             bootstrap = tansu.bootstrap(),
         ),
-    )
-    .unwrap();
-    let gw = Running(
-        Command::new(&gateway)
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (port, certs, dir) = (gw.port, gw.certs.clone(), gw.dir.path().to_path_buf());
 
-    let manifest = dir.path().join("manifest.json");
+    let manifest = dir.join("manifest.json");
     let run = tokio::process::Command::new(&sim)
         .args(["run", "--broker", &format!("127.0.0.1:{port}")])
         .arg("--certs-dir")
