@@ -7,7 +7,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 
-use super::{now_us, print_progress, record_message, Tally, VerifyError, VerifyOptions};
+use super::{now_us, print_progress, record_message, StopRule, Tally, VerifyError, VerifyOptions};
 use crate::manifest::Manifest;
 
 /// How often consumed messages are acknowledged when fewer than half a prefetch window came in.
@@ -58,18 +58,11 @@ pub(super) async fn consume(
     let mut ack_tick = tokio::time::interval(ACK_EVERY);
     let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
     progress_tick.tick().await;
-    let mut complete_at: Option<Instant> = None;
+    let mut stop = StopRule::new(deadline, opts.settle);
 
     let timed_out = loop {
-        if tally.complete() {
-            let at = *complete_at.get_or_insert_with(Instant::now);
-            if at.elapsed() >= opts.settle {
-                break false;
-            }
-        }
-        let stop_at = match complete_at {
-            Some(at) => deadline.min(at + opts.settle),
-            None => deadline,
+        let Some(stop_at) = stop.next(tally.complete()) else {
+            break false;
         };
         tokio::select! {
             next = consumer.next() => match next {
@@ -88,7 +81,7 @@ pub(super) async fn consume(
                 ack_upto(&channel, &mut last_tag, &mut unacked).await.map_err(err("basic.ack"))?;
             }
             _ = progress_tick.tick(), if opts.progress => print_progress(started, tally),
-            _ = tokio::time::sleep_until(stop_at.into()) => break complete_at.is_none(),
+            _ = tokio::time::sleep_until(stop_at.into()) => break !stop.completed(),
         }
     };
 

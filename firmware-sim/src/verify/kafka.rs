@@ -16,7 +16,7 @@ use rskafka::client::ClientBuilder;
 use rskafka::record::Record;
 use rskafka::BackoffConfig;
 
-use super::{now_us, print_progress, record_message, Tally, VerifyError, VerifyOptions};
+use super::{now_us, print_progress, record_message, StopRule, Tally, VerifyError, VerifyOptions};
 use crate::manifest::Manifest;
 
 /// How long one fetch waits on the broker for new records before answering empty. Short, so
@@ -127,18 +127,11 @@ pub(super) async fn consume(
 
     let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
     progress_tick.tick().await;
-    let mut complete_at: Option<Instant> = None;
+    let mut stop = StopRule::new(deadline, opts.settle);
 
     let timed_out = loop {
-        if tally.complete() {
-            let at = *complete_at.get_or_insert_with(Instant::now);
-            if at.elapsed() >= opts.settle {
-                break false;
-            }
-        }
-        let stop_at = match complete_at {
-            Some(at) => deadline.min(at + opts.settle),
-            None => deadline,
+        let Some(stop_at) = stop.next(tally.complete()) else {
+            break false;
         };
         tokio::select! {
             next = records.next() => match next {
@@ -156,7 +149,7 @@ pub(super) async fn consume(
                 None => return Err(VerifyError::Cancelled(desc.to_owned())),
             },
             _ = progress_tick.tick(), if opts.progress => print_progress(started, tally),
-            _ = tokio::time::sleep_until(stop_at.into()) => break complete_at.is_none(),
+            _ = tokio::time::sleep_until(stop_at.into()) => break !stop.completed(),
         }
     };
     // rskafka has no explicit close; dropping the client closes its connections.

@@ -205,6 +205,44 @@ pub(crate) fn record_message(tally: &mut Tally, manifest: &Manifest, bytes: &[u8
     }
 }
 
+/// When a consumer stops: at the deadline, or `settle` after everything expected has arrived
+/// (to catch trailing duplicates). Shared by the AMQP and Kafka consumers.
+pub(crate) struct StopRule {
+    deadline: std::time::Instant,
+    settle: std::time::Duration,
+    complete_at: Option<std::time::Instant>,
+}
+
+impl StopRule {
+    pub(crate) fn new(deadline: std::time::Instant, settle: std::time::Duration) -> StopRule {
+        StopRule {
+            deadline,
+            settle,
+            complete_at: None,
+        }
+    }
+
+    /// `None` once everything arrived and the settle time passed; otherwise the instant at which
+    /// to stop waiting for more.
+    pub(crate) fn next(&mut self, complete: bool) -> Option<std::time::Instant> {
+        if complete {
+            let at = *self.complete_at.get_or_insert_with(std::time::Instant::now);
+            if at.elapsed() >= self.settle {
+                return None;
+            }
+        }
+        Some(match self.complete_at {
+            Some(at) => self.deadline.min(at + self.settle),
+            None => self.deadline,
+        })
+    }
+
+    /// Whether everything expected had arrived.
+    pub(crate) fn completed(&self) -> bool {
+        self.complete_at.is_some()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
