@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
@@ -27,7 +28,23 @@ use crate::uplink::{address, transcode, Outcome, Prepared, Routes, Uplink, Uplin
 pub struct DeadLetters {
     queue: Queue,
     count: Arc<AtomicU64>,
+    recent: Arc<Mutex<std::collections::VecDeque<DeadLetter>>>,
 }
+
+/// One dead letter as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    /// Seconds since the epoch.
+    pub time: f64,
+    pub uplink: String,
+    pub reason: String,
+    pub topic: String,
+    pub device: String,
+    pub seq: u64,
+}
+
+/// Dead letters kept in memory for the status page (the store keeps them all).
+const RECENT_DEAD_LETTERS: usize = 20;
 
 /// Bound of the dead-letter store: it must not take the main queue's space.
 const DEAD_LETTER_MAX_BYTES: u64 = 64 << 20;
@@ -45,6 +62,7 @@ impl DeadLetters {
         Ok(DeadLetters {
             queue,
             count: Arc::new(AtomicU64::new(0)),
+            recent: Arc::new(Mutex::new(std::collections::VecDeque::new())),
         })
     }
 
@@ -55,6 +73,12 @@ impl DeadLetters {
     /// Records dead-lettered since start.
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// The latest dead letters of this run, newest first.
+    pub fn recent(&self) -> Vec<DeadLetter> {
+        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter().rev().cloned().collect()
     }
 
     /// Stores `r` with the reason; durable when this returns `Ok`.
@@ -69,6 +93,22 @@ impl DeadLetters {
         props.push(("x-original-seq".into(), r.seq.to_string()));
         self.queue.append(&r.to_new(&props)).await?;
         self.count.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_DEAD_LETTERS {
+                recent.pop_front();
+            }
+            recent.push_back(DeadLetter {
+                time: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                uplink: uplink.into(),
+                reason: reason.into(),
+                topic: r.topic.clone(),
+                device: r.device_id.clone(),
+                seq: r.seq,
+            });
+        }
         tracing::warn!(
             uplink,
             seq = r.seq,
@@ -180,12 +220,29 @@ fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     min + (exp.saturating_sub(min)).mul_f64(jitter)
 }
 
-/// Starts the forwarder of `cfg`; returns its stats. It runs until `shutdown`.
+/// Starts the forwarder of `cfg`; returns its stats. It runs until `shutdown`: then it lets a
+/// send in flight finish (bounded by the uplink's confirm timeout), advances the cursor over what
+/// was confirmed, closes the uplink and returns. So stopping a forwarder (a reload, a shutdown)
+/// neither loses nor duplicates anything; aborting its task instead is safe too, but what was in
+/// flight is sent again by the next forwarder on that cursor.
 pub fn spawn(
     cfg: UplinkConfig,
     gateway_id: String,
     queue: Queue,
     routes: Arc<Routes>,
+    dead: DeadLetters,
+    shutdown: CancellationToken,
+) -> (Arc<ForwarderStats>, tokio::task::JoinHandle<()>) {
+    let (_fixed, routes) = watch::channel(routes);
+    spawn_with_routes(cfg, gateway_id, queue, routes, dead, shutdown)
+}
+
+/// [`spawn`] with routes that can change while it runs (a reload).
+pub fn spawn_with_routes(
+    cfg: UplinkConfig,
+    gateway_id: String,
+    queue: Queue,
+    routes: watch::Receiver<Arc<Routes>>,
     dead: DeadLetters,
     shutdown: CancellationToken,
 ) -> (Arc<ForwarderStats>, tokio::task::JoinHandle<()>) {
@@ -203,7 +260,7 @@ async fn run(
     cfg: UplinkConfig,
     gateway_id: String,
     queue: Queue,
-    routes: Arc<Routes>,
+    routes: watch::Receiver<Arc<Routes>>,
     dead: DeadLetters,
     stats: Arc<ForwarderStats>,
     shutdown: CancellationToken,
@@ -269,7 +326,9 @@ async fn run(
                 },
                 _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
             };
-            // Prepare: what this uplink sends, what it skips, what cannot be sent at all.
+            // Prepare: what this uplink sends, what it skips, what cannot be sent at all. The
+            // routes are read once per batch: a reload applies from the next batch on.
+            let routes = routes.borrow().clone();
             let mut prepared = Vec::new();
             let mut settled_before: Vec<(u64, Option<String>)> = Vec::new();
             for r in records {
@@ -309,14 +368,11 @@ async fn run(
             let (outcomes, failure) = if prepared.is_empty() {
                 (Vec::new(), None)
             } else {
-                tokio::select! {
-                    r = uplink.send(&prepared) => match r {
-                        Ok(o) => (o, None),
-                        Err(f) => (f.settled, Some(f.error)),
-                    },
-                    // Dropping the uplink closes its connection; unconfirmed records stay behind
-                    // the cursor and go out after the restart.
-                    _ = shutdown.cancelled() => return Ok(()),
+                // Not cancelled by `shutdown`: the send ends by itself within the confirm
+                // timeout, and what it confirmed is acked below, so a stop re-sends nothing.
+                match uplink.send(&prepared).await {
+                    Ok(o) => (o, None),
+                    Err(f) => (f.settled, Some(f.error)),
                 }
             };
             // Records of this batch without an outcome (the send failed first) are not settled.
@@ -407,7 +463,7 @@ async fn run(
 /// Moves records that match no route to the dead letters (cursor `_unrouted`).
 pub fn spawn_unrouted(
     queue: Queue,
-    routes: Arc<Routes>,
+    routes: watch::Receiver<Arc<Routes>>,
     dead: DeadLetters,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -425,6 +481,7 @@ pub fn spawn_unrouted(
                 _ = shutdown.cancelled() => return,
             };
             let mut last = None;
+            let routes = routes.borrow().clone();
             for r in &records {
                 if !routes.any(&r.topic) {
                     if let Err(error) = dead.put(r, "-", "no route matches the topic").await {

@@ -12,12 +12,17 @@
 //! - [`queue`]: the bounded, crash-safe, segmented on-disk log with named cursors. It knows
 //!   nothing of MQTT or uplinks.
 //!
-//! Ingest (MQTT over TLS), uplinks (AMQP, Kafka), the forwarder and metrics arrive with their own
-//! issues and plug into the queue's `append` / `Reader` API.
+//! - [`ingest`]: MQTT 3.1.1/5 over TLS, PUBACK after the durable append.
+//! - [`uplink`], [`forwarder`]: AMQP and Kafka, one forwarder per uplink on its own cursor.
+//! - [`service`]: the running gateway (start, reload, ordered stop); [`admin`]: metrics, health,
+//!   readiness, the status page; [`notify`]: systemd readiness and watchdog.
 
+pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod forwarder;
 pub mod ingest;
+pub mod notify;
 pub mod queue;
+pub mod service;
 pub mod uplink;

@@ -39,6 +39,16 @@ enum Command {
         #[arg(long, default_value = "config/gateway.toml")]
         config: PathBuf,
     },
+    /// Ask the running gateway to re-read its config (like SIGHUP), through its admin endpoint;
+    /// prints what changed, or why the new config was rejected (the old one keeps running).
+    Reload {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+        /// Release the cursor of a removed uplink, so the queue may delete records that only it
+        /// still needed (repeatable).
+        #[arg(long)]
+        release: Vec<String>,
+    },
     /// Validate a config file: exit 0, or exit 1 listing every problem.
     CheckConfig {
         #[arg(long)]
@@ -188,17 +198,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => Ok(check_config(&config)),
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path).and_then(|c| c.check_files().map(|()| c)) {
                 Ok(c) => c,
                 Err(e) => {
                     report_config_error(&e);
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            runtime()?.block_on(run(config))?;
+            let path = std::path::absolute(&path).unwrap_or(path);
+            runtime()?.block_on(run(config, path))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reload { config, release } => reload(&config, &release),
         Command::Queue(q) => queue_command(q),
         Command::Certs(CertsCommand::Generate { out, devices }) => {
             gateway::certs::generate(&out, devices)?;
@@ -251,8 +263,8 @@ impl std::fmt::Display for ErrorText {
 impl std::error::Error for ErrorText {}
 
 fn check_config(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(_) => {
+    match Config::load(path).and_then(|c| c.check_files()) {
+        Ok(()) => {
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }
@@ -263,117 +275,63 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-/// Makes the default config's development certificates when they are missing (only for the
-/// default paths: any other missing file is an error from the TLS setup, naming it).
-fn ensure_dev_certs(config: &Config) -> Result<()> {
-    use gateway::config::{TlsSetting, DEV_CERT_DIR};
-    let needs = config.listeners.clone().iter().any(|l| {
-        matches!(&l.tls, TlsSetting::On(t) if t.is_dev_default() && !t.cert.exists() && !t.key.exists())
-    });
-    if needs {
-        gateway::certs::generate(Path::new(DEV_CERT_DIR), 10)?;
-        tracing::warn!(
-            dir = DEV_CERT_DIR,
-            "development certificates were missing and have been created (a throwaway CA, a server certificate for localhost and 10 device certificates dev-00001..dev-00010); do not use them in production"
-        );
-    }
-    Ok(())
-}
-
-/// Runs the gateway until SIGINT/SIGTERM: the queue and MQTT ingest (uplinks plug in here).
-async fn run(config: Config) -> Result<()> {
-    ensure_dev_certs(&config)?;
-    let opts = config.queue.to_options();
-    let (queue, report) = tokio::task::spawn_blocking(move || Queue::open(opts))
+/// Runs the gateway until SIGINT/SIGTERM (see `gateway::service`).
+async fn run(config: Config, path: PathBuf) -> Result<()> {
+    gateway::service::Service::start(config, path)
+        .await?
+        .run()
         .await
-        .context("queue open task")??;
-    let stats = queue.stats();
-    tracing::info!(
-        data_dir = %queue.data_dir().display(),
-        records = stats.records,
-        bytes = stats.bytes,
-        max_bytes = stats.max_bytes,
-        fsync = ?queue.options().fsync,
-        full_policy = ?queue.options().full_policy,
-        truncated_bytes = report.truncated_bytes,
-        quarantined_records = report.quarantined_records,
-        "queue ready"
-    );
-    let ingest = gateway::ingest::Ingest::bind(&config, queue.clone()).await?;
-    for (addr, tls) in ingest.local_addrs() {
-        tracing::info!(%addr, tls, "listening for MQTT devices");
-    }
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    // Forwarders stop on their own token, after ingest: what ingest acknowledged last still
-    // gets its chance to go out during the grace period.
-    let forwarding = tokio_util::sync::CancellationToken::new();
-    let mut forwarders = Vec::new();
-    let mut dead_letters = None;
-    if config.uplinks.is_empty() {
-        tracing::warn!(
-            "no [[uplinks]] configured: messages are stored in the queue and stay there"
-        );
-    } else {
-        let opts = config.queue.to_options();
-        let dead =
-            tokio::task::spawn_blocking(move || gateway::forwarder::DeadLetters::open(&opts))
-                .await
-                .context("dead-letter store open task")??;
-        let routes = std::sync::Arc::new(gateway::uplink::Routes::new(config.routes.clone()));
-        for u in &config.uplinks {
-            let (_stats, h) = gateway::forwarder::spawn(
-                u.clone(),
-                config.gateway.id.clone(),
-                queue.clone(),
-                routes.clone(),
-                dead.clone(),
-                forwarding.clone(),
-            );
-            forwarders.push(h);
-        }
-        forwarders.push(gateway::forwarder::spawn_unrouted(
-            queue.clone(),
-            routes,
-            dead.clone(),
-            forwarding.clone(),
-        ));
-        dead_letters = Some(dead);
-    }
-    let serving = tokio::spawn(ingest.run(shutdown.clone()));
-    shutdown_signal().await;
-    tracing::info!(
-        "shutting down: closing device connections (in-flight acks finish), then forwarders, then the queue"
-    );
-    shutdown.cancel();
-    let _ = serving.await;
-    forwarding.cancel();
-    for f in forwarders {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), f).await;
-    }
-    tokio::task::spawn_blocking(move || {
-        if let Some(d) = dead_letters {
-            d.close();
-        }
-        queue.close()
-    })
-    .await
-    .context("queue close task")?;
-    Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// `gateway reload`: asks the running gateway (through its admin endpoint, which takes this
+/// from loopback only) to re-read its config, and prints what changed or why it was rejected.
+fn reload(config: &Path, release: &[String]) -> Result<ExitCode> {
+    use std::io::{Read, Write};
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            report_config_error(&e);
+            eprintln!("(the running gateway was not asked to reload)");
+            return Ok(ExitCode::FAILURE);
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let Some(addr) = cfg.admin.addr() else {
+        anyhow::bail!("admin.enabled = false in {}: send SIGHUP to the gateway instead (systemctl reload gateway)", config.display());
+    };
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the gateway's admin endpoint at {addr} (admin.listen); is it running?"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let query = if release.is_empty() {
+        String::new()
+    } else {
+        format!("?release={}", release.join(","))
+    };
+    write!(
+        tcp,
+        "POST /reload{query} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)
+        .context("read the reload answer")?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body.trim())
+        .with_context(|| format!("unexpected answer from {addr}: {response}"))?;
+    if v["ok"] == serde_json::Value::Bool(true) {
+        println!("reloaded:");
+        for c in v["changes"].as_array().into_iter().flatten() {
+            println!("  {}", c.as_str().unwrap_or_default());
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("reload rejected (the old config keeps running):");
+        for e in v["errors"].as_array().into_iter().flatten() {
+            eprintln!("  {}", e.as_str().unwrap_or_default());
+        }
+        Ok(ExitCode::FAILURE)
     }
 }
 

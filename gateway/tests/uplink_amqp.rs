@@ -30,6 +30,7 @@ fn amqp(name: &str, exchange: &str, queue: Option<&str>) -> AmqpConfig {
         name: name.into(),
         url: URL.into(),
         password_env: None,
+        ca_file: None,
         exchange: exchange.into(),
         routing_key: "{topic}".into(),
         declare: true,

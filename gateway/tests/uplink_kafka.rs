@@ -82,22 +82,22 @@ async fn consume(bootstrap: &str, topic: &str, expect: usize) -> Vec<Consumed> {
         .collect()
 }
 
+/// An uplink from the config file's defaults (so keys added later with a default need no change
+/// here), with test-sized timings.
 fn kafka(name: &str, bootstrap: &str, topic: &str) -> KafkaConfig {
-    KafkaConfig {
-        name: name.into(),
-        bootstrap: vec![bootstrap.into()],
-        topic: topic.into(),
-        create_topics: false,
-        partitions: 3,
-        replication_factor: 1,
-        compression: KafkaCompression::None,
-        max_batch: 64,
-        confirm_timeout: Duration::from_secs(10),
-        max_retries: 3,
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_secs(1),
-        max_rate: None,
-    }
+    let mut c: KafkaConfig = toml::from_str(&format!(
+        "name = {name:?}\nbootstrap = [{bootstrap:?}]\ntopic = {topic:?}\n"
+    ))
+    .unwrap();
+    c.partitions = 3;
+    c.replication_factor = 1;
+    c.compression = KafkaCompression::None;
+    c.max_batch = 64;
+    c.confirm_timeout = Duration::from_secs(10);
+    c.max_retries = 3;
+    c.backoff_min = Duration::from_millis(50);
+    c.backoff_max = Duration::from_secs(1);
+    c
 }
 
 fn open_queue(dir: &Path) -> (Queue, DeadLetters) {
@@ -397,6 +397,65 @@ async fn broker_outage_backs_off_then_the_backlog_drains_in_order() {
         assert_eq!(have, want, "{dev}: every record, first arrivals in order");
     }
 
+    stop.cancel();
+    let _ = h.await;
+    dead.close();
+    queue.close();
+}
+
+/// Interoperability with a client nobody here wrote: Debian's `kcat` (librdkafka) reads what the
+/// gateway produced, keys and headers included. Skipped (with a message) when kcat is missing.
+#[tokio::test]
+async fn kcat_reads_what_the_gateway_produced() {
+    if Command::new("kcat").arg("-V").output().is_err() {
+        eprintln!("kcat is not installed (apt-get install kcat): skipping");
+        return;
+    }
+    let tansu = Tansu::start();
+    let topic = unique("gw-kcat");
+    tansu.create_topic(&topic, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, dead) = open_queue(dir.path());
+    let routes = Arc::new(Routes::new(vec![route("devices/#", &["kafka"])]));
+    let mut last = 0;
+    for i in 0..10u32 {
+        let d = ["dev-1", "dev-4", "dev-7"][i as usize % 3];
+        last = queue
+            .append(&NewRecord::new(
+                d,
+                &format!("devices/{d}/t"),
+                format!("{d}:{i}").as_bytes(),
+            ))
+            .await
+            .unwrap();
+    }
+    let stop = CancellationToken::new();
+    let (_stats, h) = forwarder::spawn(
+        UplinkConfig::Kafka(kafka("kafka", &tansu.bootstrap(), &topic)),
+        "kcatgw".into(),
+        queue.clone(),
+        routes,
+        dead.clone(),
+        stop.clone(),
+    );
+    wait_acked(&queue, "kafka", last).await;
+    let out = tokio::process::Command::new("kcat")
+        .args(["-b", &tansu.bootstrap(), "-C", "-t", &topic, "-e", "-q"])
+        .args(["-f", "%k %h %s\n"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("kcat finished within 30 s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "kcat exit {}:\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    assert_eq!(stdout.lines().count(), 10, "{stdout}");
     stop.cancel();
     let _ = h.await;
     dead.close();

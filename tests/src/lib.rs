@@ -1,6 +1,8 @@
 //! Helpers shared by the cross-process tests: locating (and if needed building) the workspace's
 //! binaries, and free loopback ports.
 
+pub mod faults;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -115,6 +117,8 @@ pub fn free_port() -> u16 {
 /// extra TOML (uplinks, routes). Stopped (SIGTERM) when dropped.
 pub struct GatewayProcess {
     pub port: u16,
+    /// The admin endpoint (`/metrics`, `/readyz`, `POST /reload`) on 127.0.0.1.
+    pub admin_port: u16,
     pub certs: PathBuf,
     pub dir: tempfile::TempDir,
     _running: Running,
@@ -142,6 +146,7 @@ pub fn start_gateway(devices: usize, extra_toml: &str) -> GatewayProcess {
         String::from_utf8_lossy(&st.stderr)
     );
     let port = free_port();
+    let admin_port = free_port();
     let cfg = dir.path().join("gateway.toml");
     std::fs::write(
         &cfg,
@@ -155,6 +160,9 @@ tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pe
 
 [gateway]
 id = "e2e"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
 
 {extra_toml}
 "#,
@@ -183,6 +191,7 @@ id = "e2e"
     }
     GatewayProcess {
         port,
+        admin_port,
         certs,
         dir,
         _running: running,

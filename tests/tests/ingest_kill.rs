@@ -261,7 +261,10 @@ async fn every_message_pubacked_before_a_sigkill_is_in_the_queue_after_restart()
     std::fs::write(
         &config,
         format!(
-            r#"[queue]
+            r#"[admin]
+enabled = false
+
+[queue]
 data_dir = {data}
 segment_bytes = "1 MiB"
 max_bytes = "1 GiB"

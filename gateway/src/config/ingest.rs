@@ -60,12 +60,38 @@ impl Default for ListenerConfig {
 }
 
 /// `tls = false` or `tls = { cert = ..., key = ... }`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsSetting {
     /// Must be `false`: plaintext, logged as a warning.
     Off(bool),
     On(TlsConfig),
+}
+
+/// By hand rather than `untagged`, so that a mistake inside the table (an unknown or missing
+/// key) is reported as such, not as "did not match any variant".
+impl<'de> Deserialize<'de> for TlsSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TlsSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "`false` (plaintext) or a table like { cert = \"server.pem\", key = \"server.key\" }",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<TlsSetting, E> {
+                Ok(TlsSetting::Off(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TlsSetting, A::Error> {
+                TlsConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TlsSetting::On)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -24,8 +24,10 @@ use serde::Deserialize;
 
 use crate::queue::{self, FsyncPolicy, QueueOptions};
 
+mod admin;
 mod ingest;
 mod uplink;
+pub use admin::*;
 pub use ingest::*;
 pub use uplink::*;
 
@@ -96,6 +98,8 @@ pub struct Config {
     pub uplinks: Vec<UplinkConfig>,
     /// `[[routes]]`: which records go to which uplinks.
     pub routes: Vec<RouteConfig>,
+    /// `[admin]`: metrics, health, the status page and reload.
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -109,6 +113,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             uplinks: Vec::new(),
             routes: Vec::new(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -278,6 +283,44 @@ impl Config {
         ingest::check_limits(&self.limits, &mut problems);
         ingest::check_acl(&self.acl, &mut problems);
         uplink::check(&self.uplinks, &self.routes, &mut problems);
+        self.admin.check(&mut problems);
+        self.gateway.check(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    /// Checks the files the config names (TLS certificates and keys, the password file): each
+    /// must be readable. Separate from [`Config::validate`] so that a config can be checked
+    /// on another machine; `gateway check-config` and `run` call both. The default config's
+    /// development certificates may be missing (the gateway makes them).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut readable = |key: String, path: &Path| {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(Problem {
+                    key,
+                    value: quoted(&path.display().to_string()),
+                    reason: format!("cannot read it ({e}); check the path and that the gateway's user may read it"),
+                });
+            }
+        };
+        for (i, l) in self.listeners.iter().enumerate() {
+            let TlsSetting::On(t) = &l.tls else { continue };
+            if t.is_dev_default() && !t.cert.exists() && !t.key.exists() {
+                continue;
+            }
+            readable(format!("listeners[{i}].tls.cert"), &t.cert);
+            readable(format!("listeners[{i}].tls.key"), &t.key);
+            if let Some(ca) = &t.client_ca {
+                readable(format!("listeners[{i}].tls.client_ca"), ca);
+            }
+        }
+        if let Some(p) = &self.auth.password_file {
+            readable("auth.password_file".into(), p);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -606,8 +649,23 @@ mod tests {
 
     #[test]
     fn default_config_file_parses_and_equals_default() {
-        let config = Config::from_toml_str(DEFAULT_CONFIG).unwrap();
+        let mut config = Config::from_toml_str(DEFAULT_CONFIG).unwrap();
+        // The file adds one thing that a missing key does not: the AMQP uplink to a local
+        // RabbitMQ, with its route, so that a first run delivers somewhere.
+        let uplinks = std::mem::take(&mut config.uplinks);
+        let routes = std::mem::take(&mut config.routes);
         assert_eq!(config, Config::default());
+        assert_eq!(uplinks.len(), 1);
+        assert_eq!(uplinks[0].name(), "rabbit");
+        match &uplinks[0] {
+            UplinkConfig::Amqp(a) => {
+                assert_eq!(a.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+                assert!(a.declare && a.declare_queue.as_deref() == Some("telemetry"));
+            }
+            other => panic!("the default uplink is not AMQP: {other:?}"),
+        }
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].uplinks, vec!["rabbit".to_string()]);
     }
 
     #[test]
@@ -632,6 +690,9 @@ mod tests {
             "max_topic_length",
             "connect_timeout",
             "quota_wait",
+            "shutdown_grace",
+            "enabled",
+            "listen",
         ] {
             assert!(
                 DEFAULT_CONFIG.contains(&format!("{key} = ")),

@@ -1,7 +1,11 @@
 //! The forwarding sections: `[gateway]`, `[[uplinks]]` and `[[routes]]`.
 
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 use super::{de, duration_value, quoted, Problem};
@@ -22,12 +26,40 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct GatewayConfig {
     /// Part of every message id (`{id}-{seq}`), so consumers can deduplicate across gateways.
     pub id: String,
+    /// On SIGTERM/SIGINT, how long the forwarders may keep draining the backlog (after devices
+    /// are disconnected and their last acks sent) before the uplinks are closed.
+    #[serde(deserialize_with = "de::duration")]
+    pub shutdown_grace: Duration,
 }
+
+/// Default for `gateway.shutdown_grace`: short enough for systemd's default 90 s stop timeout,
+/// long enough to deliver what is in flight and a little backlog.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             id: "edge-gateway".into(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub(super) fn check(&self, problems: &mut Vec<Problem>) {
+        if self.id.is_empty() || self.id.len() > 128 || self.id.chars().any(char::is_control) {
+            problems.push(Problem {
+                key: "gateway.id".into(),
+                value: quoted(&self.id),
+                reason: "use 1-128 printable characters; it is part of every message id".into(),
+            });
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            problems.push(Problem {
+                key: "gateway.shutdown_grace".into(),
+                value: duration_value(self.shutdown_grace),
+                reason: "longer than an hour; a service manager would kill the gateway first (the queue keeps the backlog anyway)".into(),
+            });
         }
     }
 }
@@ -77,6 +109,15 @@ impl UplinkConfig {
             UplinkConfig::Kafka(k) => k.max_rate,
         }
     }
+
+    /// How long the forwarder waits for more records when fewer than [`Self::batch`] are ready
+    /// (Kafka `linger`; zero for AMQP, whose confirm window already streams).
+    pub fn linger(&self) -> Duration {
+        match self {
+            UplinkConfig::Amqp(_) => Duration::ZERO,
+            UplinkConfig::Kafka(k) => k.linger,
+        }
+    }
 }
 
 /// An AMQP 0-9-1 uplink (RabbitMQ).
@@ -90,6 +131,10 @@ pub struct AmqpConfig {
     /// An environment variable holding the password (replaces the one in `url`).
     #[serde(default)]
     pub password_env: Option<String>,
+    /// With `amqps://`: a PEM file of CA certificates to trust besides the system's store (for a
+    /// broker with a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Exchange (template), e.g. "telemetry".
     pub exchange: String,
     /// Routing key (template); `{topic}` has `/` turned into `.`.
@@ -134,6 +179,63 @@ pub enum KafkaCompression {
     Gzip,
 }
 
+/// How long a Kafka uplink waits for more records before producing a batch smaller than
+/// `max_batch`: long enough that a burst from many devices goes out as one produce request per
+/// partition instead of many small ones, short against the broker's own acks=all round trip.
+pub const DEFAULT_KAFKA_LINGER: Duration = Duration::from_millis(5);
+/// Above this, `linger` only delays records: batches fill while a produce is in flight anyway.
+pub const MAX_KAFKA_LINGER: Duration = Duration::from_secs(1);
+
+/// SASL mechanisms of a Kafka uplink (those rskafka speaks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SaslMechanism {
+    /// The password goes to the broker as it is: use it only with `tls = true`.
+    Plain,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "scram-sha-512")]
+    ScramSha512,
+}
+
+/// `sasl = { mechanism = "...", username = "...", password_env = "..." }` on a Kafka uplink.
+/// Debug never shows the password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSasl {
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    /// The password in the config file. Prefer `password_env`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// An environment variable holding the password (read at each connect, never logged).
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+impl fmt::Debug for KafkaSasl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSasl")
+            .field("mechanism", &self.mechanism)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("password_env", &self.password_env)
+            .finish()
+    }
+}
+
+impl KafkaSasl {
+    /// The password: from the config, or from the environment variable it names.
+    pub fn password(&self) -> Result<String, String> {
+        match (&self.password, &self.password_env) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(var)) => std::env::var(var)
+                .map_err(|_| format!("environment variable {var} (sasl.password_env) is not set")),
+            (None, None) => Err("sasl has neither password nor password_env".into()),
+        }
+    }
+}
+
 /// A Kafka uplink. Records are keyed by device id and partitioned like the Java client's
 /// default partitioner, so one device's records stay in one partition, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -158,6 +260,18 @@ pub struct KafkaConfig {
     /// Records read from the queue per round: one produce request per partition per round.
     #[serde(default = "default_window")]
     pub max_batch: usize,
+    /// With fewer than `max_batch` records ready, wait up to this for more before producing.
+    #[serde(default = "default_kafka_linger", deserialize_with = "de::duration")]
+    pub linger: Duration,
+    /// Speak TLS (rustls) to every broker, bootstrap and advertised alike.
+    #[serde(default)]
+    pub tls: bool,
+    /// With `tls`: a PEM file of CA certificates to trust besides the system's store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SASL authentication (PLAIN or SCRAM); none by default.
+    #[serde(default)]
+    pub sasl: Option<KafkaSasl>,
     /// A produce (acks=all) not answered within this: stalled, reconnect and re-send.
     #[serde(default = "default_confirm_timeout", deserialize_with = "de::duration")]
     pub confirm_timeout: Duration,
@@ -173,6 +287,9 @@ pub struct KafkaConfig {
     pub max_rate: Option<u32>,
 }
 
+fn default_kafka_linger() -> Duration {
+    DEFAULT_KAFKA_LINGER
+}
 fn default_kafka_partitions() -> i32 {
     DEFAULT_KAFKA_PARTITIONS
 }
@@ -349,6 +466,21 @@ fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<P
             reason: "must be between 1 and 65535".into(),
         });
     }
+    if let Some(ca) = &a.ca_file {
+        if !a.url.starts_with("amqps://") {
+            problems.push(Problem {
+                key: key("ca_file"),
+                value: quoted(&ca.display().to_string()),
+                reason: "only used with an amqps:// url; use amqps:// or remove ca_file".into(),
+            });
+        } else if let Err(why) = load_ca_file(ca) {
+            problems.push(Problem {
+                key: key("ca_file"),
+                value: quoted(&ca.display().to_string()),
+                reason: why,
+            });
+        }
+    }
     if a.declare_queue.is_some() && !a.declare {
         problems.push(Problem {
             key: key("declare_queue"),
@@ -425,6 +557,73 @@ fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec
             reason: "must be above zero".into(),
         });
     }
+    if k.linger > MAX_KAFKA_LINGER {
+        problems.push(Problem {
+            key: key("linger"),
+            value: duration_value(k.linger),
+            reason: format!(
+                "at most {}: batches fill while a produce is in flight anyway, a longer linger \
+                 only delays records; use \"0s\" to send at once",
+                humantime::format_duration(MAX_KAFKA_LINGER)
+            ),
+        });
+    }
+    if let Some(ca) = &k.ca_file {
+        if !k.tls {
+            problems.push(Problem {
+                key: key("ca_file"),
+                value: quoted(&ca.display().to_string()),
+                reason: "only used with tls = true; set tls = true or remove ca_file".into(),
+            });
+        } else if let Err(why) = load_ca_file(ca) {
+            problems.push(Problem {
+                key: key("ca_file"),
+                value: quoted(&ca.display().to_string()),
+                reason: why,
+            });
+        }
+    }
+    if let Some(sasl) = &k.sasl {
+        if sasl.username.is_empty() {
+            problems.push(Problem {
+                key: key("sasl.username"),
+                value: quoted(""),
+                reason: "must not be empty".into(),
+            });
+        }
+        match (&sasl.password, &sasl.password_env) {
+            (Some(_), Some(_)) => problems.push(Problem {
+                key: key("sasl.password"),
+                value: "(hidden)".into(),
+                reason: "give either password or password_env, not both".into(),
+            }),
+            (None, None) => problems.push(Problem {
+                key: key("sasl.password_env"),
+                value: "(missing)".into(),
+                reason: "name the environment variable holding the password (or set password)"
+                    .into(),
+            }),
+            (None, Some(var)) if var.is_empty() || var.contains('=') => problems.push(Problem {
+                key: key("sasl.password_env"),
+                value: quoted(var),
+                reason: "not an environment variable name".into(),
+            }),
+            _ => {}
+        }
+    }
+}
+
+/// Reads a PEM file of CA certificates (an uplink's `ca_file`); says why not in words an
+/// operator can act on.
+pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")".into());
+    }
+    Ok(certs)
 }
 
 /// Whether `b` may appear in a Kafka topic name.
@@ -495,6 +694,132 @@ mod tests {
         assert_eq!(k.replication_factor, DEFAULT_KAFKA_REPLICATION_FACTOR);
         assert_eq!(k.max_batch, DEFAULT_WINDOW);
         assert_eq!(k.confirm_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kafka_linger_tls_and_sasl_parse_and_the_password_never_shows_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let c = crate::config::Config::from_toml_str(&format!(
+            r#"
+            [[uplinks]]
+            name = "kafka"
+            type = "kafka"
+            bootstrap = ["127.0.0.1:9093"]
+            topic = "t"
+            linger = "20ms"
+            tls = true
+            ca_file = {ca:?}
+            sasl = {{ mechanism = "scram-sha-512", username = "gw", password = "s3cret" }}
+            "#,
+            ca = ca.display().to_string()
+        ))
+        .unwrap();
+        let UplinkConfig::Kafka(k) = &c.uplinks[0] else {
+            panic!("{:?}", c.uplinks[0]);
+        };
+        assert_eq!(k.linger, Duration::from_millis(20));
+        assert_eq!(c.uplinks[0].linger(), Duration::from_millis(20));
+        assert!(k.tls);
+        assert_eq!(k.ca_file.as_deref(), Some(ca.as_path()));
+        let sasl = k.sasl.as_ref().unwrap();
+        assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
+        assert_eq!(sasl.password().unwrap(), "s3cret");
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+
+        // Defaults: 5 ms linger, no TLS, no SASL.
+        let c = crate::config::Config::from_toml_str(
+            "[[uplinks]]\nname = \"k\"\ntype = \"kafka\"\nbootstrap = [\"h:1\"]\ntopic = \"t\"\n",
+        )
+        .unwrap();
+        let UplinkConfig::Kafka(k) = &c.uplinks[0] else {
+            panic!()
+        };
+        assert_eq!(k.linger, DEFAULT_KAFKA_LINGER);
+        assert!(!k.tls && k.ca_file.is_none() && k.sasl.is_none());
+    }
+
+    #[test]
+    fn kafka_linger_tls_and_sasl_problems_name_the_key() {
+        let p = problems(
+            r#"
+            [[uplinks]]
+            name = "kafka"
+            type = "kafka"
+            bootstrap = ["h:9092"]
+            topic = "t"
+            linger = "5s"
+            ca_file = "/nonexistent/ca.pem"
+            sasl = { mechanism = "plain", username = "", password = "x", password_env = "P" }
+            "#,
+        )
+        .join("\n");
+        for key in [
+            "uplinks[0].linger = \"5s\"",
+            "uplinks[0].ca_file",
+            "only used with tls = true",
+            "uplinks[0].sasl.username",
+            "uplinks[0].sasl.password = (hidden)",
+        ] {
+            assert!(p.contains(key), "{key} missing in:\n{p}");
+        }
+        assert!(!p.contains("\"x\""), "the password is not shown: {p}");
+        let p = problems(
+            r#"
+            [[uplinks]]
+            name = "kafka"
+            type = "kafka"
+            bootstrap = ["h:9092"]
+            topic = "t"
+            tls = true
+            ca_file = "/nonexistent/ca.pem"
+            sasl = { mechanism = "scram-sha-256", username = "gw" }
+            "#,
+        )
+        .join("\n");
+        for key in [
+            "uplinks[0].ca_file = \"/nonexistent/ca.pem\": cannot read it",
+            "uplinks[0].sasl.password_env",
+        ] {
+            assert!(p.contains(key), "{key} missing in:\n{p}");
+        }
+        let e = crate::config::Config::from_toml_str(
+            "[[uplinks]]\nname = \"k\"\ntype = \"kafka\"\nbootstrap = [\"h:1\"]\ntopic = \"t\"\nsasl = { mechanism = \"gssapi\", username = \"u\", password = \"p\" }\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("gssapi"), "{e}");
+    }
+
+    #[test]
+    fn amqp_ca_file_needs_amqps_and_a_pem_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let p = problems(&format!(
+            r#"
+            [[uplinks]]
+            name = "a"
+            type = "amqp"
+            url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+            exchange = "x"
+            ca_file = {f:?}
+            [[uplinks]]
+            name = "b"
+            type = "amqp"
+            url = "amqps://guest:guest@127.0.0.1:5671/%2f"
+            exchange = "x"
+            ca_file = {f:?}
+            "#,
+            f = not_pem.display().to_string()
+        ))
+        .join("\n");
+        assert!(p.contains("uplinks[0].ca_file"), "{p}");
+        assert!(p.contains("only used with an amqps:// url"), "{p}");
+        assert!(p.contains("uplinks[1].ca_file"), "{p}");
+        assert!(p.contains("holds no PEM certificate"), "{p}");
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub(crate) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::channel(usize::from(shared.limits.receive_maximum) + 8);
+    let policy = shared.policy();
+    let (tx, rx) = mpsc::channel(usize::from(policy.limits().receive_maximum) + 8);
     let version = Arc::new(std::sync::OnceLock::new());
     let acks_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = tokio::spawn(write_loop(
@@ -55,7 +56,7 @@ pub(crate) async fn serve<S>(
         acks_sent.clone(),
     ));
     let mut conn = Conn {
-        session: Session::new(shared.session_limits()),
+        session: Session::new(policy.session_limits()),
         shared: shared.clone(),
         tx,
         version,
@@ -104,7 +105,7 @@ impl Conn {
         connect_deadline: Instant,
         shutdown: CancellationToken,
     ) {
-        let max_packet = self.shared.limits.max_packet_size as usize;
+        let max_packet = self.shared.policy().limits().max_packet_size as usize;
         let mut buf = BytesMut::with_capacity(4096);
         loop {
             // Everything complete in the buffer first.
@@ -113,7 +114,8 @@ impl Conn {
                     Ok(Some(packet)) => {
                         self.session
                             .acks_sent(self.acks_sent.load(Ordering::Acquire));
-                        let acts = self.session.on_packet(packet, &*self.shared.acl);
+                        let policy = self.shared.policy();
+                        let acts = self.session.on_packet(packet, policy.acl());
                         if let Step::Stop = self.perform(acts).await {
                             return;
                         }
@@ -192,7 +194,8 @@ impl Conn {
                     if let Ok(ident) = &result {
                         tracing::debug!(client_id = %c.client_id, identity = %ident.name, "authenticated");
                     }
-                    let mut more = self.session.authenticated(result, &*self.shared.acl);
+                    let policy = self.shared.policy();
+                    let mut more = self.session.authenticated(result, policy.acl());
                     if self.session.is_connected() {
                         self.register();
                     }
@@ -222,10 +225,10 @@ impl Conn {
         let Ok(_permit) = self.shared.auth_permits.acquire().await else {
             return Err(reason::SERVER_BUSY);
         };
-        let shared = self.shared.clone();
+        let policy = self.shared.policy();
         let c = c.clone();
         let cert = self.cert_identity.clone();
-        tokio::task::spawn_blocking(move || shared.auth.authenticate(&c, cert.as_deref()))
+        tokio::task::spawn_blocking(move || policy.authenticate(&c, cert.as_deref()))
             .await
             .unwrap_or(Err(reason::SERVER_BUSY))
     }
@@ -254,7 +257,7 @@ impl Conn {
     async fn append(&mut self, m: Message, ack: Option<Outbound>) -> Step {
         self.shared.stats.publishes[usize::from(m.qos.min(2))].fetch_add(1, Ordering::Relaxed);
         let v5 = self.session.version() == Some(Version::V5);
-        let quota_deadline = Instant::now() + self.shared.limits.quota_wait;
+        let quota_deadline = Instant::now() + self.shared.policy().limits().quota_wait;
         let queue = self.shared.queue.clone();
         loop {
             let notified = queue.wait_for_space();

@@ -47,6 +47,8 @@ pub enum IngestError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error("the [[listeners]] addresses changed; that takes a restart (a reload keeps the listening sockets so that no device is dropped)")]
+    ListenersChanged,
 }
 
 /// Counters of the ingest side (exported as metrics by the metrics module).
@@ -96,21 +98,52 @@ impl IngestStats {
     }
 }
 
-/// What every connection shares.
-pub(crate) struct Shared {
-    queue: Queue,
+/// What a reload can change: who may connect, what they may publish, the limits and the TLS
+/// certificates. A connection reads it at its start (limits, TLS, authentication) and the ACL at
+/// every publish, so a reload never drops a connected device and a revoked permission applies at
+/// once.
+pub(crate) struct Policy {
     auth: Authenticator,
-    acl: Arc<Acl>,
+    acl: Acl,
     limits: LimitsConfig,
-    /// Connected client ids: registration id and the notifier that closes that connection.
-    registry: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
-    next_reg: AtomicU64,
-    auth_permits: Semaphore,
-    stats: Arc<IngestStats>,
+    /// The acceptor of each listener, in `config.listeners` order (`None`: plaintext).
+    tls: Vec<Option<TlsAcceptor>>,
 }
 
-impl Shared {
-    fn session_limits(&self) -> SessionLimits {
+impl Policy {
+    fn new(config: &Config) -> Result<Policy, IngestError> {
+        let mut tls = Vec::new();
+        for l in &config.listeners {
+            tls.push(match &l.tls {
+                TlsSetting::On(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+                TlsSetting::Off(_) => None,
+            });
+        }
+        Ok(Policy {
+            auth: Authenticator::new(&config.auth)?,
+            acl: Acl::new(config.acl.clone()),
+            limits: config.limits.clone(),
+            tls,
+        })
+    }
+
+    pub(crate) fn authenticate(
+        &self,
+        c: &codec::Connect,
+        cert_identity: Option<&str>,
+    ) -> Result<session::Identity, u8> {
+        self.auth.authenticate(c, cert_identity)
+    }
+
+    pub(crate) fn acl(&self) -> &Acl {
+        &self.acl
+    }
+
+    pub(crate) fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
+    pub(crate) fn session_limits(&self) -> SessionLimits {
         SessionLimits {
             max_packet_size: u32::try_from(self.limits.max_packet_size).unwrap_or(u32::MAX),
             receive_maximum: self.limits.receive_maximum,
@@ -120,48 +153,128 @@ impl Shared {
     }
 }
 
+/// What every connection shares.
+pub(crate) struct Shared {
+    queue: Queue,
+    policy: std::sync::RwLock<Arc<Policy>>,
+    /// Connected client ids: registration id and the notifier that closes that connection.
+    registry: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    next_reg: AtomicU64,
+    auth_permits: Semaphore,
+    stats: Arc<IngestStats>,
+}
+
+impl Shared {
+    /// The policy in force now.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// A bound listener, ready to accept.
 struct Listener {
     tcp: TcpListener,
-    tls: Option<TlsAcceptor>,
+    /// Index into [`Policy::tls`].
+    index: usize,
+    tls: bool,
 }
 
 /// Ingest with its sockets bound; [`Ingest::run`] serves until the shutdown token fires.
 pub struct Ingest {
     listeners: Vec<Listener>,
+    handle: IngestHandle,
+}
+
+/// Reaches a running ingest: its counters, and [`IngestHandle::reload`].
+#[derive(Clone)]
+pub struct IngestHandle {
     shared: Arc<Shared>,
     connections: Arc<Semaphore>,
+    max_connections: Arc<Mutex<usize>>,
+    binds: Vec<String>,
 }
+
+impl IngestHandle {
+    pub fn stats(&self) -> Arc<IngestStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Checks that `config`'s ingest side can be applied (certificates and key files load, the
+    /// password file reads) without applying it.
+    pub fn prepare(&self, config: &Config) -> Result<PreparedPolicy, IngestError> {
+        let binds: Vec<String> = config.listeners.iter().map(|l| l.bind.clone()).collect();
+        if binds != self.binds {
+            return Err(IngestError::ListenersChanged);
+        }
+        Ok(PreparedPolicy(Arc::new(Policy::new(config)?)))
+    }
+
+    /// Puts a prepared policy in force: new connections use it, connected devices stay
+    /// connected and get the new ACL from their next publish.
+    pub fn apply(&self, p: PreparedPolicy) {
+        let want = p.0.limits.max_connections;
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = p.0;
+        let mut have = self
+            .max_connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if want > *have {
+            self.connections.add_permits(want - *have);
+        } else if want < *have {
+            // Permits held by live connections are not taken back: the limit applies as they
+            // close (whatever cannot be forgotten now stays available, a bounded overshoot).
+            let forgotten = self.connections.forget_permits(*have - want);
+            *have -= forgotten;
+            if forgotten < *have - want {
+                tracing::warn!(
+                    want,
+                    now = *have,
+                    "max_connections lowered while devices are connected: the new limit applies to the permits free now; the rest is kept until restart"
+                );
+            }
+            return;
+        }
+        *have = want;
+    }
+}
+
+/// A checked ingest policy, ready for [`IngestHandle::apply`].
+pub struct PreparedPolicy(Arc<Policy>);
 
 impl Ingest {
     /// Builds TLS configs and binds every listener (no connection is accepted yet).
     pub async fn bind(config: &Config, queue: Queue) -> Result<Ingest, IngestError> {
+        let policy = Policy::new(config)?;
         let mut listeners = Vec::new();
-        for l in config.listeners.clone() {
-            let tls = match &l.tls {
-                TlsSetting::On(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
-                TlsSetting::Off(_) => {
-                    tracing::warn!(bind = %l.bind, "plaintext MQTT listener (tls = false): credentials and data cross the network unencrypted");
-                    None
-                }
-            };
+        for (index, l) in config.listeners.iter().enumerate() {
+            if let TlsSetting::Off(_) = &l.tls {
+                tracing::warn!(bind = %l.bind, "plaintext MQTT listener (tls = false): credentials and data cross the network unencrypted");
+            }
             let tcp = TcpListener::bind(&l.bind)
                 .await
                 .map_err(|source| IngestError::Bind {
                     addr: l.bind.clone(),
                     source,
                 })?;
-            listeners.push(Listener { tcp, tls });
+            listeners.push(Listener {
+                tcp,
+                index,
+                tls: matches!(l.tls, TlsSetting::On(_)),
+            });
         }
         if config.auth.allow_anonymous {
             tracing::warn!("anonymous devices are allowed ([auth] allow_anonymous = true)");
         }
-        let auth = Authenticator::new(&config.auth)?;
         let shared = Arc::new(Shared {
             queue,
-            auth,
-            acl: Arc::new(Acl::new(config.acl.clone())),
-            limits: config.limits.clone(),
+            policy: std::sync::RwLock::new(Arc::new(policy)),
             registry: Mutex::new(HashMap::new()),
             next_reg: AtomicU64::new(1),
             auth_permits: Semaphore::new(
@@ -171,8 +284,12 @@ impl Ingest {
         });
         Ok(Ingest {
             listeners,
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            shared,
+            handle: IngestHandle {
+                shared,
+                connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+                max_connections: Arc::new(Mutex::new(config.limits.max_connections)),
+                binds: config.listeners.iter().map(|l| l.bind.clone()).collect(),
+            },
         })
     }
 
@@ -180,12 +297,17 @@ impl Ingest {
     pub fn local_addrs(&self) -> Vec<(SocketAddr, bool)> {
         self.listeners
             .iter()
-            .filter_map(|l| l.tcp.local_addr().ok().map(|a| (a, l.tls.is_some())))
+            .filter_map(|l| l.tcp.local_addr().ok().map(|a| (a, l.tls)))
             .collect()
     }
 
     pub fn stats(&self) -> Arc<IngestStats> {
-        self.shared.stats.clone()
+        self.handle.stats()
+    }
+
+    /// A handle for counters and reloads that outlives [`Ingest::run`]'s start.
+    pub fn handle(&self) -> IngestHandle {
+        self.handle.clone()
     }
 
     /// Accepts and serves until `shutdown` fires, then closes every connection (each finishes the
@@ -195,8 +317,8 @@ impl Ingest {
         for l in self.listeners {
             tracker.spawn(accept_loop(
                 l,
-                self.shared.clone(),
-                self.connections.clone(),
+                self.handle.shared.clone(),
+                self.handle.connections.clone(),
                 tracker.clone(),
                 shutdown.clone(),
             ));
@@ -238,8 +360,10 @@ async fn accept_loop(
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let _ = tcp.set_nodelay(true);
-        let deadline = Instant::now() + shared.limits.connect_timeout;
-        let (shared, tls, shutdown) = (shared.clone(), l.tls.clone(), shutdown.clone());
+        let policy = shared.policy();
+        let deadline = Instant::now() + policy.limits.connect_timeout;
+        let tls = policy.tls.get(l.index).cloned().flatten();
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
         // The handshake runs in the connection's own task: the accept loop never waits on it.
         tracker.spawn(async move {
             let _permit = permit;
@@ -279,6 +403,6 @@ async fn handle(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|der| auth::identity_from_cert(der, shared.auth.cert_identity_mode()));
+        .and_then(|der| auth::identity_from_cert(der, shared.policy().auth.cert_identity_mode()));
     connection::serve(stream, peer, cert_identity, shared, deadline, shutdown).await;
 }

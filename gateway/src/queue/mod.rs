@@ -73,6 +73,7 @@
 
 pub mod bench;
 mod cursor;
+pub mod hist;
 pub mod inspect;
 mod lock;
 mod options;
@@ -215,6 +216,12 @@ pub struct QueueStats {
     pub fsync_us_max: u64,
     pub fsync_us_total: u64,
     pub batches: u64,
+    /// Group commits that failed (their appenders got the error; nothing was acknowledged).
+    pub failed_batches: u64,
+    /// fdatasync latency (µs).
+    pub fsync_hist: hist::Histogram,
+    /// Records per group-commit batch.
+    pub batch_hist: hist::Histogram,
     pub cursors: Vec<CursorStats>,
 }
 
@@ -413,7 +420,6 @@ fn lost_records(seg: &SegmentMeta, acked: u64) -> u64 {
     }
 }
 
-#[derive(Default)]
 struct Counters {
     appended: AtomicU64,
     dropped: AtomicU64,
@@ -423,6 +429,30 @@ struct Counters {
     fsync_us_total: AtomicU64,
     fsync_us_max: AtomicU64,
     batches: AtomicU64,
+    failed_batches: AtomicU64,
+    /// The last group commit failed (a full disk, an I/O error): the queue is not writable.
+    last_batch_failed: std::sync::atomic::AtomicBool,
+    fsync_us: hist::Buckets,
+    batch_records: hist::Buckets,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            appended: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            quarantined_records: AtomicU64::new(0),
+            quarantined_ranges: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            fsync_us_total: AtomicU64::new(0),
+            fsync_us_max: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            last_batch_failed: std::sync::atomic::AtomicBool::new(false),
+            fsync_us: hist::Buckets::new(hist::FSYNC_US_BOUNDS),
+            batch_records: hist::Buckets::new(hist::BATCH_RECORDS_BOUNDS),
+        }
+    }
 }
 
 pub(crate) struct Shared {
@@ -524,6 +554,7 @@ impl Shared {
             .fsync_us_total
             .fetch_add(us, Ordering::Relaxed);
         self.counters.fsync_us_max.fetch_max(us, Ordering::Relaxed);
+        self.counters.fsync_us.observe(us);
     }
 
     fn unlink_segments(&self, segs: &[SegmentMeta]) {
@@ -863,6 +894,16 @@ impl Queue {
         self.shared.lock().is_full(self.shared.opts.max_bytes)
     }
 
+    /// Whether the queue takes appends: open, and its last group commit did not fail.
+    pub fn is_writable(&self) -> bool {
+        !self.shared.lock().closing
+            && !self
+                .shared
+                .counters
+                .last_batch_failed
+                .load(Ordering::Relaxed)
+    }
+
     /// Opens a reader on the named cursor, creating the cursor at the oldest record if it is new
     /// (blocking: creating a cursor syncs its file).
     pub fn reader(&self, name: &str) -> Result<Reader, QueueError> {
@@ -965,6 +1006,9 @@ impl Queue {
             fsync_us_max: c.fsync_us_max.load(Ordering::Relaxed),
             fsync_us_total: c.fsync_us_total.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
+            failed_batches: c.failed_batches.load(Ordering::Relaxed),
+            fsync_hist: c.fsync_us.snapshot(),
+            batch_hist: c.batch_records.snapshot(),
             cursors: st
                 .cursors
                 .iter()

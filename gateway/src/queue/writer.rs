@@ -499,8 +499,23 @@ impl Writer {
                 tracing::error!(%error, records = count_frames(&buf), "queue append batch failed");
                 self.shared.space.notify_waiters();
             }
+            let failed = result.is_err();
             batch.complete(result);
             self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+            if failed {
+                self.shared
+                    .counters
+                    .failed_batches
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.shared
+                .counters
+                .last_batch_failed
+                .store(failed, Ordering::Relaxed);
+            self.shared
+                .counters
+                .batch_records
+                .observe(count_frames(&buf) as u64);
             // Interval syncs and max_age are due under steady traffic too, not only when idle.
             self.housekeeping();
             buf.clear();

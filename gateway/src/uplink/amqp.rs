@@ -1,6 +1,7 @@
 //! AMQP 0-9-1 uplink (lapin, rustls with `ring` for amqps): one connection and one channel with
 //! publisher confirms per uplink, so records keep their queue order. Messages are persistent
 //! (delivery mode 2) and `mandatory`: an unroutable one comes back and goes to the dead letters.
+//! An `amqps://` uplink trusts the system's CA store plus `ca_file` (PEM), if set.
 
 use std::time::Duration;
 
@@ -8,9 +9,10 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connect, Connection, ConnectionProperties, ExchangeKind,
 };
 
 use super::{Outcome, Prepared, SendFailure, UplinkError};
@@ -90,7 +92,21 @@ impl AmqpUplink {
             why,
         };
         let url = url_with_password(cfg).map_err(err)?;
-        let connection = Connection::connect(&url, ConnectionProperties::default())
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: match &cfg.ca_file {
+                // Read at each connect, so a renewed CA file is picked up without a restart.
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| err(format!("ca_file {}: {e}", path.display())))?,
+                ),
+                None => None,
+            },
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(|e| err(e.to_string()))?;
+        let connection = url
+            .as_str()
+            .connect_with_config(ConnectionProperties::default(), tls, runtime)
             .await
             .map_err(|e| err(e.to_string()))?;
         let channel = connection

@@ -9,24 +9,32 @@
 //! the whole batch (the forwarder reconnects and re-sends; records of partitions that did
 //! succeed become duplicates, which at-least-once allows).
 //!
+//! `tls = true` wraps every broker connection (bootstrap and advertised brokers alike) in rustls
+//! with the `ring` provider, trusting the system's CA store plus `ca_file`; `sasl` authenticates
+//! with PLAIN or SCRAM-SHA-256/512 (rskafka's SASL, pure Rust). The password comes from the
+//! config or from the environment variable it names, at each connect, and is never logged.
+//!
 //! Limits of rskafka 0.6 that show here: no idempotent producer (a lost response means a
 //! duplicate), and headers are a map, so of several MQTT 5 user properties with the same name
 //! only the last is sent.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use rskafka::chrono::{DateTime, Utc};
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
 use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
-use rskafka::client::{Client, ClientBuilder};
+use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 use rskafka::record::Record as KafkaRecord;
 use rskafka::BackoffConfig;
 
 use super::murmur2::partition_for_key;
 use super::{Outcome, Prepared, UplinkError};
-use crate::config::{kafka_topic_byte, KafkaCompression, KafkaConfig};
+use crate::config::{
+    kafka_topic_byte, load_ca_file, KafkaCompression, KafkaConfig, KafkaSasl, SaslMechanism,
+};
 
 /// Kafka's error code for an unknown topic, used as the "reply code" of a dead letter.
 const UNKNOWN_TOPIC_OR_PARTITION: u16 = 3;
@@ -78,10 +86,16 @@ impl KafkaUplink {
             base: 2.0,
             deadline: Some(cfg.confirm_timeout),
         };
-        let build = ClientBuilder::new(cfg.bootstrap.clone())
+        let mut builder = ClientBuilder::new(cfg.bootstrap.clone())
             .client_id(gateway_id)
-            .backoff_config(backoff)
-            .build();
+            .backoff_config(backoff);
+        if cfg.tls {
+            builder = builder.tls_config(tls_config(cfg).map_err(err)?);
+        }
+        if let Some(sasl) = &cfg.sasl {
+            builder = builder.sasl_config(sasl_config(sasl).map_err(err)?);
+        }
+        let build = builder.build();
         let client = match tokio::time::timeout(cfg.confirm_timeout, build).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(err(e.to_string())),
@@ -274,6 +288,49 @@ impl KafkaUplink {
         // rskafka has no explicit close; dropping the client closes its connections.
         drop(self);
     }
+}
+
+/// The rustls client config of a `tls = true` uplink: the system's CA store plus `ca_file`.
+/// Built at each connect (reconnects are seconds apart at least), so a renewed CA file is
+/// picked up without a restart.
+fn tls_config(cfg: &KafkaConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    // A system store that cannot be read is not fatal when `ca_file` names the broker's CA.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = &cfg.ca_file {
+        let certs =
+            load_ca_file(path).map_err(|why| format!("ca_file {}: {why}", path.display()))?;
+        let (_, ignored) = roots.add_parsable_certificates(certs);
+        if ignored > 0 {
+            return Err(format!(
+                "ca_file {}: {ignored} certificate(s) are not valid CA certificates",
+                path.display()
+            ));
+        }
+    }
+    if roots.is_empty() {
+        return Err(
+            "tls = true but no CA certificate to trust: the system store is empty; set ca_file"
+                .into(),
+        );
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crate::ingest::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// rskafka's SASL config; the password is read now (from the config or its variable).
+fn sasl_config(sasl: &KafkaSasl) -> Result<SaslConfig, String> {
+    let credentials = Credentials::new(sasl.username.clone(), sasl.password()?);
+    Ok(match sasl.mechanism {
+        SaslMechanism::Plain => SaslConfig::Plain(credentials),
+        SaslMechanism::ScramSha256 => SaslConfig::ScramSha256(credentials),
+        SaslMechanism::ScramSha512 => SaslConfig::ScramSha512(credentials),
+    })
 }
 
 /// Whether Kafka accepts `topic` as a topic name.

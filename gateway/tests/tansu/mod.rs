@@ -1,5 +1,7 @@
 //! tansu, the Kafka-compatible test broker: find the binary, start one per test on a free
 //! loopback port with its own sqlite database, restart it, create topics, kill it on drop.
+//! [`Tansu::start_advertising`] makes it advertise another address in its metadata (a proxy's),
+//! so that every client connection after the bootstrap goes through that proxy.
 //! Shared by the gateway's Kafka tests and the fleet end-to-end test (`#[path]`-included there).
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -42,8 +44,21 @@ pub fn tansu_binary() -> PathBuf {
 pub struct Tansu {
     pub child: Child,
     pub port: u16,
+    /// `host:port` that tansu advertises in metadata (its own unless started behind a proxy).
+    pub advertised: String,
+    /// More `tansu broker` arguments (e.g. `--authentication`), kept across restarts.
+    extra: Vec<String>,
     bin: PathBuf,
     dir: tempfile::TempDir,
+}
+
+/// A loopback port that is free when we look.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Tansu {
@@ -53,16 +68,15 @@ impl Tansu {
         // The port is free when we look; should another process take it before tansu binds it,
         // tansu exits, and we try another port.
         for _ in 0..3 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            match start_on(&bin, dir.path(), port) {
+            let port = free_port();
+            let advertised = format!("127.0.0.1:{port}");
+            match start_on(&bin, dir.path(), port, &advertised, &[]) {
                 Ok(child) => {
                     return Tansu {
                         child,
                         port,
+                        advertised,
+                        extra: Vec::new(),
                         bin,
                         dir,
                     }
@@ -73,17 +87,70 @@ impl Tansu {
         panic!("tansu did not start (see above)");
     }
 
+    /// Starts tansu on `port` (from [`free_port`]), advertising `advertised` (`host:port`, e.g. a
+    /// fault or TLS proxy in front of it) as the broker's address in metadata. `Err` if tansu
+    /// did not start (say, another process took the port meanwhile).
+    pub fn start_advertising(port: u16, advertised: &str) -> Result<Tansu, String> {
+        let bin = tansu_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let child = start_on(&bin, dir.path(), port, advertised, &[])?;
+        Ok(Tansu {
+            child,
+            port,
+            advertised: advertised.to_string(),
+            extra: Vec::new(),
+            bin,
+            dir,
+        })
+    }
+
     /// Kills the broker and starts it again on the same port and database.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = start_on(&self.bin, self.dir.path(), self.port)
-            .unwrap_or_else(|why| panic!("tansu restart on port {}: {why}", self.port));
+        self.child = start_on(
+            &self.bin,
+            self.dir.path(),
+            self.port,
+            &self.advertised,
+            &self.extra,
+        )
+        .unwrap_or_else(|why| panic!("tansu restart on port {}: {why}", self.port));
+    }
+
+    /// Restarts it (same port and database) with these extra `tansu broker` arguments, e.g.
+    /// `--authentication` (SASL required; users from [`Tansu::create_user`] made before).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|a| a.to_string()).collect();
+        self.restart();
+    }
+
+    /// Creates a SCRAM user (`mechanism`: "scram256" or "scram512") with tansu's CLI. Needs a
+    /// broker without `--authentication` (the CLI does not authenticate).
+    pub fn create_user(&self, name: &str, password: &str, mechanism: &str) {
+        let out = Command::new(&self.bin)
+            .args(["user", "create", name, password])
+            .args(["--mechanism", mechanism])
+            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tansu user create {name}: {}\n{}\nbroker log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
     }
 
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The database file (sqlite), e.g. for an index that speeds up fetches.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("tansu.db")
     }
 
     pub fn bootstrap(&self) -> String {
@@ -112,17 +179,26 @@ impl Tansu {
     }
 }
 
-/// Starts tansu on `port` and waits until it accepts connections (or exits).
-fn start_on(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
+/// Starts tansu on `port`, advertising `advertised`, and waits until it accepts connections
+/// (or exits).
+fn start_on(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    advertised: &str,
+    extra: &[String],
+) -> Result<Child, String> {
     let url = format!("tcp://127.0.0.1:{port}");
+    let advertised = format!("tcp://{advertised}");
     let log_path = dir.join(format!("tansu-{port}.log"));
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = Command::new(bin)
         .arg("broker")
         .args(["--listener-url", &url])
-        .args(["--advertised-listener-url", &url])
+        .args(["--advertised-listener-url", &advertised])
         // tansu resolves a sqlite URL against its working directory (host + path).
         .args(["--storage-engine", "sqlite://tansu.db"])
+        .args(extra)
         .current_dir(dir)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

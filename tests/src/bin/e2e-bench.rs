@@ -151,7 +151,10 @@ fn main() -> Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            r#"[queue]
+            r#"[admin]
+enabled = false
+
+[queue]
 data_dir = "{data}"
 fsync = "always"
 [[listeners]]

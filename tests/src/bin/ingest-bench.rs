@@ -287,7 +287,10 @@ async fn start_gateway(bin: &Path, receive_maximum: usize) -> Result<Gateway> {
     std::fs::write(
         &cfg,
         format!(
-            r#"[queue]
+            r#"[admin]
+enabled = false
+
+[queue]
 data_dir = "{data}"
 max_bytes = "8 GiB"
 segment_bytes = "64 MiB"

@@ -3,8 +3,15 @@
 //! queue, both to the same RabbitMQ (127.0.0.1:5672). Prints both rates and their ratio (the
 //! goal: the gateway is not the bottleneck, ratio >= 0.9).
 //!
+//! With `--kafka`, the same for Kafka against a tansu broker the bench starts on a free loopback
+//! port (`tansu` from `$TANSU`, `~/.cargo/bin` or `PATH`): (a) a bare rskafka producer that sends
+//! batches of the same size the same way the uplink does (split by key partition, one produce
+//! per partition, concurrently, acks=all, the same headers), and (b) the forwarder draining a
+//! prepared backlog of the same records. `--all` runs both benchmarks.
+//!
 //! ```text
 //! cargo run --release -p gateway-tests --bin uplink-bench -- [--records 50000] [--window 256] [--payload 64]
+//! cargo run --release -p gateway-tests --bin uplink-bench -- --kafka [--records 50000] [--batch 256] [--devices 30] [--payload 64]
 //! ```
 
 use std::collections::VecDeque;
@@ -12,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use gateway::config::{AmqpConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::config::{AmqpConfig, KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
 use gateway::forwarder::{self, DeadLetters};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
 use gateway::uplink::Routes;
@@ -24,7 +31,14 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
+#[path = "../../../gateway/tests/tansu/mod.rs"]
+mod tansu;
+
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -87,11 +101,13 @@ async fn bare(records: usize, window: usize, payload: &[u8], exchange: &str) -> 
     Ok(records as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The forwarder of `cfg` (named "bench") draining a prepared backlog of `records` records,
+/// spread over `devices` devices; records/s.
 async fn gateway_drain(
     records: usize,
-    window: usize,
+    devices: usize,
     payload: &[u8],
-    exchange: &str,
+    cfg: UplinkConfig,
 ) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let mut o = QueueOptions::new(dir.path().join("data"));
@@ -99,14 +115,16 @@ async fn gateway_drain(
     o.segment_bytes = 64 << 20;
     let (queue, _) = Queue::open(o.clone())?;
     let mut last = 0;
-    for _ in 0..records {
-        last = queue
-            .append(&NewRecord::new(
-                "bench-0001",
-                "devices/bench-0001/t",
-                payload,
-            ))
-            .await?;
+    let names: Vec<(String, String)> = (0..devices.max(1))
+        .map(|d| {
+            let id = format!("bench-{d:04}");
+            let topic = format!("devices/{id}/t");
+            (id, topic)
+        })
+        .collect();
+    for i in 0..records {
+        let (id, topic) = &names[i % names.len()];
+        last = queue.append(&NewRecord::new(id, topic, payload)).await?;
     }
     let dead = DeadLetters::open(&o)?;
     let routes = Arc::new(Routes::new(vec![RouteConfig {
@@ -114,25 +132,10 @@ async fn gateway_drain(
         uplinks: vec!["bench".into()],
         payload: PayloadMode::Raw,
     }]));
-    let cfg = AmqpConfig {
-        name: "bench".into(),
-        url: URL.into(),
-        password_env: None,
-        exchange: exchange.into(),
-        routing_key: "{topic}".into(),
-        declare: false,
-        declare_queue: None,
-        window,
-        confirm_timeout: Duration::from_secs(30),
-        max_retries: 3,
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_secs(1),
-        max_rate: None,
-    };
     let stop = CancellationToken::new();
     let start = Instant::now();
     let (_stats, h) = forwarder::spawn(
-        UplinkConfig::Amqp(cfg),
+        cfg,
         "bench".into(),
         queue.clone(),
         routes,
@@ -162,11 +165,148 @@ async fn gateway_drain(
     Ok(rate)
 }
 
+/// The AMQP uplink of the bench, from the config file's defaults.
+fn amqp_config(exchange: &str, window: usize) -> Result<UplinkConfig> {
+    let mut c: AmqpConfig = toml::from_str(&format!(
+        "name = \"bench\"\nurl = {URL:?}\nexchange = {exchange:?}\n"
+    ))?;
+    c.window = window;
+    c.confirm_timeout = Duration::from_secs(30);
+    Ok(UplinkConfig::Amqp(c))
+}
+
+/// The Kafka uplink of the bench, from the config file's defaults (linger included).
+fn kafka_config(bootstrap: &str, topic: &str, batch: usize) -> Result<UplinkConfig> {
+    let mut c: KafkaConfig = toml::from_str(&format!(
+        "name = \"bench\"\nbootstrap = [{bootstrap:?}]\ntopic = {topic:?}\n"
+    ))?;
+    c.max_batch = batch;
+    c.confirm_timeout = Duration::from_secs(30);
+    Ok(UplinkConfig::Kafka(c))
+}
+
+/// A bare rskafka producer: batches of `batch` records, each split by key partition (the Java
+/// partitioner, as the uplink does), one produce per partition, concurrently, acks=all, with the
+/// headers the uplink sends. Records/s.
+async fn bare_kafka(
+    bootstrap: &str,
+    topic: &str,
+    records: usize,
+    batch: usize,
+    devices: usize,
+    payload: &[u8],
+) -> Result<f64> {
+    use std::collections::BTreeMap;
+
+    use gateway::uplink::murmur2::partition_for_key;
+    use rskafka::chrono::{DateTime, Utc};
+    use rskafka::client::partition::{Compression, UnknownTopicHandling};
+    use rskafka::client::ClientBuilder;
+    use rskafka::record::Record;
+
+    let client = ClientBuilder::new(vec![bootstrap.to_string()])
+        .client_id("bare")
+        .build()
+        .await?;
+    let partitions = client
+        .list_topics()
+        .await?
+        .into_iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.partitions.len())
+        .unwrap_or(0);
+    if partitions == 0 {
+        bail!("topic {topic} not found");
+    }
+    let mut clients = Vec::new();
+    for p in 0..partitions {
+        clients.push(
+            client
+                .partition_client(topic, i32::try_from(p)?, UnknownTopicHandling::Retry)
+                .await?,
+        );
+    }
+    let ids: Vec<String> = (0..devices.max(1))
+        .map(|d| format!("bench-{d:04}"))
+        .collect();
+    let start = Instant::now();
+    let mut i = 0;
+    while i < records {
+        let n = batch.min(records - i);
+        let mut groups: Vec<Vec<Record>> = vec![Vec::new(); partitions];
+        for seq in i..i + n {
+            let id = &ids[seq % ids.len()];
+            let mut headers = BTreeMap::new();
+            headers.insert("device_id".to_string(), id.clone().into_bytes());
+            headers.insert(
+                "mqtt_topic".to_string(),
+                format!("devices/{id}/t").into_bytes(),
+            );
+            headers.insert("mqtt_qos".to_string(), b"1".to_vec());
+            headers.insert("gateway_seq".to_string(), seq.to_string().into_bytes());
+            headers.insert("message_id".to_string(), format!("bare-{seq}").into_bytes());
+            let p = partition_for_key(id.as_bytes(), u32::try_from(partitions)?) as usize;
+            groups[p].push(Record {
+                key: Some(id.clone().into_bytes()),
+                value: Some(payload.to_vec()),
+                headers,
+                timestamp: DateTime::<Utc>::from_timestamp_micros(now_us()).unwrap_or_default(),
+            });
+        }
+        let produces = groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty())
+            .map(|(p, g)| clients[p].produce(g, Compression::NoCompression));
+        for r in futures_util::future::join_all(produces).await {
+            r?;
+        }
+        i += n;
+    }
+    Ok(records as f64 / start.elapsed().as_secs_f64())
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+async fn kafka_bench(records: usize, payload: &[u8]) -> Result<()> {
+    let batch = arg("--batch", 256);
+    let devices = arg("--devices", 30);
+    let broker = tokio::task::spawn_blocking(tansu::Tansu::start).await?;
+    let bootstrap = broker.bootstrap();
+    let (bare_topic, gw_topic) = (
+        format!("bench-bare-{}", std::process::id()),
+        format!("bench-gw-{}", std::process::id()),
+    );
+    broker.create_topic(&bare_topic, 3);
+    broker.create_topic(&gw_topic, 3);
+    let a = bare_kafka(&bootstrap, &bare_topic, records, batch, devices, payload).await?;
+    let cfg = kafka_config(&bootstrap, &gw_topic, batch)?;
+    let linger = cfg.linger();
+    let b = gateway_drain(records, devices, payload, cfg).await?;
+    tokio::task::spawn_blocking(move || drop(broker)).await?;
+    println!(
+        "Kafka (tansu 0.6, sqlite, on loopback): {records} records, {}-byte payload, {devices} \
+         devices over 3 partitions, batch {batch}, acks=all, no compression",
+        payload.len()
+    );
+    println!("bare rskafka producer:       {a:>8.0} rec/s");
+    println!("gateway forwarder (backlog): {b:>8.0} rec/s (linger {linger:?})");
+    println!("ratio: {:.2}", b / a);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let records = arg("--records", 50_000);
     let window = arg("--window", 256);
     let payload = vec![0x5a_u8; arg("--payload", 64)];
+    if flag("--kafka") {
+        return kafka_bench(records, &payload).await;
+    }
     let tag = format!("uplink-bench-{}", std::process::id());
     let conn = Connection::connect(URL, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
@@ -197,7 +337,7 @@ async fn main() -> Result<()> {
     let a = bare(records, window, &payload, &tag).await?;
     ch.queue_purge(tag.as_str().into(), QueuePurgeOptions::default())
         .await?;
-    let b = gateway_drain(records, window, &payload, &tag).await?;
+    let b = gateway_drain(records, 1, &payload, amqp_config(&tag, window)?).await?;
     let _ = ch
         .queue_delete(tag.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -211,5 +351,9 @@ async fn main() -> Result<()> {
     println!("bare lapin publisher:       {a:>9.0} msg/s");
     println!("gateway forwarder (backlog): {b:>8.0} msg/s");
     println!("ratio: {:.2}", b / a);
+    if flag("--all") {
+        println!();
+        kafka_bench(records, &payload).await?;
+    }
     Ok(())
 }

@@ -1,0 +1,355 @@
+//! `/metrics`: the gateway's counters in the Prometheus text format, encoded by
+//! `prometheus-client`.
+//!
+//! The data path keeps plain atomics ([`crate::ingest::IngestStats`],
+//! [`crate::forwarder::ForwarderStats`], the queue's counters); a [`Collector`] reads them at
+//! scrape time, so nothing is registered or updated per message. Labels are bounded: `qos`,
+//! `reason`, `uplink`, `state`, `result` (never a device id or topic).
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::forwarder::UplinkState;
+use crate::queue::hist::Histogram;
+use crate::service::{age_seconds, Status};
+
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Renders every metric of `status`.
+pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("gateway");
+    registry.register_collector(Box::new(Snapshot::take(status)));
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// A label set: bounded names and values.
+type Labels = Vec<(&'static str, String)>;
+/// One metric family: name, help, and a value per label set.
+type Family<T> = (&'static str, &'static str, Vec<(Labels, T)>);
+
+/// Every value read once, so one scrape is consistent with itself.
+#[derive(Debug)]
+struct Snapshot {
+    counters: Vec<Family<u64>>,
+    gauges: Vec<Family<f64>>,
+    histograms: Vec<(&'static str, &'static str, f64, Histogram)>,
+}
+
+fn one<T>(v: T) -> Vec<(Labels, T)> {
+    vec![(Vec::new(), v)]
+}
+
+fn per_uplink<T>(rows: impl Iterator<Item = (String, T)>) -> Vec<(Labels, T)> {
+    rows.map(|(name, v)| (vec![("uplink", name)], v)).collect()
+}
+
+impl Snapshot {
+    fn take(status: &Status) -> Snapshot {
+        let i = &status.ingest;
+        let q = status.queue.stats();
+        let uplinks = status.uplinks();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let mut refusals: Vec<(Labels, u64)> = i
+            .refusals()
+            .into_iter()
+            .map(|(r, n)| (vec![("reason", r.to_string())], n))
+            .collect();
+        // The usual reasons are always present (at 0), so dashboards and alerts have a series.
+        for r in ["auth", "acl", "limit", "malformed", "quota"] {
+            if !refusals.iter().any(|(l, _)| l[0].1 == r) {
+                refusals.push((vec![("reason", r.to_string())], 0));
+            }
+        }
+        refusals.sort();
+        let cursor = |name: &str| q.cursors.iter().find(|c| c.name == name);
+        let counter_of = |f: fn(&crate::forwarder::ForwarderStats) -> u64| {
+            per_uplink(uplinks.iter().map(|u| (u.name.clone(), f(&u.stats))))
+        };
+        let counters = vec![
+            (
+                "connections",
+                "Device connections accepted (TCP).",
+                one(load(&i.connections_total)),
+            ),
+            (
+                "publishes_received",
+                "PUBLISH packets received from devices, by QoS.",
+                (0..3)
+                    .map(|qos| (vec![("qos", qos.to_string())], load(&i.publishes[qos])))
+                    .collect(),
+            ),
+            (
+                "acks_sent",
+                "PUBACK/PUBREC sent to devices (each after a durable append).",
+                one(load(&i.acks)),
+            ),
+            (
+                "refusals",
+                "Connections or packets refused, by reason.",
+                refusals,
+            ),
+            (
+                "session_takeovers",
+                "Sessions taken over by a new connection with the same client id.",
+                one(load(&i.takeovers)),
+            ),
+            (
+                "queue_appended_records",
+                "Records appended to the queue since start.",
+                one(q.appended_records),
+            ),
+            (
+                "queue_dropped_records",
+                "Records dropped by drop-oldest or max_age (summed over cursors).",
+                one(q.dropped_records),
+            ),
+            (
+                "queue_quarantined_records",
+                "Records moved to quarantine by recovery since start.",
+                one(q.quarantined_records),
+            ),
+            (
+                "queue_failed_batches",
+                "Group commits that failed (nothing in them was acknowledged).",
+                one(q.failed_batches),
+            ),
+            (
+                "uplink_records_sent",
+                "Records sent to the uplink (re-sends included).",
+                counter_of(|s| s.sent.load(Ordering::Relaxed)),
+            ),
+            (
+                "uplink_records_confirmed",
+                "Records the upstream confirmed.",
+                counter_of(|s| s.confirmed.load(Ordering::Relaxed)),
+            ),
+            (
+                "uplink_records_nacked",
+                "Negative acknowledgements from the upstream.",
+                counter_of(|s| s.nacked.load(Ordering::Relaxed)),
+            ),
+            (
+                "uplink_records_returned",
+                "Records the broker returned as unroutable.",
+                counter_of(|s| s.returned.load(Ordering::Relaxed)),
+            ),
+            (
+                "uplink_records_dead_lettered",
+                "Records of this uplink moved to the dead letters.",
+                counter_of(|s| s.dead_lettered.load(Ordering::Relaxed)),
+            ),
+            (
+                "uplink_reconnects",
+                "Reconnections after a lost or stalled connection.",
+                counter_of(|s| s.reconnects.load(Ordering::Relaxed)),
+            ),
+            (
+                "dead_letters_stored",
+                "Records moved to the dead-letter store since start.",
+                one(status.dead.count()),
+            ),
+            (
+                "config_reloads",
+                "Config reloads, by result.",
+                vec![
+                    (vec![("result", "ok".to_string())], load(&status.reloads_ok)),
+                    (
+                        vec![("result", "rejected".to_string())],
+                        load(&status.reloads_failed),
+                    ),
+                ],
+            ),
+        ];
+        let states = [
+            UplinkState::Connecting,
+            UplinkState::Connected,
+            UplinkState::BackingOff,
+            UplinkState::Stalled,
+        ];
+        let mut state_rows = Vec::new();
+        for u in &uplinks {
+            let now = u.stats.state();
+            for s in states {
+                let label = match s {
+                    UplinkState::Connecting => "connecting",
+                    UplinkState::Connected => "connected",
+                    UplinkState::BackingOff => "backing-off",
+                    UplinkState::Stalled => "stalled",
+                };
+                state_rows.push((
+                    vec![("uplink", u.name.clone()), ("state", label.to_string())],
+                    if s == now { 1.0 } else { 0.0 },
+                ));
+            }
+        }
+        let gauges = vec![
+            (
+                "devices_connected",
+                "Devices connected now.",
+                one(load(&i.connected) as f64),
+            ),
+            (
+                "ready",
+                "1 when /readyz says ready.",
+                one(if status.not_ready_reasons().is_empty() {
+                    1.0
+                } else {
+                    0.0
+                }),
+            ),
+            (
+                "queue_bytes",
+                "Bytes the queue holds on disk.",
+                one(q.bytes as f64),
+            ),
+            (
+                "queue_max_bytes",
+                "The queue's byte limit (max_bytes).",
+                one(q.max_bytes as f64),
+            ),
+            (
+                "queue_records",
+                "Records in the queue.",
+                one(q.records as f64),
+            ),
+            (
+                "queue_segments",
+                "Segment files in the queue.",
+                one(q.segments as f64),
+            ),
+            (
+                "queue_oldest_record_age_seconds",
+                "Age of the oldest record in the queue (0 when empty).",
+                one(age_seconds(q.oldest_time_us).unwrap_or(0.0)),
+            ),
+            (
+                "queue_waiting_appenders",
+                "Appends waiting for space (backpressure).",
+                one(q.waiting_appenders as f64),
+            ),
+            (
+                "queue_writable",
+                "1 while the queue takes appends.",
+                one(if status.queue.is_writable() { 1.0 } else { 0.0 }),
+            ),
+            (
+                "uplink_state",
+                "1 for the uplink's current state (connecting, connected, backing-off, stalled).",
+                state_rows,
+            ),
+            (
+                "uplink_lag_records",
+                "Records behind the uplink's cursor.",
+                per_uplink(uplinks.iter().map(|u| {
+                    (
+                        u.name.clone(),
+                        cursor(&u.name).map_or(0.0, |c| c.lag_records as f64),
+                    )
+                })),
+            ),
+            (
+                "uplink_lag_seconds",
+                "Age of the oldest record the uplink has not confirmed (0 when none).",
+                per_uplink(uplinks.iter().map(|u| {
+                    (
+                        u.name.clone(),
+                        cursor(&u.name)
+                            .and_then(|c| age_seconds(c.oldest_unacked_time_us))
+                            .unwrap_or(0.0),
+                    )
+                })),
+            ),
+            (
+                "dead_letters",
+                "Records in the dead-letter store.",
+                one(status.dead.queue().stats().records as f64),
+            ),
+            (
+                "uptime_seconds",
+                "Seconds since the gateway started.",
+                one(status.started.elapsed().as_secs_f64()),
+            ),
+        ];
+        let histograms = vec![
+            (
+                "queue_fsync_seconds",
+                "fdatasync latency of the queue's writer.",
+                1e-6,
+                q.fsync_hist,
+            ),
+            (
+                "queue_append_batch_records",
+                "Records per group commit (one write + fdatasync).",
+                1.0,
+                q.batch_hist,
+            ),
+        ];
+        Snapshot {
+            counters,
+            gauges,
+            histograms,
+        }
+    }
+}
+
+/// A histogram already counted elsewhere, scaled (µs to seconds) on the way out.
+#[derive(Debug)]
+struct ConstHistogram<'a> {
+    h: &'a Histogram,
+    scale: f64,
+}
+
+impl EncodeMetric for ConstHistogram<'_> {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = self
+            .h
+            .cumulative()
+            .into_iter()
+            .map(|(b, c)| (b as f64 * self.scale, c))
+            .chain(std::iter::once((f64::MAX, self.h.count())))
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(
+            self.h.sum as f64 * self.scale,
+            self.h.count(),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, rows) in &self.counters {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, v) in rows {
+                ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+            }
+        }
+        for (name, help, rows) in &self.gauges {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (labels, v) in rows {
+                ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+            }
+        }
+        for (name, help, scale, h) in &self.histograms {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            ConstHistogram { h, scale: *scale }.encode(m)?;
+        }
+        Ok(())
+    }
+}

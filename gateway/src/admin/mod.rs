@@ -1,0 +1,276 @@
+//! The admin endpoint (HTTP/1.1, `[admin] listen`, loopback by default):
+//!
+//! - `GET /metrics`: Prometheus text format ([`metrics`]).
+//! - `GET /healthz`: 200 while the process serves and the queue takes appends; 503 otherwise.
+//! - `GET /readyz`: 200 or 503 with a JSON body: listeners, queue, each uplink's state. A down
+//!   uplink does not make the gateway unready (it buffers, as designed); a full queue under
+//!   `backpressure` does.
+//! - `GET /`: the status page (one self-contained HTML file), fed by `GET /api/status`.
+//! - `POST /reload[?release=NAME,...]`: re-read the config, like SIGHUP; loopback peers only.
+//!
+//! The endpoint only reads counters and the queue's stats; it never touches the data path.
+
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::service::{age_seconds, ReloadRequest, Status};
+
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Binds `addr` and serves the admin endpoint on a task of its own; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    status: Arc<Status>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(error) => {
+                    tracing::debug!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let status = status.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let status = status.clone();
+                    async move { Ok::<_, Infallible>(route(req, peer, &status).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), svc);
+                if let Err(error) = conn.await {
+                    tracing::debug!(%peer, %error, "admin connection ended with an error");
+                }
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = code;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn json(code: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(code, "application/json", v.to_string())
+}
+
+async fn route(req: Request<Incoming>, peer: SocketAddr, status: &Status) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => match metrics::render(status) {
+            Ok(text) => reply(StatusCode::OK, metrics::CONTENT_TYPE, text),
+            Err(_) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "metrics encoding failed\n",
+            ),
+        },
+        (&Method::GET, "/healthz") => {
+            if status.queue.is_writable() {
+                reply(StatusCode::OK, "text/plain", "ok\n")
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "the queue is not writable (closed, or its last write failed: is the disk full?)\n",
+                )
+            }
+        }
+        (&Method::GET, "/readyz") => {
+            let v = readiness(status);
+            let code = if v["ready"] == serde_json::Value::Bool(true) {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json(code, &v)
+        }
+        (&Method::GET, "/api/status") => json(StatusCode::OK, &status_json(status)),
+        (&Method::GET, "/") => reply(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
+        (&Method::POST, "/reload") => {
+            if !peer.ip().is_loopback() {
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "reload is accepted from loopback peers only\n",
+                );
+            }
+            let release: Vec<String> = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.strip_prefix("release="))
+                .flat_map(|v| v.split(','))
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if status
+                .control
+                .send(ReloadRequest { release, reply: tx })
+                .await
+                .is_err()
+            {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "shutting down\n",
+                );
+            }
+            match rx.await {
+                Ok(Ok(changes)) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"ok": true, "changes": changes}),
+                ),
+                Ok(Err(errors)) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({"ok": false, "errors": errors}),
+                ),
+                Err(_) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "shutting down\n",
+                ),
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/api/status" | "/" | "/reload") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /healthz, /readyz or /\n",
+        ),
+    }
+}
+
+fn uplinks_json(status: &Status) -> Vec<serde_json::Value> {
+    let q = status.queue.stats();
+    status
+        .uplinks()
+        .iter()
+        .map(|u| {
+            let cursor = q.cursors.iter().find(|c| c.name == u.name);
+            serde_json::json!({
+                "name": u.name,
+                "type": u.kind,
+                "target": u.target,
+                "state": u.stats.state(),
+                "sent": u.stats.sent.load(Ordering::Relaxed),
+                "confirmed": u.stats.confirmed.load(Ordering::Relaxed),
+                "nacked": u.stats.nacked.load(Ordering::Relaxed),
+                "returned": u.stats.returned.load(Ordering::Relaxed),
+                "dead_lettered": u.stats.dead_lettered.load(Ordering::Relaxed),
+                "reconnects": u.stats.reconnects.load(Ordering::Relaxed),
+                "lag_records": cursor.map_or(0, |c| c.lag_records),
+                "lag_seconds": cursor.and_then(|c| age_seconds(c.oldest_unacked_time_us)),
+            })
+        })
+        .collect()
+}
+
+fn listeners_json(status: &Status) -> Vec<serde_json::Value> {
+    status
+        .listeners
+        .iter()
+        .map(|(a, tls)| serde_json::json!({"addr": a.to_string(), "tls": tls}))
+        .collect()
+}
+
+/// The `/readyz` body.
+pub fn readiness(status: &Status) -> serde_json::Value {
+    let reasons = status.not_ready_reasons();
+    let q = status.queue.stats();
+    serde_json::json!({
+        "ready": reasons.is_empty(),
+        "reasons": reasons,
+        "listeners": listeners_json(status),
+        "queue": {
+            "open": status.queue.is_writable(),
+            "full": status.queue.is_full(),
+            "records": q.records,
+            "bytes": q.bytes,
+            "max_bytes": q.max_bytes,
+        },
+        "uplinks": uplinks_json(status),
+    })
+}
+
+/// The `/api/status` body, for the status page.
+pub fn status_json(status: &Status) -> serde_json::Value {
+    let q = status.queue.stats();
+    let i = &status.ingest;
+    let refusals: serde_json::Map<String, serde_json::Value> = i
+        .refusals()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    let reasons = status.not_ready_reasons();
+    let history: Vec<_> = status
+        .history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    let dead_count = status.dead.queue().stats().records;
+    serde_json::json!({
+        "gateway_id": *status.gateway_id.read().unwrap_or_else(|e| e.into_inner()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": status.started.elapsed().as_secs_f64(),
+        "ready": reasons.is_empty(),
+        "not_ready_reasons": reasons,
+        "listeners": listeners_json(status),
+        "devices_connected": i.connected.load(Ordering::Relaxed),
+        "ingest": {
+            "publishes": i.publishes.iter().map(|p| p.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+            "acks": i.acks.load(Ordering::Relaxed),
+            "refusals": refusals,
+        },
+        "queue": {
+            "data_dir": status.queue.data_dir().display().to_string(),
+            "records": q.records,
+            "bytes": q.bytes,
+            "max_bytes": q.max_bytes,
+            "segments": q.segments,
+            "oldest_age_seconds": age_seconds(q.oldest_time_us),
+            "dropped_records": q.dropped_records,
+            "quarantined_records": q.quarantined_records,
+            "full": status.queue.is_full(),
+        },
+        "uplinks": uplinks_json(status),
+        "history": history,
+        "dead_letters": {
+            "count": dead_count,
+            "recent": status.dead.recent(),
+        },
+    })
+}

@@ -1,0 +1,673 @@
+//! The running gateway: starts the queue, ingest, the forwarders and the admin endpoint from one
+//! config, reloads what can change while devices stay connected, and stops in order.
+//!
+//! ```text
+//! start:    queue open -> ingest bound -> dead letters -> forwarders -> admin -> accept -> READY
+//! reload:   load + validate the file -> prepare ingest (certs, passwords) -> all good? apply:
+//!           ingest policy swapped, routes swapped, changed uplinks' forwarders stopped (in-flight
+//!           confirms awaited, so nothing is re-sent) and started again on the same cursor
+//! stop:     stop accepting, connections finish their acks -> forwarders drain for
+//!           `shutdown_grace` -> forwarders stop (in-flight confirms awaited) -> queue closed
+//! ```
+//!
+//! What a reload cannot change (`[queue]`, the listener addresses, `[admin]`) is reported and
+//! kept as it was; the rest of the new config still applies.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, TlsSetting, UplinkConfig, DEV_CERT_DIR};
+use crate::forwarder::{self, DeadLetters, ForwarderStats};
+use crate::ingest::{Ingest, IngestHandle, IngestStats};
+use crate::notify;
+use crate::queue::{FullPolicy, Queue};
+use crate::uplink::amqp::masked_url;
+use crate::uplink::Routes;
+
+/// How often the status page's history gets a point, and how many points it keeps (an hour).
+pub const HISTORY_EVERY: Duration = Duration::from_secs(10);
+pub const HISTORY_POINTS: usize = 360;
+
+/// One point of the status page's chart.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryPoint {
+    /// Seconds since the epoch.
+    pub t: u64,
+    pub devices: u64,
+    pub queue_records: u64,
+    pub queue_bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+}
+
+/// An uplink as the operator sees it.
+#[derive(Debug, Clone)]
+pub struct UplinkView {
+    pub name: String,
+    /// `amqp` or `kafka`.
+    pub kind: &'static str,
+    /// Where it sends, credentials masked.
+    pub target: String,
+    pub stats: Arc<ForwarderStats>,
+}
+
+/// What the admin endpoint reads: shared, read-mostly, never blocks the data path.
+pub struct Status {
+    pub gateway_id: RwLock<String>,
+    pub started: Instant,
+    pub queue: Queue,
+    pub ingest: Arc<IngestStats>,
+    pub listeners: Vec<(SocketAddr, bool)>,
+    pub uplinks: RwLock<Vec<UplinkView>>,
+    pub dead: DeadLetters,
+    pub history: Mutex<VecDeque<HistoryPoint>>,
+    /// Listeners accept connections (false once shutdown began).
+    pub accepting: AtomicBool,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// Asks the service to reload (the admin endpoint's POST /reload).
+    pub control: mpsc::Sender<ReloadRequest>,
+}
+
+impl Status {
+    pub fn uplinks(&self) -> Vec<UplinkView> {
+        self.uplinks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Why the gateway is not ready, if it is not: listeners not accepting, the queue closed or
+    /// failing, or full under `backpressure` (devices are being held back). A down uplink does
+    /// not count: buffering is the gateway's job.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.accepting.load(Ordering::Relaxed) {
+            why.push("listeners are not accepting connections (shutting down)".to_string());
+        }
+        if !self.queue.is_writable() {
+            why.push(
+                "the queue is not writable (closed, or its last write failed: is the disk full?)"
+                    .to_string(),
+            );
+        }
+        if self.queue.options().full_policy == FullPolicy::Backpressure && self.queue.is_full() {
+            why.push("the queue is full (full_policy = backpressure): devices are held back until an uplink drains it".to_string());
+        }
+        why
+    }
+
+    fn sample(&self) {
+        let q = self.queue.stats();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let point = HistoryPoint {
+            t: now.as_secs(),
+            devices: self.ingest.connected.load(Ordering::Relaxed),
+            queue_records: q.records,
+            queue_bytes: q.bytes,
+            oldest_age_seconds: age_seconds(q.oldest_time_us),
+        };
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() == HISTORY_POINTS {
+            h.pop_front();
+        }
+        h.push_back(point);
+    }
+}
+
+/// Seconds since a receive time in µs since the epoch.
+pub fn age_seconds(time_us: Option<u64>) -> Option<f64> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_micros();
+    time_us.map(|t| (now.saturating_sub(u128::from(t))) as f64 / 1e6)
+}
+
+/// A reload asked for over the admin endpoint; `release` names removed uplinks whose cursors
+/// may go (so the queue can delete records only they still needed).
+pub struct ReloadRequest {
+    pub release: Vec<String>,
+    pub reply: oneshot::Sender<ReloadOutcome>,
+}
+
+/// What a reload did (`Ok`: the changes, including what was left alone and why) or why it was
+/// rejected (`Err`: every reason; the old config keeps running).
+pub type ReloadOutcome = Result<Vec<String>, Vec<String>>;
+
+struct Running {
+    cfg: UplinkConfig,
+    stats: Arc<ForwarderStats>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The gateway while it runs.
+pub struct Service {
+    config: Config,
+    config_path: PathBuf,
+    queue: Queue,
+    ingest: IngestHandle,
+    dead: DeadLetters,
+    routes: watch::Sender<Arc<Routes>>,
+    forwarders: HashMap<String, Running>,
+    unrouted: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    status: Arc<Status>,
+    control: mpsc::Receiver<ReloadRequest>,
+    ingest_stop: CancellationToken,
+    serving: Option<tokio::task::JoinHandle<()>>,
+    admin: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Makes the default config's development certificates when they are missing (only for the
+/// default paths: any other missing file is an error from the TLS setup, naming it).
+pub fn ensure_dev_certs(config: &Config) -> Result<()> {
+    let needs = config.listeners.iter().any(|l| {
+        matches!(&l.tls, TlsSetting::On(t) if t.is_dev_default() && !t.cert.exists() && !t.key.exists())
+    });
+    if needs {
+        crate::certs::generate(Path::new(DEV_CERT_DIR), 10)?;
+        tracing::warn!(
+            dir = DEV_CERT_DIR,
+            "development certificates were missing and have been created (a throwaway CA, a server certificate for localhost and 10 device certificates dev-00001..dev-00010); do not use them in production"
+        );
+    }
+    Ok(())
+}
+
+fn describe(u: &UplinkConfig) -> (&'static str, String) {
+    match u {
+        UplinkConfig::Amqp(a) => (
+            "amqp",
+            format!("{} exchange {:?}", masked_url(&a.url), a.exchange),
+        ),
+        UplinkConfig::Kafka(k) => (
+            "kafka",
+            format!("{} topic {:?}", k.bootstrap.join(","), k.topic),
+        ),
+    }
+}
+
+impl Service {
+    /// Starts everything `config` describes and begins accepting devices.
+    pub async fn start(config: Config, config_path: PathBuf) -> Result<Service> {
+        ensure_dev_certs(&config)?;
+        let opts = config.queue.to_options();
+        let (queue, report) = tokio::task::spawn_blocking(move || Queue::open(opts))
+            .await
+            .context("queue open task")??;
+        let q = queue.stats();
+        tracing::info!(
+            data_dir = %queue.data_dir().display(),
+            records = q.records,
+            bytes = q.bytes,
+            max_bytes = q.max_bytes,
+            full = format!("{:.1}%", q.bytes as f64 * 100.0 / q.max_bytes.max(1) as f64),
+            oldest_age_s = age_seconds(q.oldest_time_us).map(|a| a.round()),
+            fsync = ?queue.options().fsync,
+            full_policy = ?queue.options().full_policy,
+            truncated_bytes = report.truncated_bytes,
+            quarantined_records = report.quarantined_records,
+            "queue ready"
+        );
+        let ingest = Ingest::bind(&config, queue.clone()).await?;
+        let listeners = ingest.local_addrs();
+        for (addr, tls) in &listeners {
+            tracing::info!(%addr, tls, "listening for MQTT devices");
+        }
+        let opts = config.queue.to_options();
+        let dead = tokio::task::spawn_blocking(move || DeadLetters::open(&opts))
+            .await
+            .context("dead-letter store open task")??;
+        let (routes, _) = watch::channel(Arc::new(Routes::new(config.routes.clone())));
+        let (control_tx, control) = mpsc::channel(4);
+        let status = Arc::new(Status {
+            gateway_id: RwLock::new(config.gateway.id.clone()),
+            started: Instant::now(),
+            queue: queue.clone(),
+            ingest: ingest.stats(),
+            listeners,
+            uplinks: RwLock::new(Vec::new()),
+            dead: dead.clone(),
+            history: Mutex::new(VecDeque::new()),
+            accepting: AtomicBool::new(false),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            control: control_tx,
+        });
+        let admin = match config.admin.addr() {
+            Some(addr) => {
+                let (bound, task) = crate::admin::serve(addr, status.clone())
+                    .await
+                    .with_context(|| format!("cannot serve the admin endpoint on {addr} (admin.listen); is another process using it? change admin.listen or set admin.enabled = false"))?;
+                tracing::info!(addr = %bound, "admin endpoint: /metrics /healthz /readyz, status page at /");
+                Some(task)
+            }
+            None => None,
+        };
+        let ingest_stop = CancellationToken::new();
+        let handle = ingest.handle();
+        let serving = tokio::spawn(ingest.run(ingest_stop.clone()));
+        let mut service = Service {
+            config_path,
+            queue,
+            ingest: handle,
+            dead,
+            routes,
+            forwarders: HashMap::new(),
+            unrouted: None,
+            status: status.clone(),
+            control,
+            ingest_stop,
+            serving: Some(serving),
+            admin,
+            config: config.clone(),
+        };
+        if config.uplinks.is_empty() {
+            tracing::warn!(
+                "no [[uplinks]] configured: messages are stored in the queue and stay there"
+            );
+        }
+        for u in &config.uplinks {
+            service.start_forwarder(u.clone());
+        }
+        service.sync_unrouted();
+        service.publish_uplinks();
+        status.accepting.store(true, Ordering::Relaxed);
+        status.sample();
+        Ok(service)
+    }
+
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
+    }
+
+    fn start_forwarder(&mut self, cfg: UplinkConfig) {
+        let (kind, target) = describe(&cfg);
+        tracing::info!(uplink = cfg.name(), kind, %target, "uplink configured");
+        let stop = CancellationToken::new();
+        let (stats, task) = forwarder::spawn_with_routes(
+            cfg.clone(),
+            self.config.gateway.id.clone(),
+            self.queue.clone(),
+            self.routes.subscribe(),
+            self.dead.clone(),
+            stop.clone(),
+        );
+        self.forwarders.insert(
+            cfg.name().to_string(),
+            Running {
+                cfg,
+                stats,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Stops a forwarder: it finishes the send in flight (bounded by its confirm timeout) and
+    /// acks what was confirmed. One that does not stop within that bound is aborted; its
+    /// unconfirmed records are re-sent by the next forwarder on the cursor.
+    async fn stop_forwarder(r: Running) {
+        r.stop.cancel();
+        let confirm_timeout = match &r.cfg {
+            UplinkConfig::Amqp(a) => a.confirm_timeout,
+            UplinkConfig::Kafka(k) => k.confirm_timeout,
+        };
+        let bound = confirm_timeout + Duration::from_secs(2);
+        let mut task = r.task;
+        if tokio::time::timeout(bound, &mut task).await.is_err() {
+            tracing::warn!(uplink = r.cfg.name(), "forwarder did not stop within its confirm timeout; aborted (its unconfirmed records go out again later)");
+            task.abort();
+        }
+    }
+
+    /// The unrouted-record task runs when there is at least one uplink (with none, records
+    /// simply stay in the queue).
+    fn sync_unrouted(&mut self) {
+        let want = !self.config.uplinks.is_empty();
+        match (&self.unrouted, want) {
+            (None, true) => {
+                let stop = CancellationToken::new();
+                let task = forwarder::spawn_unrouted(
+                    self.queue.clone(),
+                    self.routes.subscribe(),
+                    self.dead.clone(),
+                    stop.clone(),
+                );
+                self.unrouted = Some((stop, task));
+            }
+            (Some(_), false) => {
+                if let Some((stop, task)) = self.unrouted.take() {
+                    stop.cancel();
+                    task.abort();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn publish_uplinks(&self) {
+        let mut views: Vec<UplinkView> = self
+            .config
+            .uplinks
+            .iter()
+            .filter_map(|u| {
+                let r = self.forwarders.get(u.name())?;
+                let (kind, target) = describe(u);
+                Some(UplinkView {
+                    name: u.name().to_string(),
+                    kind,
+                    target,
+                    stats: r.stats.clone(),
+                })
+            })
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        *self
+            .status
+            .uplinks
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = views;
+    }
+
+    /// Serves until SIGTERM/SIGINT, reloading on SIGHUP or an admin request; then stops in
+    /// order. A second SIGTERM/SIGINT exits at once.
+    pub async fn run(mut self) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+        let mut hup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
+        let mut history =
+            tokio::time::interval_at(tokio::time::Instant::now() + HISTORY_EVERY, HISTORY_EVERY);
+        history.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watchdog_every = notify::watchdog_interval();
+        let mut watchdog =
+            tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+        notify::ready(&self.summary());
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    tracing::info!(path = %self.config_path.display(), "SIGHUP: reloading the config");
+                    let _ = self.reload(&[]).await;
+                }
+                Some(req) = self.control.recv() => {
+                    let outcome = self.reload(&req.release).await;
+                    let _ = req.reply.send(outcome);
+                }
+                _ = history.tick() => self.status.sample(),
+                _ = watchdog.tick(), if watchdog_every.is_some() => {
+                    // Alive means the queue still takes appends, not just that this loop runs.
+                    if self.queue.is_writable() {
+                        notify::watchdog();
+                    }
+                }
+            }
+        }
+        // A second signal: stop now. The queue is crash-safe, so this loses nothing acknowledged.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting at once (the queue is crash-safe; unsent records stay queued)");
+            std::process::exit(130);
+        });
+        self.shutdown().await
+    }
+
+    fn summary(&self) -> String {
+        let q = self.queue.stats();
+        format!(
+            "{} device(s) connected, {} record(s) queued, {} uplink(s)",
+            self.status.ingest.connected.load(Ordering::Relaxed),
+            q.records,
+            self.forwarders.len()
+        )
+    }
+
+    /// Stops in order: no new connections, devices' last acks sent, forwarders drain for the
+    /// grace period, then stop; the queue is closed (flushed) last.
+    pub async fn shutdown(mut self) -> Result<()> {
+        notify::stopping();
+        let grace = self.config.gateway.shutdown_grace;
+        tracing::info!(
+            grace = ?grace,
+            "shutting down: closing device connections (in-flight acks finish), then forwarders drain for the grace period, then the queue closes"
+        );
+        self.status.accepting.store(false, Ordering::Relaxed);
+        self.ingest_stop.cancel();
+        if let Some(s) = self.serving.take() {
+            let _ = s.await;
+        }
+        let deadline = Instant::now() + grace;
+        let names: Vec<String> = self.forwarders.keys().cloned().collect();
+        if !names.is_empty() {
+            loop {
+                let q = self.queue.stats();
+                let lag: u64 = q
+                    .cursors
+                    .iter()
+                    .filter(|c| names.contains(&c.name))
+                    .map(|c| c.lag_records)
+                    .sum();
+                if lag == 0 {
+                    tracing::info!("uplinks drained");
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::info!(records = lag, "grace period over; undelivered records stay in the queue for the next start");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let stops: Vec<_> = self
+            .forwarders
+            .drain()
+            .map(|(_, r)| Self::stop_forwarder(r))
+            .collect();
+        futures_util::future::join_all(stops).await;
+        if let Some((stop, task)) = self.unrouted.take() {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        if let Some(a) = self.admin.take() {
+            a.abort();
+        }
+        let (queue, dead) = (self.queue.clone(), self.dead.clone());
+        tokio::task::spawn_blocking(move || {
+            dead.close();
+            queue.close();
+        })
+        .await
+        .context("queue close task")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Re-reads the config file and applies what changed. Rejected as a whole (the old config
+    /// keeps running) when the new one is invalid or its certificates or password file do not
+    /// load.
+    pub async fn reload(&mut self, release: &[String]) -> ReloadOutcome {
+        notify::reloading();
+        let outcome = self.try_reload(release).await;
+        match &outcome {
+            Ok(changes) => {
+                self.status.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(changes = %changes.join("; "), "config reloaded");
+            }
+            Err(errors) => {
+                self.status.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(errors = %errors.join("; "), "config reload rejected; the old config keeps running");
+            }
+        }
+        notify::ready(&self.summary());
+        outcome
+    }
+
+    async fn try_reload(&mut self, release: &[String]) -> ReloadOutcome {
+        let path = self.config_path.clone();
+        let mut new = tokio::task::spawn_blocking(move || {
+            Config::load(&path).and_then(|c| c.check_files().map(|()| c))
+        })
+        .await
+        .map_err(|e| vec![format!("config load task: {e}")])?
+        .map_err(|e| match e {
+            crate::config::ConfigError::Invalid { problems } => {
+                problems.iter().map(ToString::to_string).collect()
+            }
+            other => vec![other.to_string()],
+        })?;
+        let mut changes = Vec::new();
+        if new.queue != self.config.queue {
+            changes.push("[queue] changed: that takes a restart; kept as it was".to_string());
+            new.queue = self.config.queue.clone();
+        }
+        if new.admin != self.config.admin {
+            changes.push("[admin] changed: that takes a restart; kept as it was".to_string());
+            new.admin = self.config.admin.clone();
+        }
+        let binds = |c: &Config| {
+            c.listeners
+                .iter()
+                .map(|l| l.bind.clone())
+                .collect::<Vec<_>>()
+        };
+        if binds(&new) != binds(&self.config) {
+            return Err(vec![
+                "the [[listeners]] addresses changed: that takes a restart (a reload keeps the listening sockets so that no device is dropped); put them back or restart".to_string(),
+            ]);
+        }
+        let new_names: Vec<&str> = new.uplinks.iter().map(UplinkConfig::name).collect();
+        let mut errors = Vec::new();
+        for r in release {
+            if new_names.contains(&r.as_str()) {
+                errors.push(format!(
+                    "--release {r}: uplink {r:?} is still configured; remove it from the config to release its cursor"
+                ));
+            } else if !self.queue.stats().cursors.iter().any(|c| &c.name == r) {
+                errors.push(format!("--release {r}: there is no cursor named {r:?}"));
+            }
+        }
+        let prepared = {
+            let ingest = self.ingest.clone();
+            let cfg = new.clone();
+            match tokio::task::spawn_blocking(move || ingest.prepare(&cfg)).await {
+                Ok(Ok(p)) => Some(p),
+                Ok(Err(e)) => {
+                    errors.push(e.to_string());
+                    None
+                }
+                Err(e) => {
+                    errors.push(format!("ingest prepare task: {e}"));
+                    None
+                }
+            }
+        };
+        let prepared = match prepared {
+            Some(p) if errors.is_empty() => p,
+            _ => return Err(errors),
+        };
+        // Everything checked: apply.
+        if new.listeners != self.config.listeners
+            || new.auth != self.config.auth
+            || new.acl != self.config.acl
+            || new.limits != self.config.limits
+        {
+            changes.push("ingest: listeners' TLS, [auth], [[acl]] and [limits] applied (connected devices stay; new connections use the new settings, the ACL applies to every next publish)".to_string());
+        } else {
+            changes.push("ingest: certificates and password file re-read".to_string());
+        }
+        self.ingest.apply(prepared);
+        if new.routes != self.config.routes {
+            changes.push(format!("routes: {} route(s) applied", new.routes.len()));
+        }
+        self.routes
+            .send_replace(Arc::new(Routes::new(new.routes.clone())));
+        let id_changed = new.gateway.id != self.config.gateway.id;
+        let old = std::mem::replace(&mut self.config, new);
+        *self
+            .status
+            .gateway_id
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = self.config.gateway.id.clone();
+        // Uplinks: stop the removed and the changed ones (in parallel), then start the new and
+        // changed ones on their cursors.
+        let mut stopping = Vec::new();
+        let mut starting = Vec::new();
+        for (name, r) in std::mem::take(&mut self.forwarders) {
+            match self.config.uplinks.iter().find(|u| u.name() == name) {
+                Some(u) if *u == r.cfg && !id_changed => {
+                    self.forwarders.insert(name, r);
+                }
+                Some(u) => {
+                    changes.push(format!("uplink {name}: changed; restarted on its cursor"));
+                    starting.push(u.clone());
+                    stopping.push(Self::stop_forwarder(r));
+                }
+                None => {
+                    changes.push(format!("uplink {name}: removed"));
+                    stopping.push(Self::stop_forwarder(r));
+                }
+            }
+        }
+        for u in &self.config.uplinks {
+            if !self.forwarders.contains_key(u.name())
+                && !starting.iter().any(|s| s.name() == u.name())
+            {
+                changes.push(format!("uplink {}: added", u.name()));
+                starting.push(u.clone());
+            }
+        }
+        futures_util::future::join_all(stopping).await;
+        for u in starting {
+            self.start_forwarder(u);
+        }
+        self.sync_unrouted();
+        self.publish_uplinks();
+        // Cursors of removed uplinks: released only when asked, since that lets the queue
+        // delete records nobody else needed.
+        for name in old
+            .uplinks
+            .iter()
+            .map(UplinkConfig::name)
+            .filter(|n| !self.forwarders.contains_key(*n))
+        {
+            if release.iter().any(|r| r == name) {
+                continue;
+            }
+            let lag = self
+                .queue
+                .stats()
+                .cursors
+                .iter()
+                .find(|c| c.name == name)
+                .map_or(0, |c| c.lag_records);
+            changes.push(format!(
+                "cursor {name} kept ({lag} record(s) behind it stay in the queue); release it with `gateway reload --release {name}`"
+            ));
+        }
+        for name in release {
+            let q = self.queue.clone();
+            let n = name.clone();
+            match tokio::task::spawn_blocking(move || q.remove_cursor(&n)).await {
+                Ok(Ok(())) => changes.push(format!("cursor {name} released")),
+                Ok(Err(e)) => changes.push(format!("cursor {name}: could not release: {e}")),
+                Err(e) => changes.push(format!("cursor {name}: release task: {e}")),
+            }
+        }
+        Ok(changes)
+    }
+}
