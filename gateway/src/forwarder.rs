@@ -144,6 +144,9 @@ pub struct ForwarderStats {
     pub returned: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub reconnects: AtomicU64,
+    /// The state last written to the log: a retry (backing off -> connecting -> backing off)
+    /// is not news, so the log shows each real change once, not every attempt.
+    logged: Mutex<Option<UplinkState>>,
 }
 
 impl ForwarderStats {
@@ -157,21 +160,33 @@ impl ForwarderStats {
             returned: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            logged: Mutex::new(None),
         })
     }
 
     /// Sets the state; logs only when it changes (not once per retry).
     fn set(&self, s: UplinkState, why: Option<&UplinkError>) {
-        let mut cur = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *cur != s {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let retrying = s == UplinkState::Connecting
+            && matches!(
+                *logged,
+                Some(UplinkState::BackingOff | UplinkState::Stalled)
+            );
+        if *logged == Some(s) || retrying {
             match why {
-                Some(e) => {
-                    tracing::warn!(uplink = %self.name, state = ?s, error = %e, "uplink state changed")
-                }
-                None => tracing::info!(uplink = %self.name, state = ?s, "uplink state changed"),
+                Some(e) => tracing::debug!(uplink = %self.name, state = ?s, error = %e, "uplink state (unchanged since last logged)"),
+                None => tracing::debug!(uplink = %self.name, state = ?s, "uplink state (retrying)"),
             }
-            *cur = s;
+            return;
         }
+        match why {
+            Some(e) => {
+                tracing::warn!(uplink = %self.name, state = ?s, error = %e, "uplink state changed; records stay queued and are sent once it is back (retries are not logged)")
+            }
+            None => tracing::info!(uplink = %self.name, state = ?s, "uplink state changed"),
+        }
+        *logged = Some(s);
     }
 
     pub fn state(&self) -> UplinkState {

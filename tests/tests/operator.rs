@@ -255,25 +255,35 @@ impl Drop for Gw {
 
 const ROUTE_ALL: &str = "[[routes]]\nfilter = \"devices/#\"\nuplinks = [\"rabbit\"]\n";
 
-/// Runs the fleet (`firmware-sim run`) and returns its JSON report.
-async fn fleet(gw: &Gw, manifest: &Path, args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new(workspace_binary("firmware-sim", "firmware-sim"))
-        .args(["run", "--broker", &format!("127.0.0.1:{}", gw.port)])
-        .arg("--certs-dir")
-        .arg(&gw.certs)
-        .args(args)
-        .args(["--qos", "1", "--progress", "off", "--json", "--manifest"])
-        .arg(manifest)
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fleet failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(text.trim()).unwrap()
+/// Starts the fleet in the background; the task yields its JSON report.
+fn spawn_fleet(
+    gw: &Gw,
+    manifest: &Path,
+    args: &'static [&'static str],
+) -> tokio::task::JoinHandle<serde_json::Value> {
+    let sim = workspace_binary("firmware-sim", "firmware-sim");
+    let (port, certs, manifest) = (gw.port, gw.certs.clone(), manifest.to_path_buf());
+    tokio::spawn(async move {
+        let out = tokio::process::Command::new(sim)
+            .args(["run", "--broker", &format!("127.0.0.1:{port}")])
+            .arg("--certs-dir")
+            .arg(&certs)
+            .args(args)
+            .args(["--qos", "1", "--progress", "off", "--json", "--manifest"])
+            .arg(&manifest)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let f: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        eprintln!("fleet: {f}");
+        f
+    })
 }
 
 async fn verify(gw: &Gw, manifest: &Path) -> serde_json::Value {
@@ -301,7 +311,7 @@ async fn metrics_match_what_the_fleet_and_the_verifier_counted() {
     gw.write_config("", ROUTE_ALL);
     gw.start();
     let manifest = gw.dir.path().join("manifest.json");
-    let f = fleet(
+    let f = spawn_fleet(
         &gw,
         &manifest,
         &[
@@ -313,13 +323,13 @@ async fn metrics_match_what_the_fleet_and_the_verifier_counted() {
             "25",
         ],
     )
-    .await;
+    .await
+    .unwrap();
     gw.wait_drained();
     let v = verify(&gw, &manifest).await;
     let m = gw.metrics();
     let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no metric {k}"));
     let acked = f["acked"].as_f64().unwrap();
-    eprintln!("fleet: {f}");
     assert_eq!(acked, 1000.0);
     assert_eq!(f["resent"], 0, "no faults here: nothing may be re-sent");
     assert_eq!(get("gateway_publishes_received_total{qos=\"1\"}"), acked);
@@ -373,8 +383,10 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
     gw.write_config("window = 256", ROUTE_ALL);
     gw.start();
     let manifest = gw.dir.path().join("manifest.json");
-    let run = {
-        let args = [
+    let run = spawn_fleet(
+        &gw,
+        &manifest,
+        &[
             "--devices",
             "100",
             "--rate",
@@ -383,22 +395,8 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
             "12s",
             "--connect-rate",
             "200",
-        ];
-        let sim = workspace_binary("firmware-sim", "firmware-sim");
-        let (port, certs, manifest) = (gw.port, gw.certs.clone(), manifest.clone());
-        tokio::spawn(async move {
-            tokio::process::Command::new(sim)
-                .args(["run", "--broker", &format!("127.0.0.1:{port}")])
-                .arg("--certs-dir")
-                .arg(&certs)
-                .args(args)
-                .args(["--qos", "1", "--progress", "off", "--json", "--manifest"])
-                .arg(&manifest)
-                .output()
-                .await
-                .unwrap()
-        })
-    };
+        ],
+    );
     // Wait for the whole fleet to be connected and publishing.
     let deadline = Instant::now() + Duration::from_secs(20);
     while gw.metric("gateway_devices_connected") < 100.0 {
@@ -454,15 +452,7 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
     );
     assert_eq!(gw.metric("gateway_devices_connected"), 100.0);
 
-    let out = run.await.unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let f: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-    eprintln!("fleet: {f}");
+    let f = run.await.unwrap();
     assert_eq!(f["connection_losses"], 0, "a device was disconnected: {f}");
     assert_eq!(f["reconnects"], 0, "{f}");
     // 100 devices, each connected once, plus start()'s TCP probe.
@@ -486,24 +476,24 @@ async fn sigterm_under_load_then_restart_loses_nothing() {
     gw.write_config("", ROUTE_ALL);
     gw.start();
     let manifest = gw.dir.path().join("manifest.json");
-    let run = {
-        let sim = workspace_binary("firmware-sim", "firmware-sim");
-        let (port, certs, manifest) = (gw.port, gw.certs.clone(), manifest.clone());
-        tokio::spawn(async move {
-            tokio::process::Command::new(sim)
-                .args(["run", "--broker", &format!("127.0.0.1:{port}")])
-                .arg("--certs-dir")
-                .arg(&certs)
-                .args(["--devices", "50", "--rate", "20", "--duration", "10s"])
-                .args(["--reconnect-min", "0.2", "--reconnect-max", "1"])
-                .args(["--drain-timeout", "30s"])
-                .args(["--qos", "1", "--progress", "off", "--json", "--manifest"])
-                .arg(&manifest)
-                .output()
-                .await
-                .unwrap()
-        })
-    };
+    let run = spawn_fleet(
+        &gw,
+        &manifest,
+        &[
+            "--devices",
+            "50",
+            "--rate",
+            "20",
+            "--duration",
+            "10s",
+            "--reconnect-min",
+            "0.2",
+            "--reconnect-max",
+            "1",
+            "--drain-timeout",
+            "30s",
+        ],
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
     let before = gw.metric("gateway_acks_sent_total");
     assert!(before > 0.0, "the fleet is not publishing");
@@ -522,15 +512,7 @@ async fn sigterm_under_load_then_restart_loses_nothing() {
     eprintln!("stopped in {stopped_in:?} after {before} acks");
     tokio::time::sleep(Duration::from_secs(1)).await;
     gw.start();
-    let out = run.await.unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let f: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-    eprintln!("fleet: {f}");
+    let f = run.await.unwrap();
     assert!(f["reconnects"].as_u64().unwrap() >= 50, "{f}");
     assert_eq!(f["unacked"], 0, "{f}");
     gw.wait_drained();

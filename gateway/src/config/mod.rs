@@ -1059,7 +1059,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, DEFAULT_CONFIG).unwrap();
-        assert_eq!(Config::load(&path).unwrap(), Config::default());
+        assert_eq!(
+            Config::load(&path).unwrap(),
+            Config::from_toml_str(DEFAULT_CONFIG).unwrap()
+        );
 
         std::fs::write(&path, "[queue]\nfsync = \"never\"\n").unwrap();
         let err = Config::load(&path).unwrap_err();
