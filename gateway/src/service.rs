@@ -466,6 +466,14 @@ impl Service {
                     tracing::info!("uplinks drained");
                     break;
                 }
+                let any_connected = self
+                    .forwarders
+                    .values()
+                    .any(|r| r.stats.state() == crate::forwarder::UplinkState::Connected);
+                if !any_connected {
+                    tracing::info!(records = lag, "no uplink is connected; undelivered records stay in the queue for the next start");
+                    break;
+                }
                 if Instant::now() >= deadline {
                     tracing::info!(records = lag, "grace period over; undelivered records stay in the queue for the next start");
                     break;
