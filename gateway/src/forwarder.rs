@@ -175,7 +175,9 @@ impl ForwarderStats {
             );
         if *logged == Some(s) || retrying {
             match why {
-                Some(e) => tracing::debug!(uplink = %self.name, state = ?s, error = %e, "uplink state (unchanged since last logged)"),
+                Some(e) => {
+                    tracing::debug!(uplink = %self.name, state = ?s, error = %e, "uplink state (unchanged since last logged)")
+                }
                 None => tracing::debug!(uplink = %self.name, state = ?s, "uplink state (retrying)"),
             }
             return;
@@ -301,9 +303,10 @@ async fn run(
     let mut attempt = 0u32;
     let mut connected_before = false;
     let mut nacks: HashMap<u64, u32> = HashMap::new();
-    // Records already dead-lettered but not yet behind the cursor (an earlier record of their
-    // batch is being retried): never sent or dead-lettered again.
-    let mut dead_lettered: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    // Records already settled (dead-lettered, or confirmed beyond a failed batch's prefix) but
+    // not yet behind the cursor, because an earlier record is being retried: never sent or
+    // dead-lettered again.
+    let mut settled_ahead: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     let mut pace = Pace::new(cfg.max_rate());
     'connect: loop {
         if shutdown.is_cancelled() {
@@ -341,13 +344,25 @@ async fn run(
                 },
                 _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
             };
+            // Kafka `linger`: with fewer than a batch ready, wait once for more, then take what
+            // came meanwhile. A sleep and a non-blocking read: `next_batch` under a timeout is
+            // not cancel-safe (a read cut short would lose the reader's position).
+            let mut records = records;
+            let linger = cfg.linger();
+            if !linger.is_zero() && records.len() < cfg.batch() {
+                tokio::select! {
+                    _ = tokio::time::sleep(linger) => {}
+                    _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
+                }
+                records.extend(reader.read_now(cfg.batch() - records.len(), 8 << 20)?);
+            }
             // Prepare: what this uplink sends, what it skips, what cannot be sent at all. The
             // routes are read once per batch: a reload applies from the next batch on.
             let routes = routes.borrow().clone();
             let mut prepared = Vec::new();
             let mut settled_before: Vec<(u64, Option<String>)> = Vec::new();
             for r in records {
-                if dead_lettered.contains(&r.seq) {
+                if settled_ahead.contains(&r.seq) {
                     settled_before.push((r.seq, None));
                     continue;
                 }
@@ -367,7 +382,7 @@ async fn run(
                         Err(e) => {
                             dead.put(&r, &name, &e.to_string()).await?;
                             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            dead_lettered.insert(r.seq);
+                            settled_ahead.insert(r.seq);
                             settled_before.push((r.seq, None));
                         }
                     },
@@ -380,14 +395,14 @@ async fn run(
             stats
                 .sent
                 .fetch_add(prepared.len() as u64, Ordering::Relaxed);
-            let (outcomes, failure) = if prepared.is_empty() {
-                (Vec::new(), None)
+            let (outcomes, failure, confirmed_beyond) = if prepared.is_empty() {
+                (Vec::new(), None, Vec::new())
             } else {
                 // Not cancelled by `shutdown`: the send ends by itself within the confirm
                 // timeout, and what it confirmed is acked below, so a stop re-sends nothing.
                 match uplink.send(&prepared).await {
-                    Ok(o) => (o, None),
-                    Err(f) => (f.settled, Some(f.error)),
+                    Ok(o) => (o, None, Vec::new()),
+                    Err(f) => (f.settled, Some(f.error), f.confirmed_beyond),
                 }
             };
             // Records of this batch without an outcome (the send failed first) are not settled.
@@ -414,7 +429,7 @@ async fn run(
                         )
                         .await?;
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        dead_lettered.insert(seq);
+                        settled_ahead.insert(seq);
                         settled.push(seq);
                     }
                     Outcome::Nacked => {
@@ -430,12 +445,20 @@ async fn run(
                             )
                             .await?;
                             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            dead_lettered.insert(seq);
+                            settled_ahead.insert(seq);
                             settled.push(seq);
                         } else if stop_at.is_none_or(|s| seq < s) {
                             stop_at = Some(seq);
                         }
                     }
+                }
+            }
+            for i in confirmed_beyond {
+                if let Some(m) = prepared.get(i) {
+                    stats.confirmed.fetch_add(1, Ordering::Relaxed);
+                    nacks.remove(&m.record.seq);
+                    settled_ahead.insert(m.record.seq);
+                    settled.push(m.record.seq);
                 }
             }
             // Invariant: the cursor only moves over a contiguous settled prefix.
@@ -447,7 +470,7 @@ async fn run(
             if let Some(seq) = ack_to {
                 reader.ack_through(seq).await?;
                 // What the cursor passed needs no memory any more.
-                dead_lettered = dead_lettered.split_off(&(seq + 1));
+                settled_ahead = settled_ahead.split_off(&(seq + 1));
             }
             if let Some(e) = failure {
                 let state = if matches!(e, UplinkError::Stalled { .. }) {

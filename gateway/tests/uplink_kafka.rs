@@ -403,59 +403,125 @@ async fn broker_outage_backs_off_then_the_backlog_drains_in_order() {
     queue.close();
 }
 
-/// Interoperability with a client nobody here wrote: Debian's `kcat` (librdkafka) reads what the
-/// gateway produced, keys and headers included. Skipped (with a message) when kcat is missing.
-#[tokio::test]
-async fn kcat_reads_what_the_gateway_produced() {
-    if Command::new("kcat").arg("-V").output().is_err() {
-        eprintln!("kcat is not installed (apt-get install kcat): skipping");
-        return;
-    }
+/// `linger`: records that come within it of each other go out together. Three records appended
+/// 20 ms apart, with a linger of 500 ms, to an idle uplink: the cursor goes from the record
+/// before straight to the third (one round, one produce per partition), never stopping at the
+/// first or second, as it does without linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_arriving_within_linger_are_sent_in_one_round() {
     let tansu = Tansu::start();
-    let topic = unique("gw-kcat");
-    tansu.create_topic(&topic, 3);
+    let topic = unique("gw-linger");
+    tansu.create_topic(&topic, 1);
     let dir = tempfile::tempdir().unwrap();
     let (queue, dead) = open_queue(dir.path());
     let routes = Arc::new(Routes::new(vec![route("devices/#", &["kafka"])]));
-    let mut last = 0;
-    for i in 0..10u32 {
-        let d = ["dev-1", "dev-4", "dev-7"][i as usize % 3];
-        last = queue
-            .append(&NewRecord::new(
-                d,
-                &format!("devices/{d}/t"),
-                format!("{d}:{i}").as_bytes(),
-            ))
-            .await
-            .unwrap();
-    }
+    let mut cfg = kafka("kafka", &tansu.bootstrap(), &topic);
+    cfg.linger = Duration::from_millis(500);
     let stop = CancellationToken::new();
     let (_stats, h) = forwarder::spawn(
-        UplinkConfig::Kafka(kafka("kafka", &tansu.bootstrap(), &topic)),
-        "kcatgw".into(),
+        UplinkConfig::Kafka(cfg),
+        "lingergw".into(),
         queue.clone(),
         routes,
         dead.clone(),
         stop.clone(),
     );
-    wait_acked(&queue, "kafka", last).await;
-    let out = tokio::process::Command::new("kcat")
-        .args(["-b", &tansu.bootstrap(), "-C", "-t", &topic, "-e", "-q"])
-        .args(["-f", "%k %h %s\n"])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
+    // Connected, the topic's partitions known, and idle.
+    let warm = queue
+        .append(&NewRecord::new("dev-1", "devices/dev-1/t", b"warm-up"))
         .await
-        .expect("kcat finished within 30 s")
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!(
-        "kcat exit {}:\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    wait_acked(&queue, "kafka", warm).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cursor = |q: &Queue| {
+        q.stats()
+            .cursors
+            .iter()
+            .find(|c| c.name == "kafka")
+            .map_or(0, |c| c.acked)
+    };
+    // Every value the cursor takes, sampled every millisecond while the records come in.
+    let before = cursor(&queue);
+    let sampler = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let mut seen = vec![before];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < deadline {
+                let c = cursor(&queue);
+                if c != *seen.last().unwrap() {
+                    seen.push(c);
+                }
+                if c >= before + 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            seen
+        })
+    };
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(
+            queue
+                .append(&NewRecord::new(
+                    "dev-1",
+                    "devices/dev-1/t",
+                    format!("{i}").as_bytes(),
+                ))
+                .await
+                .unwrap(),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = sampler.await.unwrap();
+    assert_eq!(
+        seen,
+        vec![before, seqs[2]],
+        "the three records were confirmed together, in one round"
     );
-    assert!(out.status.success());
-    assert_eq!(stdout.lines().count(), 10, "{stdout}");
+    let got = consume(&tansu.bootstrap(), &topic, 4).await;
+    assert_eq!(got.len(), 4);
+    stop.cancel();
+    let _ = h.await;
+    dead.close();
+    queue.close();
+}
+
+/// With the default `linger` (5 ms) records still flow one by one when they trickle in.
+#[tokio::test]
+async fn records_trickling_in_flow_with_the_default_linger() {
+    let tansu = Tansu::start();
+    let topic = unique("gw-trickle");
+    tansu.create_topic(&topic, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, dead) = open_queue(dir.path());
+    let routes = Arc::new(Routes::new(vec![route("devices/#", &["kafka"])]));
+    let cfg = kafka("kafka", &tansu.bootstrap(), &topic);
+    assert_eq!(cfg.linger, gateway::config::DEFAULT_KAFKA_LINGER);
+    let stop = CancellationToken::new();
+    let (_stats, h) = forwarder::spawn(
+        UplinkConfig::Kafka(cfg),
+        "tricklegw".into(),
+        queue.clone(),
+        routes,
+        dead.clone(),
+        stop.clone(),
+    );
+    for i in 0..10u32 {
+        let d = ["dev-1", "dev-4", "dev-7"][i as usize % 3];
+        let seq = queue
+            .append(&NewRecord::new(
+                d,
+                &format!("devices/{d}/t"),
+                format!("{i}").as_bytes(),
+            ))
+            .await
+            .unwrap();
+        wait_acked(&queue, "kafka", seq).await;
+    }
+    let got = consume(&tansu.bootstrap(), &topic, 10).await;
+    assert_eq!(got.len(), 10);
     stop.cancel();
     let _ = h.await;
     dead.close();

@@ -573,7 +573,12 @@ async fn connection_reset_mid_batch_loses_nothing_and_duplicates_at_most_a_batch
     )
     .await;
     let cursor_at_reset = rig.cursor();
+    let accepted_at_reset = rig.proxy.accepted();
     rig.proxy.set_mode(Mode::Pass);
+    assert!(
+        cursor_at_reset < last,
+        "the reset came after everything was confirmed: the test proves nothing"
+    );
 
     rig.wait_cursor(last, Duration::from_secs(20), &f).await;
     let got = rig.consume().await;
@@ -587,14 +592,21 @@ async fn connection_reset_mid_batch_loses_nothing_and_duplicates_at_most_a_batch
         dups.iter().all(|&s| s > cursor_at_reset),
         "a record behind the cursor (confirmed) was sent again: {dups:?}, cursor {cursor_at_reset}"
     );
-    assert!(f.sent() > 300, "the interrupted batch was sent again");
+    // The cut request is sent again on a new connection: by rskafka itself (it retries a
+    // request whose connection broke, within `confirm_timeout`), or by the forwarder after a
+    // reconnect (then `sent` exceeds 300). Either way only unanswered requests go again.
+    assert!(
+        rig.proxy.accepted() > accepted_at_reset,
+        "no new connection after the reset"
+    );
     assert_eq!(f.confirmed(), 300, "each record counted as confirmed once");
-    assert!(f.reconnects() >= 1);
     eprintln!(
-        "reset: {} resets, cursor {cursor_at_reset} at the reset, {} duplicates, {} sent, {:?}",
+        "reset: {} resets, cursor {cursor_at_reset} at the reset, {} duplicates, {} sent, {} \
+         forwarder reconnects, {:?}",
         rig.proxy.resets(),
         dups.len(),
         f.sent(),
+        f.reconnects(),
         t0.elapsed()
     );
     f.stop().await;

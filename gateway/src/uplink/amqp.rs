@@ -234,12 +234,14 @@ impl AmqpUplink {
                 Ok(Err(e)) => {
                     return Err(SendFailure {
                         settled: out,
+                        confirmed_beyond: Vec::new(),
                         error: lost(e.to_string()),
                     })
                 }
                 Err(_) => {
                     return Err(SendFailure {
                         settled: out,
+                        confirmed_beyond: Vec::new(),
                         error: UplinkError::Stalled {
                             uplink: self.name.clone(),
                             secs: self.confirm_timeout.as_secs(),
@@ -259,6 +261,7 @@ impl AmqpUplink {
         match publish_error {
             Some(error) => Err(SendFailure {
                 settled: out,
+                confirmed_beyond: Vec::new(),
                 error,
             }),
             None => Ok(out),

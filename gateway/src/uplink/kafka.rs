@@ -31,7 +31,7 @@ use rskafka::record::Record as KafkaRecord;
 use rskafka::BackoffConfig;
 
 use super::murmur2::partition_for_key;
-use super::{Outcome, Prepared, UplinkError};
+use super::{Outcome, Prepared, SendFailure, UplinkError};
 use crate::config::{
     kafka_topic_byte, load_ca_file, KafkaCompression, KafkaConfig, KafkaSasl, SaslMechanism,
 };
@@ -227,18 +227,39 @@ impl KafkaUplink {
 
     /// Produces the batch (one request per partition, in queue order within each) and waits
     /// for every partition's acks=all answer within the confirm timeout.
-    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, UplinkError> {
+    /// Produces the batch, one request per partition, concurrently. On a failure, the records
+    /// of partitions that were confirmed all the same are reported in
+    /// [`SendFailure::confirmed_beyond`], so they are not sent twice.
+    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, SendFailure> {
         let timeout = self.confirm_timeout;
-        match tokio::time::timeout(timeout, self.send_inner(batch)).await {
-            Ok(r) => r,
-            Err(_) => Err(UplinkError::Stalled {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let error = match tokio::time::timeout(timeout, self.send_inner(batch, &mut outcomes)).await
+        {
+            Ok(Ok(())) => match outcomes.iter().cloned().collect::<Option<Vec<_>>>() {
+                Some(all) => return Ok(all),
+                None => self.lost("a record was not produced".into()),
+            },
+            Ok(Err(e)) => e,
+            Err(_) => UplinkError::Stalled {
                 uplink: self.name.clone(),
                 secs: timeout.as_secs(),
-            }),
-        }
+            },
+        };
+        let prefix = outcomes.iter().take_while(|o| o.is_some()).count();
+        Err(SendFailure {
+            settled: outcomes[..prefix].iter().flatten().cloned().collect(),
+            confirmed_beyond: (prefix..batch.len())
+                .filter(|&i| matches!(outcomes[i], Some(Outcome::Confirmed)))
+                .collect(),
+            error,
+        })
     }
 
-    async fn send_inner(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, UplinkError> {
+    async fn send_inner(
+        &mut self,
+        batch: &[Prepared],
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), UplinkError> {
         let mut counts: HashMap<&str, Option<usize>> = HashMap::new();
         for m in batch {
             let topic = m.destination.as_str();
@@ -246,10 +267,7 @@ impl KafkaUplink {
                 counts.insert(topic, self.partitions(topic).await?);
             }
         }
-        let Plan {
-            groups,
-            mut outcomes,
-        } = plan(batch, &counts);
+        let Plan { groups, outcomes } = plan(batch, &counts);
         let this = &*self;
         let produces = groups.iter().filter_map(|(&(topic, p), idx)| {
             let client = this.topics.get(topic)?.get(p)?;
@@ -258,6 +276,11 @@ impl KafkaUplink {
             Some(async move { (idx, client.produce(records, compression).await) })
         });
         let mut failure = None;
+        for (i, o) in outcomes.into_iter().enumerate() {
+            if o.is_some() {
+                out[i] = o;
+            }
+        }
         for (idx, result) in join_all(produces).await {
             let outcome = match result {
                 Ok(_) => Outcome::Confirmed,
@@ -271,17 +294,14 @@ impl KafkaUplink {
                 }
             };
             for &i in idx {
-                outcomes[i] = Some(outcome.clone());
+                out[i] = Some(outcome.clone());
             }
         }
         if let Some(why) = failure {
             // Cached leaders may be stale: the reconnect starts from fresh metadata.
             return Err(self.lost(format!("produce: {why}")));
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.ok_or_else(|| self.lost("a record was not produced".into())))
-            .collect()
+        Ok(())
     }
 
     pub async fn close(self) {

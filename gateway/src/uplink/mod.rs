@@ -41,11 +41,7 @@ impl Uplink {
     pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, SendFailure> {
         match self {
             Uplink::Amqp(u) => u.send(batch).await,
-            // Partitions are sent concurrently: no reliable prefix to keep on failure.
-            Uplink::Kafka(u) => u.send(batch).await.map_err(|error| SendFailure {
-                settled: Vec::new(),
-                error,
-            }),
+            Uplink::Kafka(u) => u.send(batch).await,
         }
     }
 
@@ -103,10 +99,15 @@ impl UplinkError {
     }
 }
 
-/// A failed send: the error, and the outcomes received for a prefix of the batch before it.
+/// A failed send: the error, the outcomes received for a prefix of the batch before it, and
+/// the records after that prefix that were confirmed all the same (Kafka produces partitions
+/// concurrently: one partition's failure does not undo another's confirm).
 #[derive(Debug, Clone)]
 pub struct SendFailure {
     pub settled: Vec<Outcome>,
+    /// Indices into the batch, beyond `settled`, of records the upstream confirmed: never sent
+    /// again.
+    pub confirmed_beyond: Vec<usize>,
     pub error: UplinkError,
 }
 
