@@ -91,15 +91,17 @@ async fn appends_fail_cleanly_when_the_disk_is_full_and_resume_when_space_return
     for i in 0..2000u32 {
         let mut p = payload.clone();
         p[..4].copy_from_slice(&i.to_le_bytes());
-        match q.append(&NewRecord::new("dev", "t", &p)).await {
+        let pending = q.try_append(&NewRecord::new("dev", "t", &p)).unwrap();
+        let marker = pending.marker();
+        match pending.durable().await {
             Ok(seq) => durable.push((seq, i)),
             Err(e) => {
-                first_error = Some(e);
+                first_error = Some((e, marker));
                 break;
             }
         }
     }
-    let err = first_error.expect("a 2 MiB filesystem must fill up");
+    let (err, failed) = first_error.expect("a 2 MiB filesystem must fill up");
     assert!(
         matches!(err, QueueError::DiskFull { .. }),
         "expected DiskFull, got {err:?}"
@@ -114,8 +116,15 @@ async fn appends_fail_cleanly_when_the_disk_is_full_and_resume_when_space_return
         assert!(matches!(r, Err(QueueError::DiskFull { .. })), "{r:?}");
     }
 
-    // Space returns: appends work again.
+    // Space returns: appends work again, except for the stream whose record failed: its next
+    // record is refused, so that it is never stored after the earlier one it depends on.
     std::fs::remove_file(&ballast).unwrap();
+    let refused = q.try_append_after(&NewRecord::new("dev", "t", &payload), Some(&failed));
+    assert!(
+        matches!(refused, Err(QueueError::DiskFull { .. })),
+        "a stream's append after its failed one must be refused: {:?}",
+        refused.map(|p| p.seq())
+    );
     let mut after = Vec::new();
     for i in 10_000..10_020u32 {
         let mut p = payload.clone();

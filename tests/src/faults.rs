@@ -242,13 +242,16 @@ pub struct TapStats {
     pub undecodable: u64,
     /// The largest `arrival - sample_time_ms`, device sample to upstream arrival.
     pub max_latency_ms: u64,
-    /// Telemetry per topic prefix (`devices`, ...): to see what reached the upstream.
+    /// Telemetry messages per device id: to see who reached the upstream.
     pub by_device: BTreeMap<String, u64>,
+    /// How long the tap ran (about the whole scenario).
+    pub ran_for: Duration,
 }
 
 /// A live consumer of the tap queue: measures end-to-end latency while the scenario runs (the
 /// verifier runs after the fleet, when latency no longer means anything).
 pub struct Tap {
+    started: Instant,
     stats: Arc<Mutex<TapStats>>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -301,7 +304,12 @@ impl Tap {
             let _ = ch.close(200, "tap done".into()).await;
             let _ = conn.close(200, "tap done".into()).await;
         });
-        Tap { stats, stop, task }
+        Tap {
+            started: Instant::now(),
+            stats,
+            stop,
+            task,
+        }
     }
 
     pub fn stats(&self) -> TapStats {
@@ -312,7 +320,8 @@ impl Tap {
         self.stop.cancel();
         let stats = self.stats.clone();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
-        let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        s.ran_for = self.started.elapsed();
         s
     }
 }
@@ -939,11 +948,35 @@ impl Verdict {
         out
     }
 
-    /// Short text for assertion messages.
+    /// Short text for assertion messages: the totals, and the first devices with problems.
     pub fn brief(&self) -> String {
+        let problems: Vec<String> = self.json["devices"]
+            .as_object()
+            .map(|devs| {
+                devs.iter()
+                    .filter(|(_, d)| {
+                        d["missing"].as_u64().unwrap_or(0) > 0
+                            || d["out_of_order"].as_u64().unwrap_or(0) > 0
+                    })
+                    .take(5)
+                    .map(|(id, d)| {
+                        format!(
+                            "{id}: missing {} {}, out of order {}, duplicates {}",
+                            d["missing"],
+                            d["missing_ranges"],
+                            d["out_of_order_examples"],
+                            d["duplicate_examples"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         format!(
-            "total {} failures {} timed_out {}",
-            self.json["total"], self.json["failures"], self.json["timed_out"]
+            "total {} failures {} timed_out {} devices [{}]",
+            self.json["total"],
+            self.json["failures"],
+            self.json["timed_out"],
+            problems.join("; ")
         )
     }
 }
@@ -994,6 +1027,8 @@ pub struct Figures {
     pub max_latency_ms: u64,
     /// The scenario's recovery time (see tests/README.md for each definition).
     pub recovery_ms: u64,
+    /// Wall time of the scenario (not part of the line; printed beside it).
+    pub took: Duration,
 }
 
 impl Figures {
@@ -1006,6 +1041,7 @@ impl Figures {
             duplicates: v.total("duplicates"),
             max_latency_ms: tap.max_latency_ms,
             recovery_ms: recovery.as_millis() as u64,
+            took: tap.ran_for,
         }
     }
 
@@ -1026,7 +1062,12 @@ impl Figures {
     /// every run), and appends it to `$FAULT_REPORT` when that is set.
     pub fn print(&self) {
         let line = self.line();
-        let _ = writeln!(std::io::stderr(), "{line}");
+        let _ = writeln!(
+            std::io::stderr(),
+            "{line}\n({} took {:.0} s)",
+            self.scenario,
+            self.took.as_secs_f64()
+        );
         if let Ok(path) = std::env::var("FAULT_REPORT") {
             if let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
@@ -1049,6 +1090,10 @@ pub fn assert_delivery(v: &Verdict, allowed_missing: u64) {
         "missing acknowledged messages: {}",
         v.brief()
     );
-    assert!(!v.json["timed_out"].as_bool().unwrap_or(false) || allowed_missing > 0);
+    assert!(
+        !v.json["timed_out"].as_bool().unwrap_or(false) || allowed_missing > 0,
+        "the verifier timed out: {}",
+        v.brief()
+    );
     assert_eq!(v.total("unknown"), 0, "unknown readings: {}", v.brief());
 }

@@ -108,7 +108,7 @@ impl Snapshot {
             ),
             (
                 "queue_dropped_records",
-                "Records dropped by drop-oldest or max_age (summed over cursors).",
+                "Records dropped by drop-oldest or max_age before every cursor had confirmed them.",
                 one(q.dropped_records),
             ),
             (

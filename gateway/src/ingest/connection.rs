@@ -65,6 +65,7 @@ pub(crate) async fn serve<S>(
         taken_over: Arc::new(Notify::new()),
         shutdown: shutdown.clone(),
         acks_sent,
+        last_append: None,
     };
     let span = tracing::debug_span!("conn", %peer);
     tracing::Instrument::instrument(
@@ -91,6 +92,9 @@ struct Conn {
     shutdown: CancellationToken,
     /// Acks the writer has put on the wire (for the receive maximum).
     acks_sent: Arc<std::sync::atomic::AtomicU64>,
+    /// This connection's latest append: once it failed, later publishes are refused too, so
+    /// the device's records are stored in the order it sent them or not at all.
+    last_append: Option<crate::queue::AppendMarker>,
 }
 
 enum Step {
@@ -262,8 +266,9 @@ impl Conn {
         loop {
             let notified = queue.wait_for_space();
             let rec = record_of(&m);
-            match queue.try_append(&rec) {
+            match queue.try_append_after(&rec, self.last_append.as_ref()) {
                 Ok(pending) => {
+                    self.last_append = Some(pending.marker());
                     return if self.send(Out::AfterDurable { pending, ack }).await {
                         Step::Continue
                     } else {

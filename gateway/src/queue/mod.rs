@@ -369,14 +369,21 @@ impl State {
     }
 
     /// Removes the oldest segment from the books, charging its records to every cursor that had
-    /// not confirmed them. Returns its base for the caller to unlink.
+    /// not confirmed them. Returns its base for the caller to unlink. The queue-wide count is
+    /// the records that some cursor lost (those every cursor had confirmed were no loss).
     fn drop_front(&mut self, counters: &Counters) -> Option<SegmentMeta> {
         let seg = self.pop_front()?;
+        let mut lost_by_any = if self.cursors.is_empty() {
+            seg.records
+        } else {
+            0
+        };
         for c in self.cursors.values_mut() {
             let lost = lost_records(&seg, c.acked);
             c.dropped += lost;
+            lost_by_any = lost_by_any.max(lost);
         }
-        counters.dropped.fetch_add(seg.records, Ordering::Relaxed);
+        counters.dropped.fetch_add(lost_by_any, Ordering::Relaxed);
         Some(seg)
     }
 }
@@ -662,6 +669,10 @@ impl std::fmt::Debug for Queue {
     }
 }
 
+/// The batch of an earlier append, for [`Queue::try_append_after`].
+#[derive(Clone)]
+pub struct AppendMarker(Arc<Batch>);
+
 /// An append in progress: the record has its sequence number and waits for the writer.
 #[must_use = "the record is durable only once this resolves"]
 pub struct PendingAppend {
@@ -672,6 +683,12 @@ pub struct PendingAppend {
 impl PendingAppend {
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// A handle for [`Queue::try_append_after`]: the next append of the same device refuses
+    /// once this one has failed.
+    pub fn marker(&self) -> AppendMarker {
+        AppendMarker(self.batch.clone())
     }
 
     /// Resolves once the record is durable (returns its seq), or with the batch's error.
@@ -779,12 +796,27 @@ impl Queue {
     /// answer "quota exceeded", stop reading its socket). Under `drop-oldest` the oldest segment
     /// makes room.
     pub fn try_append(&self, rec: &NewRecord<'_>) -> Result<PendingAppend, QueueError> {
+        self.try_append_after(rec, None)
+    }
+
+    /// [`Queue::try_append`] for a stream of records that must stay in order (one device's):
+    /// refused with the earlier append's error once the append `after` has failed. A failed
+    /// batch fails the records appended while it was written as well (in the same critical
+    /// section as this check), so a stream never has a record stored after one that failed.
+    pub fn try_append_after(
+        &self,
+        rec: &NewRecord<'_>,
+        after: Option<&AppendMarker>,
+    ) -> Result<PendingAppend, QueueError> {
         let len = record::validate(rec, self.shared.opts.segment_bytes)?;
         let mut dropped = Vec::new();
         let pending = {
             let mut st = self.shared.lock();
             if st.closing {
                 return Err(QueueError::Closed);
+            }
+            if let Some(Some(Err(e))) = after.map(|m| m.0.result.get()) {
+                return Err(e.clone());
             }
             let max = self.shared.opts.max_bytes;
             if st.unwritten_bytes() > 0

@@ -500,7 +500,29 @@ impl Writer {
                 self.shared.space.notify_waiters();
             }
             let failed = result.is_err();
-            batch.complete(result);
+            match &result {
+                Err(error) => {
+                    // Records appended while this batch was being written come after it on their
+                    // connections: they fail with it, in the same critical section, so that no
+                    // device has a later record stored while an earlier one failed (appenders
+                    // use `Queue::try_append_after` to see the failure from then on).
+                    let mut st = self.shared.lock();
+                    let next = std::mem::take(&mut st.pending);
+                    let next_batch = std::mem::replace(&mut st.batch, super::Batch::new());
+                    batch.complete(Err(error.clone()));
+                    if !next.is_empty() {
+                        next_batch.complete(Err(error.clone()));
+                    }
+                    drop(st);
+                    if !next.is_empty() {
+                        tracing::warn!(
+                            records = count_frames(&next),
+                            "records appended while the batch before them failed fail with it (per-device order)"
+                        );
+                    }
+                }
+                Ok(()) => batch.complete(Ok(())),
+            }
             self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
             if failed {
                 self.shared
