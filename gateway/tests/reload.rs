@@ -131,3 +131,90 @@ async fn acl_and_certificates_change_on_reload_without_dropping_the_device() {
     assert_eq!(q.appended_records, 3, "one, three and four were stored");
     service.shutdown().await.unwrap();
 }
+
+/// Removing an uplink keeps its cursor (and the records only it still needs) until the
+/// operator confirms with `release`; releasing a name that is still configured, or unknown, is
+/// refused.
+#[tokio::test]
+async fn a_removed_uplinks_cursor_is_kept_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    gateway::certs::generate(&certs, 1).unwrap();
+    let path = dir.path().join("gateway.toml");
+    // An uplink to a port where nothing listens: it backs off, its cursor stays at 0.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    write_config(&path, dir.path(), &certs, r#""devices/%c/#""#);
+    let base = std::fs::read_to_string(&path).unwrap();
+    let with_uplink = format!(
+        "{base}\n[[uplinks]]\nname = \"gone\"\ntype = \"amqp\"\nurl = \"amqp://guest:guest@127.0.0.1:{dead}/%2f\"\nexchange = \"x\"\nbackoff_max = \"1s\"\n\n[[routes]]\nfilter = \"#\"\nuplinks = [\"gone\"]\n"
+    );
+    std::fs::write(&path, &with_uplink).unwrap();
+    let mut service = Service::start(Config::load(&path).unwrap(), path.clone())
+        .await
+        .unwrap();
+    let status = service.status();
+    let addr = status.listeners[0].0;
+    let mut dev = raw::tls_connect(addr, client_tls(&certs, Some("dev-00001")))
+        .await
+        .unwrap();
+    assert_eq!(
+        dev.connect(&Connect::v5("dev-00001")).await.connack_code(),
+        0
+    );
+    for i in 1..=5u16 {
+        let ack = dev.publish_qos1(true, "devices/dev-00001/t", i, b"x").await;
+        assert_eq!(ack.ack_reason(), 0);
+    }
+    let lag = |name: &str| {
+        status
+            .queue
+            .stats()
+            .cursors
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.lag_records)
+    };
+    assert_eq!(lag("gone"), Some(5));
+
+    // Still configured: cannot be released.
+    let refused = service.reload(&["gone".to_string()]).await.unwrap_err();
+    assert!(
+        refused.iter().any(|e| e.contains("still configured")),
+        "{refused:?}"
+    );
+
+    // Removed: the forwarder stops, the cursor stays and the reload says how to release it.
+    std::fs::write(&path, &base).unwrap();
+    let changes = service.reload(&[]).await.unwrap();
+    assert!(
+        changes.iter().any(|c| c == "uplink gone: removed"),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.contains("cursor gone kept (5 record(s)") && c.contains("--release gone")),
+        "{changes:?}"
+    );
+    assert_eq!(lag("gone"), Some(5));
+    assert!(status.uplinks().is_empty());
+
+    let unknown = service.reload(&["nope".to_string()]).await.unwrap_err();
+    assert!(
+        unknown.iter().any(|e| e.contains("no cursor named")),
+        "{unknown:?}"
+    );
+
+    let changes = service.reload(&["gone".to_string()]).await.unwrap();
+    assert!(
+        changes.iter().any(|c| c == "cursor gone released"),
+        "{changes:?}"
+    );
+    assert_eq!(lag("gone"), None);
+    assert!(dev.is_open_after(Duration::from_millis(100)).await);
+    service.shutdown().await.unwrap();
+}
