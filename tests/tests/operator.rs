@@ -525,3 +525,85 @@ async fn sigterm_under_load_then_restart_loses_nothing() {
     );
     gw.cleanup().await;
 }
+
+/// SIGTERM lets the forwarders drain for `shutdown_grace`; a second SIGTERM during that drain
+/// exits at once (130), and the restart finds every record still queued or delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_the_drain_exits_at_once_and_loses_nothing() {
+    let mut gw = Gw::new(5);
+    // max_rate = 5/s: 500 records take 100 s to drain, far longer than the test waits.
+    gw.write_config("max_rate = 5", ROUTE_ALL);
+    let config = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        config.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"60s\""),
+    )
+    .unwrap();
+    gw.start();
+    let manifest = gw.dir.path().join("manifest.json");
+    let f = spawn_fleet(
+        &gw,
+        &manifest,
+        &[
+            "--devices",
+            "5",
+            "--count-per-device",
+            "100",
+            "--rate",
+            "100",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(f["acked"], 500);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw.metric("gateway_uplink_state{uplink=\"rabbit\",state=\"connected\"}") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the uplink did not connect: {}",
+            gw.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gw.signal("TERM");
+    // Draining: the process is still there (the grace period is 60 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let child = gw.child.as_mut().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited before the grace period"
+    );
+    let t = Instant::now();
+    gw.signal("TERM");
+    let status = loop {
+        if let Some(st) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the second SIGTERM did not stop it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "second SIGTERM: exit {:?} after {:?}",
+        status.code(),
+        t.elapsed()
+    );
+    assert_eq!(status.code(), Some(130));
+    gw.child = None;
+    assert!(gw.logs().contains("second signal"), "{}", gw.logs());
+
+    // Restart without the rate limit: everything is delivered, nothing lost.
+    gw.write_config("", ROUTE_ALL);
+    gw.start();
+    gw.wait_drained();
+    let v = verify(&gw, &manifest).await;
+    assert_eq!(v["total"]["missing"], 0);
+    assert_eq!(v["total"]["out_of_order"], 0);
+    assert_eq!(
+        gw.stop(Duration::from_secs(20)).map(|s| s.code()),
+        Some(Some(0))
+    );
+    gw.cleanup().await;
+}
