@@ -354,7 +354,15 @@ async fn run(
                     _ = tokio::time::sleep(linger) => {}
                     _ = shutdown.cancelled() => { uplink.close().await; return Ok(()); }
                 }
-                records.extend(reader.read_now(cfg.batch() - records.len(), 8 << 20)?);
+                // Records already durable (page cache): a short read, not worth a thread hop.
+                match reader.read_now(cfg.batch() - records.len(), 1 << 20) {
+                    Ok(more) => records.extend(more),
+                    Err(QueueError::Closed) => {
+                        uplink.close().await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             // Prepare: what this uplink sends, what it skips, what cannot be sent at all. The
             // routes are read once per batch: a reload applies from the next batch on.
@@ -366,7 +374,7 @@ async fn run(
                     settled_before.push((r.seq, None));
                     continue;
                 }
-                match routes.for_uplink(&name, &r.topic) {
+                match routes.at(r.seq).for_uplink(&name, &r.topic) {
                     None => settled_before.push((r.seq, None)),
                     Some(route) => match transcode(route.payload, &r) {
                         Ok((payload, content_type)) => {
@@ -398,6 +406,12 @@ async fn run(
             let (outcomes, failure, confirmed_beyond) = if prepared.is_empty() {
                 (Vec::new(), None, Vec::new())
             } else {
+                // A stop that came meanwhile: send nothing new (what was read stays behind the
+                // cursor for the next forwarder).
+                if shutdown.is_cancelled() {
+                    uplink.close().await;
+                    return Ok(());
+                }
                 // Not cancelled by `shutdown`: the send ends by itself within the confirm
                 // timeout, and what it confirmed is acked below, so a stop re-sends nothing.
                 match uplink.send(&prepared).await {
@@ -521,7 +535,7 @@ pub fn spawn_unrouted(
             let mut last = None;
             let routes = routes.borrow().clone();
             for r in &records {
-                if !routes.any(&r.topic) {
+                if !routes.at(r.seq).any(&r.topic) {
                     if let Err(error) = dead.put(r, "-", "no route matches the topic").await {
                         tracing::error!(%error, "could not dead-letter an unrouted record; will retry");
                         reader.rewind();

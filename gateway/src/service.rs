@@ -408,8 +408,10 @@ impl Service {
                 }
                 _ = history.tick() => self.status.sample(),
                 _ = watchdog.tick(), if watchdog_every.is_some() => {
-                    // Alive means the queue still takes appends, not just that this loop runs.
-                    if self.queue.is_writable() {
+                    // Alive means the queue is open, not just that this loop runs. Not tied to
+                    // the last write's success: a restart does not cure a full disk, and the
+                    // queue recovers by itself when space returns.
+                    if self.queue.is_open() {
                         notify::watchdog();
                     }
                 }
@@ -561,7 +563,11 @@ impl Service {
         let new_names: Vec<&str> = new.uplinks.iter().map(UplinkConfig::name).collect();
         let mut errors = Vec::new();
         for r in release {
-            if new_names.contains(&r.as_str()) {
+            if r.starts_with('_') {
+                errors.push(format!(
+                    "--release {r}: {r:?} is the gateway's own cursor, not an uplink's; it cannot be released"
+                ));
+            } else if new_names.contains(&r.as_str()) {
                 errors.push(format!(
                     "--release {r}: uplink {r:?} is still configured; remove it from the config to release its cursor"
                 ));
@@ -602,8 +608,12 @@ impl Service {
         if new.routes != self.config.routes {
             changes.push(format!("routes: {} route(s) applied", new.routes.len()));
         }
+        // Records received from now on take the new routes; those already queued keep the
+        // routes they were received under (see `Routes::then`).
+        let from_seq = self.queue.stats().last_seq.map_or(0, |s| s + 1);
+        let current = self.routes.borrow().clone();
         self.routes
-            .send_replace(Arc::new(Routes::new(new.routes.clone())));
+            .send_replace(Arc::new(current.then(new.routes.clone(), from_seq)));
         let id_changed = new.gateway.id != self.config.gateway.id;
         let old = std::mem::replace(&mut self.config, new);
         *self

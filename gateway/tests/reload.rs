@@ -203,6 +203,14 @@ async fn a_removed_uplinks_cursor_is_kept_until_released() {
     assert_eq!(lag("gone"), Some(5));
     assert!(status.uplinks().is_empty());
 
+    let internal = service
+        .reload(&["_unrouted".to_string()])
+        .await
+        .unwrap_err();
+    assert!(
+        internal.iter().any(|e| e.contains("gateway's own cursor")),
+        "{internal:?}"
+    );
     let unknown = service.reload(&["nope".to_string()]).await.unwrap_err();
     assert!(
         unknown.iter().any(|e| e.contains("no cursor named")),

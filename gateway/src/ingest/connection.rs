@@ -299,6 +299,13 @@ impl Conn {
                 Err(e) => {
                     tracing::warn!(error = %e, "append failed; the device gets no acknowledgement");
                     self.shared.stats.refused(e.as_label());
+                    if self.last_append.as_ref().is_some_and(|m| m.failed()) {
+                        // An earlier publish of this connection failed: nothing after it may be
+                        // stored before it is. Close, so the device resends in order (a
+                        // negative ack here would make most MQTT 5 clients drop the message).
+                        let _ = self.send(Out::Close).await;
+                        return Step::Stop;
+                    }
                     return self.refuse(ack, reason::UNSPECIFIED).await;
                 }
             }

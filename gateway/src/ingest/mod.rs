@@ -230,9 +230,10 @@ impl IngestHandle {
         } else if want < *have {
             // Permits held by live connections are not taken back: the limit applies as they
             // close (whatever cannot be forgotten now stays available, a bounded overshoot).
-            let forgotten = self.connections.forget_permits(*have - want);
+            let shortfall = *have - want;
+            let forgotten = self.connections.forget_permits(shortfall);
             *have -= forgotten;
-            if forgotten < *have - want {
+            if forgotten < shortfall {
                 tracing::warn!(
                     want,
                     now = *have,

@@ -673,6 +673,13 @@ impl std::fmt::Debug for Queue {
 #[derive(Clone)]
 pub struct AppendMarker(Arc<Batch>);
 
+impl AppendMarker {
+    /// Whether that append failed.
+    pub fn failed(&self) -> bool {
+        matches!(self.0.result.get(), Some(Err(_)))
+    }
+}
+
 /// An append in progress: the record has its sequence number and waits for the writer.
 #[must_use = "the record is durable only once this resolves"]
 pub struct PendingAppend {
@@ -924,6 +931,11 @@ impl Queue {
     /// was, a one-byte record) would not fit.
     pub fn is_full(&self) -> bool {
         self.shared.lock().is_full(self.shared.opts.max_bytes)
+    }
+
+    /// Whether the queue is open (not closed or closing).
+    pub fn is_open(&self) -> bool {
+        !self.shared.lock().closing
     }
 
     /// Whether the queue takes appends: open, and its last group commit did not fail.

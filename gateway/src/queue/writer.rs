@@ -515,6 +515,8 @@ impl Writer {
                     }
                     drop(st);
                     if !next.is_empty() {
+                        // Its bytes are free now: wake appenders waiting for space.
+                        self.shared.space.notify_waiters();
                         tracing::warn!(
                             records = count_frames(&next),
                             "records appended while the batch before them failed fail with it (per-device order)"

@@ -13,6 +13,7 @@ pub mod murmur2;
 
 use crate::config::{PayloadMode, RouteConfig, UplinkConfig};
 use crate::queue::Record;
+use std::sync::Arc;
 
 use amqp::AmqpUplink;
 use kafka::KafkaUplink;
@@ -172,14 +173,71 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 }
 
 /// The routes, as the forwarders ask them.
+///
+/// After a reload, a record is routed by the routes in force when it was received: the new
+/// routes apply from sequence number `from_seq` on, and older records keep the routes before
+/// (`earlier`). Otherwise moving a topic from uplink U to V would strand U's backlog of it: U
+/// would skip it, and V's cursor is already past it.
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
     routes: Vec<RouteConfig>,
+    from_seq: u64,
+    earlier: Option<Arc<Routes>>,
 }
+
+/// Route sets kept for older records; beyond this many reloads the oldest set is forgotten (its
+/// records then take the next older set that is kept).
+const ROUTE_VERSIONS: usize = 16;
 
 impl Routes {
     pub fn new(routes: Vec<RouteConfig>) -> Routes {
-        Routes { routes }
+        Routes {
+            routes,
+            from_seq: 0,
+            earlier: None,
+        }
+    }
+
+    /// `routes` for records from `from_seq` on; `self` stays in force for those before.
+    pub fn then(self: &Arc<Routes>, routes: Vec<RouteConfig>, from_seq: u64) -> Routes {
+        let mut kept = self.clone();
+        // Bound the chain: rebuild without the oldest version when it is too long.
+        if self.versions() >= ROUTE_VERSIONS {
+            kept = Arc::new(self.without_oldest());
+        }
+        Routes {
+            routes,
+            from_seq,
+            earlier: Some(kept),
+        }
+    }
+
+    fn versions(&self) -> usize {
+        1 + self.earlier.as_ref().map_or(0, |e| e.versions())
+    }
+
+    fn without_oldest(&self) -> Routes {
+        match &self.earlier {
+            None => self.clone(),
+            Some(e) if e.earlier.is_none() => Routes {
+                routes: self.routes.clone(),
+                from_seq: 0,
+                earlier: None,
+            },
+            Some(e) => Routes {
+                routes: self.routes.clone(),
+                from_seq: self.from_seq,
+                earlier: Some(Arc::new(e.without_oldest())),
+            },
+        }
+    }
+
+    /// The routes for a record with sequence number `seq`.
+    pub fn at(&self, seq: u64) -> &Routes {
+        match &self.earlier {
+            Some(e) if seq < self.from_seq => e.at(seq),
+            _ => self,
+        }
     }
 
     /// The first route sending `topic` to `uplink`, if any.
@@ -235,6 +293,34 @@ mod tests {
             payload_format: None,
             payload: b"x".to_vec(),
         }
+    }
+
+    fn route(filter: &str, uplink: &str) -> RouteConfig {
+        RouteConfig {
+            filter: filter.into(),
+            uplinks: vec![uplink.into()],
+            payload: PayloadMode::Raw,
+        }
+    }
+
+    #[test]
+    fn records_keep_the_routes_they_were_received_under_after_a_reload() {
+        let v1 = Arc::new(Routes::new(vec![route("a/#", "u")]));
+        // Reload at seq 100: `a/#` moves to uplink v.
+        let v2 = Arc::new(v1.then(vec![route("a/#", "v")], 100));
+        assert!(v2.at(99).for_uplink("u", "a/x").is_some());
+        assert!(v2.at(99).for_uplink("v", "a/x").is_none());
+        assert!(v2.at(100).for_uplink("v", "a/x").is_some());
+        assert!(v2.at(100).for_uplink("u", "a/x").is_none());
+        // Many reloads: the chain stays bounded, the newest versions stay exact.
+        let mut r = v2;
+        for i in 0..40u64 {
+            r = Arc::new(r.then(vec![route("a/#", &format!("w{i}"))], 200 + i));
+        }
+        assert!(r.versions() <= ROUTE_VERSIONS + 1, "{}", r.versions());
+        assert!(r.at(239).for_uplink("w39", "a/x").is_some());
+        assert!(r.at(238).for_uplink("w38", "a/x").is_some());
+        assert!(r.at(1_000).for_uplink("w39", "a/x").is_some());
     }
 
     #[test]
