@@ -10,16 +10,18 @@
 #![allow(clippy::unwrap_used)]
 
 mod fault_proxy;
+mod forwarder_rig;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fault_proxy::{FaultProxy, Mode};
+use forwarder_rig::{check_delivery, eventually, unique, Forwarder, StateLog};
 use gateway::config::{AmqpConfig, PayloadMode, RouteConfig, UplinkConfig};
-use gateway::forwarder::{self, DeadLetters, ForwarderStats, UplinkState};
+use gateway::forwarder::{self, DeadLetters, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions, Record};
 use gateway::uplink::Routes;
 use lapin::options::{
@@ -36,14 +38,6 @@ const DIRECT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The uplink's name, hence its cursor's.
 const UPLINK: &str = "rmq";
 const DEVICES: [&str; 3] = ["dev-a", "dev-b", "dev-c"];
-
-fn unique(prefix: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{n}", std::process::id())
-}
 
 fn broker() -> SocketAddr {
     BROKER.parse().unwrap()
@@ -69,87 +63,6 @@ fn uplink(url: &str, exchange: &str) -> AmqpConfig {
     c.backoff_min = Duration::from_millis(50);
     c.backoff_max = Duration::from_millis(500);
     c
-}
-
-/// Polls `cond` every 2 ms until it holds; panics with `what()` after `timeout`.
-async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool, what: impl Fn() -> String) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out: {}", what());
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Every state a forwarder passes through (sampled every millisecond), so a short-lived one such
-/// as `Stalled` is seen.
-struct StateLog {
-    seen: Arc<Mutex<Vec<UplinkState>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl StateLog {
-    fn start(stats: Arc<ForwarderStats>) -> StateLog {
-        let seen = Arc::new(Mutex::new(vec![stats.state()]));
-        let s = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let now = stats.state();
-                {
-                    let mut v = s.lock().unwrap();
-                    if v.last() != Some(&now) {
-                        v.push(now);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        });
-        StateLog { seen, task }
-    }
-
-    fn seen(&self, state: UplinkState) -> bool {
-        self.seen.lock().unwrap().contains(&state)
-    }
-
-    fn history(&self) -> Vec<UplinkState> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for StateLog {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A running forwarder.
-struct Forwarder {
-    stats: Arc<ForwarderStats>,
-    handle: tokio::task::JoinHandle<()>,
-    stop: CancellationToken,
-}
-
-impl Forwarder {
-    fn sent(&self) -> u64 {
-        self.stats.sent.load(Ordering::Relaxed)
-    }
-    fn confirmed(&self) -> u64 {
-        self.stats.confirmed.load(Ordering::Relaxed)
-    }
-    fn nacked(&self) -> u64 {
-        self.stats.nacked.load(Ordering::Relaxed)
-    }
-    fn reconnects(&self) -> u64 {
-        self.stats.reconnects.load(Ordering::Relaxed)
-    }
-
-    /// Stops it through its token and waits for it to end.
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.handle)
-            .await
-            .expect("the forwarder did not stop within 10 s of its cancellation")
-            .unwrap();
-    }
 }
 
 /// A data directory with its queue and dead letters, an exchange and a queue bound to it with
@@ -366,52 +279,6 @@ impl Rig {
             self.queue.close();
         });
     }
-}
-
-/// Checks `got` (what RabbitMQ holds, in arrival order) against `expected` (what was appended):
-/// nothing foreign, nothing missing, the first delivery of each record in per-device order.
-/// Returns the seqs that arrived more than once (once per extra copy).
-fn check_delivery(expected: &[(String, u64)], got: &[(String, u64)]) -> Vec<u64> {
-    let device_of: HashMap<u64, &str> = expected.iter().map(|(d, s)| (*s, d.as_str())).collect();
-    let mut want: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-    for (d, s) in expected {
-        want.entry(d.as_str()).or_default().push(*s);
-    }
-    let mut next: HashMap<&str, usize> = HashMap::new();
-    let mut seen = HashSet::new();
-    let mut dups = Vec::new();
-    for (d, s) in got {
-        assert_eq!(
-            device_of.get(s).copied(),
-            Some(d.as_str()),
-            "message seq {s} from {d} was never appended (or under another device)"
-        );
-        if !seen.insert(*s) {
-            dups.push(*s);
-            continue;
-        }
-        let w = &want[d.as_str()];
-        let i = next.entry(d.as_str()).or_insert(0);
-        assert_eq!(
-            w.get(*i),
-            Some(s),
-            "{d}: first deliveries out of order or with a gap: expected seq {:?}, got {s}",
-            w.get(*i)
-        );
-        *i += 1;
-    }
-    for (d, w) in &want {
-        let n = next.get(d).copied().unwrap_or(0);
-        assert_eq!(
-            n,
-            w.len(),
-            "{d}: {} of {} records arrived; first missing seq {}",
-            n,
-            w.len(),
-            w[n.min(w.len() - 1)]
-        );
-    }
-    dups
 }
 
 /// How many publishes on channel 1, counted from the first, a server-to-client AMQP 0-9-1 byte
