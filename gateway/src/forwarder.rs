@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
 use crate::queue::{FsyncPolicy, FullPolicy, Queue, QueueError, QueueOptions, Record};
-use crate::uplink::amqp::masked_url;
 use crate::uplink::{address, transcode, Outcome, Prepared, Routes, Uplink, UplinkError};
 
 /// Where records go that cannot be delivered: a small queue of its own in
@@ -292,14 +291,6 @@ async fn run(
             .await
             .map_err(|_| QueueError::Closed)??
     };
-    match &cfg {
-        UplinkConfig::Amqp(a) => {
-            tracing::info!(uplink = %name, target = %masked_url(&a.url), exchange = %a.exchange, "forwarder starting")
-        }
-        UplinkConfig::Kafka(k) => {
-            tracing::info!(uplink = %name, bootstrap = %k.bootstrap.join(","), topic = %k.topic, "forwarder starting")
-        }
-    }
     let mut attempt = 0u32;
     let mut connected_before = false;
     let mut nacks: HashMap<u64, u32> = HashMap::new();

@@ -29,8 +29,7 @@ use crate::forwarder::{self, DeadLetters, ForwarderStats};
 use crate::ingest::{Ingest, IngestHandle, IngestStats};
 use crate::notify;
 use crate::queue::{FullPolicy, Queue};
-use crate::uplink::amqp::masked_url;
-use crate::uplink::Routes;
+use crate::uplink::{describe, Routes};
 
 /// How often the status page's history gets a point, and how many points it keeps (an hour).
 pub const HISTORY_EVERY: Duration = Duration::from_secs(10);
@@ -184,19 +183,6 @@ pub fn ensure_dev_certs(config: &Config) -> Result<()> {
     Ok(())
 }
 
-fn describe(u: &UplinkConfig) -> (&'static str, String) {
-    match u {
-        UplinkConfig::Amqp(a) => (
-            "amqp",
-            format!("{} exchange {:?}", masked_url(&a.url), a.exchange),
-        ),
-        UplinkConfig::Kafka(k) => (
-            "kafka",
-            format!("{} topic {:?}", k.bootstrap.join(","), k.topic),
-        ),
-    }
-}
-
 impl Service {
     /// Starts everything `config` describes and begins accepting devices.
     pub async fn start(config: Config, config_path: PathBuf) -> Result<Service> {
@@ -319,11 +305,7 @@ impl Service {
     /// unconfirmed records are re-sent by the next forwarder on the cursor.
     async fn stop_forwarder(r: Running) {
         r.stop.cancel();
-        let confirm_timeout = match &r.cfg {
-            UplinkConfig::Amqp(a) => a.confirm_timeout,
-            UplinkConfig::Kafka(k) => k.confirm_timeout,
-        };
-        let bound = confirm_timeout + Duration::from_secs(2);
+        let bound = r.cfg.confirm_timeout() + Duration::from_secs(2);
         let mut task = r.task;
         if tokio::time::timeout(bound, &mut task).await.is_err() {
             tracing::warn!(uplink = r.cfg.name(), "forwarder did not stop within its confirm timeout; aborted (its unconfirmed records go out again later)");
@@ -549,17 +531,7 @@ impl Service {
             changes.push("[admin] changed: that takes a restart; kept as it was".to_string());
             new.admin = self.config.admin.clone();
         }
-        let binds = |c: &Config| {
-            c.listeners
-                .iter()
-                .map(|l| l.bind.clone())
-                .collect::<Vec<_>>()
-        };
-        if binds(&new) != binds(&self.config) {
-            return Err(vec![
-                "the [[listeners]] addresses changed: that takes a restart (a reload keeps the listening sockets so that no device is dropped); put them back or restart".to_string(),
-            ]);
-        }
+        // Changed listener addresses are refused by `IngestHandle::prepare` below.
         let new_names: Vec<&str> = new.uplinks.iter().map(UplinkConfig::name).collect();
         let mut errors = Vec::new();
         for r in release {

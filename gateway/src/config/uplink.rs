@@ -110,6 +110,14 @@ impl UplinkConfig {
         }
     }
 
+    /// No confirm within this: the link is stalled (also bounds a graceful stop).
+    pub fn confirm_timeout(&self) -> Duration {
+        match self {
+            UplinkConfig::Amqp(a) => a.confirm_timeout,
+            UplinkConfig::Kafka(k) => k.confirm_timeout,
+        }
+    }
+
     /// How long the forwarder waits for more records when fewer than [`Self::batch`] are ready
     /// (Kafka `linger`; zero for AMQP, whose confirm window already streams).
     pub fn linger(&self) -> Duration {

@@ -54,6 +54,20 @@ impl Uplink {
     }
 }
 
+/// The uplink's type and where it sends (credentials masked), for logs and the operator.
+pub fn describe(cfg: &UplinkConfig) -> (&'static str, String) {
+    match cfg {
+        UplinkConfig::Amqp(a) => (
+            "amqp",
+            format!("{} exchange {:?}", amqp::masked_url(&a.url), a.exchange),
+        ),
+        UplinkConfig::Kafka(k) => (
+            "kafka",
+            format!("{} topic {:?}", k.bootstrap.join(","), k.topic),
+        ),
+    }
+}
+
 /// Destination and key of `r` on the uplink `cfg`: AMQP exchange and routing key from their
 /// templates; Kafka topic from its template and the device id as key. Either way `{topic}` has
 /// `/` turned into `.`.
@@ -174,82 +188,62 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 
 /// The routes, as the forwarders ask them.
 ///
-/// After a reload, a record is routed by the routes in force when it was received: the new
-/// routes apply from sequence number `from_seq` on, and older records keep the routes before
-/// (`earlier`). Otherwise moving a topic from uplink U to V would strand U's backlog of it: U
-/// would skip it, and V's cursor is already past it.
-#[derive(Debug, Clone, Default)]
+/// After a reload, a record is routed by the routes in force when it was received: each version
+/// applies from its first sequence number on (`at`). Otherwise moving a topic from uplink U to V
+/// would strand U's backlog of it: U would skip it, and V's cursor is already past it.
+#[derive(Debug, Clone)]
 pub struct Routes {
-    routes: Vec<RouteConfig>,
-    from_seq: u64,
-    earlier: Option<Arc<Routes>>,
+    /// `(first seq, routes)`, oldest first; the first version applies to every older record.
+    versions: Vec<(u64, Arc<Vec<RouteConfig>>)>,
 }
 
-/// Route sets kept for older records; beyond this many reloads the oldest set is forgotten (its
-/// records then take the next older set that is kept).
+/// Route versions kept for older records; beyond this many reloads the oldest is forgotten (its
+/// records then take the oldest version still kept).
 const ROUTE_VERSIONS: usize = 16;
+
+/// One version of the routes.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSet<'a>(&'a [RouteConfig]);
 
 impl Routes {
     pub fn new(routes: Vec<RouteConfig>) -> Routes {
         Routes {
-            routes,
-            from_seq: 0,
-            earlier: None,
+            versions: vec![(0, Arc::new(routes))],
         }
     }
 
-    /// `routes` for records from `from_seq` on; `self` stays in force for those before.
-    pub fn then(self: &Arc<Routes>, routes: Vec<RouteConfig>, from_seq: u64) -> Routes {
-        let mut kept = self.clone();
-        // Bound the chain: rebuild without the oldest version when it is too long.
-        if self.versions() >= ROUTE_VERSIONS {
-            kept = Arc::new(self.without_oldest());
+    /// These routes, with `routes` in force for records from `from_seq` on.
+    pub fn then(&self, routes: Vec<RouteConfig>, from_seq: u64) -> Routes {
+        let mut versions = self.versions.clone();
+        versions.push((from_seq, Arc::new(routes)));
+        if versions.len() > ROUTE_VERSIONS {
+            versions.remove(0);
         }
-        Routes {
-            routes,
-            from_seq,
-            earlier: Some(kept),
-        }
-    }
-
-    fn versions(&self) -> usize {
-        1 + self.earlier.as_ref().map_or(0, |e| e.versions())
-    }
-
-    fn without_oldest(&self) -> Routes {
-        match &self.earlier {
-            None => self.clone(),
-            Some(e) if e.earlier.is_none() => Routes {
-                routes: self.routes.clone(),
-                from_seq: 0,
-                earlier: None,
-            },
-            Some(e) => Routes {
-                routes: self.routes.clone(),
-                from_seq: self.from_seq,
-                earlier: Some(Arc::new(e.without_oldest())),
-            },
-        }
+        Routes { versions }
     }
 
     /// The routes for a record with sequence number `seq`.
-    pub fn at(&self, seq: u64) -> &Routes {
-        match &self.earlier {
-            Some(e) if seq < self.from_seq => e.at(seq),
-            _ => self,
-        }
+    pub fn at(&self, seq: u64) -> RouteSet<'_> {
+        let i = self
+            .versions
+            .iter()
+            .rposition(|(from, _)| *from <= seq)
+            .unwrap_or(0);
+        RouteSet(self.versions.get(i).map_or(&[], |(_, r)| r.as_slice()))
     }
+}
 
+impl<'a> RouteSet<'a> {
     /// The first route sending `topic` to `uplink`, if any.
-    pub fn for_uplink(&self, uplink: &str, topic: &str) -> Option<&RouteConfig> {
-        self.routes
+    pub fn for_uplink(self, uplink: &str, topic: &str) -> Option<&'a RouteConfig> {
+        self.0
             .iter()
             .find(|r| r.uplinks.iter().any(|u| u == uplink) && topic_matches(&r.filter, topic))
     }
 
     /// Whether any route takes `topic`.
-    pub fn any(&self, topic: &str) -> bool {
-        self.routes.iter().any(|r| topic_matches(&r.filter, topic))
+    pub fn any(self, topic: &str) -> bool {
+        self.0.iter().any(|r| topic_matches(&r.filter, topic))
     }
 }
 
@@ -305,9 +299,9 @@ mod tests {
 
     #[test]
     fn records_keep_the_routes_they_were_received_under_after_a_reload() {
-        let v1 = Arc::new(Routes::new(vec![route("a/#", "u")]));
+        let v1 = Routes::new(vec![route("a/#", "u")]);
         // Reload at seq 100: `a/#` moves to uplink v.
-        let v2 = Arc::new(v1.then(vec![route("a/#", "v")], 100));
+        let v2 = v1.then(vec![route("a/#", "v")], 100);
         assert!(v2.at(99).for_uplink("u", "a/x").is_some());
         assert!(v2.at(99).for_uplink("v", "a/x").is_none());
         assert!(v2.at(100).for_uplink("v", "a/x").is_some());
@@ -315,9 +309,9 @@ mod tests {
         // Many reloads: the chain stays bounded, the newest versions stay exact.
         let mut r = v2;
         for i in 0..40u64 {
-            r = Arc::new(r.then(vec![route("a/#", &format!("w{i}"))], 200 + i));
+            r = r.then(vec![route("a/#", &format!("w{i}"))], 200 + i);
         }
-        assert!(r.versions() <= ROUTE_VERSIONS + 1, "{}", r.versions());
+        assert_eq!(r.versions.len(), ROUTE_VERSIONS);
         assert!(r.at(239).for_uplink("w39", "a/x").is_some());
         assert!(r.at(238).for_uplink("w38", "a/x").is_some());
         assert!(r.at(1_000).for_uplink("w39", "a/x").is_some());
