@@ -286,6 +286,25 @@ fn spawn_fleet(
     })
 }
 
+/// Waits for the uplink to catch up, runs the verifier, and asserts nothing acknowledged is
+/// missing or out of order; returns its report.
+async fn verify_delivered(gw: &Gw, manifest: &Path) -> serde_json::Value {
+    gw.wait_drained();
+    let v = verify(gw, manifest).await;
+    assert_eq!(v["total"]["missing"], 0);
+    assert_eq!(v["total"]["out_of_order"], 0);
+    v
+}
+
+/// SIGTERM must end in exit 0; then the test's exchange and queue go.
+async fn stop_cleanly(mut gw: Gw) {
+    assert_eq!(
+        gw.stop(Duration::from_secs(20)).map(|s| s.code()),
+        Some(Some(0))
+    );
+    gw.cleanup().await;
+}
+
 async fn verify(gw: &Gw, manifest: &Path) -> serde_json::Value {
     let out = tokio::process::Command::new(workspace_binary("firmware-sim", "firmware-sim"))
         .args(["verify", "--amqp", URL, "--queue", &gw.queue])
@@ -370,11 +389,7 @@ async fn metrics_match_what_the_fleet_and_the_verifier_counted() {
         get("gateway_queue_fsync_seconds_bucket{le=\"+Inf\"}"),
         get("gateway_queue_fsync_seconds_count")
     );
-    assert_eq!(
-        gw.stop(Duration::from_secs(20)).map(|s| s.code()),
-        Some(Some(0))
-    );
-    gw.cleanup().await;
+    stop_cleanly(gw).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,17 +472,10 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
     assert_eq!(f["reconnects"], 0, "{f}");
     // 100 devices, each connected once, plus start()'s TCP probe.
     assert_eq!(gw.metric("gateway_connections_total"), 101.0);
-    gw.wait_drained();
-    let v = verify(&gw, &manifest).await;
-    assert_eq!(v["total"]["missing"], 0);
-    assert_eq!(v["total"]["out_of_order"], 0);
+    let v = verify_delivered(&gw, &manifest).await;
     // The forwarder restart waited for its confirms, so nothing was sent twice.
     assert_eq!(v["total"]["duplicates"], 0, "{v}");
-    assert_eq!(
-        gw.stop(Duration::from_secs(20)).map(|s| s.code()),
-        Some(Some(0))
-    );
-    gw.cleanup().await;
+    stop_cleanly(gw).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,15 +523,8 @@ async fn sigterm_under_load_then_restart_loses_nothing() {
     let f = run.await.unwrap();
     assert!(f["reconnects"].as_u64().unwrap() >= 50, "{f}");
     assert_eq!(f["unacked"], 0, "{f}");
-    gw.wait_drained();
-    let v = verify(&gw, &manifest).await;
-    assert_eq!(v["total"]["missing"], 0);
-    assert_eq!(v["total"]["out_of_order"], 0);
-    assert_eq!(
-        gw.stop(Duration::from_secs(20)).map(|s| s.code()),
-        Some(Some(0))
-    );
-    gw.cleanup().await;
+    verify_delivered(&gw, &manifest).await;
+    stop_cleanly(gw).await;
 }
 
 /// SIGTERM lets the forwarders drain for `shutdown_grace`; a second SIGTERM during that drain
@@ -597,13 +598,6 @@ async fn a_second_sigterm_during_the_drain_exits_at_once_and_loses_nothing() {
     // Restart without the rate limit: everything is delivered, nothing lost.
     gw.write_config("", ROUTE_ALL);
     gw.start();
-    gw.wait_drained();
-    let v = verify(&gw, &manifest).await;
-    assert_eq!(v["total"]["missing"], 0);
-    assert_eq!(v["total"]["out_of_order"], 0);
-    assert_eq!(
-        gw.stop(Duration::from_secs(20)).map(|s| s.code()),
-        Some(Some(0))
-    );
-    gw.cleanup().await;
+    verify_delivered(&gw, &manifest).await;
+    stop_cleanly(gw).await;
 }

@@ -261,7 +261,8 @@ impl Conn {
     async fn append(&mut self, m: Message, ack: Option<Outbound>) -> Step {
         self.shared.stats.publishes[usize::from(m.qos.min(2))].fetch_add(1, Ordering::Relaxed);
         let v5 = self.session.version() == Some(Version::V5);
-        let quota_deadline = Instant::now() + self.shared.policy().limits().quota_wait;
+        // Read only when the queue is full: the common path takes no lock for it.
+        let mut quota_deadline = None;
         let queue = self.shared.queue.clone();
         loop {
             let notified = queue.wait_for_space();
@@ -278,6 +279,8 @@ impl Conn {
                 Err(QueueError::Full { .. }) => {
                     // Not reading the socket while we wait: the device is slowed by TCP.
                     let now = Instant::now();
+                    let quota_deadline = *quota_deadline
+                        .get_or_insert_with(|| now + self.shared.policy().limits().quota_wait);
                     if v5 && now >= quota_deadline {
                         self.shared.stats.refused("quota");
                         return self.refuse(ack, reason::QUOTA_EXCEEDED).await;
