@@ -182,12 +182,15 @@ listen = "127.0.0.1:{admin_port}"
             .expect("start the gateway"),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    // The MQTT listener is bound before the admin endpoint: wait for both.
+    for p in [port, admin_port] {
+        while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not start listening on {p}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     GatewayProcess {
         port,

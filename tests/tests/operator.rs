@@ -128,13 +128,17 @@ declare_queue = "{q}"
             .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not listen: {}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        // The MQTT listener is bound before the admin endpoint: wait for both, or the first
+        // scrape after a restart can find the admin port closed.
+        for port in [self.port, self.admin] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the gateway did not listen on {port}: {}",
+                    self.logs()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
