@@ -15,7 +15,8 @@
 //! - [`ingest`]: MQTT 3.1.1/5 over TLS, PUBACK after the durable append.
 //! - [`uplink`], [`forwarder`]: AMQP and Kafka, one forwarder per uplink on its own cursor.
 //! - [`service`]: the running gateway (start, reload, ordered stop); [`admin`]: metrics, health,
-//!   readiness, the status page; [`notify`]: systemd readiness and watchdog.
+//!   readiness, the status page; [`notify`]: systemd readiness and watchdog; [`throttle`]: log
+//!   lines for failures that repeat per message.
 
 pub mod admin;
 pub mod certs;
@@ -25,4 +26,5 @@ pub mod ingest;
 pub mod notify;
 pub mod queue;
 pub mod service;
+pub mod throttle;
 pub mod uplink;

@@ -300,7 +300,9 @@ impl Conn {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "append failed; the device gets no acknowledgement");
+                    if let Some(left_out) = self.shared.stats.append_failed_log.admit() {
+                        tracing::warn!(error = %e, similar_left_out = left_out, "append failed; the device gets no acknowledgement");
+                    }
                     self.shared.stats.refused(e.as_label());
                     if self.last_append.as_ref().is_some_and(|m| m.failed()) {
                         // An earlier publish of this connection failed: nothing after it may be
@@ -425,7 +427,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                             }
                         }
                         Err(error) => {
-                            tracing::warn!(%error, "append failed after it was queued; no acknowledgement");
+                            if let Some(left_out) = shared.stats.append_failed_log.admit() {
+                                tracing::warn!(%error, similar_left_out = left_out, "append failed after it was queued; no acknowledgement");
+                            }
                             shared.stats.refused(error.as_label());
                             match (v, ack) {
                                 (Version::V5, Some(Outbound::PubAck { pkid, .. })) => {

@@ -63,6 +63,8 @@ pub struct IngestStats {
     pub takeovers: AtomicU64,
     pub wills: AtomicU64,
     refusals: Mutex<HashMap<&'static str, u64>>,
+    /// "append failed" repeats for every publish while the disk is full: one line per 10 s.
+    pub(crate) append_failed_log: crate::throttle::LogThrottle,
 }
 
 impl IngestStats {

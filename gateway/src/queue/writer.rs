@@ -410,6 +410,7 @@ pub(crate) fn spawn(
         unsynced: false,
         spare: Vec::new(),
         last_age_check: Instant::now(),
+        failed_batch_log: crate::throttle::LogThrottle::default(),
     };
     let h = std::thread::Builder::new()
         .name("queue-writer".into())
@@ -429,6 +430,8 @@ struct Writer {
     unsynced: bool,
     spare: Vec<u8>,
     last_age_check: Instant,
+    /// A full disk fails every batch until space is freed: one error line per 10 s.
+    failed_batch_log: crate::throttle::LogThrottle,
 }
 
 /// Reads the frame header at `pos` of a buffer the appenders encoded (trusted, in bounds).
@@ -495,8 +498,12 @@ impl Writer {
             let mut sealed = Vec::new();
             let result = self.write_batch(&buf, &mut sealed);
             self.publish(before, &sealed);
+            let mut logged = false;
             if let Err(error) = &result {
-                tracing::error!(%error, records = count_frames(&buf), "queue append batch failed");
+                if let Some(left_out) = self.failed_batch_log.admit() {
+                    tracing::error!(%error, records = count_frames(&buf), similar_left_out = left_out, "queue append batch failed");
+                    logged = true;
+                }
                 self.shared.space.notify_waiters();
             }
             let failed = result.is_err();
@@ -517,10 +524,12 @@ impl Writer {
                     if !next.is_empty() {
                         // Its bytes are free now: wake appenders waiting for space.
                         self.shared.space.notify_waiters();
-                        tracing::warn!(
+                        if logged {
+                            tracing::warn!(
                             records = count_frames(&next),
                             "records appended while the batch before them failed fail with it (per-device order)"
                         );
+                        }
                     }
                 }
                 Ok(()) => batch.complete(Ok(())),
