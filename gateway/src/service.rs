@@ -2,7 +2,8 @@
 //! config, reloads what can change while devices stay connected, and stops in order.
 //!
 //! ```text
-//! start:    queue open -> ingest bound -> dead letters -> forwarders -> admin -> accept -> READY
+//! start:    queue open -> MQTT listeners and admin bound -> dead letters -> accept devices ->
+//!           forwarders -> admin served (requests wait in its backlog until then) -> READY
 //! reload:   load + validate the file -> prepare ingest (certs, passwords) -> all good? apply:
 //!           ingest policy swapped, routes swapped, changed uplinks' forwarders stopped (in-flight
 //!           confirms awaited, so nothing is re-sent) and started again on the same cursor
@@ -230,14 +231,9 @@ impl Service {
             reloads_failed: AtomicU64::new(0),
             control: control_tx,
         });
-        let admin = match config.admin.addr() {
-            Some(addr) => {
-                let (bound, task) = crate::admin::serve(addr, status.clone())
-                    .await
-                    .with_context(|| format!("cannot serve the admin endpoint on {addr} (admin.listen); is another process using it? change admin.listen or set admin.enabled = false"))?;
-                tracing::info!(addr = %bound, "admin endpoint: /metrics /healthz /readyz, status page at /");
-                Some(task)
-            }
+        // Bound now (a taken port fails the start before anything runs), served at the end.
+        let admin_listener = match config.admin.addr() {
+            Some(addr) => Some(crate::admin::bind(addr).await.with_context(|| format!("cannot serve the admin endpoint on {addr} (admin.listen); is another process using it? change admin.listen or set admin.enabled = false"))?),
             None => None,
         };
         let ingest_stop = CancellationToken::new();
@@ -255,7 +251,7 @@ impl Service {
             control,
             ingest_stop,
             serving: Some(serving),
-            admin,
+            admin: None,
             config: config.clone(),
         };
         if config.uplinks.is_empty() {
@@ -270,6 +266,13 @@ impl Service {
         service.publish_uplinks();
         status.accepting.store(true, Ordering::Relaxed);
         status.sample();
+        if let Some(listener) = admin_listener {
+            let bound = listener
+                .local_addr()
+                .context("the admin endpoint's address")?;
+            tracing::info!(addr = %bound, "admin endpoint: /metrics /healthz /readyz, status page at /");
+            service.admin = Some(crate::admin::serve(listener, status.clone()));
+        }
         Ok(service)
     }
 

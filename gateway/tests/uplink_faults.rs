@@ -323,12 +323,14 @@ fn header<'a>(r: &'a Record, k: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_refused_backs_off_keeps_records_and_drains_them_in_order_when_it_returns() {
-    let t0 = Instant::now();
     let mut rig = Rig::new("refused", &[]).await;
     let proxy = FaultProxy::start(broker()).await.unwrap();
     proxy.set_mode(Mode::Refuse);
     rig.append(50).await;
     let f = rig.spawn(uplink(&proxied_url(&proxy), &rig.exchange));
+    // Two seconds of refusals from the forwarder's start (not the test's: the rig's set-up
+    // takes a varying share of any fixed budget on a loaded machine).
+    let spawned = Instant::now();
     let log = StateLog::start(f.stats.clone());
     eventually(
         Duration::from_secs(5),
@@ -338,7 +340,7 @@ async fn upstream_refused_backs_off_keeps_records_and_drains_them_in_order_when_
     .await;
     // Records keep accumulating while the upstream is down.
     let last = rig.append(50).await;
-    tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
+    tokio::time::sleep_until(spawned + Duration::from_secs(2)).await;
     assert_eq!(f.sent(), 0);
     assert!(!log.seen(UplinkState::Connected), "{:?}", log.history());
     let c = rig
@@ -366,7 +368,7 @@ async fn upstream_refused_backs_off_keeps_records_and_drains_them_in_order_when_
     eprintln!(
         "refused: {tries} refused attempts, states {:?}, {:?}",
         log.history(),
-        t0.elapsed()
+        spawned.elapsed()
     );
     f.stop().await;
     rig.finish().await;
@@ -486,9 +488,12 @@ async fn connection_reset_mid_batch_loses_nothing_and_duplicates_at_most_a_windo
     rig.wait_cursor(last, Duration::from_secs(10), &f).await;
     let got = rig.drain().await;
     let dups = check_delivery(&rig.expected, &got);
+    // Each reset can re-send at most the window it cut (usually there is one reset; a loaded
+    // machine may let the forwarder reconnect into a second before the proxy passes again).
+    let resets = proxy.resets() as usize;
     assert!(
-        dups.len() <= window,
-        "{} duplicates, more than a window ({window}): {dups:?}",
+        dups.len() <= window * resets,
+        "{} duplicates, more than a window ({window}) per reset ({resets}): {dups:?}",
         dups.len()
     );
     assert!(f.sent() > 300, "the interrupted batch was sent again");
@@ -679,7 +684,11 @@ async fn restart_resumes_from_the_persisted_cursor(crash: bool) {
     rig.append(400).await;
     let cfg = uplink(DIRECT_URL, &rig.exchange);
     let window = cfg.window;
-    let a = rig.spawn(cfg.clone());
+    // A is paced (a window of 32 at once, then 100 records/s) so that it is still forwarding
+    // when the test stops it, however late a loaded machine lets the test look; B is not.
+    let mut a_cfg = cfg.clone();
+    a_cfg.max_rate = Some(100);
+    let a = rig.spawn(a_cfg);
     let a_stats = a.stats.clone();
     eventually(
         Duration::from_secs(10),

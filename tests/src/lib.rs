@@ -105,7 +105,30 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller's server binds it right after).
+///
+/// The port comes from 20000..32000, below Linux's ephemeral range (32768..61000 by default),
+/// and each call in a process gets a different one. A port the kernel hands out as `:0` is an
+/// ephemeral one: while a gateway under test is down between restarts, an outgoing connection
+/// (a reconnecting device, a broker client) can take it as its source port and the restart
+/// then fails to bind.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries run one after another; a per-process start keeps a port of the last one
+    // (perhaps in TIME_WAIT) out of the way of the next.
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = BASE + (start + n) % SPAN;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

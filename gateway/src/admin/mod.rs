@@ -27,14 +27,16 @@ use crate::service::{age_seconds, ReloadRequest, Status};
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
-/// Binds `addr` and serves the admin endpoint on a task of its own; returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    status: Arc<Status>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
+/// Binds the admin address. Separate from [`serve`] so that start-up fails early on a taken
+/// port, while requests (held in the listen backlog meanwhile) are answered only once the
+/// service has published its uplinks: the first scrape never sees a half-started gateway.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves the admin endpoint on `listener`, on a task of its own.
+pub fn serve(listener: TcpListener, status: Arc<Status>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -59,8 +61,7 @@ pub async fn serve(
                 }
             });
         }
-    });
-    Ok((bound, task))
+    })
 }
 
 fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
