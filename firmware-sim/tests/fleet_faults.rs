@@ -28,7 +28,9 @@ async fn connections_cut_mid_run_lose_nothing_acknowledged_and_keep_order() -> a
         broker: proxy.addr.to_string(),
         devices: 5,
         id_prefix: format!("{run}-"),
-        count_per_device: Some(300),
+        // 3 s of readings at 200/s: the fleet is still mid-run at both cuts, however long the
+        // waits for its connections take under load.
+        count_per_device: Some(600),
         rate: 200.0,
         qos: 1,
         topic: format!("{run}/devices/{{id}}/telemetry"),
@@ -41,15 +43,19 @@ async fn connections_cut_mid_run_lose_nothing_acknowledged_and_keep_order() -> a
         ..FleetConfig::default()
     };
     let fleet = tokio::spawn(fleet::run(cfg, std::future::pending()));
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    for cut in 1..=2 {
+        // Every device connected (again) and publishing: the cut is a loss for each of them.
+        proxy
+            .wait_active(5, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("before cut {cut}"))?;
         proxy.cut_all();
     }
     let report = tokio::time::timeout(Duration::from_secs(30), fleet)
         .await
         .context("fleet run timed out")???;
 
-    assert_eq!(report.acked, 1500, "{report}");
+    assert_eq!(report.acked, 3000, "{report}");
     assert!(report.all_delivered(), "{report}");
     assert!(
         report.connection_losses >= 10,
@@ -57,7 +63,7 @@ async fn connections_cut_mid_run_lose_nothing_acknowledged_and_keep_order() -> a
     );
     assert!(report.reconnects >= 10, "{report}");
     for (id, d) in &report.manifest.devices {
-        assert_eq!(d.acked.ranges(), [(0, 299)], "{id}");
+        assert_eq!(d.acked.ranges(), [(0, 599)], "{id}");
     }
 
     let mut opts = VerifyOptions::new(Source::Amqp {
@@ -73,14 +79,16 @@ async fn connections_cut_mid_run_lose_nothing_acknowledged_and_keep_order() -> a
     assert!(verdict.passed, "{verdict}");
     assert_eq!(verdict.total.missing, 0);
     assert_eq!(verdict.total.out_of_order, 0);
-    assert_eq!(verdict.total.unique, 1500);
+    assert_eq!(verdict.total.unique, 3000);
     // Resends after the cuts may arrive twice; the verifier counts them, they do not fail it.
-    assert_eq!(verdict.total.received, 1500 + verdict.total.duplicates);
+    assert_eq!(verdict.total.received, 3000 + verdict.total.duplicates);
     Ok(())
 }
 
-/// Runs 3 devices x 200 readings (1 s at 200/s, outbox 8) with the broker unreachable from
-/// 200 ms to 700 ms, under `policy`; returns the report.
+/// Runs 3 devices x 200 readings (1 s at 200/s, outbox 8) under `policy`, with the broker
+/// unreachable for 1.5 s from when every device is connected and publishing (so the readings
+/// taken during the outage overflow the outbox even if the fleet is slowed down); returns the
+/// report.
 async fn run_with_outage(run: &str, policy: FullPolicy) -> anyhow::Result<FleetReport> {
     let proxy = common::Proxy::start(common::MOSQUITTO, None).await?;
     let cfg = FleetConfig {
@@ -101,10 +109,13 @@ async fn run_with_outage(run: &str, policy: FullPolicy) -> anyhow::Result<FleetR
         ..FleetConfig::default()
     };
     let fleet = tokio::spawn(fleet::run(cfg, std::future::pending()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy
+        .wait_active(3, Duration::from_secs(10))
+        .await
+        .context("before the outage")?;
     proxy.refuse(true);
     proxy.cut_all();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     proxy.refuse(false);
     let report = tokio::time::timeout(Duration::from_secs(30), fleet)
         .await
@@ -131,7 +142,11 @@ async fn outage_with_drop_oldest_counts_drops_and_the_verifier_does_not_call_the
     .await?;
     let report = run_with_outage(&run, FullPolicy::DropOldest).await?;
     assert_eq!(report.sampled, 600, "drop-oldest keeps sampling: {report}");
-    assert!(report.dropped > 100, "{report}");
+    // How many depends on how fast the fleet samples; that every device dropped some does not.
+    assert!(report.dropped >= 10, "{report}");
+    for (id, d) in &report.manifest.devices {
+        assert!(d.dropped.count() > 0, "{id} dropped nothing: {d:?}");
+    }
     assert_eq!(report.blocked, 0);
     assert_eq!(report.acked + report.dropped, 600, "{report}");
 
@@ -162,7 +177,9 @@ async fn outage_with_block_skips_readings_and_leaves_no_gaps() -> anyhow::Result
     let run = common::unique("b");
     let report = run_with_outage(&run, FullPolicy::Block).await?;
     eprintln!("{report}");
-    assert!(report.blocked > 100, "{report}");
+    // How many depends on how fast the fleet samples; that every device blocked some (below)
+    // does not.
+    assert!(report.blocked >= 10, "{report}");
     assert_eq!(report.dropped, 0);
     assert_eq!(
         report.sampled, 600,

@@ -322,18 +322,28 @@ async fn black_hole_is_detected_within_the_confirm_timeout_and_everything_is_res
     .await;
     let detected = log.seen_after(UplinkState::Stalled, hole).unwrap() - hole;
     // The produce went out right after the hole opened: its confirm timeout ran out about
-    // `confirm_timeout` later (the slack is for scheduling, not a performance figure).
+    // `confirm_timeout` later. The slack is for scheduling on a loaded machine, not a
+    // performance figure: what the bound rules out is a stall noticed only by something slower
+    // (TCP's own timeouts take minutes) or never.
     assert!(
-        detected <= confirm_timeout + Duration::from_secs(1),
+        detected <= confirm_timeout + Duration::from_secs(3),
         "stall detected after {detected:?}, confirm_timeout {confirm_timeout:?}"
     );
     // Reconnects into the hole fail (no metadata answer) and back off; nothing is confirmed.
+    // (At least this long: a later wake-up only gives a wrong confirm more time to show.)
     tokio::time::sleep_until(hole + confirm_timeout * 2).await;
+    eventually(
+        Duration::from_secs(10),
+        || rig.proxy.black_holed() >= 1,
+        || {
+            format!(
+                "no reconnect was tried into the hole: states {:?}",
+                log.history()
+            )
+        },
+    )
+    .await;
     assert_eq!(rig.cursor(), before, "nothing is confirmed in a black hole");
-    assert!(
-        rig.proxy.black_holed() >= 1,
-        "a reconnect was tried into the hole"
-    );
     rig.proxy.set_mode(Mode::Pass);
 
     rig.wait_cursor(last, Duration::from_secs(20), &f).await;
@@ -428,17 +438,25 @@ async fn connection_reset_mid_batch_loses_nothing_and_duplicates_at_most_a_batch
     let cfg = rig.uplink();
     let batch = cfg.max_batch;
     let f = rig.spawn(cfg);
-    eventually(
-        Duration::from_secs(10),
-        || rig.proxy.resets() >= 1,
-        || "no reset".into(),
-    )
-    .await;
-    let cursor_at_reset = rig.cursor();
-    let accepted_at_reset = rig.proxy.accepted();
+    // The cursor as last read before the reset (read first, then the reset count: a lower bound
+    // of the cursor at the reset, whenever this task runs), and as first read after it (an
+    // upper bound). rskafka may reconnect and confirm more between the reset and the read
+    // after it, so only the lower bound says what was confirmed before the reset.
+    let mut cursor_before_reset = rig.cursor();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cursor = rig.cursor();
+        if rig.proxy.resets() >= 1 {
+            break;
+        }
+        cursor_before_reset = cursor;
+        assert!(Instant::now() < deadline, "no reset");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cursor_after_reset = rig.cursor();
     rig.proxy.set_mode(Mode::Pass);
     assert!(
-        cursor_at_reset < last,
+        cursor_after_reset < last,
         "the reset came after everything was confirmed: the test proves nothing"
     );
 
@@ -451,20 +469,20 @@ async fn connection_reset_mid_batch_loses_nothing_and_duplicates_at_most_a_batch
         dups.len()
     );
     assert!(
-        dups.iter().all(|&s| s > cursor_at_reset),
-        "a record behind the cursor (confirmed) was sent again: {dups:?}, cursor {cursor_at_reset}"
+        dups.iter().all(|&s| s > cursor_before_reset),
+        "a record behind the cursor (confirmed) was sent again: {dups:?}, cursor \
+         {cursor_before_reset}"
     );
     // The cut request is sent again on a new connection: by rskafka itself (it retries a
     // request whose connection broke, within `confirm_timeout`), or by the forwarder after a
-    // reconnect (then `sent` exceeds 300). Either way only unanswered requests go again.
-    assert!(
-        rig.proxy.accepted() > accepted_at_reset,
-        "no new connection after the reset"
-    );
+    // reconnect (then `sent` exceeds 300). Either way only unanswered requests go again. (That
+    // there was a new connection is not checked by counting the proxy's connections: the count
+    // at the reset cannot be read without racing that reconnect. The records unconfirmed at the
+    // reset, confirmed now, went over one.)
     assert_eq!(f.confirmed(), 300, "each record counted as confirmed once");
     eprintln!(
-        "reset: {} resets, cursor {cursor_at_reset} at the reset, {} duplicates, {} sent, {} \
-         forwarder reconnects, {:?}",
+        "reset: {} resets, cursor {cursor_before_reset}..={cursor_after_reset} at the reset, {} \
+         duplicates, {} sent, {} forwarder reconnects, {:?}",
         rig.proxy.resets(),
         dups.len(),
         f.sent(),
@@ -584,8 +602,9 @@ async fn max_rate_limits_the_replay_of_a_backlog() {
     let f = rig.spawn(cfg);
     let mut samples = Vec::new();
     while rig.cursor() < last {
-        let elapsed = start.elapsed();
+        // Confirmed first: a pause between the two reads can only loosen the bound.
         let confirmed = f.confirmed();
+        let elapsed = start.elapsed();
         let bound = f64::from(RATE) * elapsed.as_secs_f64() * 1.2 + batch;
         assert!(
             confirmed as f64 <= bound,

@@ -43,6 +43,32 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
+/// An environment variable this process was started with, and its value, to serve as the SCRAM
+/// password given by `sasl.password_env`. The test does not set one: `std::env::set_var` while
+/// other threads (other tests, tokio workers, C code calling `getenv`) may read the environment
+/// is undefined behaviour. `cargo test` sets `CARGO_PKG_NAME` for the test binaries it runs;
+/// otherwise any variable whose value makes a plain command-line argument will do.
+fn password_in_the_environment() -> (String, String) {
+    let usable = |v: &str| {
+        !v.is_empty()
+            && v != "wrong"
+            && v.len() <= 64
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if let Ok(v) = std::env::var("CARGO_PKG_NAME") {
+        if usable(&v) {
+            return ("CARGO_PKG_NAME".into(), v);
+        }
+    }
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(_, v)| usable(v))
+        .min()
+        .expect("an environment variable with a value usable as the password")
+}
+
 /// An uplink from `extra` TOML lines on top of the config file's defaults.
 fn uplink(bootstrap: &str, topic: &str, extra: &str) -> KafkaConfig {
     let mut c: KafkaConfig = toml::from_str(&format!(
@@ -317,11 +343,11 @@ async fn kafka_uplink_with_tls_refuses_a_broker_certificate_it_does_not_trust() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_uplink_authenticates_with_scram_and_a_wrong_password_is_refused() {
     const USER: &str = "gateway";
-    const PASSWORD: &str = "s3cret-for-the-test";
+    let (var, password) = password_in_the_environment();
     let mut tansu = tokio::task::spawn_blocking(Tansu::start).await.unwrap();
     let topic = unique("gw-sasl");
     tansu.create_topic(&topic, 3);
-    tansu.create_user(USER, PASSWORD, "scram512");
+    tansu.create_user(USER, &password, "scram512");
     tansu.restart_with(&["--authentication"]);
 
     // A wrong password: the broker refuses, the uplink backs off, nothing is confirmed.
@@ -343,8 +369,6 @@ async fn kafka_uplink_authenticates_with_scram_and_a_wrong_password_is_refused()
     wrong.finish().await;
 
     // The right one, from the environment variable the config names.
-    let var = format!("GW_TEST_KAFKA_PASSWORD_{}", std::process::id());
-    std::env::set_var(&var, PASSWORD);
     let rig = Rig::new(10).await;
     let sasl = format!(
         "sasl = {{ mechanism = \"scram-sha-512\", username = {USER:?}, password_env = {var:?} }}\n"
@@ -353,7 +377,7 @@ async fn kafka_uplink_authenticates_with_scram_and_a_wrong_password_is_refused()
     rig.wait_cursor(&stats, || "SCRAM-SHA-512".into()).await;
     let got = read_back(
         ClientBuilder::new(vec![tansu.bootstrap()]).sasl_config(SaslConfig::ScramSha512(
-            Credentials::new(USER.into(), PASSWORD.into()),
+            Credentials::new(USER.into(), password),
         )),
         &topic,
     )

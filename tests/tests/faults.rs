@@ -1065,24 +1065,30 @@ async fn closed_within<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 }
 
 /// A hostile device: connects with a valid certificate, then misbehaves; returns whether the
-/// gateway cut it off as it should.
+/// gateway cut it off as it should. Err: the session could not be set up (TLS handshake or
+/// CONNECT not done in time, e.g. on a machine slowed down by the flood), so nothing hostile was
+/// sent; the caller tries again. A CONNACK refusing the device is a failure, not an Err.
 async fn hostile_session(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     id: &str,
     kind: u8,
-) -> bool {
-    let Ok(mut c) = raw::tls_connect(addr, tls).await else {
-        return false;
-    };
+) -> Result<bool, String> {
+    let mut c = raw::tls_connect(addr, tls)
+        .await
+        .map_err(|e| format!("TLS connect: {e}"))?;
     let v5 = kind == 4;
     let connect = if v5 { Connect::v5(id) } else { Connect::v4(id) };
-    if c.send(&connect.encode()).await.is_err() {
-        return false;
-    }
-    match c.recv_within(Duration::from_secs(5)).await {
+    c.send(&connect.encode())
+        .await
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    // Generous: the CONNACK can be slow to come while the gateway is busy with the flood of
+    // handshakes beside this session; what is checked is how the hostile packet is handled.
+    match c.recv_within(Duration::from_secs(15)).await {
         Ok(p) if p.kind == raw::kind::CONNACK && p.connack_code() == 0 => {}
-        _ => return false,
+        Ok(p) if p.kind == raw::kind::CONNACK => return Ok(false),
+        Ok(p) => return Err(format!("packet type {} instead of a CONNACK", p.kind)),
+        Err(e) => return Err(format!("no CONNACK: {e:?}")),
     }
     let bytes: Vec<u8> = match kind {
         // Malformed: reserved packet type 0.
@@ -1105,19 +1111,25 @@ async fn hostile_session(
             .encode(),
     };
     if c.send(&bytes).await.is_err() {
-        return true; // already closed
+        return Ok(true); // already closed
     }
     if v5 {
-        return match c.recv_within(Duration::from_secs(5)).await {
+        return Ok(match c.recv_within(Duration::from_secs(15)).await {
             Ok(p) => p.kind == raw::kind::PUBACK && p.ack_reason() == 0x87,
             Err(_) => false,
-        };
+        });
     }
-    closed_within(&mut c, Duration::from_secs(10)).await
+    // Well within the keep-alive expiry (45 s for the 30 s keep-alive), which would close it too.
+    Ok(closed_within(&mut c, Duration::from_secs(15)).await)
 }
 
+/// The connect timeout (TLS handshake and CONNECT) of scenario 10's gateway. Long enough that a
+/// legitimate handshake slowed down by the attack on a loaded machine is not cut by it.
+const S10_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Slow-loris TLS: TCP connect, then a TLS ClientHello one byte every 500 ms. The gateway must
-/// drop it by its connect timeout (3 s here); returns how long that took.
+/// drop it by its connect timeout ([`S10_CONNECT_TIMEOUT`]); returns how long that took, or None
+/// if it was still connected after 6 connect timeouts.
 async fn slow_loris(addr: SocketAddr) -> Option<Duration> {
     use tokio::io::AsyncReadExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -1127,7 +1139,7 @@ async fn slow_loris(addr: SocketAddr) -> Option<Duration> {
         0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
     ];
     let mut i = 0;
-    while t.elapsed() < Duration::from_secs(20) {
+    while t.elapsed() < 6 * S10_CONNECT_TIMEOUT {
         if s.write_all(&[hello[i % hello.len()]]).await.is_err() {
             return Some(t.elapsed());
         }
@@ -1153,7 +1165,10 @@ async fn s10_hostile_devices_do_not_harm_the_good_ones_or_the_gateway() {
     let proxy = proxy().await;
     let mut spec = GatewaySpec::new(devices, proxy.port(), &up.exchange);
     spec.more_devices = vec![("bad-".into(), 6)];
-    spec.extra = "[limits]\nmax_packet_size = \"64 KiB\"\nconnect_timeout = \"3s\"\n".into();
+    spec.extra = format!(
+        "[limits]\nmax_packet_size = \"64 KiB\"\nconnect_timeout = \"{}s\"\n",
+        S10_CONNECT_TIMEOUT.as_secs()
+    );
     let mut gw = Gateway::new(spec);
     gw.start().await;
     let tap = Tap::start(&up.tap_queue).await;
@@ -1170,8 +1185,16 @@ async fn s10_hostile_devices_do_not_harm_the_good_ones_or_the_gateway() {
         tasks.spawn(async move {
             let mut ok = 0;
             for _ in 0..rounds {
-                if hostile_session(addr, tls.clone(), &id, kind).await {
-                    ok += 1;
+                // A session that could not be set up sent nothing hostile (and is not counted
+                // as a refusal of its kind): it is tried again, a few times at most.
+                for attempt in 1..=3 {
+                    match hostile_session(addr, tls.clone(), &id, kind).await {
+                        Ok(handled) => {
+                            ok += usize::from(handled);
+                            break;
+                        }
+                        Err(e) => eprintln!("{id}: attempt {attempt}: {e}"),
+                    }
                 }
             }
             (format!("kind {kind}"), ok, rounds)
@@ -1185,9 +1208,11 @@ async fn s10_hostile_devices_do_not_harm_the_good_ones_or_the_gateway() {
         }
         let mut ok = 0;
         while let Some(r) = set.join_next().await {
+            // Cut by the connect timeout (with room for a slow scheduler), well before the
+            // client gives up by itself.
             if r.ok()
                 .flatten()
-                .is_some_and(|d| d < Duration::from_secs(10))
+                .is_some_and(|d| d < 3 * S10_CONNECT_TIMEOUT)
             {
                 ok += 1;
             }
@@ -1269,8 +1294,15 @@ async fn s10_hostile_devices_do_not_harm_the_good_ones_or_the_gateway() {
         assert_eq!(r("malformed"), 2 * rounds, "malformed packets counted");
         assert_eq!(r("limit"), 2 * rounds, "oversized packets counted");
         assert_eq!(r("acl"), 2 * rounds, "publishes outside the ACL counted");
-        assert_eq!(r("timeout"), loris, "slow-loris clients timed out");
-        assert!(r("tls") >= flood / 2, "failed handshakes counted");
+        // Every slow-loris client is refused as a timeout. A handshake of the flood (or of a
+        // hostile session) that the load made slower than the connect timeout is a timeout too,
+        // so both are lower bounds: together they count at least every slow-loris client and
+        // every anonymous TLS handshake of the flood.
+        assert!(r("timeout") >= loris, "slow-loris clients timed out");
+        assert!(
+            r("tls") + r("timeout") >= flood / 2 + loris,
+            "failed handshakes counted"
+        );
     }
     assert!(
         tap.by_device.keys().all(|d| d.starts_with("dev-")),

@@ -265,19 +265,34 @@ fn spawn_fleet(
     manifest: &Path,
     args: &'static [&'static str],
 ) -> tokio::task::JoinHandle<serde_json::Value> {
+    start_fleet(gw, manifest, args).1
+}
+
+/// Like [`spawn_fleet`], and also the fleet's pid, so that the test can end it (SIGTERM: the
+/// fleet stops sampling, drains its outstanding acknowledgements and exits).
+fn start_fleet(
+    gw: &Gw,
+    manifest: &Path,
+    args: &'static [&'static str],
+) -> (u32, tokio::task::JoinHandle<serde_json::Value>) {
     let sim = workspace_binary("firmware-sim", "firmware-sim");
-    let (port, certs, manifest) = (gw.port, gw.certs.clone(), manifest.to_path_buf());
-    tokio::spawn(async move {
-        let out = tokio::process::Command::new(sim)
-            .args(["run", "--broker", &format!("127.0.0.1:{port}")])
-            .arg("--certs-dir")
-            .arg(&certs)
-            .args(args)
-            .args(["--qos", "1", "--progress", "off", "--json", "--manifest"])
-            .arg(&manifest)
-            .output()
-            .await
-            .unwrap();
+    let child = tokio::process::Command::new(sim)
+        .args(["run", "--broker", &format!("127.0.0.1:{}", gw.port)])
+        .arg("--certs-dir")
+        .arg(&gw.certs)
+        .args(args)
+        .args(["--qos", "1", "--progress", "off", "--json", "--manifest"])
+        .arg(manifest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A failed test must not leave a fleet running.
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let run = tokio::spawn(async move {
+        let out = child.wait_with_output().await.unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -287,7 +302,8 @@ fn spawn_fleet(
         let f: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         eprintln!("fleet: {f}");
         f
-    })
+    });
+    (pid, run)
 }
 
 /// Waits for the uplink to catch up, runs the verifier, and asserts nothing acknowledged is
@@ -402,7 +418,10 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
     gw.write_config("window = 256", ROUTE_ALL);
     gw.start();
     let manifest = gw.dir.path().join("manifest.json");
-    let run = spawn_fleet(
+    // The test ends the fleet itself (SIGTERM) once the reloads are done: the duration is only a
+    // cap, longer than all of the test's own waits, so the fleet cannot run out (and its devices
+    // disconnect) while the reloads are still being checked on a slow machine.
+    let (fleet_pid, run) = start_fleet(
         &gw,
         &manifest,
         &[
@@ -411,18 +430,35 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
             "--rate",
             "10",
             "--duration",
-            "12s",
+            "180s",
             "--connect-rate",
             "200",
         ],
     );
     // Wait for the whole fleet to be connected and publishing.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while gw.metric("gateway_devices_connected") < 100.0 {
         assert!(Instant::now() < deadline, "the fleet did not connect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every connection the gateway accepted so far (the fleet's, start()'s TCP probe, and any
+    // first connect attempt a slow handshake made the fleet give up on). From here on, a new
+    // connection can only be a device that was dropped and came back.
+    let connections = gw.metric("gateway_connections_total");
+    assert!(connections >= 101.0, "{connections}");
+    let all_connected = |gw: &Gw, after: &str| {
+        assert_eq!(
+            gw.metric("gateway_devices_connected"),
+            100.0,
+            "a device was disconnected by {after}"
+        );
+        assert_eq!(
+            gw.metric("gateway_connections_total"),
+            connections,
+            "a device reconnected after {after}"
+        );
+    };
 
     // 1. SIGHUP with a changed route (same coverage, another filter).
     gw.write_config(
@@ -439,7 +475,9 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    all_connected(&gw, "the SIGHUP reload");
     tokio::time::sleep(Duration::from_secs(2)).await;
+    all_connected(&gw, "the SIGHUP reload");
 
     // 2. `gateway reload` with a changed uplink (window and confirm timeout): its forwarder is
     //    restarted on its cursor.
@@ -459,6 +497,7 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("uplink rabbit: changed"), "{said}");
+    all_connected(&gw, "`gateway reload`");
 
     // 3. A broken config is rejected with the key named, and the old one keeps running.
     std::fs::write(&gw.config, "[queue]\nfsync = \"sometimes\"\n").unwrap();
@@ -469,13 +508,23 @@ async fn reload_under_load_drops_no_device_and_loses_nothing() {
         gw.metric("gateway_config_reloads_total{result=\"rejected\"}"),
         1.0
     );
-    assert_eq!(gw.metric("gateway_devices_connected"), 100.0);
+    all_connected(&gw, "the rejected reload");
 
+    // End the fleet: it drains its outstanding acknowledgements and disconnects cleanly.
+    let stopped = Command::new("kill")
+        .args(["-TERM", &fleet_pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
     let f = run.await.unwrap();
+    assert!(stopped, "the fleet ended before the test stopped it: {f}");
     assert_eq!(f["connection_losses"], 0, "a device was disconnected: {f}");
     assert_eq!(f["reconnects"], 0, "{f}");
-    // 100 devices, each connected once, plus start()'s TCP probe.
-    assert_eq!(gw.metric("gateway_connections_total"), 101.0);
+    assert_eq!(
+        gw.metric("gateway_connections_total"),
+        connections,
+        "a device reconnected: {f}"
+    );
     let v = verify_delivered(&gw, &manifest).await;
     // The forwarder restart waited for its confirms, so nothing was sent twice.
     assert_eq!(v["total"]["duplicates"], 0, "{v}");

@@ -128,11 +128,21 @@ impl Loop {
         })
     }
 
-    /// Drops what rumqttc saved from the last connection for replay: the device resends.
+    /// Drops what rumqttc saved from the last connection for replay (the device resends), and
+    /// the events of that connection not yet polled: rumqttc's `clean` keeps them, and a stale
+    /// "written" event would otherwise be paired with the first publish of the next connection,
+    /// shifting every later pairing by one (a reading marked acknowledged by its predecessor's
+    /// ack, one waiting for ever on a packet id of the dead connection).
     pub fn forget_pending(&mut self) {
         match self {
-            Loop::V4(el) => el.pending.clear(),
-            Loop::V5(el) => el.pending.clear(),
+            Loop::V4(el) => {
+                el.pending.clear();
+                el.state.events.clear();
+            }
+            Loop::V5(el) => {
+                el.pending.clear();
+                el.state.events.clear();
+            }
         }
     }
 }

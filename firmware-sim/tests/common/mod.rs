@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -41,6 +41,92 @@ pub struct Proxy {
     pub rejected: Arc<AtomicU64>,
     /// While set, new connections are closed at once (the broker is "down").
     refusing: Arc<AtomicBool>,
+    sessions: Arc<Mutex<Sessions>>,
+}
+
+/// Connections in use since the last cut (see [`Proxy::active`]).
+#[derive(Default)]
+struct Sessions {
+    /// Bumped by every [`Proxy::cut_all`]: connections from before it no longer count.
+    generation: u64,
+    active: u64,
+}
+
+/// One proxied connection's place in [`Sessions`]: counted once the client uses it, uncounted
+/// when it ends (unless a cut has reset the count since).
+struct Session {
+    sessions: Arc<Mutex<Sessions>>,
+    generation: u64,
+    counted: AtomicBool,
+}
+
+impl Session {
+    fn in_use(&self) {
+        if self.counted.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if s.generation == self.generation {
+            s.active += 1;
+            self.counted.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.counted.load(Ordering::Relaxed) {
+            let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            if s.generation == self.generation {
+                s.active -= 1;
+            }
+        }
+    }
+}
+
+/// Forwards both ways (like `copy_bidirectional`) until both sides are done, one fails, or the
+/// proxy cuts. The session counts as in use once the client sends something after the server's
+/// first answer: for MQTT, a packet after the CONNACK, which the client sends only once it has
+/// taken the CONNACK (so the device counts itself connected).
+async fn pump<C>(client: C, server: TcpStream, mut cut: broadcast::Receiver<()>, session: Session)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let answered = AtomicBool::new(false);
+    let to_server = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = client_rx.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            if answered.load(Ordering::Relaxed) {
+                session.in_use();
+            }
+            server_tx.write_all(&buf[..n]).await?;
+        }
+        server_tx.shutdown().await
+    };
+    let to_client = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = server_rx.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            // Before the write: whatever the client sends after reading this is counted.
+            answered.store(true, Ordering::Relaxed);
+            client_tx.write_all(&buf[..n]).await?;
+        }
+        client_tx.shutdown().await
+    };
+    tokio::select! {
+        _ = async { tokio::try_join!(to_server, to_client) } => {}
+        _ = cut.recv() => {}
+    }
 }
 
 impl Proxy {
@@ -57,6 +143,8 @@ impl Proxy {
         let rejected = Arc::new(AtomicU64::new(0));
         let upstream = upstream.to_owned();
         let (cut_tx, acc, rej) = (cut.clone(), accepted.clone(), rejected.clone());
+        let sessions = Arc::new(Mutex::new(Sessions::default()));
+        let sess = sessions.clone();
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -64,22 +152,26 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
-                let mut cut_rx = cut_tx.subscribe();
+                // Subscribed before the generation is read: a connection of a generation that a
+                // cut ends is sure to get that cut.
+                let cut_rx = cut_tx.subscribe();
+                let session = Session {
+                    sessions: sess.clone(),
+                    generation: sess.lock().unwrap_or_else(|e| e.into_inner()).generation,
+                    counted: AtomicBool::new(false),
+                };
                 let upstream = upstream.clone();
                 let acceptor = acceptor.clone();
                 let (acc, rej) = (acc.clone(), rej.clone());
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
                     };
                     match acceptor {
                         Some(acceptor) => match acceptor.accept(client).await {
-                            Ok(mut tls) => {
+                            Ok(tls) => {
                                 acc.fetch_add(1, Ordering::Relaxed);
-                                tokio::select! {
-                                    _ = tokio::io::copy_bidirectional(&mut tls, &mut server) => {}
-                                    _ = cut_rx.recv() => {}
-                                }
+                                pump(tls, server, cut_rx, session).await;
                             }
                             Err(_) => {
                                 rej.fetch_add(1, Ordering::Relaxed);
@@ -87,11 +179,7 @@ impl Proxy {
                         },
                         None => {
                             acc.fetch_add(1, Ordering::Relaxed);
-                            let mut client = client;
-                            tokio::select! {
-                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                                _ = cut_rx.recv() => {}
-                            }
+                            pump(client, server, cut_rx, session).await;
                         }
                     }
                 });
@@ -103,6 +191,7 @@ impl Proxy {
             accepted,
             rejected,
             refusing,
+            sessions,
         })
     }
 
@@ -111,9 +200,40 @@ impl Proxy {
         self.refusing.store(on, Ordering::Relaxed);
     }
 
-    /// Drops every open connection at once, both sides, without an MQTT DISCONNECT.
+    /// Drops every open connection at once, both sides, without an MQTT DISCONNECT. From now
+    /// on [`Proxy::active`] counts only connections made after the cut.
     pub fn cut_all(&self) {
+        {
+            let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            s.generation += 1;
+            s.active = 0;
+        }
         let _ = self.cut.send(());
+    }
+
+    /// Open connections, made since the last cut, that the client has used after the broker's
+    /// first answer: with MQTT, devices that are connected (CONNACK taken) and publishing. A cut
+    /// now is a connection loss for each of them.
+    pub fn active(&self) -> u64 {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .active
+    }
+
+    /// Waits (polling, at most `timeout`) until [`Proxy::active`] is at least `n`.
+    pub async fn wait_active(&self, n: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let active = self.active();
+            if active >= n {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{active} of {n} connections in use after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
