@@ -116,9 +116,29 @@ async fn appends_fail_cleanly_when_the_disk_is_full_and_resume_when_space_return
         assert!(matches!(r, Err(QueueError::DiskFull { .. })), "{r:?}");
     }
 
-    // Space returns: appends work again, except for the stream whose record failed: its next
-    // record is refused, so that it is never stored after the earlier one it depends on.
+    // Not writable (healthz, readyz), and the writer's probe (every 5 s) does not say otherwise
+    // while the disk is still full.
+    assert!(!q.is_writable());
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert!(!q.is_writable(), "a probe on a full disk must fail");
+
+    // Space returns: with no append at all, the probe finds the queue writable again.
     std::fs::remove_file(&ballast).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !q.is_writable() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still not writable 15 s after space returned, with no append"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        !data.join(".write-probe").exists(),
+        "the probe file is removed"
+    );
+
+    // Appends work again, except for the stream whose record failed: its next record is
+    // refused, so that it is never stored after the earlier one it depends on.
     let refused = q.try_append_after(&NewRecord::new("dev", "t", &payload), Some(&failed));
     assert!(
         matches!(refused, Err(QueueError::DiskFull { .. })),

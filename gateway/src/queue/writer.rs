@@ -25,6 +25,10 @@ const RESERVATION_FILE: &str = "seq.reserved";
 const RESERVATION_MAGIC: &[u8; 8] = b"EGWQRES1";
 /// How often the writer looks for records past `max_age` when idle.
 const AGE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often a writer whose last group commit failed probes the data dir for space.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// The probe's size: a few pages, so that a disk with only a sliver left stays "not writable".
+const PROBE_BYTES: usize = 64 << 10;
 /// A pending buffer that grew past this during a burst is not kept for reuse.
 const SPARE_BUFFER_MAX: usize = 8 << 20;
 
@@ -411,6 +415,7 @@ pub(crate) fn spawn(
         spare: Vec::new(),
         last_age_check: Instant::now(),
         failed_batch_log: crate::throttle::LogThrottle::default(),
+        last_probe: Instant::now(),
     };
     let h = std::thread::Builder::new()
         .name("queue-writer".into())
@@ -432,6 +437,7 @@ struct Writer {
     last_age_check: Instant,
     /// A full disk fails every batch until space is freed: one error line per 10 s.
     failed_batch_log: crate::throttle::LogThrottle,
+    last_probe: Instant,
 }
 
 /// Reads the frame header at `pos` of a buffer the appenders encoded (trusted, in bounds).
@@ -570,6 +576,7 @@ impl Writer {
     }
 
     fn housekeeping(&mut self) {
+        self.probe_if_failed();
         if self.unsynced {
             if let FsyncPolicy::Interval(iv) = self.shared.opts.fsync {
                 if self.last_sync.elapsed() >= iv {
@@ -582,6 +589,38 @@ impl Writer {
             if let Some(max_age) = self.shared.opts.max_age {
                 self.expire(max_age);
             }
+        }
+    }
+
+    /// After a failed group commit the queue reports itself not writable (`/healthz`,
+    /// `/readyz`) until a write succeeds. On a quiet site no append may come for a long time
+    /// after space returns, so every [`PROBE_EVERY`] the writer writes and syncs a small file in
+    /// the data dir, then removes it; when that works, the queue is writable again (the next
+    /// real append still decides for itself).
+    fn probe_if_failed(&mut self) {
+        let failed = &self.shared.counters.last_batch_failed;
+        if !failed.load(Ordering::Relaxed) || self.last_probe.elapsed() < PROBE_EVERY {
+            return;
+        }
+        self.last_probe = Instant::now();
+        let path = self.shared.dir.join(".write-probe");
+        let probe = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&path)?;
+            std::io::Write::write_all(&mut f, &[0u8; PROBE_BYTES])?;
+            f.sync_data()
+        };
+        let result = probe();
+        let _ = std::fs::remove_file(&path);
+        match result {
+            Ok(()) => {
+                // Only if no append failed meanwhile (appends are written on this thread, so
+                // none did): a plain store is enough.
+                failed.store(false, Ordering::Relaxed);
+                tracing::info!(
+                    "a probe write in the data dir succeeded: the queue is writable again"
+                );
+            }
+            Err(error) => tracing::debug!(%error, "probe write in the data dir failed"),
         }
     }
 
