@@ -2,8 +2,8 @@
 //! config, reloads what can change while devices stay connected, and stops in order.
 //!
 //! ```text
-//! start:    queue open -> MQTT listeners and admin bound -> dead letters -> accept devices ->
-//!           forwarders -> admin served (requests wait in its backlog until then) -> READY
+//! start:    queue open -> MQTT listeners bound -> dead letters -> admin bound -> accept devices
+//!           -> forwarders -> admin served (requests wait in its backlog until then) -> READY
 //! reload:   load + validate the file -> prepare ingest (certs, passwords) -> all good? apply:
 //!           ingest policy swapped, routes swapped, changed uplinks' forwarders stopped (in-flight
 //!           confirms awaited, so nothing is re-sent) and started again on the same cursor
@@ -233,7 +233,13 @@ impl Service {
         });
         // Bound now (a taken port fails the start before anything runs), served at the end.
         let admin_listener = match config.admin.addr() {
-            Some(addr) => Some(crate::admin::bind(addr).await.with_context(|| format!("cannot serve the admin endpoint on {addr} (admin.listen); is another process using it? change admin.listen or set admin.enabled = false"))?),
+            Some(addr) => {
+                let listener = crate::admin::bind(addr).await.with_context(|| format!("cannot serve the admin endpoint on {addr} (admin.listen); is another process using it? change admin.listen or set admin.enabled = false"))?;
+                let bound = listener
+                    .local_addr()
+                    .context("the admin endpoint's address")?;
+                Some((listener, bound))
+            }
             None => None,
         };
         let ingest_stop = CancellationToken::new();
@@ -266,10 +272,9 @@ impl Service {
         service.publish_uplinks();
         status.accepting.store(true, Ordering::Relaxed);
         status.sample();
-        if let Some(listener) = admin_listener {
-            let bound = listener
-                .local_addr()
-                .context("the admin endpoint's address")?;
+        // Nothing after the tasks above are spawned may fail: the caller would see a failed
+        // start while devices are being acknowledged.
+        if let Some((listener, bound)) = admin_listener {
             tracing::info!(addr = %bound, "admin endpoint: /metrics /healthz /readyz, status page at /");
             service.admin = Some(crate::admin::serve(listener, status.clone()));
         }

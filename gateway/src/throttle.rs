@@ -48,6 +48,18 @@ impl LogThrottle {
     }
 }
 
+impl LogThrottle {
+    /// Ends a spell: `Some(n)` when a line was admitted since the last reset (`n` left out
+    /// since), `None` when there was nothing to end. The next occurrence is logged at once.
+    pub fn reset(&self) -> Option<u64> {
+        if self.quiet_until_ms.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.quiet_until_ms.store(0, Ordering::Relaxed);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 impl Default for LogThrottle {
     /// One line per 10 s.
     fn default() -> LogThrottle {
@@ -69,6 +81,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(t.admit(), Some(5));
         assert_eq!(t.admit(), None);
+    }
+
+    #[test]
+    fn a_reset_ends_the_spell_with_its_count_and_the_next_is_logged_at_once() {
+        let t = LogThrottle::new(Duration::from_secs(3600));
+        assert_eq!(t.reset(), None, "nothing to end");
+        assert_eq!(t.admit(), Some(0));
+        assert_eq!(t.admit(), None);
+        assert_eq!(t.admit(), None);
+        assert_eq!(t.reset(), Some(2));
+        assert_eq!(t.reset(), None);
+        assert_eq!(t.admit(), Some(0), "a new spell starts with a line");
     }
 
     #[test]

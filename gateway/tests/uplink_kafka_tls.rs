@@ -52,6 +52,7 @@ fn password_in_the_environment() -> (String, String) {
     let usable = |v: &str| {
         !v.is_empty()
             && v != "wrong"
+            && v != "edge-uplink-user"
             && v.len() <= 64
             && v.starts_with(|c: char| c.is_ascii_alphanumeric())
             && v.chars()
@@ -342,8 +343,11 @@ async fn kafka_uplink_with_tls_refuses_a_broker_certificate_it_does_not_trust() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_uplink_authenticates_with_scram_and_a_wrong_password_is_refused() {
-    const USER: &str = "gateway";
+    // Not a value any usable password can have (`usable` refuses it), so a bug that sent the
+    // username, or some other value, as the password could not pass.
+    const USER: &str = "edge-uplink-user";
     let (var, password) = password_in_the_environment();
+    assert_ne!(password, USER);
     let mut tansu = tokio::task::spawn_blocking(Tansu::start).await.unwrap();
     let topic = unique("gw-sasl");
     tansu.create_topic(&topic, 3);

@@ -128,20 +128,24 @@ impl Loop {
         })
     }
 
-    /// Drops what rumqttc saved from the last connection for replay (the device resends), and
-    /// the events of that connection not yet polled: rumqttc's `clean` keeps them, and a stale
-    /// "written" event would otherwise be paired with the first publish of the next connection,
-    /// shifting every later pairing by one (a reading marked acknowledged by its predecessor's
-    /// ack, one waiting for ever on a packet id of the dead connection).
+    /// Drops what rumqttc saved from the last connection for replay (the device resends), the
+    /// events of that connection not yet polled, and a pending packet-id collision. rumqttc's
+    /// `clean` keeps the events: with MQTT 3.1.1 the CONNACK of the next connection is returned
+    /// before them, so a stale "written" event would be paired with that connection's first
+    /// publish, shifting every later pairing by one (a reading marked acknowledged by its
+    /// predecessor's ack, another waiting for ever on a packet id of the dead connection).
+    /// A collision kept across the reconnect would stop the new connection taking requests.
     pub fn forget_pending(&mut self) {
         match self {
             Loop::V4(el) => {
                 el.pending.clear();
                 el.state.events.clear();
+                el.state.collision = None;
             }
             Loop::V5(el) => {
                 el.pending.clear();
                 el.state.events.clear();
+                el.state.collision = None;
             }
         }
     }

@@ -300,7 +300,7 @@ impl Conn {
                     }
                 }
                 Err(e) => {
-                    if let Some(left_out) = self.shared.stats.append_failed_log.admit() {
+                    if let Some(left_out) = self.shared.stats.append_failed_admit(&e) {
                         tracing::warn!(error = %e, similar_left_out = left_out, "append failed; the device gets no acknowledgement");
                     }
                     self.shared.stats.refused(e.as_label());
@@ -427,7 +427,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                             }
                         }
                         Err(error) => {
-                            if let Some(left_out) = shared.stats.append_failed_log.admit() {
+                            if let Some(left_out) = shared.stats.append_failed_admit(&error) {
                                 tracing::warn!(%error, similar_left_out = left_out, "append failed after it was queued; no acknowledgement");
                             }
                             shared.stats.refused(error.as_label());

@@ -64,10 +64,20 @@ pub struct IngestStats {
     pub wills: AtomicU64,
     refusals: Mutex<HashMap<&'static str, u64>>,
     /// "append failed" repeats for every publish while the disk is full: one line per 10 s.
-    pub(crate) append_failed_log: crate::throttle::LogThrottle,
+    append_failed_log: crate::throttle::LogThrottle,
 }
 
 impl IngestStats {
+    /// Whether to log this failed append (`Some(left out since the last line)`). A full disk,
+    /// which fails every publish of every device until space returns, is logged once per 10 s
+    /// (the queue's writer logs when it ends); any other error every time.
+    pub(crate) fn append_failed_admit(&self, e: &crate::queue::QueueError) -> Option<u64> {
+        match e {
+            crate::queue::QueueError::DiskFull { .. } => self.append_failed_log.admit(),
+            _ => Some(0),
+        }
+    }
+
     pub(crate) fn refused(&self, label: &'static str) {
         *self
             .refusals

@@ -11,6 +11,8 @@
 //!     00000000000000000001.seg    records with seq >= 1, until the next segment's base
 //!     00000000000000000001.meta   sidecar written when that segment was sealed
 //!     00000000000000004097.seg    the active segment (the last one): the only one written to
+//!     write-probe.tmp             only for a moment, while the writer probes a full disk for
+//!                                 space (removed at once, and at open if a crash left it)
 //!   cursors/<name>.cursor         one per uplink: acked seq + dropped count, two slots written
 //!                                 in turn, in place (a torn write leaves the other slot)
 //!   quarantine/<base>-<offset>.bin  damaged bytes cut out of a segment, named by where they were
@@ -388,6 +390,12 @@ impl State {
     }
 }
 
+/// The writer's probe for space after a batch failed on a full disk: written, synced and
+/// removed at once, on the segments' filesystem; not a segment name, so never read as one.
+pub(crate) fn probe_path(dir: &Path) -> PathBuf {
+    segment::segments_dir(dir).join("write-probe.tmp")
+}
+
 pub(crate) fn quarantine_path(dir: &Path, base: u64, offset: usize) -> PathBuf {
     dir.join("quarantine")
         .join(format!("{base:020}-{offset}.bin"))
@@ -714,6 +722,8 @@ impl Queue {
             fs::create_dir_all(&p).map_err(|e| QueueError::io("create directory", &p, e))?;
         }
         let lock = lock::DirLock::acquire(&dir)?;
+        // A probe file a crash left behind (it only exists while the writer probes).
+        let _ = fs::remove_file(probe_path(&dir));
         let recovered = writer::recover(&dir)?;
         let report = recovered.report.clone();
         let (readable, _) = watch::channel(recovered.segments.back().map_or(0, |s| s.last_seq));

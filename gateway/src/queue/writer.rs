@@ -416,6 +416,7 @@ pub(crate) fn spawn(
         last_age_check: Instant::now(),
         failed_batch_log: crate::throttle::LogThrottle::default(),
         last_probe: Instant::now(),
+        probe_bytes: None,
     };
     let h = std::thread::Builder::new()
         .name("queue-writer".into())
@@ -438,6 +439,8 @@ struct Writer {
     /// A full disk fails every batch until space is freed: one error line per 10 s.
     failed_batch_log: crate::throttle::LogThrottle,
     last_probe: Instant,
+    /// Set after a batch failed on a full disk: the size of the probe write to try.
+    probe_bytes: Option<usize>,
 }
 
 /// Reads the frame header at `pos` of a buffer the appenders encoded (trusted, in bounds).
@@ -515,6 +518,22 @@ impl Writer {
             let failed = result.is_err();
             match &result {
                 Err(error) => {
+                    // Probe for space only after a full disk (an I/O error is not cured by
+                    // space), the first time PROBE_EVERY after this failure, and with as many
+                    // bytes as the failed batch needed.
+                    self.last_probe = Instant::now();
+                    self.probe_bytes = matches!(error, QueueError::DiskFull { .. }).then(|| {
+                        buf.len()
+                            .clamp(PROBE_BYTES, self.shared.opts.segment_bytes.max(1) as usize)
+                    });
+                }
+                Ok(()) => {
+                    self.probe_bytes = None;
+                    self.writable_again("an append");
+                }
+            }
+            match &result {
+                Err(error) => {
                     // Records appended while this batch was being written come after it on their
                     // connections: they fail with it, in the same critical section, so that no
                     // device has a later record stored while an earlier one failed (appenders
@@ -530,11 +549,12 @@ impl Writer {
                     if !next.is_empty() {
                         // Its bytes are free now: wake appenders waiting for space.
                         self.shared.space.notify_waiters();
+                        let records = count_frames(&next);
+                        let why = "records appended while the batch before them failed fail with it (per-device order)";
                         if logged {
-                            tracing::warn!(
-                            records = count_frames(&next),
-                            "records appended while the batch before them failed fail with it (per-device order)"
-                        );
+                            tracing::warn!(records, "{why}");
+                        } else {
+                            tracing::debug!(records, "{why}");
                         }
                     }
                 }
@@ -592,35 +612,53 @@ impl Writer {
         }
     }
 
-    /// After a failed group commit the queue reports itself not writable (`/healthz`,
-    /// `/readyz`) until a write succeeds. On a quiet site no append may come for a long time
-    /// after space returns, so every [`PROBE_EVERY`] the writer writes and syncs a small file in
-    /// the data dir, then removes it; when that works, the queue is writable again (the next
-    /// real append still decides for itself).
+    /// After a group commit failed on a full disk the queue reports itself not writable
+    /// (`/healthz`, `/readyz`) until a write succeeds. On a quiet site no append may come for a
+    /// long time after space returns, so [`PROBE_EVERY`] after the last failure, and every as
+    /// long again, the writer writes and syncs a file as large as the failed batch (at least
+    /// [`PROBE_BYTES`], at most a segment) in the data dir, then removes it; when that works, the
+    /// queue is writable again (the next real append still decides for itself). An I/O error
+    /// other than a full disk is not probed: only an append that succeeds clears it.
     fn probe_if_failed(&mut self) {
-        let failed = &self.shared.counters.last_batch_failed;
-        if !failed.load(Ordering::Relaxed) || self.last_probe.elapsed() < PROBE_EVERY {
+        let Some(bytes) = self.probe_bytes else {
+            return;
+        };
+        if self.last_probe.elapsed() < PROBE_EVERY {
             return;
         }
         self.last_probe = Instant::now();
-        let path = self.shared.dir.join(".write-probe");
+        let path = super::probe_path(&self.shared.dir);
         let probe = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&path)?;
-            std::io::Write::write_all(&mut f, &[0u8; PROBE_BYTES])?;
+            std::io::Write::write_all(&mut f, &vec![0u8; bytes])?;
             f.sync_data()
         };
         let result = probe();
         let _ = std::fs::remove_file(&path);
         match result {
             Ok(()) => {
-                // Only if no append failed meanwhile (appends are written on this thread, so
-                // none did): a plain store is enough.
-                failed.store(false, Ordering::Relaxed);
-                tracing::info!(
-                    "a probe write in the data dir succeeded: the queue is writable again"
-                );
+                self.probe_bytes = None;
+                // Appends are written on this thread: none failed since the probe began.
+                self.shared
+                    .counters
+                    .last_batch_failed
+                    .store(false, Ordering::Relaxed);
+                self.writable_again("a probe write of the same size as the failed batch");
             }
-            Err(error) => tracing::debug!(%error, "probe write in the data dir failed"),
+            Err(error) => tracing::debug!(%error, bytes, "probe write in the data dir failed"),
+        }
+    }
+
+    /// Ends a spell of failed batches in the log: says what showed that the queue is writable
+    /// again and how many failure lines were left out, so that the next failure, however soon,
+    /// is logged at once.
+    fn writable_again(&mut self, by: &str) {
+        // Reached on every successful batch: `reset` says nothing unless a spell just ended.
+        if let Some(left_out) = self.failed_batch_log.reset() {
+            tracing::info!(
+                failed_batches_left_out = left_out,
+                "the queue is writable again ({by} succeeded)"
+            );
         }
     }
 
