@@ -350,12 +350,19 @@ impl Conn {
         match self.shared.queue.try_append(&rec) {
             Ok(p) => {
                 if let Err(error) = p.durable().await {
-                    tracing::warn!(%error, "could not store last will");
+                    self.will_failed(&error);
                 } else {
                     self.shared.stats.wills.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(error) => tracing::warn!(%error, "could not store last will"),
+            Err(error) => self.will_failed(&error),
+        }
+    }
+
+    /// On a full disk every closed connection's will fails too: throttled like the appends.
+    fn will_failed(&self, error: &crate::queue::QueueError) {
+        if let Some(left_out) = self.shared.stats.append_failed_admit(error) {
+            tracing::warn!(%error, similar_left_out = left_out, "could not store last will");
         }
     }
 
