@@ -507,17 +507,13 @@ impl Writer {
             let mut sealed = Vec::new();
             let result = self.write_batch(&buf, &mut sealed);
             self.publish(before, &sealed);
-            let mut logged = false;
-            if let Err(error) = &result {
-                if let Some(left_out) = self.failed_batch_log.admit() {
-                    tracing::error!(%error, records = count_frames(&buf), similar_left_out = left_out, "queue append batch failed");
-                    logged = true;
-                }
-                self.shared.space.notify_waiters();
-            }
             let failed = result.is_err();
             match &result {
                 Err(error) => {
+                    let logged = self.failed_batch_log.admit().map(|left_out| {
+                        tracing::error!(%error, records = count_frames(&buf), similar_left_out = left_out, "queue append batch failed");
+                    });
+                    self.shared.space.notify_waiters();
                     // Probe for space only after a full disk (an I/O error is not cured by
                     // space), the first time PROBE_EVERY after this failure, and with as many
                     // bytes as the failed batch needed.
@@ -526,14 +522,6 @@ impl Writer {
                         buf.len()
                             .clamp(PROBE_BYTES, self.shared.opts.segment_bytes.max(1) as usize)
                     });
-                }
-                Ok(()) => {
-                    self.probe_bytes = None;
-                    self.writable_again("an append");
-                }
-            }
-            match &result {
-                Err(error) => {
                     // Records appended while this batch was being written come after it on their
                     // connections: they fail with it, in the same critical section, so that no
                     // device has a later record stored while an earlier one failed (appenders
@@ -551,14 +539,18 @@ impl Writer {
                         self.shared.space.notify_waiters();
                         let records = count_frames(&next);
                         let why = "records appended while the batch before them failed fail with it (per-device order)";
-                        if logged {
+                        if logged.is_some() {
                             tracing::warn!(records, "{why}");
                         } else {
                             tracing::debug!(records, "{why}");
                         }
                     }
                 }
-                Ok(()) => batch.complete(Ok(())),
+                Ok(()) => {
+                    batch.complete(Ok(()));
+                    self.probe_bytes = None;
+                    self.writable_again("an append");
+                }
             }
             self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
             if failed {
@@ -616,7 +608,7 @@ impl Writer {
     /// (`/healthz`, `/readyz`) until a write succeeds. On a quiet site no append may come for a
     /// long time after space returns, so [`PROBE_EVERY`] after the last failure, and every as
     /// long again, the writer writes and syncs a file as large as the failed batch (at least
-    /// [`PROBE_BYTES`], at most a segment) in the data dir, then removes it; when that works, the
+    /// [`PROBE_BYTES`], at most a segment) beside the segments, then removes it; when that works, the
     /// queue is writable again (the next real append still decides for itself). An I/O error
     /// other than a full disk is not probed: only an append that succeeds clears it.
     fn probe_if_failed(&mut self) {
