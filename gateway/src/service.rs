@@ -234,7 +234,7 @@ impl Service {
         // Bound now (a taken port fails the start before anything runs), served at the end.
         let admin_listener = match config.admin.addr() {
             Some(addr) => {
-                let listener = crate::admin::bind(addr).await.with_context(|| format!("cannot serve the admin endpoint on {addr} (admin.listen); is another process using it? change admin.listen or set admin.enabled = false"))?;
+                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve the admin endpoint on {addr} (admin.listen); is another process using it? change admin.listen or set admin.enabled = false"))?;
                 let bound = listener
                     .local_addr()
                     .context("the admin endpoint's address")?;

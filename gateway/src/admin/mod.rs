@@ -27,14 +27,10 @@ use crate::service::{age_seconds, ReloadRequest, Status};
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
-/// Binds the admin address. Separate from [`serve`] so that start-up fails early on a taken
-/// port, while requests (held in the listen backlog meanwhile) are answered only once the
-/// service has published its uplinks: the first scrape never sees a half-started gateway.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-/// Serves the admin endpoint on `listener`, on a task of its own.
+/// Serves the admin endpoint on `listener`, on a task of its own. The service binds the listener
+/// early (a taken port fails the start before anything runs) and serves it last: requests wait
+/// in the listen backlog until the uplinks are published, so the first scrape never sees a
+/// half-started gateway.
 pub fn serve(listener: TcpListener, status: Arc<Status>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {

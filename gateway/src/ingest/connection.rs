@@ -300,9 +300,10 @@ impl Conn {
                     }
                 }
                 Err(e) => {
-                    if let Some(left_out) = self.shared.stats.append_failed_admit(&e) {
-                        tracing::warn!(error = %e, similar_left_out = left_out, "append failed; the device gets no acknowledgement");
-                    }
+                    self.shared.stats.warn_append_failed(
+                        &e,
+                        "append failed; the device gets no acknowledgement",
+                    );
                     self.shared.stats.refused(e.as_label());
                     if self.last_append.as_ref().is_some_and(|m| m.failed()) {
                         // An earlier publish of this connection failed: nothing after it may be
@@ -350,19 +351,17 @@ impl Conn {
         match self.shared.queue.try_append(&rec) {
             Ok(p) => {
                 if let Err(error) = p.durable().await {
-                    self.will_failed(&error);
+                    self.shared
+                        .stats
+                        .warn_append_failed(&error, "could not store last will");
                 } else {
                     self.shared.stats.wills.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(error) => self.will_failed(&error),
-        }
-    }
-
-    /// On a full disk every closed connection's will fails too: throttled like the appends.
-    fn will_failed(&self, error: &crate::queue::QueueError) {
-        if let Some(left_out) = self.shared.stats.append_failed_admit(error) {
-            tracing::warn!(%error, similar_left_out = left_out, "could not store last will");
+            Err(error) => self
+                .shared
+                .stats
+                .warn_append_failed(&error, "could not store last will"),
         }
     }
 
@@ -434,9 +433,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                             }
                         }
                         Err(error) => {
-                            if let Some(left_out) = shared.stats.append_failed_admit(&error) {
-                                tracing::warn!(%error, similar_left_out = left_out, "append failed after it was queued; no acknowledgement");
-                            }
+                            shared.stats.warn_append_failed(
+                                &error,
+                                "append failed after it was queued; no acknowledgement",
+                            );
                             shared.stats.refused(error.as_label());
                             match (v, ack) {
                                 (Version::V5, Some(Outbound::PubAck { pkid, .. })) => {

@@ -68,13 +68,16 @@ pub struct IngestStats {
 }
 
 impl IngestStats {
-    /// Whether to log this failed append (`Some(left out since the last line)`). A full disk,
-    /// which fails every publish of every device until space returns, is logged once per 10 s
+    /// Logs a failed append (`what` says which). A full disk, which fails every publish and
+    /// will of every device until space returns, is logged once per 10 s with the count left out
     /// (the queue's writer logs when it ends); any other error every time.
-    pub(crate) fn append_failed_admit(&self, e: &crate::queue::QueueError) -> Option<u64> {
-        match e {
+    pub(crate) fn warn_append_failed(&self, error: &crate::queue::QueueError, what: &str) {
+        let left_out = match error {
             crate::queue::QueueError::DiskFull { .. } => self.append_failed_log.admit(),
             _ => Some(0),
+        };
+        if let Some(left_out) = left_out {
+            tracing::warn!(%error, similar_left_out = left_out, "{what}");
         }
     }
 
