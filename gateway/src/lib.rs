@@ -14,9 +14,11 @@
 //!
 //! - [`ingest`]: MQTT 3.1.1/5 over TLS, PUBACK after the durable append.
 //! - [`uplink`], [`forwarder`]: AMQP and Kafka, one forwarder per uplink on its own cursor.
-//! - [`service`]: the running gateway (start, reload, ordered stop); [`admin`]: metrics, health,
-//!   readiness, the status page; [`notify`]: systemd readiness and watchdog; [`throttle`]: log
-//!   lines for failures that repeat per message.
+//! - [`service`]: the running gateway (start, reload, ordered stop); [`status`]: the view of it
+//!   that [`admin`] serves (metrics, health, readiness, the status page); [`notify`]: systemd
+//!   readiness and watchdog; [`throttle`]: log lines for failures that repeat per message.
+//! - [`topic`]: MQTT topic names and filters, validated and matched in one place; [`tls`]: the
+//!   rustls set-up of listeners and uplinks.
 
 pub mod admin;
 pub mod certs;
@@ -26,5 +28,8 @@ pub mod ingest;
 pub mod notify;
 pub mod queue;
 pub mod service;
+pub mod status;
 pub mod throttle;
+pub mod tls;
+pub mod topic;
 pub mod uplink;

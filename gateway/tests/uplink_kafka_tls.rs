@@ -297,7 +297,7 @@ async fn kafka_uplink_with_tls_and_ca_file_delivers_through_a_tls_terminating_pr
         .unwrap();
     let mut store = rustls::RootCertStore::empty();
     store.add_parsable_certificates(roots);
-    let tls = rustls::ClientConfig::builder_with_provider(gateway::ingest::tls::provider())
+    let tls = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(store)

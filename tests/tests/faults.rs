@@ -1030,7 +1030,7 @@ fn client_tls(certs: &Path, device: Option<&str>) -> Arc<rustls::ClientConfig> {
     for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let b = rustls::ClientConfig::builder_with_provider(gateway::ingest::tls::provider())
+    let b = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);

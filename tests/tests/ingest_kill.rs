@@ -121,7 +121,7 @@ fn tls_config(certs: &Path, device: &str) -> Arc<rustls::ClientConfig> {
         .collect();
     let key = PrivateKeyDer::from_pem_file(dev.join(format!("{device}.key"))).unwrap();
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(gateway::ingest::tls::provider())
+        rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)

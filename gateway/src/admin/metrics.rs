@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 
 use crate::forwarder::UplinkState;
 use crate::queue::hist::Histogram;
-use crate::service::{age_seconds, Status};
+use crate::status::{age_seconds, Status};
 
 pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 

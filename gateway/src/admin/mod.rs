@@ -23,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::service::{age_seconds, ReloadRequest, Status};
+use crate::status::{age_seconds, ReloadRequest, Status};
 
 const STATUS_PAGE: &str = include_str!("status.html");
 

@@ -316,28 +316,13 @@ pub(super) fn check_acl(rules: &[AclRule], problems: &mut Vec<Problem>) {
             });
         }
         for (j, f) in r.publish.iter().enumerate() {
-            if !filter_ok(f) {
+            if let Err(e) = crate::topic::check_filter(f) {
                 problems.push(Problem {
                     key: format!("acl[{i}].publish[{j}]"),
                     value: quoted(f),
-                    reason:
-                        "not a topic filter: '#' only as the last level, '+' only as a whole level"
-                            .into(),
+                    reason: format!("not a topic filter: {e}"),
                 });
             }
         }
     }
-}
-
-/// Whether `f` is a valid MQTT topic filter.
-pub fn filter_ok(f: &str) -> bool {
-    if f.is_empty() {
-        return false;
-    }
-    let levels: Vec<&str> = f.split('/').collect();
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i + 1 == levels.len(),
-        "+" => true,
-        other => !other.contains(['#', '+']),
-    })
 }

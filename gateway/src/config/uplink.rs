@@ -424,11 +424,11 @@ pub(super) fn check(uplinks: &[UplinkConfig], routes: &[RouteConfig], problems: 
         }
     }
     for (i, r) in routes.iter().enumerate() {
-        if !super::ingest::filter_ok(&r.filter) {
+        if let Err(e) = crate::topic::check_filter(&r.filter) {
             problems.push(Problem {
                 key: format!("routes[{i}].filter"),
                 value: quoted(&r.filter),
-                reason: "not a topic filter".into(),
+                reason: format!("not a topic filter: {e}"),
             });
         }
         if r.uplinks.is_empty() {

@@ -234,37 +234,22 @@ fn literal_level_ok(v: &str) -> bool {
 
 /// MQTT topic matching with `%c` / `%u` substituted as literal text.
 fn filter_matches(filter: &str, topic: &str, client_id: &str, username: Option<&str>) -> bool {
-    let mut topic_levels = topic.split('/');
-    for f in filter.split('/') {
-        if f == "#" {
-            return true;
+    crate::topic::matches_by(filter, topic, |f, t| {
+        if !f.contains('%') {
+            return f == t;
         }
-        let Some(t) = topic_levels.next() else {
-            return false;
-        };
-        if f == "+" {
-            continue;
-        }
-        let level = if f.contains('%') {
-            if f.contains("%c") && !literal_level_ok(client_id) {
-                return false;
-            }
-            let mut l = f.replace("%c", client_id);
-            if l.contains("%u") {
-                match username {
-                    Some(u) if literal_level_ok(u) => l = l.replace("%u", u),
-                    _ => return false,
-                }
-            }
-            l
-        } else {
-            f.to_string()
-        };
-        if level != t {
+        if f.contains("%c") && !literal_level_ok(client_id) {
             return false;
         }
-    }
-    topic_levels.next().is_none()
+        let mut l = f.replace("%c", client_id);
+        if l.contains("%u") {
+            match username {
+                Some(u) if literal_level_ok(u) => l = l.replace("%u", u),
+                _ => return false,
+            }
+        }
+        l == t
+    })
 }
 
 impl PublishAcl for Acl {

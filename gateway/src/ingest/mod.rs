@@ -15,7 +15,6 @@ mod connection;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod session;
-pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,7 +43,7 @@ pub enum IngestError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
     #[error("the [[listeners]] addresses changed; that takes a restart (a reload keeps the listening sockets so that no device is dropped)")]
@@ -130,7 +129,7 @@ impl Policy {
         let mut tls = Vec::new();
         for l in &config.listeners {
             tls.push(match &l.tls {
-                TlsSetting::On(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+                TlsSetting::On(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
                 TlsSetting::Off(_) => None,
             });
         }

@@ -423,7 +423,7 @@ impl Session {
                     "retain is not available",
                 );
             }
-            if !topic_ok(&w.topic, self.limits.max_topic_length) {
+            if crate::topic::check_name(&w.topic, self.limits.max_topic_length).is_err() {
                 return self.refuse_connect(
                     v,
                     0x02,
@@ -504,7 +504,7 @@ impl Session {
         if p.topic.len() > self.limits.max_topic_length {
             return self.close_with(reason::TOPIC_NAME_INVALID, "topic too long", Refusal::Limit);
         }
-        if !topic_ok(&p.topic, usize::MAX) {
+        if crate::topic::check_name(&p.topic, usize::MAX).is_err() {
             return self.close_with(
                 reason::TOPIC_NAME_INVALID,
                 "invalid topic name",
@@ -603,11 +603,6 @@ impl Session {
             ack,
         }]
     }
-}
-
-/// A topic name a device may publish to: not empty, no wildcards, no NUL, within `max` bytes.
-pub fn topic_ok(topic: &str, max: usize) -> bool {
-    !topic.is_empty() && topic.len() <= max && !topic.contains(['+', '#', '\0'])
 }
 
 fn rand_suffix(n: u64) -> String {

@@ -19,7 +19,6 @@
 //! only the last is sent.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -32,9 +31,7 @@ use rskafka::BackoffConfig;
 
 use super::murmur2::partition_for_key;
 use super::{Outcome, Prepared, SendFailure, UplinkError};
-use crate::config::{
-    kafka_topic_byte, load_ca_file, KafkaCompression, KafkaConfig, KafkaSasl, SaslMechanism,
-};
+use crate::config::{kafka_topic_byte, KafkaCompression, KafkaConfig, KafkaSasl, SaslMechanism};
 
 /// Kafka's error code for an unknown topic, used as the "reply code" of a dead letter.
 const UNKNOWN_TOPIC_OR_PARTITION: u16 = 3;
@@ -90,7 +87,8 @@ impl KafkaUplink {
             .client_id(gateway_id)
             .backoff_config(backoff);
         if cfg.tls {
-            builder = builder.tls_config(tls_config(cfg).map_err(err)?);
+            builder =
+                builder.tls_config(crate::tls::client_config(cfg.ca_file.as_deref()).map_err(err)?);
         }
         if let Some(sasl) = &cfg.sasl {
             builder = builder.sasl_config(sasl_config(sasl).map_err(err)?);
@@ -308,39 +306,6 @@ impl KafkaUplink {
         // rskafka has no explicit close; dropping the client closes its connections.
         drop(self);
     }
-}
-
-/// The rustls client config of a `tls = true` uplink: the system's CA store plus `ca_file`.
-/// Built at each connect (reconnects are seconds apart at least), so a renewed CA file is
-/// picked up without a restart.
-fn tls_config(cfg: &KafkaConfig) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    // A system store that cannot be read is not fatal when `ca_file` names the broker's CA.
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = &cfg.ca_file {
-        let certs =
-            load_ca_file(path).map_err(|why| format!("ca_file {}: {why}", path.display()))?;
-        let (_, ignored) = roots.add_parsable_certificates(certs);
-        if ignored > 0 {
-            return Err(format!(
-                "ca_file {}: {ignored} certificate(s) are not valid CA certificates",
-                path.display()
-            ));
-        }
-    }
-    if roots.is_empty() {
-        return Err(
-            "tls = true but no CA certificate to trust: the system store is empty; set ca_file"
-                .into(),
-        );
-    }
-    let config = rustls::ClientConfig::builder_with_provider(crate::ingest::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 /// rskafka's SASL config; the password is read now (from the config or its variable).

@@ -171,21 +171,6 @@ pub fn expand(template: &str, r: &Record, dots_for_slashes: bool) -> String {
     out
 }
 
-/// MQTT topic filter matching (`+` one level, `#` the rest).
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    let mut t = topic.split('/');
-    for f in filter.split('/') {
-        if f == "#" {
-            return true;
-        }
-        match t.next() {
-            Some(level) if f == "+" || f == level => {}
-            _ => return false,
-        }
-    }
-    t.next().is_none()
-}
-
 /// The routes, as the forwarders ask them.
 ///
 /// After a reload, a record is routed by the routes in force when it was received: each version
@@ -236,14 +221,16 @@ impl Routes {
 impl<'a> RouteSet<'a> {
     /// The first route sending `topic` to `uplink`, if any.
     pub fn for_uplink(self, uplink: &str, topic: &str) -> Option<&'a RouteConfig> {
-        self.0
-            .iter()
-            .find(|r| r.uplinks.iter().any(|u| u == uplink) && topic_matches(&r.filter, topic))
+        self.0.iter().find(|r| {
+            r.uplinks.iter().any(|u| u == uplink) && crate::topic::matches(&r.filter, topic)
+        })
     }
 
     /// Whether any route takes `topic`.
     pub fn any(self, topic: &str) -> bool {
-        self.0.iter().any(|r| topic_matches(&r.filter, topic))
+        self.0
+            .iter()
+            .any(|r| crate::topic::matches(&r.filter, topic))
     }
 }
 
@@ -327,14 +314,5 @@ mod tests {
             "t.telemetry.dev-1.alice"
         );
         assert_eq!(expand("{topic[9]}x", &r, true), "x");
-    }
-
-    #[test]
-    fn filters_match_like_mqtt() {
-        assert!(topic_matches("devices/#", "devices/a/b"));
-        assert!(topic_matches("devices/#", "devices"));
-        assert!(topic_matches("devices/+/t", "devices/a/t"));
-        assert!(!topic_matches("devices/+/t", "devices/a/b/t"));
-        assert!(!topic_matches("a/b", "a/b/c"));
     }
 }

@@ -167,7 +167,7 @@ pub fn client_tls(certs: &std::path::Path, device: Option<&str>) -> Arc<rustls::
     for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let b = rustls::ClientConfig::builder_with_provider(gateway::ingest::tls::provider())
+    let b = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
@@ -210,7 +210,7 @@ pub fn client_tls_pem(
         .collect();
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(gateway::ingest::tls::provider())
+        rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)

@@ -49,7 +49,7 @@ impl TlsProxy {
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(gateway::ingest::tls::provider())
+        let config = rustls::ServerConfig::builder_with_provider(gateway::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()

@@ -1,6 +1,7 @@
-//! The rustls server configuration, built once per listener at start (and again on reload),
-//! never per connection. The `ring` provider: pure Rust plus assembly, no C toolchain or cmake
-//! needed to cross-compile for ARM edge boards.
+//! rustls set-up for the whole gateway: the server configuration of each MQTT listener (built
+//! once at start and again on reload, never per connection) and the client configuration of
+//! uplinks that speak TLS. One crypto provider everywhere, `ring`: pure Rust plus assembly, no C
+//! toolchain or cmake needed to cross-compile for ARM edge boards.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,4 +79,36 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     // Many small messages per connection: tickets make device reconnects cheap.
     cfg.send_tls13_tickets = 2;
     Ok(Arc::new(cfg))
+}
+
+/// A rustls client config that trusts the system's CA store plus `ca_file` (PEM), if set: for
+/// uplinks with TLS. The error says what is wrong in words an operator can act on.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    // A system store that cannot be read is not fatal when `ca_file` names the broker's CA.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let certs = crate::config::load_ca_file(path)
+            .map_err(|why| format!("ca_file {}: {why}", path.display()))?;
+        let (_, ignored) = roots.add_parsable_certificates(certs);
+        if ignored > 0 {
+            return Err(format!(
+                "ca_file {}: {ignored} certificate(s) are not valid CA certificates",
+                path.display()
+            ));
+        }
+    }
+    if roots.is_empty() {
+        return Err(
+            "TLS is on but there is no CA certificate to trust: the system store is empty; set ca_file"
+                .into(),
+        );
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
