@@ -30,8 +30,14 @@
 //! metadata every few seconds); the promise has to hold on the strict one.
 //!
 //! Cut modes ([`Cut`]): `Drop` keeps exactly the durable state; `Torn` also keeps a random
-//! prefix of one file's pending changes, the last kept write cut at a random byte (a write that
-//! reached the disk in part).
+//! prefix of the pending changes of the file written last (the write in flight when the power
+//! went), the last kept write cut at a random byte (a write that reached the disk in part).
+//!
+//! A cut at a random moment mostly finds the processes between operations. To cut in the
+//! middle of one (between a write and its fsync, a rename and the directory sync),
+//! [`PowerCutFs::fail_after`] lets the power fail right after the n-th change from now: from
+//! then on every change and every sync fails with EIO (a dead disk), so nothing the process
+//! does afterwards can be reported to it as durable; the test then kills it and cuts.
 //!
 //! # Faithfulness
 //!
@@ -131,6 +137,18 @@ impl PowerCutFs {
                     .unwrap_or_else(|| "the backing directory is out of date".into()),
             )
         })
+    }
+
+    /// Lets the power fail right after `changes` more changes (writes, truncates, fallocates,
+    /// creates, mkdirs, links, unlinks, rmdirs, renames, fsyncs) have succeeded: from then on
+    /// every change and sync fails with EIO until [`PowerCutFs::cut`]. 0: at once.
+    pub fn fail_after(&self, changes: u64) {
+        self.model().fail_after(changes);
+    }
+
+    /// Whether the power has failed ([`PowerCutFs::fail_after`]) and the cut is due.
+    pub fn has_failed(&self) -> bool {
+        self.model().failed
     }
 
     /// Checks that the backing directory holds exactly the durable state: the first difference.

@@ -110,6 +110,9 @@ pub(crate) struct FileBody {
     pub(crate) durable: Vec<u8>,
     /// What turns `durable` into `live`, oldest first; emptied by fsync/fdatasync of the file.
     pub(crate) pending: Vec<Op>,
+    /// When it was last changed (the model's change counter): a torn cut tears the file
+    /// written last.
+    pub(crate) changed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -179,9 +182,9 @@ impl Node {
 pub enum Cut {
     /// Everything pending is lost: the state is exactly the durable one.
     Drop,
-    /// As `Drop`, except that one file with pending writes (picked at random from the seed)
-    /// keeps a random prefix of them, the last kept write itself cut at a random byte: a write
-    /// that reached the disk in part.
+    /// As `Drop`, except that the file written last (the write in flight when the power went)
+    /// keeps a random prefix of its pending changes, the last kept write itself cut at a random
+    /// byte: writes that reached the disk in part.
     Torn { seed: u64 },
 }
 
@@ -248,6 +251,12 @@ pub(crate) type Result<T> = std::result::Result<T, Errno>;
 pub(crate) struct Model {
     pub(crate) nodes: HashMap<u64, Node>,
     next_ino: u64,
+    /// Counts changes to file bytes, to know which file was written last.
+    changes: u64,
+    /// `Some(n)`: the power fails after `n` more changes (see [`Model::fail_after`]).
+    armed: Option<u64>,
+    /// The power has failed: every change and sync fails with EIO until the cut.
+    pub(crate) failed: bool,
     backing: PathBuf,
     /// The first failure to update the backing directory: the test's premise is broken, so
     /// every sync fails from then on and the owner can say why.
@@ -260,6 +269,9 @@ impl Model {
         let mut m = Model {
             nodes: HashMap::new(),
             next_ino: ROOT + 1,
+            changes: 0,
+            armed: None,
+            failed: false,
             backing: backing.to_path_buf(),
             backing_error: None,
         };
@@ -301,6 +313,7 @@ impl Model {
                     live: bytes.clone(),
                     durable: bytes,
                     pending: Vec::new(),
+                    changed: 0,
                 };
                 self.nodes
                     .insert(child, Node::new(Body::File(body), 0o644, uid, gid));
@@ -326,6 +339,39 @@ impl Model {
         let ino = self.next_ino;
         self.next_ino += 1;
         ino
+    }
+
+    /// Arms the power failure: it happens right after `changes` more changes (writes,
+    /// truncates, fallocates, creates, mkdirs, links, unlinks, rmdirs, renames, syncs) have
+    /// succeeded. From then on the disk is dead: every change and sync fails with EIO, so the
+    /// process cannot be told that anything after that moment is durable; reads still work.
+    /// The cut ([`Model::cut`]) restores the power.
+    pub(crate) fn fail_after(&mut self, changes: u64) {
+        if changes == 0 {
+            self.failed = true;
+        } else {
+            self.armed = Some(changes);
+        }
+    }
+
+    /// Refuses every change once the power has failed.
+    fn gate(&self) -> Result<()> {
+        if self.failed {
+            Err(Errno::EIO)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts one change that succeeded towards an armed power failure.
+    fn tick(&mut self) {
+        if let Some(n) = self.armed.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                self.armed = None;
+                self.failed = true;
+            }
+        }
     }
 
     pub(crate) fn node(&self, ino: u64) -> Result<&Node> {
@@ -401,6 +447,7 @@ impl Model {
     }
 
     fn insert_entry(&mut self, parent: u64, name: &OsStr, node: Node) -> Result<u64> {
+        self.gate()?;
         if self.dir(parent)?.live.contains_key(name) {
             return Err(Errno::EEXIST);
         }
@@ -411,6 +458,7 @@ impl Model {
         if let Body::Dir(d) = &mut p.body {
             d.live.insert(name.to_os_string(), ino);
         }
+        self.tick();
         Ok(ino)
     }
 
@@ -442,6 +490,7 @@ impl Model {
     }
 
     pub(crate) fn link(&mut self, ino: u64, parent: u64, name: &OsStr) -> Result<()> {
+        self.gate()?;
         if self.node(ino)?.is_dir() {
             return Err(Errno::EPERM);
         }
@@ -451,10 +500,12 @@ impl Model {
         self.dir_mut(parent)?.live.insert(name.to_os_string(), ino);
         self.node_mut(parent)?.touch();
         self.node_mut(ino)?.ctime = SystemTime::now();
+        self.tick();
         Ok(())
     }
 
     pub(crate) fn unlink(&mut self, parent: u64, name: &OsStr) -> Result<()> {
+        self.gate()?;
         let ino = self.lookup(parent, name)?;
         if self.node(ino)?.is_dir() {
             return Err(Errno::EISDIR);
@@ -462,10 +513,12 @@ impl Model {
         self.dir_mut(parent)?.live.remove(name);
         self.node_mut(parent)?.touch();
         self.reclaim();
+        self.tick();
         Ok(())
     }
 
     pub(crate) fn rmdir(&mut self, parent: u64, name: &OsStr) -> Result<()> {
+        self.gate()?;
         let ino = self.lookup(parent, name)?;
         if !self.dir(ino)?.live.is_empty() {
             return Err(Errno::ENOTEMPTY);
@@ -473,6 +526,7 @@ impl Model {
         self.dir_mut(parent)?.live.remove(name);
         self.node_mut(parent)?.touch();
         self.reclaim();
+        self.tick();
         Ok(())
     }
 
@@ -485,6 +539,7 @@ impl Model {
         newname: &OsStr,
         noreplace: bool,
     ) -> Result<()> {
+        self.gate()?;
         let ino = self.lookup(parent, name)?;
         self.dir(newparent)?;
         let moving_dir = self.node(ino)?.is_dir();
@@ -526,6 +581,7 @@ impl Model {
         self.node_mut(newparent)?.touch();
         self.node_mut(ino)?.ctime = SystemTime::now();
         self.reclaim();
+        self.tick();
         Ok(())
     }
 
@@ -552,10 +608,15 @@ impl Model {
 
     /// Applies `op` to the live bytes and keeps it pending.
     fn change(&mut self, ino: u64, op: Op) -> Result<()> {
+        self.gate()?;
+        self.changes += 1;
+        let changed = self.changes;
         let f = self.file_mut(ino)?;
         op.apply(&mut f.live);
         f.pending.push(op);
+        f.changed = changed;
         self.node_mut(ino)?.touch();
+        self.tick();
         Ok(())
     }
 
@@ -619,10 +680,11 @@ impl Model {
     /// file wherever the file has a durable name). Its name does not: that takes an fsync of
     /// the directory.
     pub(crate) fn fsync(&mut self, ino: u64) -> Result<()> {
-        self.backing_ok()?;
         if self.node(ino)?.is_dir() {
             return self.fsyncdir(ino);
         }
+        self.gate()?;
+        self.backing_ok()?;
         let paths = self.durable_paths(ino);
         let f = self.file_mut(ino)?;
         let ops = std::mem::take(&mut f.pending);
@@ -634,12 +696,15 @@ impl Model {
             let file = OpenOptions::new().write(true).open(p)?;
             ops.iter().try_for_each(|op| op.apply_to(&file))
         });
-        self.note_backing(mirrored)
+        self.note_backing(mirrored)?;
+        self.tick();
+        Ok(())
     }
 
     /// fsync of a directory: its live entries become its durable ones (creates, unlinks and
     /// renames in it survive a cut from now on).
     pub(crate) fn fsyncdir(&mut self, ino: u64) -> Result<()> {
+        self.gate()?;
         self.backing_ok()?;
         let paths = self.durable_paths(ino);
         let d = self.dir_mut(ino)?;
@@ -660,6 +725,9 @@ impl Model {
         });
         let r = self.note_backing(mirrored);
         self.reclaim();
+        if r.is_ok() {
+            self.tick();
+        }
         r
     }
 
@@ -800,6 +868,8 @@ impl Model {
         if let Cut::Torn { seed } = how {
             report.torn = self.tear_one(seed)?;
         }
+        self.armed = None;
+        self.failed = false;
         for n in self.nodes.values_mut() {
             match &mut n.body {
                 Body::File(f) => {
@@ -835,21 +905,21 @@ impl Model {
         Ok(report)
     }
 
-    /// `Torn` mode: makes a random prefix of one file's pending changes durable, the last kept
-    /// write cut at a random byte.
+    /// `Torn` mode: makes a random prefix of the pending changes of the file written last
+    /// durable, the last kept write cut at a random byte.
     fn tear_one(&mut self, seed: u64) -> Result<Option<TornWrite>> {
         let mut rng = SplitMix::new(seed);
-        let mut candidates: Vec<u64> = self
+        let last = self
             .nodes
             .iter()
-            .filter(|(_, n)| matches!(&n.body, Body::File(f) if !f.pending.is_empty()))
-            .map(|(&i, _)| i)
-            .collect();
-        candidates.sort_unstable();
-        if candidates.is_empty() {
+            .filter_map(|(&i, n)| match &n.body {
+                Body::File(f) if !f.pending.is_empty() => Some((f.changed, i)),
+                _ => None,
+            })
+            .max();
+        let Some((_, ino)) = last else {
             return Ok(None);
-        }
-        let ino = candidates[rng.up_to(candidates.len() - 1)];
+        };
         let path = self.live_path(ino).unwrap_or_default();
         let paths = self.durable_paths(ino);
         let f = self.file_mut(ino)?;
@@ -1217,22 +1287,55 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_cut_tears_only_one_file() {
-        let (_dir, mut m) = model();
-        let a = durable_file(&mut m, ROOT, "a", b"");
-        let b = durable_file(&mut m, ROOT, "b", b"");
-        m.write(a, 0, b"AAAA").unwrap();
-        m.write(b, 0, b"BBBB").unwrap();
-        let r = m.cut(Cut::Torn { seed: 7 }).unwrap();
-        let torn = r.torn.unwrap().path;
-        let (kept, other) = if torn == Path::new("a") {
-            (a, b)
-        } else {
-            (b, a)
-        };
-        assert!(live(&m, other).is_empty());
-        assert!(live(&m, kept).len() <= 4);
-        assert_eq!(m.pending(), Pending::default());
+    fn a_torn_cut_tears_only_the_file_written_last() {
+        for seed in 0..20 {
+            let (_dir, mut m) = model();
+            let a = durable_file(&mut m, ROOT, "a", b"");
+            let b = durable_file(&mut m, ROOT, "b", b"");
+            m.write(b, 0, b"BBBB").unwrap();
+            m.write(a, 0, b"AAAA").unwrap();
+            m.write(a, 4, b"AAAA").unwrap();
+            let r = m.cut(Cut::Torn { seed }).unwrap();
+            assert_eq!(r.torn.unwrap().path, Path::new("a"));
+            assert!(live(&m, b).is_empty());
+            assert!(b"AAAAAAAA".starts_with(&live(&m, a)));
+            assert_eq!(m.pending(), Pending::default());
+        }
+    }
+
+    #[test]
+    fn a_failed_power_refuses_every_change_until_the_cut() {
+        let (dir, mut m) = model();
+        let f = durable_file(&mut m, ROOT, "f", b"");
+        m.fail_after(2);
+        m.write(f, 0, b"one").unwrap();
+        m.write(f, 3, b"two").unwrap();
+        // The power is gone: nothing after the second write is taken, least of all a sync.
+        assert_eq!(m.fsync(f), Err(Errno::EIO));
+        assert_eq!(m.write(f, 6, b"x"), Err(Errno::EIO));
+        assert_eq!(
+            m.create(ROOT, name("g"), 0o644, 0, 0),
+            Err(Errno::EIO),
+            "namespace changes too"
+        );
+        assert_eq!(m.read(f, 0, 10).unwrap(), b"onetwo", "reads still work");
+        assert!(m.failed);
+        let r = m.cut(Cut::Torn { seed: 3 }).unwrap();
+        assert_eq!(r.torn.unwrap().ops, 2);
+        assert!(b"onetwo".starts_with(&live(&m, f)));
+        // Power is back.
+        m.write(f, 0, b"again").unwrap();
+        m.fsync(f).unwrap();
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"again");
+
+        // A sync can be the last thing the disk did: then it counts.
+        m.fail_after(2);
+        m.write(f, 0, b"AGAIN").unwrap();
+        m.fsync(f).unwrap();
+        assert!(m.failed);
+        m.cut(Cut::Drop).unwrap();
+        assert_eq!(live(&m, f), b"AGAIN");
+        m.check_backing().unwrap();
     }
 
     #[test]

@@ -190,6 +190,29 @@ fn a_torn_cut_keeps_a_prefix_of_the_pending_writes() {
 }
 
 #[test]
+fn after_a_power_failure_at_an_operation_nothing_more_is_durable() {
+    let Some(m) = mount("power failure at an operation") else {
+        return;
+    };
+    let p = durable_file(&m.mnt, "f", b"");
+    m.fs.fail_after(1);
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(b"the last write the disk saw", 0).unwrap();
+    assert!(m.fs.has_failed());
+    let err = f.sync_data().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    assert!(f.write_all_at(b"more", 0).is_err());
+    assert!(File::create(m.mnt.join("g")).is_err());
+    drop(f);
+    let r = m.cut(Cut::Torn { seed: 1 });
+    let kept = fs::read(&p).unwrap();
+    assert!(b"the last write the disk saw".starts_with(&kept), "{r:?}");
+    // The power is back.
+    durable_file(&m.mnt, "g", b"new");
+    assert!(!m.fs.has_failed());
+}
+
+#[test]
 fn flock_works_on_the_mount() {
     // The queue's LOCK file: a second holder is refused while the first lives.
     let Some(m) = mount("flock") else {

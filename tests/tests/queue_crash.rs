@@ -1,6 +1,7 @@
 //! Kill -9 at random moments: every record the appender reported durable is in the queue after
 //! recovery, exactly once and in order. Trials share one data directory, so each open also
-//! recovers from all the crashes before it.
+//! recovers from all the crashes before it. The same again with a power cut after each kill: the
+//! data directory on the power-cut file system (`powercut-fs`), everything not synced dropped.
 //!
 //! `QUEUE_CRASH_TRIALS` sets the number of trials (default 20), `QUEUE_CRASH_SEED` the seed of the
 //! kill delays.
@@ -13,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gateway::queue::{FsyncPolicy, Queue, QueueOptions, Record};
+use powercut_fs::{Cut, PowerCutFs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -90,11 +92,45 @@ fn read_everything(q: &Queue, cursor: &str) -> Vec<Record> {
 
 #[test]
 fn every_record_reported_durable_survives_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    crash_trials("SIGKILL", &tmp.path().join("queue"), |_| {});
+}
+
+#[test]
+fn every_record_reported_durable_survives_a_power_cut() {
+    if let Some(why) = powercut_fs::unavailable() {
+        eprintln!("SKIPPED power cut: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (mnt, backing) = (tmp.path().join("mnt"), tmp.path().join("backing"));
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::create_dir(&backing).unwrap();
+    let fs = PowerCutFs::mount(&backing, &mnt).unwrap();
+    // The data directory does not exist yet: the queue creates it, and must make it durable.
+    crash_trials("power cut", &mnt.join("queue"), |trial| {
+        // Every third cut also keeps a torn prefix of one file's pending writes.
+        let how = if trial % 3 == 2 {
+            Cut::Torn {
+                seed: u64::from(trial),
+            }
+        } else {
+            Cut::Drop
+        };
+        let r = fs.cut(how).unwrap();
+        fs.check_backing().unwrap();
+        eprintln!("trial {trial}: the cut dropped {r:?}");
+    });
+    fs.unmount().unwrap();
+}
+
+/// Runs the appender on `dir`, kills it at a random moment, calls `after_kill` (the appender is
+/// reaped), and checks the queue; `QUEUE_CRASH_TRIALS` times.
+fn crash_trials(crash: &str, dir: &Path, mut after_kill: impl FnMut(u32)) {
     let trials: u32 = env_or("QUEUE_CRASH_TRIALS", 20);
     let seed: u64 = env_or("QUEUE_CRASH_SEED", 0xc4a5_8e11);
     let mut rng = StdRng::seed_from_u64(seed);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("queue");
+    let dir = dir.to_path_buf();
     // Everything reported in any trial so far: it must stay in the queue (no cursor confirms it).
     let mut reported: BTreeMap<u64, String> = BTreeMap::new();
     let mut truncated_total = 0;
@@ -102,7 +138,8 @@ fn every_record_reported_durable_survives_sigkill() {
     for trial in 0..trials {
         let run_for = Duration::from_millis(rng.gen_range(50..=400));
         let now = run_and_kill(&dir, trial, run_for);
-        let ctx = format!("trial {trial} (seed {seed:#x}, killed after {run_for:?})");
+        after_kill(trial);
+        let ctx = format!("{crash} trial {trial} (seed {seed:#x}, killed after {run_for:?})");
         for (seq, id) in &now {
             assert!(
                 reported.insert(*seq, id.clone()).is_none(),
@@ -172,7 +209,7 @@ fn every_record_reported_durable_survives_sigkill() {
         reported.len()
     );
     eprintln!(
-        "{trials} trials: {} records reported durable, all present; {truncated_total} bytes of torn tails cut",
+        "{crash}, {trials} trials: {} records reported durable, all present; {truncated_total} bytes of torn tails cut",
         reported.len()
     );
 }

@@ -390,6 +390,31 @@ impl State {
     }
 }
 
+/// Creates `dir` (and its missing parents) so that a power cut cannot take it away: a new
+/// directory's name is durable only once the directory holding it is synced, so the parent of
+/// every directory created here is synced. The parent of an existing `dir` is synced too (a run
+/// killed between creating and syncing it left it named but not durable), where that is allowed.
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        if let Err(error) = segment::sync_dir(parent) {
+            tracing::warn!(dir = %parent.display(), %error, "could not sync the directory holding the queue's directory (if that was created just now, a power cut may lose it)");
+        }
+        return Ok(());
+    }
+    if !parent.is_dir() {
+        create_dir_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    segment::sync_dir(parent)
+}
+
 /// The writer's probe for space after a batch failed on a full disk: written, synced and
 /// removed at once, on the segments' filesystem; not a segment name, so never read as one.
 pub(crate) fn probe_path(dir: &Path) -> PathBuf {
@@ -719,7 +744,7 @@ impl Queue {
         let dir = opts.data_dir.clone();
         for sub in ["", "segments", "cursors", "quarantine"] {
             let p = dir.join(sub);
-            fs::create_dir_all(&p).map_err(|e| QueueError::io("create directory", &p, e))?;
+            create_dir_durable(&p).map_err(|e| QueueError::io("create directory", &p, e))?;
         }
         let lock = lock::DirLock::acquire(&dir)?;
         // A probe file a crash left behind (it only exists while the writer probes).
