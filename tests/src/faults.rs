@@ -248,17 +248,59 @@ pub struct TapStats {
     pub ran_for: Duration,
 }
 
+/// A device's reading: (device id, the device's sequence number).
+pub type ReadingId = (String, u64);
+
+/// What a tap started with [`Tap::start_recording_seqs`] keeps: the reading that each gateway
+/// sequence number (the `gateway_seq` header) carried.
+#[derive(Debug, Default)]
+pub struct SeqLog {
+    pub readings: HashMap<u64, ReadingId>,
+    /// Sequence numbers that arrived carrying two different readings: the gateway reused one.
+    pub reused: Vec<(u64, ReadingId, ReadingId)>,
+}
+
+impl SeqLog {
+    fn record(&mut self, seq: u64, reading: ReadingId) {
+        match self.readings.get(&seq) {
+            Some(first) if *first != reading => self.reused.push((seq, first.clone(), reading)),
+            Some(_) => {}
+            None => {
+                self.readings.insert(seq, reading);
+            }
+        }
+    }
+}
+
+/// The `gateway_seq` header of an upstream message.
+fn gateway_seq(p: &lapin::BasicProperties) -> Option<u64> {
+    match p.headers().as_ref()?.inner().get("gateway_seq")? {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
 /// A live consumer of the tap queue: measures end-to-end latency while the scenario runs (the
 /// verifier runs after the fleet, when latency no longer means anything).
 pub struct Tap {
     started: Instant,
     stats: Arc<Mutex<TapStats>>,
+    seqs: Option<Arc<Mutex<SeqLog>>>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Tap {
     pub async fn start(queue: &str) -> Tap {
+        Tap::start_with(queue, None).await
+    }
+
+    /// A tap that also keeps the reading of every gateway sequence number ([`Tap::seqs`]).
+    pub async fn start_recording_seqs(queue: &str) -> Tap {
+        Tap::start_with(queue, Some(Arc::default())).await
+    }
+
+    async fn start_with(queue: &str, seqs: Option<Arc<Mutex<SeqLog>>>) -> Tap {
         let conn = Connection::connect(RABBIT_URL, ConnectionProperties::default())
             .await
             .expect("tap: connect to RabbitMQ");
@@ -277,7 +319,7 @@ impl Tap {
             .expect("tap: consume");
         let stats = Arc::new(Mutex::new(TapStats::default()));
         let stop = CancellationToken::new();
-        let (s, st) = (stats.clone(), stop.clone());
+        let (s, st, log) = (stats.clone(), stop.clone(), seqs.clone());
         let task = tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
@@ -286,18 +328,24 @@ impl Tap {
                 };
                 let Some(Ok(d)) = next else { break };
                 let arrived = now_ms();
+                let reading = firmware_sim::payload::decode(&d.data);
                 {
                     let mut t = s.lock().unwrap_or_else(|e| e.into_inner());
                     t.received += 1;
-                    match firmware_sim::payload::decode(&d.data) {
+                    match &reading {
                         Ok(r) => {
                             t.max_latency_ms = t
                                 .max_latency_ms
                                 .max(arrived.saturating_sub(r.sample_time_ms));
-                            *t.by_device.entry(r.device_id).or_default() += 1;
+                            *t.by_device.entry(r.device_id.clone()).or_default() += 1;
                         }
                         Err(_) => t.undecodable += 1,
                     }
+                }
+                if let (Some(log), Some(seq), Ok(r)) = (&log, gateway_seq(&d.properties), reading) {
+                    log.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(seq, (r.device_id, r.seq));
                 }
                 let _ = d.acker.ack(BasicAckOptions::default()).await;
             }
@@ -307,9 +355,19 @@ impl Tap {
         Tap {
             started: Instant::now(),
             stats,
+            seqs,
             stop,
             task,
         }
+    }
+
+    /// Reads the sequence-number log of a tap started with [`Tap::start_recording_seqs`].
+    pub fn seqs<R>(&self, f: impl FnOnce(&SeqLog) -> R) -> R {
+        let log = self
+            .seqs
+            .as_ref()
+            .expect("a tap started with start_recording_seqs");
+        f(&log.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn stats(&self) -> TapStats {
@@ -510,9 +568,10 @@ uplinks = ["{UPLINK}"]
             .join("\n")
     }
 
-    /// Starts the gateway and waits until it listens for devices; returns how long that took
-    /// (queue recovery included). Panics, with the log, when it exits or does not listen.
-    pub async fn start(&mut self) -> Duration {
+    /// Starts the gateway process and returns at once, with the moment it was started (a test
+    /// that kills it during its start-up, while the queue recovers). [`Gateway::start`] also
+    /// waits until it listens.
+    pub fn spawn(&mut self) -> Instant {
         assert!(self.child.is_none(), "the gateway is already running");
         self.starts += 1;
         let log = File::create(self.log_path(self.starts)).expect("create the gateway log");
@@ -531,6 +590,13 @@ uplinks = ["{UPLINK}"]
             .spawn()
             .expect("start the gateway");
         self.child = Some(child);
+        t
+    }
+
+    /// Starts the gateway and waits until it listens for devices; returns how long that took
+    /// (queue recovery included). Panics, with the log, when it exits or does not listen.
+    pub async fn start(&mut self) -> Duration {
+        let t = self.spawn();
         loop {
             if let Some(status) = self
                 .child
@@ -617,6 +683,20 @@ uplinks = ["{UPLINK}"]
         {
             Ok(d) => d,
             Err(e) => panic!("{e}: through seq {seq}, cursor {:?}", self.cursor()),
+        }
+    }
+
+    /// Waits until the uplink has confirmed everything in the queue and nothing more comes in.
+    pub async fn drained(&self) {
+        let t = Instant::now();
+        loop {
+            let last = self.last_seq();
+            self.wait_forwarded(last, Duration::from_secs(120)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if self.last_seq() == last {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(180), "never drained");
         }
     }
 

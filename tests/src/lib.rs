@@ -1,7 +1,9 @@
 //! Helpers shared by the cross-process tests: locating (and if needed building) the workspace's
-//! binaries, and free loopback ports.
+//! binaries, free loopback ports, the fault suite's scaffolding ([`faults`]) and the power-cut
+//! rig ([`power_cut`]).
 
 pub mod faults;
+pub mod power_cut;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

@@ -1,0 +1,135 @@
+//! The power-cut rig (issue 17): the real gateway with its `data_dir` on the power-cut file
+//! system (`powercut-fs`), cut at moments the test picks and restarted on what is left.
+//!
+//! ```text
+//! devices --mTLS--> gateway --data_dir--> <mount>/data   powercut-fs: live | durable --> backing/
+//!                      |                                  cut = SIGKILL + reap + drop what is pending
+//!                      +--uplink--> RabbitMQ
+//! ```
+//!
+//! The rig knows nothing of what the gateway stores: a test brings the load that gets
+//! acknowledgements (PUBACKs, confirms) and, for each storage under `data_dir`, a check of what a
+//! cut left, run between [`PowerCutRig::cut`] and the next start. `tests/power_cut.rs` checks the
+//! queue and the uplink's cursor; the session and retained-message storage would be one more
+//! check of its own folder, fed by subscribers instead of publishers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use powercut_fs::{Cut, CutReport, PowerCutFs};
+
+use crate::faults::{Gateway, GatewaySpec, Rng};
+
+/// What the cuts of a run threw away, added up.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CutTotals {
+    pub cuts: u64,
+    /// Cuts where the power failed at a chosen change ([`PowerCutRig::cut_after_changes`]).
+    pub at_change: u64,
+    /// Cuts that kept part of one file's pending writes.
+    pub torn: u64,
+    /// Pending changes to file bytes lost (writes, truncates, fallocates), and their bytes.
+    pub ops: u64,
+    pub bytes: u64,
+    /// Directories whose unsynced entries (creates, renames, unlinks) were lost.
+    pub dirs: u64,
+}
+
+/// The gateway on a power-cut file system. Dropping it kills the gateway, then unmounts.
+pub struct PowerCutRig {
+    /// Declared first: dropped (killed) before the file system it uses is unmounted.
+    pub gw: Gateway,
+    fs: PowerCutFs,
+    mount: tempfile::TempDir,
+    pub totals: CutTotals,
+}
+
+impl PowerCutRig {
+    /// Mounts the file system and writes the gateway's config with `data_dir` on it (the
+    /// gateway is not started). `None`, after saying why, where FUSE cannot be mounted.
+    pub fn new(mut spec: GatewaySpec, test: &str) -> Option<PowerCutRig> {
+        if let Some(why) = powercut_fs::unavailable() {
+            eprintln!("SKIPPED {test}: {why}");
+            return None;
+        }
+        let mount = tempfile::tempdir().expect("a temporary directory");
+        let (mnt, backing) = (mount.path().join("mnt"), mount.path().join("backing"));
+        for d in [&mnt, &backing] {
+            std::fs::create_dir(d).expect("create the mount and backing directories");
+        }
+        let fs = PowerCutFs::mount(&backing, &mnt).expect("mount the power-cut file system");
+        // Below the mount's root, so that the gateway creates it (and has to make it durable).
+        spec.data_dir = Some(mnt.join("data"));
+        let gw = Gateway::new(spec);
+        Some(PowerCutRig {
+            gw,
+            fs,
+            mount,
+            totals: CutTotals::default(),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.gw.data_dir
+    }
+
+    /// What the disk holds after the last cut (the backing directory).
+    pub fn backing_dir(&self) -> PathBuf {
+        self.mount.path().join("backing")
+    }
+
+    /// The power cut: SIGKILL the gateway, reap it, drop the pending layer. Then checks that
+    /// the backing directory holds exactly the durable state.
+    pub fn cut(&mut self, how: Cut) -> CutReport {
+        self.gw.kill();
+        let r = self.fs.cut(how).expect("the power cut");
+        if let Err(e) = self.fs.check_backing() {
+            panic!("after the cut the backing directory is not the durable state: {e}");
+        }
+        let t = &mut self.totals;
+        t.cuts += 1;
+        t.torn += u64::from(r.torn.is_some());
+        t.ops += r.ops as u64;
+        t.bytes += r.bytes;
+        t.dirs += r.dirs as u64;
+        r
+    }
+
+    /// The power fails in the middle of what the gateway is doing: right after `changes` more
+    /// changes to the file system (writes, syncs, creates, renames, ...; after that every change
+    /// and sync fails with EIO). Waits for that (at most `wait`: an idle gateway may make fewer
+    /// changes), then cuts as [`PowerCutRig::cut`]. Returns whether the failure came first.
+    pub async fn cut_after_changes(
+        &mut self,
+        changes: u64,
+        how: Cut,
+        wait: Duration,
+    ) -> (CutReport, bool) {
+        self.fs.fail_after(changes);
+        let failed = crate::faults::wait_until(wait, "the power failure", || self.fs.has_failed())
+            .await
+            .is_ok();
+        self.totals.at_change += u64::from(failed);
+        (self.cut(how), failed)
+    }
+
+    /// Stops the gateway (SIGTERM) if it runs, and unmounts.
+    pub async fn finish(mut self) {
+        self.gw.stop(Duration::from_secs(30)).await;
+        let PowerCutRig { gw, fs, mount, .. } = self;
+        drop(gw);
+        fs.unmount().expect("unmount the power-cut file system");
+        drop(mount);
+    }
+}
+
+/// A cut of either kind: one in three keeps a torn prefix of one file's pending writes.
+pub fn random_cut(rng: &mut Rng) -> Cut {
+    if rng.range(0, 3) == 0 {
+        Cut::Torn {
+            seed: rng.next_u64(),
+        }
+    } else {
+        Cut::Drop
+    }
+}
