@@ -8,10 +8,10 @@
 //! ```
 //!
 //! The rig knows nothing of what the gateway stores: a test brings the load that gets
-//! acknowledgements (PUBACKs, confirms) and, for each storage under `data_dir`, a check of what a
-//! cut left, run between [`PowerCutRig::cut`] and the next start. `tests/power_cut.rs` checks the
-//! queue and the uplink's cursor; the session and retained-message storage would be one more
-//! check of its own folder, fed by subscribers instead of publishers.
+//! acknowledgements (PUBACKs, confirms) and a check of what each cut left under `data_dir`, run
+//! by [`PowerCutRig::trials`] after every cut, before the next start. `tests/power_cut.rs` checks
+//! the queue and the uplink's cursor; the session and retained-message storage would add a check
+//! of its own folder (and subscribers to its load), nothing here.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,7 +33,13 @@ pub struct CutTotals {
     pub bytes: u64,
     /// Directories whose unsynced entries (creates, renames, unlinks) were lost.
     pub dirs: u64,
+    /// The file each torn cut tore.
+    pub torn_files: Vec<PathBuf>,
 }
+
+/// How long a trial waits for the gateway to make the changes after which the power fails
+/// (under load it makes hundreds a second).
+const CHANGE_WAIT: Duration = Duration::from_secs(10);
 
 /// The gateway on a power-cut file system. Dropping it kills the gateway, then unmounts.
 pub struct PowerCutRig {
@@ -89,6 +95,7 @@ impl PowerCutRig {
         let t = &mut self.totals;
         t.cuts += 1;
         t.torn += u64::from(r.torn.is_some());
+        t.torn_files.extend(r.torn.as_ref().map(|w| w.path.clone()));
         t.ops += r.ops as u64;
         t.bytes += r.bytes;
         t.dirs += r.dirs as u64;
@@ -111,6 +118,43 @@ impl PowerCutRig {
             .is_ok();
         self.totals.at_change += u64::from(failed);
         (self.cut(how), failed)
+    }
+
+    /// `n` power cuts, each followed by `check(data_dir, context)` on what it left (the gateway is
+    /// dead then): every trial starts the gateway and cuts it, and the gateway is left stopped.
+    ///
+    /// - 1 trial in 10: during start-up (the queue's recovery, its new files, the uplink
+    ///   opening), right after 1-60 changes to the file system;
+    /// - of the others, half at a random moment 50-1000 ms after the gateway listens, half 50-1000
+    ///   ms after it listens and then right after 1-200 more changes: in the middle of an
+    ///   operation (between a write and its sync, a rename and the directory sync, a cursor slot
+    ///   and its sync);
+    /// - 1 cut in 3 torn ([`random_cut`]).
+    pub async fn trials(
+        &mut self,
+        n: usize,
+        rng: &mut Rng,
+        mut check: impl AsyncFnMut(&Path, &str),
+    ) {
+        for trial in 0..n {
+            let how = random_cut(rng);
+            if trial % 10 == 9 {
+                self.gw.spawn();
+                let changes = rng.range(1, 60);
+                self.cut_after_changes(changes, how, CHANGE_WAIT).await;
+            } else {
+                self.gw.start().await;
+                tokio::time::sleep(rng.millis(50, 1000)).await;
+                if trial % 2 == 0 {
+                    let changes = rng.range(1, 200);
+                    self.cut_after_changes(changes, how, CHANGE_WAIT).await;
+                } else {
+                    self.cut(how);
+                }
+            }
+            let data_dir = self.gw.data_dir.clone();
+            check(&data_dir, &format!("trial {trial}")).await;
+        }
     }
 
     /// Stops the gateway (SIGTERM) if it runs, and unmounts.

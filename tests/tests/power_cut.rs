@@ -1,11 +1,9 @@
 //! Power cuts under load (issue 17): the gateway binary with `fsync = "always"` and its
 //! `data_dir` on the power-cut file system (`powercut-fs`, strict POSIX durability), a fleet
 //! publishing QoS 1 over mutual TLS and recording every PUBACK, the AMQP uplink forwarding to the
-//! real RabbitMQ. The power is cut (the gateway SIGKILLed, everything not yet synced dropped) at
-//! a random moment in half the trials, and in the other half right after a random number of
-//! changes to the file system, so in the middle of an operation (the disk refuses everything after
-//! that change); one trial in ten cuts while the gateway starts (the queue's recovery). One cut
-//! in three also keeps a torn prefix of the pending writes of the file written last. The gateway
+//! real RabbitMQ. The power is cut (the gateway SIGKILLed, everything not yet synced dropped) as
+//! [`PowerCutRig::trials`] says: at random moments, right after a random number of changes to
+//! the file system (in the middle of an operation), during start-up, some cuts torn. The gateway
 //! restarts on what is left.
 //!
 //! After every cut, before the restart, what is left is checked (see [`QueueCheck`]); at the end
@@ -24,7 +22,7 @@ use gateway_tests::faults::{
     assert_delivery, pick, tail, verify, wait_until, Fleet, FleetSpec, GatewaySpec, Rng, Tap,
     Upstream, RABBIT_PORT, UPLINK,
 };
-use gateway_tests::power_cut::{random_cut, PowerCutRig};
+use gateway_tests::power_cut::PowerCutRig;
 
 /// What a cut left of the queue, checked before the gateway restarts on it.
 #[derive(Debug, Default)]
@@ -95,9 +93,6 @@ impl QueueCheck {
     }
 }
 
-/// How long a trial waits for the gateway to make the changes after which the power fails.
-const CHANGE_WAIT: Duration = Duration::from_secs(10);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
     let scenario = "power-cut";
@@ -119,32 +114,10 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
     let fleet = Fleet::start(&rig.gw, &fleet_spec, "fleet");
 
     let mut check = QueueCheck::default();
-    let mut torn_files = Vec::new();
-    for trial in 0..trials {
-        let ctx = format!("trial {trial}");
-        let how = random_cut(&mut rng);
-        let report = if trial % 10 == 9 {
-            // While the gateway starts: the queue recovers, creates its files, the uplink opens.
-            rig.gw.spawn();
-            let changes = rng.range(1, 60);
-            rig.cut_after_changes(changes, how, CHANGE_WAIT).await.0
-        } else {
-            rig.gw.start().await;
-            tokio::time::sleep(rng.millis(50, 1000)).await;
-            if trial % 2 == 0 {
-                // In the middle of an operation: between a write and its sync, a rename and the
-                // directory sync, a cursor slot and its sync.
-                let changes = rng.range(1, 200);
-                rig.cut_after_changes(changes, how, CHANGE_WAIT).await.0
-            } else {
-                rig.cut(how)
-            }
-        };
-        if let Some(t) = &report.torn {
-            torn_files.push(t.path.display().to_string());
-        }
-        check.after_cut(rig.data_dir(), &tap, &ctx).await;
-    }
+    rig.trials(trials, &mut rng, async |data_dir, ctx| {
+        check.after_cut(data_dir, &tap, ctx).await
+    })
+    .await;
 
     rig.gw.start().await;
     let run = fleet.stop(Duration::from_secs(60)).await;
@@ -183,7 +156,7 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
         "{line}\n({scenario} took {:.0} s; torn files: {}; upstream received {})\n\
          gateway warnings and errors over all runs:\n{}",
         started.elapsed().as_secs_f64(),
-        summarize(&torn_files),
+        summarize(&t.torn_files),
         tap_stats.received,
         warnings(&logs),
     );
@@ -219,14 +192,14 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
 }
 
 /// "name x count" for the files the torn cuts tore.
-fn summarize(paths: &[String]) -> String {
+fn summarize(paths: &[std::path::PathBuf]) -> String {
     let mut counts = std::collections::BTreeMap::new();
-    for p in paths {
+    for p in paths.iter().map(|p| p.display().to_string()) {
         // Segment names differ by their base: count them as one kind.
         let kind = if p.ends_with(".seg") && !p.contains(".spare") {
             "data/segments/<base>.seg".to_string()
         } else {
-            p.clone()
+            p
         };
         *counts.entry(kind).or_insert(0) += 1;
     }
