@@ -173,6 +173,53 @@ impl Drop for PowerCutFs {
     }
 }
 
+/// A power-cut file system on a fresh temporary directory: mounted at `<tmp>/mnt`, backed by
+/// `<tmp>/backing` (empty). Unmounted, then removed, when dropped.
+pub struct TempMount {
+    /// Declared first: unmounted before the directory is removed.
+    pub fs: PowerCutFs,
+    dir: tempfile::TempDir,
+}
+
+impl TempMount {
+    /// A mount for the test named `test`, or `None` after printing `SKIPPED <test>: <why>`
+    /// where [`unavailable`] says this machine cannot mount one.
+    pub fn for_test(test: &str) -> Option<TempMount> {
+        if let Some(why) = unavailable() {
+            eprintln!("SKIPPED {test}: {why}");
+            return None;
+        }
+        Some(TempMount::new().expect("mount the power-cut file system"))
+    }
+
+    pub fn new() -> io::Result<TempMount> {
+        let dir = tempfile::tempdir()?;
+        let (mnt, backing) = (dir.path().join("mnt"), dir.path().join("backing"));
+        std::fs::create_dir(&mnt)?;
+        std::fs::create_dir(&backing)?;
+        let fs = PowerCutFs::mount(&backing, &mnt)?;
+        Ok(TempMount { fs, dir })
+    }
+
+    /// Where the processes under test see the file system.
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// What the disk holds: the durable state.
+    pub fn backing(&self) -> PathBuf {
+        self.dir.path().join("backing")
+    }
+
+    /// Unmounts (see [`PowerCutFs::unmount`]) and removes the directory.
+    pub fn unmount(self) -> io::Result<()> {
+        let TempMount { fs, dir } = self;
+        fs.unmount()?;
+        drop(dir);
+        Ok(())
+    }
+}
+
 /// Why this machine cannot mount the file system (`None`: it can try): no `/dev/fuse`, or not
 /// root. Tests skip, saying why, only for these; any other mount failure is a failure.
 pub fn unavailable() -> Option<String> {

@@ -159,6 +159,14 @@ impl Node {
         }
     }
 
+    fn dir(parent: u64, perm: u16, uid: u32, gid: u32) -> Node {
+        let body = Body::Dir(DirBody {
+            parent,
+            ..DirBody::default()
+        });
+        Node::new(body, perm, uid, gid)
+    }
+
     pub(crate) fn is_dir(&self) -> bool {
         matches!(self.body, Body::Dir(_))
     }
@@ -275,16 +283,7 @@ impl Model {
             backing: backing.to_path_buf(),
             backing_error: None,
         };
-        let root = Node::new(
-            Body::Dir(DirBody {
-                parent: ROOT,
-                ..DirBody::default()
-            }),
-            0o755,
-            uid,
-            gid,
-        );
-        m.nodes.insert(ROOT, root);
+        m.nodes.insert(ROOT, Node::dir(ROOT, 0o755, uid, gid));
         m.load_dir(ROOT, backing, uid, gid)?;
         Ok(m)
     }
@@ -296,16 +295,7 @@ impl Model {
             let ty = entry.file_type()?;
             let child = self.alloc_ino();
             if ty.is_dir() {
-                let node = Node::new(
-                    Body::Dir(DirBody {
-                        parent: ino,
-                        ..DirBody::default()
-                    }),
-                    0o755,
-                    uid,
-                    gid,
-                );
-                self.nodes.insert(child, node);
+                self.nodes.insert(child, Node::dir(ino, 0o755, uid, gid));
                 self.load_dir(child, &entry.path(), uid, gid)?;
             } else if ty.is_file() {
                 let bytes = fs::read(entry.path())?;
@@ -482,11 +472,7 @@ impl Model {
         uid: u32,
         gid: u32,
     ) -> Result<u64> {
-        let body = Body::Dir(DirBody {
-            parent,
-            ..DirBody::default()
-        });
-        self.insert_entry(parent, name, Node::new(body, perm, uid, gid))
+        self.insert_entry(parent, name, Node::dir(parent, perm, uid, gid))
     }
 
     pub(crate) fn link(&mut self, ino: u64, parent: u64, name: &OsStr) -> Result<()> {
@@ -775,9 +761,19 @@ impl Model {
     /// Where `ino` is in the durable tree, as paths in the backing directory (none when a cut
     /// now would lose it; more than one for a hard link).
     fn durable_paths(&self, ino: u64) -> Vec<PathBuf> {
+        self.paths(ino, true, self.backing.clone())
+    }
+
+    /// Where `ino` is in the live tree, relative to the mount (the first path found).
+    pub(crate) fn live_path(&self, ino: u64) -> Option<PathBuf> {
+        self.paths(ino, false, PathBuf::new()).into_iter().next()
+    }
+
+    /// Every path from the root to `ino` (below `base`) through the durable or the live entries.
+    fn paths(&self, ino: u64, durable: bool, base: PathBuf) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        let mut stack = vec![(ROOT, self.backing.clone())];
+        let mut stack = vec![(ROOT, base)];
         while let Some((at, path)) = stack.pop() {
             if at == ino {
                 out.push(path.clone());
@@ -786,32 +782,13 @@ impl Model {
                 continue;
             }
             if let Some(Body::Dir(d)) = self.nodes.get(&at).map(|n| &n.body) {
-                for (name, &child) in &d.durable {
+                let entries = if durable { &d.durable } else { &d.live };
+                for (name, &child) in entries {
                     stack.push((child, path.join(name)));
                 }
             }
         }
         out
-    }
-
-    /// Where `ino` is in the live tree, relative to the mount (the first path found).
-    pub(crate) fn live_path(&self, ino: u64) -> Option<PathBuf> {
-        let mut seen = HashSet::new();
-        let mut stack = vec![(ROOT, PathBuf::new())];
-        while let Some((at, path)) = stack.pop() {
-            if at == ino {
-                return Some(path);
-            }
-            if !seen.insert(at) {
-                continue;
-            }
-            if let Some(Body::Dir(d)) = self.nodes.get(&at).map(|n| &n.body) {
-                for (name, &child) in &d.live {
-                    stack.push((child, path.join(name)));
-                }
-            }
-        }
-        None
     }
 
     /// Forgets inodes that no name reaches, live or durable, and no process has open: an

@@ -8,38 +8,28 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use powercut_fs::{Cut, PowerCutFs};
+use powercut_fs::{Cut, PowerCutFs, TempMount};
 
 struct Mounted {
-    fs: PowerCutFs,
+    m: TempMount,
     mnt: PathBuf,
     backing: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Mounted {
     fn cut(&self, how: Cut) -> powercut_fs::CutReport {
-        let r = self.fs.cut(how).unwrap();
-        self.fs.check_backing().unwrap();
+        let r = self.m.fs.cut(how).unwrap();
+        self.m.fs.check_backing().unwrap();
         r
     }
 }
 
 fn mount(test: &str) -> Option<Mounted> {
-    if let Some(why) = powercut_fs::unavailable() {
-        eprintln!("SKIPPED {test}: {why}");
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (mnt, backing) = (dir.path().join("mnt"), dir.path().join("backing"));
-    fs::create_dir(&mnt).unwrap();
-    fs::create_dir(&backing).unwrap();
-    let fs = PowerCutFs::mount(&backing, &mnt).unwrap();
+    let m = TempMount::for_test(test)?;
     Some(Mounted {
-        fs,
-        mnt,
-        backing,
-        _dir: dir,
+        mnt: m.mnt(),
+        backing: m.backing(),
+        m,
     })
 }
 
@@ -195,10 +185,10 @@ fn after_a_power_failure_at_an_operation_nothing_more_is_durable() {
         return;
     };
     let p = durable_file(&m.mnt, "f", b"");
-    m.fs.fail_after(1);
+    m.m.fs.fail_after(1);
     let f = OpenOptions::new().write(true).open(&p).unwrap();
     f.write_all_at(b"the last write the disk saw", 0).unwrap();
-    assert!(m.fs.has_failed());
+    assert!(m.m.fs.has_failed());
     let err = f.sync_data().unwrap_err();
     assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
     assert!(f.write_all_at(b"more", 0).is_err());
@@ -209,7 +199,7 @@ fn after_a_power_failure_at_an_operation_nothing_more_is_durable() {
     assert!(b"the last write the disk saw".starts_with(&kept), "{r:?}");
     // The power is back.
     durable_file(&m.mnt, "g", b"new");
-    assert!(!m.fs.has_failed());
+    assert!(!m.m.fs.has_failed());
 }
 
 #[test]

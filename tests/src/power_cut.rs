@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use powercut_fs::{Cut, CutReport, PowerCutFs};
+use powercut_fs::{Cut, CutReport, TempMount};
 
 use crate::faults::{Gateway, GatewaySpec, Rng};
 
@@ -45,8 +45,7 @@ const CHANGE_WAIT: Duration = Duration::from_secs(10);
 pub struct PowerCutRig {
     /// Declared first: dropped (killed) before the file system it uses is unmounted.
     pub gw: Gateway,
-    fs: PowerCutFs,
-    mount: tempfile::TempDir,
+    mount: TempMount,
     pub totals: CutTotals,
 }
 
@@ -54,22 +53,12 @@ impl PowerCutRig {
     /// Mounts the file system and writes the gateway's config with `data_dir` on it (the
     /// gateway is not started). `None`, after saying why, where FUSE cannot be mounted.
     pub fn new(mut spec: GatewaySpec, test: &str) -> Option<PowerCutRig> {
-        if let Some(why) = powercut_fs::unavailable() {
-            eprintln!("SKIPPED {test}: {why}");
-            return None;
-        }
-        let mount = tempfile::tempdir().expect("a temporary directory");
-        let (mnt, backing) = (mount.path().join("mnt"), mount.path().join("backing"));
-        for d in [&mnt, &backing] {
-            std::fs::create_dir(d).expect("create the mount and backing directories");
-        }
-        let fs = PowerCutFs::mount(&backing, &mnt).expect("mount the power-cut file system");
+        let mount = TempMount::for_test(test)?;
         // Below the mount's root, so that the gateway creates it (and has to make it durable).
-        spec.data_dir = Some(mnt.join("data"));
+        spec.data_dir = Some(mount.mnt().join("data"));
         let gw = Gateway::new(spec);
         Some(PowerCutRig {
             gw,
-            fs,
             mount,
             totals: CutTotals::default(),
         })
@@ -79,17 +68,12 @@ impl PowerCutRig {
         &self.gw.data_dir
     }
 
-    /// What the disk holds after the last cut (the backing directory).
-    pub fn backing_dir(&self) -> PathBuf {
-        self.mount.path().join("backing")
-    }
-
     /// The power cut: SIGKILL the gateway, reap it, drop the pending layer. Then checks that
     /// the backing directory holds exactly the durable state.
     pub fn cut(&mut self, how: Cut) -> CutReport {
         self.gw.kill();
-        let r = self.fs.cut(how).expect("the power cut");
-        if let Err(e) = self.fs.check_backing() {
+        let r = self.mount.fs.cut(how).expect("the power cut");
+        if let Err(e) = self.mount.fs.check_backing() {
             panic!("after the cut the backing directory is not the durable state: {e}");
         }
         let t = &mut self.totals;
@@ -112,10 +96,11 @@ impl PowerCutRig {
         how: Cut,
         wait: Duration,
     ) -> (CutReport, bool) {
-        self.fs.fail_after(changes);
-        let failed = crate::faults::wait_until(wait, "the power failure", || self.fs.has_failed())
-            .await
-            .is_ok();
+        self.mount.fs.fail_after(changes);
+        let failed =
+            crate::faults::wait_until(wait, "the power failure", || self.mount.fs.has_failed())
+                .await
+                .is_ok();
         self.totals.at_change += u64::from(failed);
         (self.cut(how), failed)
     }
@@ -160,10 +145,9 @@ impl PowerCutRig {
     /// Stops the gateway (SIGTERM) if it runs, and unmounts.
     pub async fn finish(mut self) {
         self.gw.stop(Duration::from_secs(30)).await;
-        let PowerCutRig { gw, fs, mount, .. } = self;
+        let PowerCutRig { gw, mount, .. } = self;
         drop(gw);
-        fs.unmount().expect("unmount the power-cut file system");
-        drop(mount);
+        mount.unmount().expect("unmount the power-cut file system");
     }
 }
 

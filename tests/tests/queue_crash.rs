@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gateway::queue::{FsyncPolicy, Queue, QueueOptions, Record};
-use powercut_fs::{Cut, PowerCutFs};
+use powercut_fs::{Cut, TempMount};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -98,17 +98,11 @@ fn every_record_reported_durable_survives_sigkill() {
 
 #[test]
 fn every_record_reported_durable_survives_a_power_cut() {
-    if let Some(why) = powercut_fs::unavailable() {
-        eprintln!("SKIPPED power cut: {why}");
+    let Some(m) = TempMount::for_test("power cut") else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (mnt, backing) = (tmp.path().join("mnt"), tmp.path().join("backing"));
-    std::fs::create_dir(&mnt).unwrap();
-    std::fs::create_dir(&backing).unwrap();
-    let fs = PowerCutFs::mount(&backing, &mnt).unwrap();
+    };
     // The data directory does not exist yet: the queue creates it, and must make it durable.
-    crash_trials("power cut", &mnt.join("queue"), |trial| {
+    crash_trials("power cut", &m.mnt().join("queue"), |trial| {
         // Every third cut also keeps a torn prefix of one file's pending writes.
         let how = if trial % 3 == 2 {
             Cut::Torn {
@@ -117,11 +111,11 @@ fn every_record_reported_durable_survives_a_power_cut() {
         } else {
             Cut::Drop
         };
-        let r = fs.cut(how).unwrap();
-        fs.check_backing().unwrap();
+        let r = m.fs.cut(how).unwrap();
+        m.fs.check_backing().unwrap();
         eprintln!("trial {trial}: the cut dropped {r:?}");
     });
-    fs.unmount().unwrap();
+    m.unmount().unwrap();
 }
 
 /// Runs the appender on `dir`, kills it at a random moment, calls `after_kill` (the appender is
