@@ -255,6 +255,8 @@ pub type ReadingId = (String, u64);
 /// sequence number (the `gateway_seq` header) carried.
 #[derive(Debug, Default)]
 pub struct SeqLog {
+    /// Every sequence number that arrived; a message that is not a reading (a last will) is
+    /// `("", 0)`.
     pub readings: HashMap<u64, ReadingId>,
     /// Sequence numbers that arrived carrying two different readings: the gateway reused one.
     pub reused: Vec<(u64, ReadingId, ReadingId)>,
@@ -342,10 +344,11 @@ impl Tap {
                         Err(_) => t.undecodable += 1,
                     }
                 }
-                if let (Some(log), Some(seq), Ok(r)) = (&log, gateway_seq(&d.properties), reading) {
+                if let (Some(log), Some(seq)) = (&log, gateway_seq(&d.properties)) {
+                    let id = reading.map_or((String::new(), 0), |r| (r.device_id, r.seq));
                     log.lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .record(seq, (r.device_id, r.seq));
+                        .record(seq, id);
                 }
                 let _ = d.acker.ack(BasicAckOptions::default()).await;
             }

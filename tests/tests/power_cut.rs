@@ -10,7 +10,8 @@
 //! the verifier reads RabbitMQ: every PUBACKed reading arrived, in order per device, and no
 //! gateway sequence number was handed out twice. One `POWERCUT` line gives the figures.
 //!
-//! `GATEWAY_SOAK=1`: 1,000 trials with 30 devices. `FAULT_SEED` repeats a run's choices.
+//! `GATEWAY_SOAK=1`: 1,000 trials with 30 devices (about half an hour). `FAULT_SEED` repeats a
+//! run's choices.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write as _;
@@ -18,6 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gateway::queue::inspect::Inspector;
+use lapin::types::AMQPValue;
 use gateway_tests::faults::{
     assert_delivery, pick, tail, verify, wait_until, Fleet, FleetSpec, GatewaySpec, Rng, Tap,
     Upstream, RABBIT_PORT, UPLINK,
@@ -100,7 +102,10 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
     let devices = pick(10, 30);
     let started = Instant::now();
     let mut rng = Rng::from_env(scenario);
-    let up = Upstream::new("powercut", &[]).await;
+    // The verify queue is read only at the end: it must outlive the run (a soak run takes about
+    // half an hour; the default expiry of an unused test queue is 15 minutes).
+    let expires = AMQPValue::LongInt(pick(900_000, 7_200_000));
+    let up = Upstream::new("powercut", &[("x-expires", expires)]).await;
     let mut spec = GatewaySpec::new(devices, RABBIT_PORT, &up.exchange);
     // 1 MiB segments: several rolls, retention deletes and preallocated spares in a run.
     spec.queue = "fsync = \"always\"\nsegment_bytes = \"1 MiB\"\nmax_bytes = \"64 MiB\"\n".into();
