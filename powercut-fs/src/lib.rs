@@ -46,8 +46,11 @@
 //! sees the durable state. The writeback cache is not enabled: a `write` returns once this file
 //! system has it, so a process that was SIGKILLed and reaped has nothing in flight (the kernel
 //! waits for the answer to any request this file system had already read). Not modelled:
-//! symlinks and special files, extended attributes, shared writable `mmap` (refused under direct
-//! I/O), ownership, mode and times across a cut, and a full disk.
+//! unsynced changes that a real file system writes early (a journal commit can make a rename or
+//! a create durable before the data it names: here a cut keeps nothing pending, or with `Torn`
+//! a prefix of one file's, never another subset), symlinks and special files, extended
+//! attributes, shared writable `mmap` (refused under direct I/O), ownership, mode and times
+//! across a cut, and a full disk.
 //!
 //! Memory: the whole tree is held twice (live and durable) plus the pending changes. It is made
 //! for test-sized data (tens of MiB).

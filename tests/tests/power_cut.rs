@@ -19,12 +19,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gateway::queue::inspect::Inspector;
-use lapin::types::AMQPValue;
 use gateway_tests::faults::{
     assert_delivery, pick, tail, verify, wait_until, Fleet, FleetSpec, GatewaySpec, Rng, Tap,
     Upstream, RABBIT_PORT, UPLINK,
 };
 use gateway_tests::power_cut::PowerCutRig;
+use lapin::types::AMQPValue;
 
 /// What a cut left of the queue, checked before the gateway restarts on it.
 #[derive(Debug, Default)]
