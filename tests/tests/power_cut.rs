@@ -127,7 +127,8 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
     rig.gw.start().await;
     let run = fleet.stop(Duration::from_secs(60)).await;
     rig.gw.drained().await;
-    let v = verify(&run.manifest, &up.queue, 60, 2).await;
+    // The verifier reads everything upstream (a soak run: about 800,000 messages).
+    let v = verify(&run.manifest, &up.queue, pick(60, 1200), 2).await;
     let reused = tap.seqs(|log| log.reused.clone());
     let tap_stats = tap.stop().await;
     let logs = rig.gw.all_logs();
