@@ -28,6 +28,7 @@ pub mod ingest;
 pub mod notify;
 pub mod queue;
 pub mod service;
+pub mod sessions;
 pub mod status;
 pub mod throttle;
 pub mod tls;

@@ -66,6 +66,40 @@ pub struct Publish {
     pub topic_alias: Option<u16>,
 }
 
+/// One filter of a SUBSCRIBE with its options (MQTT 5 options are false / 0 under 3.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: String,
+    /// Requested maximum QoS.
+    pub qos: u8,
+    /// MQTT 5: do not send this client its own publishes.
+    pub no_local: bool,
+    /// MQTT 5: keep the retain flag as published instead of clearing it on live delivery.
+    pub retain_as_published: bool,
+    /// MQTT 5: 0 send retained messages on subscribe, 1 only for a new subscription, 2 never.
+    pub retain_handling: u8,
+}
+
+/// PUBLISH from the gateway to a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutPublish {
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
+    /// 0 for QoS 0.
+    pub pkid: u16,
+    pub payload: Bytes,
+    /// MQTT 5 properties (dropped when encoding for 3.1.1).
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub payload_format: Option<u8>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    /// Seconds left of the message's expiry, when it has one.
+    pub message_expiry: Option<u32>,
+}
+
 /// What a device may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
@@ -78,15 +112,23 @@ pub enum Inbound {
     PubRel {
         pkid: u16,
     },
-    /// Acks for publishes we never send: a protocol error from a device.
-    UnexpectedAck,
+    /// Acks for publishes the gateway sent to a subscriber.
+    PubAck {
+        pkid: u16,
+    },
+    PubRec {
+        pkid: u16,
+    },
+    PubComp {
+        pkid: u16,
+    },
     Subscribe {
         pkid: u16,
-        filters: usize,
+        filters: Vec<Subscription>,
     },
     Unsubscribe {
         pkid: u16,
-        filters: usize,
+        filters: Vec<String>,
     },
     PingReq,
     Disconnect {
@@ -125,13 +167,20 @@ pub enum Outbound {
     PubComp {
         pkid: u16,
     },
+    /// One code a filter: the granted QoS (0..=2) or a failure (0x80 and up; 3.1.1 knows only
+    /// 0x80, so every failure is sent as 0x80 there).
     SubAck {
         pkid: u16,
         codes: Vec<u8>,
     },
+    /// One code a filter (MQTT 5; 3.1.1's UNSUBACK carries none).
     UnsubAck {
         pkid: u16,
-        filters: usize,
+        codes: Vec<u8>,
+    },
+    Publish(Box<OutPublish>),
+    PubRel {
+        pkid: u16,
     },
     PingResp,
     Disconnect {
@@ -165,7 +214,10 @@ pub mod reason {
     pub const BAD_AUTH_METHOD: u8 = 0x8C;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
+    pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
     pub const PACKET_ID_IN_USE: u8 = 0x91;
     pub const PACKET_ID_NOT_FOUND: u8 = 0x92;
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
@@ -189,6 +241,22 @@ fn qos_u8(q: QoS) -> u8 {
 
 fn qos5_u8(q: QoS5) -> u8 {
     q as u8
+}
+
+fn qos_from_u8(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn qos5_from_u8(q: u8) -> QoS5 {
+    match q {
+        0 => QoS5::AtMostOnce,
+        1 => QoS5::AtLeastOnce,
+        _ => QoS5::ExactlyOnce,
+    }
 }
 
 fn malformed(e: impl std::fmt::Debug) -> DecodeError {
@@ -387,18 +455,28 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         m4::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
         m4::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.len(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| Subscription {
+                    filter: f.path,
+                    qos: qos_u8(f.qos),
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 0,
+                })
+                .collect(),
         },
         m4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
-            filters: u.topics.len(),
+            filters: u.topics,
         },
         m4::Packet::PingReq => Inbound::PingReq,
         m4::Packet::Disconnect => Inbound::Disconnect { reason: 0 },
         m4::Packet::Connect(_) => return Err(malformed("second CONNECT")),
-        m4::Packet::PubAck(_) | m4::Packet::PubRec(_) | m4::Packet::PubComp(_) => {
-            Inbound::UnexpectedAck
-        }
+        m4::Packet::PubAck(a) => Inbound::PubAck { pkid: a.pkid },
+        m4::Packet::PubRec(a) => Inbound::PubRec { pkid: a.pkid },
+        m4::Packet::PubComp(a) => Inbound::PubComp { pkid: a.pkid },
         other => return Err(malformed(format!("unexpected packet {other:?}"))),
     }))
 }
@@ -425,11 +503,21 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         m5::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
         m5::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.len(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| Subscription {
+                    filter: f.path,
+                    qos: qos5_u8(f.qos),
+                    no_local: f.nolocal,
+                    retain_as_published: f.preserve_retain,
+                    retain_handling: f.retain_forward_rule as u8,
+                })
+                .collect(),
         },
         m5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
-            filters: u.filters.len(),
+            filters: u.filters,
         },
         m5::Packet::PingReq(_) => Inbound::PingReq,
         m5::Packet::Disconnect(d) => Inbound::Disconnect {
@@ -437,9 +525,9 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
         },
         m5::Packet::Auth(_) => Inbound::Auth,
         m5::Packet::Connect(..) => return Err(malformed("second CONNECT")),
-        m5::Packet::PubAck(_) | m5::Packet::PubRec(_) | m5::Packet::PubComp(_) => {
-            Inbound::UnexpectedAck
-        }
+        m5::Packet::PubAck(a) => Inbound::PubAck { pkid: a.pkid },
+        m5::Packet::PubRec(a) => Inbound::PubRec { pkid: a.pkid },
+        m5::Packet::PubComp(a) => Inbound::PubComp { pkid: a.pkid },
         other => return Err(malformed(format!("unexpected packet {other:?}"))),
     }))
 }
@@ -469,11 +557,24 @@ fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
         Outbound::SubAck { pkid, codes } => {
             let codes = codes
                 .iter()
-                .map(|_| m4::SubscribeReasonCode::Failure)
+                .map(|&c| match c {
+                    0 => m4::SubscribeReasonCode::Success(QoS::AtMostOnce),
+                    1 => m4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                    2 => m4::SubscribeReasonCode::Success(QoS::ExactlyOnce),
+                    _ => m4::SubscribeReasonCode::Failure,
+                })
                 .collect();
             m4::SubAck::new(*pkid, codes).write(out)
         }
         Outbound::UnsubAck { pkid, .. } => m4::UnsubAck::new(*pkid).write(out),
+        Outbound::Publish(p) => {
+            let mut m = m4::Publish::from_bytes(&p.topic, qos_from_u8(p.qos), p.payload.clone());
+            m.retain = p.retain;
+            m.dup = p.dup;
+            m.pkid = p.pkid;
+            m.write(out)
+        }
+        Outbound::PubRel { pkid } => m4::PubRel::new(*pkid).write(out),
         Outbound::PingResp => m4::PingResp.write(out),
         // 3.1.1 has no server DISCONNECT: the connection is just closed.
         Outbound::Disconnect { .. } => Ok(0),
@@ -529,19 +630,41 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
         .write(out),
         Outbound::SubAck { pkid, codes } => m5::SubAck {
             pkid: *pkid,
-            return_codes: codes
-                .iter()
-                .map(|_| m5::SubscribeReasonCode::ImplementationSpecific)
-                .collect(),
-            properties: Some(m5::SubAckProperties {
-                reason_string: Some("subscriptions are not supported by this gateway".into()),
-                user_properties: Vec::new(),
-            }),
+            return_codes: codes.iter().map(|&c| suback_reason(c)).collect(),
+            properties: None,
         }
         .write(out),
-        Outbound::UnsubAck { pkid, filters } => m5::UnsubAck {
+        Outbound::UnsubAck { pkid, codes } => m5::UnsubAck {
             pkid: *pkid,
-            reasons: vec![m5::UnsubAckReason::NoSubscriptionExisted; *filters],
+            reasons: codes.iter().map(|&c| unsuback_reason(c)).collect(),
+            properties: None,
+        }
+        .write(out),
+        Outbound::Publish(p) => {
+            let props = m5::PublishProperties {
+                payload_format_indicator: p.payload_format,
+                message_expiry_interval: p.message_expiry,
+                topic_alias: None,
+                response_topic: p.response_topic.clone(),
+                correlation_data: p.correlation_data.clone(),
+                user_properties: p.user_properties.clone(),
+                subscription_identifiers: Vec::new(),
+                content_type: p.content_type.clone(),
+            };
+            let mut m = m5::Publish::new(
+                p.topic.as_str(),
+                qos5_from_u8(p.qos),
+                p.payload.clone(),
+                Some(props).filter(|x| *x != m5::PublishProperties::default()),
+            );
+            m.retain = p.retain;
+            m.dup = p.dup;
+            m.pkid = p.pkid;
+            m.write(out)
+        }
+        Outbound::PubRel { pkid } => m5::PubRel {
+            pkid: *pkid,
+            reason: m5::PubRelReason::Success,
             properties: None,
         }
         .write(out),
@@ -607,6 +730,36 @@ fn pubrec_reason(code: u8) -> m5::PubRecReason {
     }
 }
 
+fn suback_reason(code: u8) -> m5::SubscribeReasonCode {
+    use m5::SubscribeReasonCode as R;
+    match code {
+        0 => R::Success(QoS5::AtMostOnce),
+        1 => R::Success(QoS5::AtLeastOnce),
+        2 => R::Success(QoS5::ExactlyOnce),
+        reason::IMPLEMENTATION_SPECIFIC => R::ImplementationSpecific,
+        reason::NOT_AUTHORIZED => R::NotAuthorized,
+        reason::TOPIC_FILTER_INVALID => R::TopicFilterInvalid,
+        reason::PACKET_ID_IN_USE => R::PkidInUse,
+        reason::QUOTA_EXCEEDED => R::QuotaExceeded,
+        reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED => R::SharedSubscriptionsNotSupported,
+        reason::WILDCARD_NOT_SUPPORTED => R::WildcardSubscriptionsNotSupported,
+        _ => R::Unspecified,
+    }
+}
+
+fn unsuback_reason(code: u8) -> m5::UnsubAckReason {
+    use m5::UnsubAckReason as R;
+    match code {
+        reason::SUCCESS => R::Success,
+        reason::NO_SUBSCRIPTION_EXISTED => R::NoSubscriptionExisted,
+        reason::IMPLEMENTATION_SPECIFIC => R::ImplementationSpecificError,
+        reason::NOT_AUTHORIZED => R::NotAuthorized,
+        reason::TOPIC_FILTER_INVALID => R::TopicFilterInvalid,
+        reason::PACKET_ID_IN_USE => R::PacketIdentifierInUse,
+        _ => R::UnspecifiedError,
+    }
+}
+
 fn disconnect_reason(code: u8) -> m5::DisconnectReasonCode {
     use m5::DisconnectReasonCode as D;
     match code {
@@ -627,5 +780,196 @@ fn disconnect_reason(code: u8) -> m5::DisconnectReasonCode {
         reason::QOS_NOT_SUPPORTED => D::QoSNotSupported,
         reason::RETAIN_NOT_SUPPORTED => D::RetainNotSupported,
         _ => D::UnspecifiedError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(write: impl FnOnce(&mut BytesMut)) -> BytesMut {
+        let mut b = BytesMut::new();
+        write(&mut b);
+        b
+    }
+
+    fn decode_one(mut b: BytesMut, v: Version) -> Inbound {
+        let p = decode(&mut b, Some(v), 1 << 16)
+            .expect("decodes")
+            .expect("whole");
+        assert!(b.is_empty(), "the packet was consumed whole");
+        p
+    }
+
+    #[test]
+    fn subscribe_v311_gives_each_filter_and_its_qos() {
+        let mut s = m4::Subscribe::new("devices/d1/commands/#", QoS::ExactlyOnce);
+        s.pkid = 7;
+        s.filters
+            .push(m4::SubscribeFilter::new("a/+/b".into(), QoS::AtMostOnce));
+        let b = bytes_of(|b| {
+            s.write(b).expect("encodes");
+        });
+        let Inbound::Subscribe { pkid, filters } = decode_one(b, Version::V311) else {
+            panic!("not a SUBSCRIBE")
+        };
+        assert_eq!(pkid, 7);
+        let got: Vec<_> = filters.iter().map(|f| (f.filter.as_str(), f.qos)).collect();
+        assert_eq!(got, [("devices/d1/commands/#", 2), ("a/+/b", 0)]);
+        assert!(filters
+            .iter()
+            .all(|f| !f.no_local && !f.retain_as_published && f.retain_handling == 0));
+    }
+
+    #[test]
+    fn subscribe_v5_keeps_the_subscription_options() {
+        let s = m5::Subscribe {
+            pkid: 9,
+            filters: vec![m5::Filter {
+                path: "x/#".into(),
+                qos: QoS5::AtLeastOnce,
+                nolocal: true,
+                preserve_retain: true,
+                retain_forward_rule: m5::RetainForwardRule::Never,
+            }],
+            properties: None,
+        };
+        let b = bytes_of(|b| {
+            s.write(b).expect("encodes");
+        });
+        let Inbound::Subscribe { pkid, filters } = decode_one(b, Version::V5) else {
+            panic!("not a SUBSCRIBE")
+        };
+        assert_eq!(pkid, 9);
+        assert_eq!(
+            filters,
+            [Subscription {
+                filter: "x/#".into(),
+                qos: 1,
+                no_local: true,
+                retain_as_published: true,
+                retain_handling: 2,
+            }]
+        );
+    }
+
+    #[test]
+    fn unsubscribe_and_acks_from_a_subscriber_decode_with_their_ids() {
+        let u = m4::Unsubscribe {
+            pkid: 3,
+            topics: vec!["a/b".into(), "c/#".into()],
+        };
+        let b = bytes_of(|b| {
+            u.write(b).expect("encodes");
+        });
+        assert_eq!(
+            decode_one(b, Version::V311),
+            Inbound::Unsubscribe {
+                pkid: 3,
+                filters: vec!["a/b".into(), "c/#".into()]
+            }
+        );
+        let b = bytes_of(|b| {
+            m4::PubAck::new(11).write(b).expect("encodes");
+        });
+        assert_eq!(decode_one(b, Version::V311), Inbound::PubAck { pkid: 11 });
+        let b = bytes_of(|b| {
+            m5::PubRec::new(12, None).write(b).expect("encodes");
+        });
+        assert_eq!(decode_one(b, Version::V5), Inbound::PubRec { pkid: 12 });
+        let b = bytes_of(|b| {
+            m5::PubComp::new(13, None).write(b).expect("encodes");
+        });
+        assert_eq!(decode_one(b, Version::V5), Inbound::PubComp { pkid: 13 });
+    }
+
+    fn out_publish(qos: u8) -> OutPublish {
+        OutPublish {
+            topic: "devices/d1/commands/reboot".into(),
+            qos,
+            retain: true,
+            dup: qos > 0,
+            pkid: if qos > 0 { 42 } else { 0 },
+            payload: Bytes::from_static(b"now"),
+            user_properties: vec![("k".into(), "v".into())],
+            content_type: Some("text/plain".into()),
+            payload_format: Some(1),
+            response_topic: Some("r/t".into()),
+            correlation_data: Some(Bytes::from_static(b"c1")),
+            message_expiry: Some(30),
+        }
+    }
+
+    #[test]
+    fn publish_to_a_v5_subscriber_carries_its_properties() {
+        let mut b = BytesMut::new();
+        encode(
+            &Outbound::Publish(Box::new(out_publish(1))),
+            Version::V5,
+            &mut b,
+        );
+        let len = b.len();
+        let Ok(m5::Packet::Publish(p)) = m5::Packet::read(&mut b, Some(len as u32)) else {
+            panic!("not a PUBLISH")
+        };
+        assert_eq!(&p.topic[..], b"devices/d1/commands/reboot");
+        assert_eq!(
+            (p.qos, p.retain, p.dup, p.pkid),
+            (QoS5::AtLeastOnce, true, true, 42)
+        );
+        assert_eq!(&p.payload[..], b"now");
+        let props = p.properties.expect("properties");
+        assert_eq!(props.response_topic.as_deref(), Some("r/t"));
+        assert_eq!(props.correlation_data.as_deref(), Some(&b"c1"[..]));
+        assert_eq!(props.message_expiry_interval, Some(30));
+        assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(props.user_properties, vec![("k".into(), "v".into())]);
+    }
+
+    #[test]
+    fn publish_to_a_v311_subscriber_drops_the_v5_properties() {
+        for qos in [0, 2] {
+            let mut b = BytesMut::new();
+            encode(
+                &Outbound::Publish(Box::new(out_publish(qos))),
+                Version::V311,
+                &mut b,
+            );
+            let len = b.len();
+            let Ok(m4::Packet::Publish(p)) = m4::Packet::read(&mut b, len) else {
+                panic!("not a PUBLISH")
+            };
+            assert_eq!(p.topic, "devices/d1/commands/reboot");
+            assert_eq!(qos_u8(p.qos), qos);
+            assert_eq!(p.pkid, if qos > 0 { 42 } else { 0 });
+            assert_eq!(&p.payload[..], b"now");
+        }
+    }
+
+    #[test]
+    fn suback_codes_are_granted_qos_or_failures_per_version() {
+        let ack = Outbound::SubAck {
+            pkid: 5,
+            codes: vec![1, reason::NOT_AUTHORIZED, 2, 0],
+        };
+        let mut b = BytesMut::new();
+        encode(&ack, Version::V311, &mut b);
+        // 3.1.1 knows one failure code, 0x80.
+        assert_eq!(&b[..], &[0x90, 0x06, 0x00, 0x05, 0x01, 0x80, 0x02, 0x00]);
+        let mut b = BytesMut::new();
+        encode(&ack, Version::V5, &mut b);
+        let len = b.len();
+        let Ok(m5::Packet::SubAck(s)) = m5::Packet::read(&mut b, Some(len as u32)) else {
+            panic!("not a SUBACK")
+        };
+        assert_eq!(
+            s.return_codes,
+            [
+                m5::SubscribeReasonCode::Success(QoS5::AtLeastOnce),
+                m5::SubscribeReasonCode::NotAuthorized,
+                m5::SubscribeReasonCode::Success(QoS5::ExactlyOnce),
+                m5::SubscribeReasonCode::Success(QoS5::AtMostOnce),
+            ]
+        );
     }
 }

@@ -303,11 +303,14 @@ impl Session {
                 Action::Refused(Refusal::Protocol),
                 Action::Send(Outbound::SubAck {
                     pkid,
-                    codes: vec![0x80; filters.max(1)],
+                    codes: vec![reason::IMPLEMENTATION_SPECIFIC; filters.len().max(1)],
                 }),
             ],
             (State::Connected(_), Inbound::Unsubscribe { pkid, filters }) => {
-                vec![Action::Send(Outbound::UnsubAck { pkid, filters })]
+                vec![Action::Send(Outbound::UnsubAck {
+                    pkid,
+                    codes: vec![reason::NO_SUBSCRIPTION_EXISTED; filters.len()],
+                })]
             }
             (State::Connected(_), Inbound::PingReq) => vec![Action::Send(Outbound::PingResp)],
             (State::Connected(_), Inbound::Disconnect { reason }) => {
@@ -334,13 +337,18 @@ impl Session {
             (State::Connected(_), Inbound::Connect(_)) => {
                 self.close_with(reason::PROTOCOL_ERROR, "second CONNECT", Refusal::Protocol)
             }
-            (State::Connected(_), Inbound::UnexpectedAck | Inbound::UnsupportedProtocol { .. }) => {
-                self.close_with(
-                    reason::PROTOCOL_ERROR,
-                    "unexpected packet",
-                    Refusal::Protocol,
-                )
-            }
+            // The gateway sends no publishes yet, so an ack for one is a protocol error.
+            (
+                State::Connected(_),
+                Inbound::PubAck { .. }
+                | Inbound::PubRec { .. }
+                | Inbound::PubComp { .. }
+                | Inbound::UnsupportedProtocol { .. },
+            ) => self.close_with(
+                reason::PROTOCOL_ERROR,
+                "unexpected packet",
+                Refusal::Protocol,
+            ),
         }
     }
 
@@ -639,6 +647,16 @@ mod tests {
         })
     }
 
+    fn sub(filter: &str) -> crate::ingest::codec::Subscription {
+        crate::ingest::codec::Subscription {
+            filter: filter.into(),
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        }
+    }
+
     fn publish(topic: &str, qos: u8, pkid: u16) -> Inbound {
         Inbound::Publish(Publish {
             topic: topic.into(),
@@ -784,13 +802,13 @@ mod tests {
         let a = s.on_packet(
             Inbound::Subscribe {
                 pkid: 4,
-                filters: 2,
+                filters: vec![sub("a/#"), sub("b/+")],
             },
             &DevicesOwnTree,
         );
         assert!(a.contains(&Action::Send(Outbound::SubAck {
             pkid: 4,
-            codes: vec![0x80, 0x80]
+            codes: vec![0x83, 0x83]
         })));
         assert!(s.is_connected());
     }
