@@ -6,3 +6,4 @@
 //! messages and the router that reads the queue and feeds sessions.
 
 pub mod index;
+pub mod outbox;

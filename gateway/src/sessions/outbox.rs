@@ -1,0 +1,520 @@
+//! One session's delivery state, with no I/O: the messages waiting for a subscriber, the QoS 1/2
+//! messages in flight to it, and its packet identifiers. Messages go in with [`Outbox::push`]; the
+//! connection asks [`Outbox::next_publish`] what to send while the subscriber's receive maximum
+//! allows, and feeds the subscriber's acks back in. On a reconnect [`Outbox::resume`] gives what
+//! must be sent again, in the order first sent: PUBLISH with DUP set for what was not acknowledged,
+//! PUBREL for QoS 2 messages whose PUBREC came back (so a QoS 2 message reaches the subscriber
+//! exactly once across reconnects: after PUBREC it is never published again).
+//!
+//! Bounds: at most `max_messages` and `max_bytes` waiting (in flight counts). When a push would
+//! pass a bound, the oldest waiting QoS 0 messages make room first; if that is not enough, the new
+//! message is refused and counted. Nothing here grows without a bound.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// A message for a subscriber, as the router matched it (shared by every session it goes to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub retain: bool,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub payload_format: Option<u8>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+}
+
+impl Message {
+    /// The bytes this message is counted as against a session's bound.
+    pub fn cost(&self) -> usize {
+        self.topic.len() + self.payload.len() + 32
+    }
+}
+
+/// What to send to the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Send {
+    Publish {
+        message: Arc<Message>,
+        qos: u8,
+        /// 0 for QoS 0.
+        pkid: u16,
+        dup: bool,
+    },
+    PubRel {
+        pkid: u16,
+    },
+}
+
+/// Why a message did not go into the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The session's message or byte bound is reached by QoS 1/2 messages.
+    Full,
+}
+
+/// An ack that matches nothing in flight (a protocol error by the subscriber, or a late
+/// duplicate after a reconnect): the caller decides; the outbox is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownPacketId(pub u16);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// QoS 1 sent, waiting for PUBACK; QoS 2 sent, waiting for PUBREC.
+    Published,
+    /// QoS 2: PUBREC came, PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    pkid: u16,
+    qos: u8,
+    stage: Stage,
+    message: Arc<Message>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    qos: u8,
+    message: Arc<Message>,
+}
+
+/// Counters a session keeps (exact; the metrics sum them).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub sent: u64,
+    pub resent: u64,
+    pub completed: u64,
+    /// QoS 0 messages dropped to make room or refused by a full session.
+    pub dropped_qos0: u64,
+    /// QoS 1/2 messages refused by a full session.
+    pub refused_full: u64,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    waiting: VecDeque<Waiting>,
+    in_flight: VecDeque<InFlight>,
+    next_pkid: u16,
+    receive_maximum: usize,
+    max_messages: usize,
+    max_bytes: usize,
+    bytes: usize,
+    counts: Counts,
+}
+
+impl Outbox {
+    /// `receive_maximum`: how many QoS 1/2 publishes may be unacknowledged at the subscriber
+    /// (its MQTT 5 receive maximum, capped by the gateway's own setting).
+    pub fn new(receive_maximum: u16, max_messages: usize, max_bytes: usize) -> Outbox {
+        Outbox {
+            waiting: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            next_pkid: 1,
+            receive_maximum: usize::from(receive_maximum.max(1)),
+            max_messages: max_messages.max(1),
+            max_bytes,
+            bytes: 0,
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Messages held (waiting and in flight) and their bytes.
+    pub fn len(&self) -> usize {
+        self.waiting.len() + self.in_flight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// A new subscriber connection may announce a different receive maximum.
+    pub fn set_receive_maximum(&mut self, receive_maximum: u16) {
+        self.receive_maximum = usize::from(receive_maximum.max(1));
+    }
+
+    /// Queues `message` at `qos` (already the granted QoS: min of subscription and publish).
+    pub fn push(&mut self, message: Arc<Message>, qos: u8) -> Result<(), Refused> {
+        let cost = message.cost();
+        while self.len() >= self.max_messages || self.bytes + cost > self.max_bytes {
+            // Room is made from the oldest waiting QoS 0 message, never from QoS 1/2.
+            let Some(i) = self.waiting.iter().position(|w| w.qos == 0) else {
+                break;
+            };
+            if let Some(old) = self.waiting.remove(i) {
+                self.bytes -= old.message.cost();
+                self.counts.dropped_qos0 += 1;
+            }
+        }
+        if self.len() >= self.max_messages || self.bytes + cost > self.max_bytes {
+            if qos == 0 {
+                self.counts.dropped_qos0 += 1;
+            } else {
+                self.counts.refused_full += 1;
+            }
+            return Err(Refused::Full);
+        }
+        self.bytes += cost;
+        self.waiting.push_back(Waiting { qos, message });
+        Ok(())
+    }
+
+    /// The next PUBLISH to send now, if the receive maximum allows one (QoS 0 is never held
+    /// back by it). Messages leave in the order they were pushed.
+    pub fn next_publish(&mut self) -> Option<Send> {
+        let front = self.waiting.front()?;
+        if front.qos > 0 && self.in_flight.len() >= self.receive_maximum {
+            return None;
+        }
+        let w = self.waiting.pop_front()?;
+        self.counts.sent += 1;
+        if w.qos == 0 {
+            self.bytes -= w.message.cost();
+            self.counts.completed += 1;
+            return Some(Send::Publish {
+                message: w.message,
+                qos: 0,
+                pkid: 0,
+                dup: false,
+            });
+        }
+        let pkid = self.allocate_pkid();
+        self.in_flight.push_back(InFlight {
+            pkid,
+            qos: w.qos,
+            stage: Stage::Published,
+            message: w.message.clone(),
+        });
+        Some(Send::Publish {
+            message: w.message,
+            qos: w.qos,
+            pkid,
+            dup: false,
+        })
+    }
+
+    /// A packet id not in flight. At most 65,535 can be in flight and the receive maximum is
+    /// at most that, so one is always free when a publish may go.
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.in_flight.iter().any(|f| f.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    fn position(&self, pkid: u16, qos: u8, stage: Stage) -> Result<usize, UnknownPacketId> {
+        self.in_flight
+            .iter()
+            .position(|f| f.pkid == pkid && f.qos == qos && f.stage == stage)
+            .ok_or(UnknownPacketId(pkid))
+    }
+
+    fn complete(&mut self, i: usize) {
+        if let Some(done) = self.in_flight.remove(i) {
+            self.bytes -= done.message.cost();
+            self.counts.completed += 1;
+        }
+    }
+
+    /// PUBACK for a QoS 1 message.
+    pub fn on_puback(&mut self, pkid: u16) -> Result<(), UnknownPacketId> {
+        let i = self.position(pkid, 1, Stage::Published)?;
+        self.complete(i);
+        Ok(())
+    }
+
+    /// PUBREC for a QoS 2 message: the subscriber has it; answer PUBREL. A repeated PUBREC
+    /// (after a reconnect) is answered with PUBREL again.
+    pub fn on_pubrec(&mut self, pkid: u16) -> Result<Send, UnknownPacketId> {
+        let i = self
+            .position(pkid, 2, Stage::Published)
+            .or_else(|_| self.position(pkid, 2, Stage::Released))?;
+        if let Some(f) = self.in_flight.get_mut(i) {
+            f.stage = Stage::Released;
+        }
+        Ok(Send::PubRel { pkid })
+    }
+
+    /// PUBCOMP for a QoS 2 message.
+    pub fn on_pubcomp(&mut self, pkid: u16) -> Result<(), UnknownPacketId> {
+        let i = self.position(pkid, 2, Stage::Released)?;
+        self.complete(i);
+        Ok(())
+    }
+
+    /// The subscriber went away: what was in flight stays in flight for [`Outbox::resume`];
+    /// waiting QoS 0 messages are dropped (they are for a live subscriber only).
+    pub fn on_disconnect(&mut self) {
+        let before = self.waiting.len();
+        let mut freed = 0;
+        self.waiting.retain(|w| {
+            let keep = w.qos > 0;
+            if !keep {
+                freed += w.message.cost();
+            }
+            keep
+        });
+        self.bytes -= freed;
+        self.counts.dropped_qos0 += (before - self.waiting.len()) as u64;
+    }
+
+    /// The subscriber is back on a resumed session: everything in flight, in the order it was
+    /// first sent, with DUP set on publishes (MQTT 3.1.1 §4.4, MQTT 5 §4.4).
+    pub fn resume(&mut self) -> Vec<Send> {
+        self.counts.resent += self.in_flight.len() as u64;
+        self.in_flight
+            .iter()
+            .map(|f| match f.stage {
+                Stage::Published => Send::Publish {
+                    message: f.message.clone(),
+                    qos: f.qos,
+                    pkid: f.pkid,
+                    dup: true,
+                },
+                Stage::Released => Send::PubRel { pkid: f.pkid },
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn msg(n: u32) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "t".into(),
+            payload: Bytes::from(n.to_be_bytes().to_vec()),
+            retain: false,
+            user_properties: Vec::new(),
+            content_type: None,
+            payload_format: None,
+            response_topic: None,
+            correlation_data: None,
+        })
+    }
+
+    fn id(m: &Message) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&m.payload);
+        u32::from_be_bytes(b)
+    }
+
+    #[test]
+    fn receive_maximum_holds_back_qos1_but_not_qos0() {
+        let mut o = Outbox::new(1, 100, 1 << 20);
+        o.push(msg(1), 1).unwrap();
+        o.push(msg(2), 1).unwrap();
+        assert!(matches!(
+            o.next_publish(),
+            Some(Send::Publish { pkid: 1, .. })
+        ));
+        assert_eq!(o.next_publish(), None, "receive maximum 1 reached");
+        o.on_puback(1).unwrap();
+        assert!(matches!(
+            o.next_publish(),
+            Some(Send::Publish { qos: 1, .. })
+        ));
+        assert_eq!(o.on_puback(1), Err(UnknownPacketId(1)), "acked twice");
+    }
+
+    #[test]
+    fn a_full_session_drops_qos0_first_then_refuses_and_counts() {
+        let one = msg(0).cost();
+        let mut o = Outbox::new(10, 3, 10 * one);
+        o.push(msg(1), 0).unwrap();
+        o.push(msg(2), 1).unwrap();
+        o.push(msg(3), 0).unwrap();
+        o.push(msg(4), 1).unwrap(); // drops 1 (oldest QoS 0)
+        o.push(msg(5), 2).unwrap(); // drops 3
+        assert_eq!(o.push(msg(6), 1), Err(Refused::Full));
+        assert_eq!(o.push(msg(7), 0), Err(Refused::Full));
+        let c = o.counts();
+        assert_eq!((c.dropped_qos0, c.refused_full), (3, 1));
+        let mut sent = Vec::new();
+        while let Some(Send::Publish { message, .. }) = o.next_publish() {
+            sent.push(id(&message));
+        }
+        assert_eq!(sent, [2, 4, 5]);
+        assert_eq!(o.bytes(), 3 * one);
+    }
+
+    #[test]
+    fn qos2_after_pubrec_is_released_not_republished_on_resume() {
+        let mut o = Outbox::new(10, 10, 1 << 20);
+        o.push(msg(1), 2).unwrap();
+        o.push(msg(2), 2).unwrap();
+        o.next_publish();
+        o.next_publish();
+        assert_eq!(o.on_pubrec(1), Ok(Send::PubRel { pkid: 1 }));
+        o.on_disconnect();
+        let again = o.resume();
+        assert_eq!(again[0], Send::PubRel { pkid: 1 });
+        assert!(matches!(
+            &again[1],
+            Send::Publish {
+                pkid: 2,
+                dup: true,
+                qos: 2,
+                ..
+            }
+        ));
+        o.on_pubcomp(1).unwrap();
+        assert_eq!(o.on_pubrec(2), Ok(Send::PubRel { pkid: 2 }));
+        assert_eq!(
+            o.on_pubrec(2),
+            Ok(Send::PubRel { pkid: 2 }),
+            "a repeated PUBREC"
+        );
+        o.on_pubcomp(2).unwrap();
+        assert!(o.is_empty());
+        assert_eq!(o.bytes(), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(u8),
+        Send,
+        /// Ack the in-flight message at this index (mod the count), as the subscriber would.
+        Ack(usize),
+        /// An ack for a random packet id.
+        BogusAck(u16),
+        Reconnect,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..3).prop_map(Op::Push),
+            4 => Just(Op::Send),
+            3 => (0usize..64).prop_map(Op::Ack),
+            1 => any::<u16>().prop_map(Op::BogusAck),
+            1 => Just(Op::Reconnect),
+        ]
+    }
+
+    proptest! {
+        /// Against a subscriber that acks in any order and reconnects at any time: QoS 1/2
+        /// messages are first sent in push order; every accepted QoS 1/2 message completes
+        /// exactly once when all is acked; a QoS 2 message is never published again after its
+        /// PUBREC; packet ids in flight are unique and within the receive maximum; bytes add up.
+        #[test]
+        fn delivery_model(ops in prop::collection::vec(op(), 1..200), rmax in 1u16..6) {
+            let mut o = Outbox::new(rmax, 8, 1 << 20);
+            let mut n = 0u32;
+            let mut accepted: BTreeSet<u32> = BTreeSet::new();
+            let mut first_sent: Vec<u32> = Vec::new();
+            let mut completed: BTreeSet<u32> = BTreeSet::new();
+            // pkid -> (message, qos, PUBREC seen)
+            let mut at_sub: BTreeMap<u16, (u32, u8, bool)> = BTreeMap::new();
+            let handle = |s: Send, at_sub: &mut BTreeMap<u16, (u32, u8, bool)>, first_sent: &mut Vec<u32>| -> Result<(), TestCaseError> {
+                if let Send::Publish { message, qos, pkid, dup } = s {
+                    let m = id(&message);
+                    if qos > 0 {
+                        if let Some(&(prev, _, rec)) = at_sub.get(&pkid) {
+                            prop_assert_eq!(prev, m, "pkid reused while in flight");
+                            prop_assert!(!rec, "QoS 2 message {} published after its PUBREC", m);
+                            prop_assert!(dup);
+                        } else {
+                            prop_assert!(!dup);
+                            first_sent.push(m);
+                        }
+                        at_sub.insert(pkid, (m, qos, false));
+                    }
+                }
+                Ok(())
+            };
+            for op in ops {
+                match op {
+                    Op::Push(qos) => {
+                        n += 1;
+                        if o.push(msg(n), qos).is_ok() && qos > 0 {
+                            accepted.insert(n);
+                        }
+                    }
+                    Op::Send => {
+                        if let Some(s) = o.next_publish() {
+                            handle(s, &mut at_sub, &mut first_sent)?;
+                        }
+                    }
+                    Op::Ack(i) => {
+                        if at_sub.is_empty() { continue; }
+                        let pkid = *at_sub.keys().nth(i % at_sub.len()).expect("nonempty");
+                        let (m, qos, rec) = at_sub[&pkid];
+                        if qos == 1 {
+                            prop_assert_eq!(o.on_puback(pkid), Ok(()));
+                            at_sub.remove(&pkid);
+                            prop_assert!(completed.insert(m));
+                        } else if !rec {
+                            prop_assert_eq!(o.on_pubrec(pkid), Ok(Send::PubRel { pkid }));
+                            at_sub.insert(pkid, (m, qos, true));
+                        } else {
+                            prop_assert_eq!(o.on_pubcomp(pkid), Ok(()));
+                            at_sub.remove(&pkid);
+                            prop_assert!(completed.insert(m));
+                        }
+                    }
+                    Op::BogusAck(pkid) => {
+                        if !at_sub.contains_key(&pkid) {
+                            prop_assert_eq!(o.on_puback(pkid), Err(UnknownPacketId(pkid)));
+                            prop_assert_eq!(o.on_pubcomp(pkid), Err(UnknownPacketId(pkid)));
+                        }
+                    }
+                    Op::Reconnect => {
+                        o.on_disconnect();
+                        for s in o.resume() {
+                            match s {
+                                Send::PubRel { pkid } => prop_assert!(at_sub[&pkid].2),
+                                s => handle(s, &mut at_sub, &mut first_sent)?,
+                            }
+                        }
+                    }
+                }
+                prop_assert!(o.in_flight() <= usize::from(rmax));
+                prop_assert_eq!(o.in_flight(), at_sub.len());
+                prop_assert!(o.len() <= 8);
+            }
+            let mut sorted = first_sent.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(&first_sent, &sorted, "first sends out of push order");
+            // Drain: send everything and ack everything.
+            loop {
+                while let Some(s) = o.next_publish() {
+                    handle(s, &mut at_sub, &mut first_sent)?;
+                }
+                let Some((&pkid, &(m, qos, rec))) = at_sub.iter().next() else { break };
+                if qos == 2 && !rec {
+                    o.on_pubrec(pkid).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+                }
+                if qos == 1 { o.on_puback(pkid) } else { o.on_pubcomp(pkid) }
+                    .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+                at_sub.remove(&pkid);
+                prop_assert!(completed.insert(m));
+            }
+            prop_assert_eq!(&completed, &accepted, "every accepted QoS 1/2 message completes once");
+            prop_assert!(o.is_empty());
+            prop_assert_eq!(o.bytes(), 0);
+        }
+    }
+}
