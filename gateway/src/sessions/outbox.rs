@@ -325,14 +325,14 @@ mod tests {
     #[test]
     fn receive_maximum_holds_back_qos1_but_not_qos0() {
         let mut o = Outbox::new(1, 100, 1 << 20);
-        o.push(msg(1), 1).unwrap();
-        o.push(msg(2), 1).unwrap();
+        o.push(msg(1), 1).expect("room");
+        o.push(msg(2), 1).expect("room");
         assert!(matches!(
             o.next_publish(),
             Some(Send::Publish { pkid: 1, .. })
         ));
         assert_eq!(o.next_publish(), None, "receive maximum 1 reached");
-        o.on_puback(1).unwrap();
+        o.on_puback(1).expect("in flight");
         assert!(matches!(
             o.next_publish(),
             Some(Send::Publish { qos: 1, .. })
@@ -344,11 +344,11 @@ mod tests {
     fn a_full_session_drops_qos0_first_then_refuses_and_counts() {
         let one = msg(0).cost();
         let mut o = Outbox::new(10, 3, 10 * one);
-        o.push(msg(1), 0).unwrap();
-        o.push(msg(2), 1).unwrap();
-        o.push(msg(3), 0).unwrap();
-        o.push(msg(4), 1).unwrap(); // drops 1 (oldest QoS 0)
-        o.push(msg(5), 2).unwrap(); // drops 3
+        o.push(msg(1), 0).expect("room");
+        o.push(msg(2), 1).expect("room");
+        o.push(msg(3), 0).expect("room");
+        o.push(msg(4), 1).expect("room"); // drops 1 (oldest QoS 0)
+        o.push(msg(5), 2).expect("room"); // drops 3
         assert_eq!(o.push(msg(6), 1), Err(Refused::Full));
         assert_eq!(o.push(msg(7), 0), Err(Refused::Full));
         let c = o.counts();
@@ -364,8 +364,8 @@ mod tests {
     #[test]
     fn qos2_after_pubrec_is_released_not_republished_on_resume() {
         let mut o = Outbox::new(10, 10, 1 << 20);
-        o.push(msg(1), 2).unwrap();
-        o.push(msg(2), 2).unwrap();
+        o.push(msg(1), 2).expect("room");
+        o.push(msg(2), 2).expect("room");
         o.next_publish();
         o.next_publish();
         assert_eq!(o.on_pubrec(1), Ok(Send::PubRel { pkid: 1 }));
@@ -381,14 +381,14 @@ mod tests {
                 ..
             }
         ));
-        o.on_pubcomp(1).unwrap();
+        o.on_pubcomp(1).expect("released");
         assert_eq!(o.on_pubrec(2), Ok(Send::PubRel { pkid: 2 }));
         assert_eq!(
             o.on_pubrec(2),
             Ok(Send::PubRel { pkid: 2 }),
             "a repeated PUBREC"
         );
-        o.on_pubcomp(2).unwrap();
+        o.on_pubcomp(2).expect("released");
         assert!(o.is_empty());
         assert_eq!(o.bytes(), 0);
     }
