@@ -133,6 +133,30 @@ pub fn matches_by(filter: &str, topic: &str, mut level_eq: impl FnMut(&str, &str
     t.next().is_none()
 }
 
+/// Whether every topic that `filter` matches is also matched by `outer` (both assumed valid), with
+/// the comparison of a literal level of `outer` against a literal level of `filter` left to
+/// `level_eq(outer_level, filter_level)`. The subscribe ACL uses it: a subscription is allowed when
+/// an allowed filter covers it, so delivery needs no check per message.
+pub fn covers_by(outer: &str, filter: &str, mut level_eq: impl FnMut(&str, &str) -> bool) -> bool {
+    // `outer` starting with a wildcard does not match `$` topics, which a `$`-led `filter` does.
+    if filter.starts_with('$') && (outer.starts_with('+') || outer.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    for o in outer.split('/') {
+        if o == "#" {
+            return true;
+        }
+        match f.next() {
+            // `+` in `outer` covers any one level of `filter` but `#` (which spans several).
+            Some(l) if o == "+" && l != "#" => {}
+            Some(l) if l != "+" && l != "#" && level_eq(o, l) => {}
+            _ => return false,
+        }
+    }
+    f.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +222,27 @@ mod tests {
         assert!(!matches("+/uptime", "$SYS/uptime"));
         assert!(matches("$SYS/#", "$SYS/uptime"));
         assert!(matches("$SYS/+", "$SYS/uptime"));
+    }
+
+    #[test]
+    fn a_filter_covers_what_it_matches_a_superset_of() {
+        let covers = |o: &str, f: &str| covers_by(o, f, |a, b| a == b);
+        assert!(covers("devices/d1/commands/#", "devices/d1/commands/#"));
+        assert!(covers("devices/d1/commands/#", "devices/d1/commands/+/x"));
+        assert!(covers("devices/d1/commands/#", "devices/d1/commands"));
+        assert!(covers("devices/+/t", "devices/d1/t"));
+        assert!(covers("devices/+/t", "devices/+/t"));
+        assert!(covers("#", "a/#"));
+        assert!(!covers("devices/d1/commands/#", "devices/#"));
+        assert!(!covers("devices/d1/commands/#", "devices/+/commands/#"));
+        assert!(!covers("devices/+/t", "devices/#"));
+        assert!(!covers("devices/+", "devices/+/t"));
+        assert!(!covers("a/b", "a/b/c"));
+        assert!(
+            !covers("#", "$SYS/#"),
+            "a wildcard first level never reaches $ topics"
+        );
+        assert!(covers("$SYS/#", "$SYS/load"));
     }
 
     #[test]

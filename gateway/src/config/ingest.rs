@@ -156,7 +156,8 @@ impl Default for AuthConfig {
     }
 }
 
-/// `[[acl]]`: topics an identity may publish to. `%c` is the client id, `%u` the username.
+/// `[[acl]]`: topics an identity may publish to and filters it may subscribe to. `%c` is the
+/// client id, `%u` the username.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
@@ -164,11 +165,20 @@ pub struct AclRule {
     #[serde(default = "any_identity")]
     pub identity: String,
     /// MQTT topic filters (`+`, `#`) the identity may publish to.
+    #[serde(default)]
     pub publish: Vec<String>,
+    /// Topic filters the identity may subscribe to: a SUBSCRIBE filter is granted when one of
+    /// these covers it. Default: the device's own command tree, `devices/%c/commands/#`.
+    #[serde(default = "default_subscribe")]
+    pub subscribe: Vec<String>,
 }
 
 fn any_identity() -> String {
     "*".into()
+}
+
+fn default_subscribe() -> Vec<String> {
+    vec!["devices/%c/commands/#".into()]
 }
 
 /// The rule that applies when no `[[acl]]` is configured.
@@ -176,6 +186,7 @@ pub fn default_acl() -> Vec<AclRule> {
     vec![AclRule {
         identity: any_identity(),
         publish: vec!["devices/%c/#".into()],
+        subscribe: default_subscribe(),
     }]
 }
 
@@ -307,21 +318,24 @@ pub(super) fn check_acl(rules: &[AclRule], problems: &mut Vec<Problem>) {
         });
     }
     for (i, r) in rules.iter().enumerate() {
-        if r.publish.is_empty() {
+        if r.publish.is_empty() && r.subscribe.is_empty() {
             problems.push(Problem {
                 key: format!("acl[{i}].publish"),
                 value: "[]".into(),
-                reason: "empty: the rule allows nothing; list topic filters or remove the rule"
+                reason: "empty, and so is subscribe: the rule allows nothing; list topic filters \
+                         or remove the rule"
                     .into(),
             });
         }
-        for (j, f) in r.publish.iter().enumerate() {
-            if let Err(e) = crate::topic::check_filter(f) {
-                problems.push(Problem {
-                    key: format!("acl[{i}].publish[{j}]"),
-                    value: quoted(f),
-                    reason: format!("not a topic filter: {e}"),
-                });
+        for (what, filters) in [("publish", &r.publish), ("subscribe", &r.subscribe)] {
+            for (j, f) in filters.iter().enumerate() {
+                if let Err(e) = crate::topic::check_filter(f) {
+                    problems.push(Problem {
+                        key: format!("acl[{i}].{what}[{j}]"),
+                        value: quoted(f),
+                        reason: format!("not a topic filter: {e}"),
+                    });
+                }
             }
         }
     }

@@ -234,22 +234,25 @@ fn literal_level_ok(v: &str) -> bool {
 
 /// MQTT topic matching with `%c` / `%u` substituted as literal text.
 fn filter_matches(filter: &str, topic: &str, client_id: &str, username: Option<&str>) -> bool {
-    crate::topic::matches_by(filter, topic, |f, t| {
-        if !f.contains('%') {
-            return f == t;
+    crate::topic::matches_by(filter, topic, |f, t| level_eq(f, t, client_id, username))
+}
+
+/// Whether `level` (of an ACL filter, possibly with `%c` / `%u`) equals the literal `other`.
+fn level_eq(level: &str, other: &str, client_id: &str, username: Option<&str>) -> bool {
+    if !level.contains('%') {
+        return level == other;
+    }
+    if level.contains("%c") && !literal_level_ok(client_id) {
+        return false;
+    }
+    let mut l = level.replace("%c", client_id);
+    if l.contains("%u") {
+        match username {
+            Some(u) if literal_level_ok(u) => l = l.replace("%u", u),
+            _ => return false,
         }
-        if f.contains("%c") && !literal_level_ok(client_id) {
-            return false;
-        }
-        let mut l = f.replace("%c", client_id);
-        if l.contains("%u") {
-            match username {
-                Some(u) if literal_level_ok(u) => l = l.replace("%u", u),
-                _ => return false,
-            }
-        }
-        l == t
-    })
+    }
+    l == other
 }
 
 impl PublishAcl for Acl {
@@ -261,6 +264,19 @@ impl PublishAcl for Acl {
                 r.publish
                     .iter()
                     .any(|f| filter_matches(f, topic, client_id, identity.username.as_deref()))
+            })
+    }
+
+    /// Allowed when an allowed filter covers the whole of `filter` (every topic it can match).
+    fn may_subscribe(&self, identity: &Identity, client_id: &str, filter: &str) -> bool {
+        let user = identity.username.as_deref();
+        self.rules
+            .iter()
+            .filter(|r| glob(&r.identity, &identity.name))
+            .any(|r| {
+                r.subscribe.iter().any(|allowed| {
+                    crate::topic::covers_by(allowed, filter, |a, f| level_eq(a, f, client_id, user))
+                })
             })
     }
 }
@@ -297,10 +313,12 @@ mod tests {
             AclRule {
                 identity: "gw-*".into(),
                 publish: vec!["sites/%u/+/temp".into()],
+                subscribe: vec!["sites/%u/commands/#".into()],
             },
             AclRule {
                 identity: "admin".into(),
                 publish: vec!["#".into()],
+                subscribe: vec!["#".into()],
             },
         ]);
         assert!(acl.may_publish(&ident("gw-7", Some("north")), "c", "sites/north/x/temp"));
@@ -308,6 +326,27 @@ mod tests {
         assert!(!acl.may_publish(&ident("gw-7", None), "c", "sites/north/x/temp"));
         assert!(acl.may_publish(&ident("admin", None), "c", "any/thing"));
         assert!(!acl.may_publish(&ident("other", None), "c", "any/thing"));
+        let gw = ident("gw-7", Some("north"));
+        assert!(acl.may_subscribe(&gw, "c", "sites/north/commands/#"));
+        assert!(acl.may_subscribe(&gw, "c", "sites/north/commands/+/x"));
+        assert!(!acl.may_subscribe(&gw, "c", "sites/+/commands/#"));
+        assert!(!acl.may_subscribe(&gw, "c", "sites/#"));
+        assert!(!acl.may_subscribe(&ident("gw-7", None), "c", "sites/north/commands/#"));
+        assert!(acl.may_subscribe(&ident("admin", None), "c", "sites/#"));
+        assert!(!acl.may_subscribe(&ident("admin", None), "c", "$SYS/#"));
+    }
+
+    #[test]
+    fn by_default_a_device_may_subscribe_to_its_own_command_tree_only() {
+        let acl = Acl::new(crate::config::default_acl());
+        let d = ident("d1", None);
+        assert!(acl.may_subscribe(&d, "d1", "devices/d1/commands/#"));
+        assert!(acl.may_subscribe(&d, "d1", "devices/d1/commands/reboot"));
+        assert!(!acl.may_subscribe(&d, "d1", "devices/d2/commands/#"));
+        assert!(!acl.may_subscribe(&d, "d1", "devices/+/commands/#"));
+        assert!(!acl.may_subscribe(&d, "d1", "devices/d1/#"));
+        // A client id that is not one literal level can never match `%c`.
+        assert!(!acl.may_subscribe(&ident("+", None), "+", "devices/+/commands/#"));
     }
 
     fn connect(id: &str, user: Option<&str>, pw: Option<&str>) -> Connect {
@@ -321,6 +360,7 @@ mod tests {
             will: None,
             client_max_packet: None,
             auth_method: None,
+            client_receive_maximum: None,
         }
     }
 

@@ -44,11 +44,12 @@ pub struct Connect {
     pub username: Option<String>,
     pub password: Option<String>,
     pub will: Option<Will>,
-    /// MQTT 5: how many QoS 1/2 acks the client accepts in flight (ours to it: unused, we send
-    /// no publishes) and the largest packet it accepts.
+    /// MQTT 5: the largest packet the client accepts.
     pub client_max_packet: Option<u32>,
     /// MQTT 5: an enhanced authentication method (we support none).
     pub auth_method: Option<String>,
+    /// MQTT 5: how many QoS 1/2 publishes from us the client takes unacknowledged.
+    pub client_receive_maximum: Option<u16>,
 }
 
 /// PUBLISH from a device.
@@ -389,6 +390,7 @@ fn decode_connect(
                 }),
                 client_max_packet: None,
                 auth_method: None,
+                client_receive_maximum: None,
             })))),
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
             Err(e) => Err(malformed(e)),
@@ -429,6 +431,7 @@ fn decode_connect(
                     will,
                     client_max_packet: props.max_packet_size,
                     auth_method: props.authentication_method,
+                    client_receive_maximum: props.receive_maximum,
                 }))))
             }
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
@@ -594,7 +597,7 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
                 topic_alias_max: Some(0),
                 reason_string: c.reason.clone(),
                 user_properties: Vec::new(),
-                wildcard_subscription_available: Some(0),
+                wildcard_subscription_available: None,
                 subscription_identifiers_available: Some(0),
                 shared_subscription_available: Some(0),
                 server_keep_alive: c.server_keep_alive,

@@ -16,10 +16,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{self, reason, DecodeError, Outbound, Version};
-use super::session::{Action, Message, Session};
+use super::codec::{self, reason, DecodeError, OutPublish, Outbound, Version};
+use super::session::{Action, Message, Session, SubscriberAck};
 use super::Shared;
 use crate::queue::{NewRecord, PendingAppend, QueueError};
+use crate::sessions::outbox::Send as Delivery;
+use crate::sessions::{Slot, SubOptions};
+
+/// The connection's session of subscriptions, set once CONNECT succeeded (the writer takes
+/// deliveries from it).
+type SlotCell = Arc<std::sync::OnceLock<Arc<Slot>>>;
 
 /// What the reader hands the writer.
 enum Out {
@@ -48,12 +54,14 @@ pub(crate) async fn serve<S>(
     let (tx, rx) = mpsc::channel(usize::from(policy.limits().receive_maximum) + 8);
     let version = Arc::new(std::sync::OnceLock::new());
     let acks_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let slot = SlotCell::default();
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
         version.clone(),
         shared.clone(),
         acks_sent.clone(),
+        slot.clone(),
     ));
     let mut conn = Conn {
         session: Session::new(policy.session_limits()),
@@ -66,6 +74,8 @@ pub(crate) async fn serve<S>(
         shutdown: shutdown.clone(),
         acks_sent,
         last_append: None,
+        slot,
+        client_receive_maximum: None,
     };
     let span = tracing::debug_span!("conn", %peer);
     tracing::Instrument::instrument(
@@ -95,6 +105,8 @@ struct Conn {
     /// This connection's latest append: once it failed, later publishes are refused too, so
     /// the device's records are stored in the order it sent them or not at all.
     last_append: Option<crate::queue::AppendMarker>,
+    slot: SlotCell,
+    client_receive_maximum: Option<u16>,
 }
 
 enum Step {
@@ -194,6 +206,7 @@ impl Conn {
                     }
                 }
                 Action::Authenticate(c) => {
+                    self.client_receive_maximum = c.client_receive_maximum;
                     let result = self.authenticate(&c).await;
                     if let Ok(ident) = &result {
                         tracing::debug!(client_id = %c.client_id, identity = %ident.name, "authenticated");
@@ -212,6 +225,40 @@ impl Conn {
                     }
                 }
                 Action::Refused(r) => self.shared.stats.refused(r.as_label()),
+                Action::Subscribe(subs) => {
+                    if let Some(slot) = self.slot.get() {
+                        for s in subs {
+                            let options = SubOptions {
+                                qos: s.qos,
+                                no_local: s.no_local,
+                                retain_as_published: s.retain_as_published,
+                            };
+                            self.shared.sessions.subscribe(slot, &s.filter, options);
+                        }
+                    }
+                }
+                Action::Unsubscribe { pkid, filters } => {
+                    let codes = filters
+                        .iter()
+                        .map(|f| match self.slot.get() {
+                            Some(slot) if self.shared.sessions.unsubscribe(slot, f) => {
+                                reason::SUCCESS
+                            }
+                            _ => reason::NO_SUBSCRIPTION_EXISTED,
+                        })
+                        .collect();
+                    if !self
+                        .send(Out::Packet(Outbound::UnsubAck { pkid, codes }))
+                        .await
+                    {
+                        return Step::Stop;
+                    }
+                }
+                Action::Delivered(ack) => {
+                    if let Step::Stop = self.delivered(ack).await {
+                        return Step::Stop;
+                    }
+                }
                 Action::Close { publish_will } => {
                     if publish_will {
                         self.publish_will().await;
@@ -219,6 +266,32 @@ impl Conn {
                     let _ = self.send(Out::Close).await;
                     return Step::Stop;
                 }
+            }
+        }
+        Step::Continue
+    }
+
+    /// An ack from the client for a publish we sent it. An ack for nothing in flight (late,
+    /// repeated, or made up) changes nothing.
+    async fn delivered(&mut self, ack: SubscriberAck) -> Step {
+        let Some(slot) = self.slot.get() else {
+            return Step::Continue;
+        };
+        let result = match ack {
+            SubscriberAck::PubAck(pkid) => slot.outbox().on_puback(pkid).map(|()| None),
+            SubscriberAck::PubRec(pkid) => slot.outbox().on_pubrec(pkid).map(Some),
+            SubscriberAck::PubComp(pkid) => slot.outbox().on_pubcomp(pkid).map(|()| None),
+        };
+        match result {
+            Ok(Some(Delivery::PubRel { pkid })) => {
+                if !self.send(Out::Packet(Outbound::PubRel { pkid })).await {
+                    return Step::Stop;
+                }
+            }
+            // Room in flight again: the writer sends what waits.
+            Ok(_) => slot.wake.notify_one(),
+            Err(unknown) => {
+                tracing::debug!(pkid = unknown.0, ?ack, "ack for no publish in flight");
             }
         }
         Step::Continue
@@ -254,6 +327,11 @@ impl Conn {
             old.notify_one();
         }
         self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
+        let slot = self
+            .shared
+            .sessions
+            .attach(&id, self.client_receive_maximum);
+        let _ = self.slot.set(slot);
         self.registered = Some((id, reg));
     }
 
@@ -371,6 +449,9 @@ impl Conn {
             self.publish_will().await;
         }
         let _ = self.send(Out::Close).await;
+        if let Some(slot) = self.slot.get() {
+            self.shared.sessions.detach(slot);
+        }
         if let Some((id, reg)) = self.registered.take() {
             let mut map = self
                 .shared
@@ -383,6 +464,40 @@ impl Conn {
             self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Waits for the session's wake-up, or for ever before there is a session.
+async fn woken(slot: &SlotCell) {
+    match slot.get() {
+        Some(s) => s.wake.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
+    let p = match d {
+        Delivery::Publish {
+            message,
+            qos,
+            pkid,
+            dup,
+        } => Outbound::Publish(Box::new(OutPublish {
+            topic: message.topic.to_string(),
+            qos,
+            retain: message.retain,
+            dup,
+            pkid,
+            payload: message.payload.clone(),
+            user_properties: message.user_properties.clone(),
+            content_type: message.content_type.clone(),
+            payload_format: message.payload_format,
+            response_topic: message.response_topic.clone(),
+            correlation_data: message.correlation_data.clone(),
+            message_expiry: None,
+        })),
+        Delivery::PubRel { pkid } => Outbound::PubRel { pkid },
+    };
+    codec::encode(&p, v, buf);
 }
 
 fn record_of(m: &Message) -> NewRecord<'_> {
@@ -406,10 +521,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     version: Arc<std::sync::OnceLock<Version>>,
     shared: Arc<Shared>,
     acks_sent: Arc<std::sync::atomic::AtomicU64>,
+    slot: SlotCell,
 ) {
     let mut buf = BytesMut::with_capacity(1024);
-    'outer: while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
+    'outer: loop {
+        let mut next = tokio::select! {
+            biased;
+            out = rx.recv() => match out {
+                Some(out) => Some(out),
+                None => break,
+            },
+            _ = woken(&slot) => None,
+        };
         // Encode everything that is ready, then write it in one go.
         while let Some(out) = next.take() {
             let v = version.get().copied().unwrap_or(Version::V311);
@@ -472,6 +595,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }
             next = rx.try_recv().ok();
+        }
+        if let Some(slot) = slot.get() {
+            let v = version.get().copied().unwrap_or(Version::V311);
+            let mut outbox = slot.outbox();
+            while let Some(d) = outbox.next_publish() {
+                encode_delivery(d, v, &mut buf);
+            }
         }
         if !buf.is_empty() {
             if wr.write_all(&buf).await.is_err() {

@@ -13,6 +13,10 @@ impl PublishAcl for AllowMost {
     fn may_publish(&self, _: &Identity, _: &str, topic: &str) -> bool {
         !topic.starts_with("deny")
     }
+
+    fn may_subscribe(&self, _: &Identity, _: &str, filter: &str) -> bool {
+        !filter.starts_with("deny")
+    }
 }
 
 /// A valid CONNECT (3.1.1 or 5) for client id "fuzz", to get past the first packet.
@@ -119,7 +123,20 @@ fn perform(session: &mut Session, actions: Vec<Action>, out: &mut BytesMut) -> b
                     codec::encode(&a, session.version().unwrap_or(Version::V311), out);
                 }
             }
-            Action::Refused(_) => {}
+            Action::Refused(_) | Action::Delivered(_) => {}
+            Action::Subscribe(subs) => {
+                for s in subs {
+                    assert!(crate::topic::check_filter(&s.filter).is_ok() && s.qos <= 2);
+                }
+            }
+            Action::Unsubscribe { pkid, filters } => {
+                let codes = vec![codec::reason::SUCCESS; filters.len()];
+                codec::encode(
+                    &Outbound::UnsubAck { pkid, codes },
+                    session.version().unwrap_or(Version::V311),
+                    out,
+                );
+            }
             Action::Close { .. } => {
                 let _ = session.take_will();
                 return false;

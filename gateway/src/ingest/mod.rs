@@ -176,6 +176,8 @@ pub(crate) struct Shared {
     next_reg: AtomicU64,
     auth_permits: Semaphore,
     stats: Arc<IngestStats>,
+    /// Subscriptions and deliveries of the connected clients.
+    sessions: Arc<crate::sessions::Sessions>,
 }
 
 impl Shared {
@@ -214,6 +216,11 @@ pub struct IngestHandle {
 impl IngestHandle {
     pub fn stats(&self) -> Arc<IngestStats> {
         self.shared.stats.clone()
+    }
+
+    /// The live sessions (subscriptions and deliveries).
+    pub fn sessions(&self) -> Arc<crate::sessions::Sessions> {
+        self.shared.sessions.clone()
     }
 
     /// Checks that `config`'s ingest side can be applied (certificates and key files load, the
@@ -296,6 +303,9 @@ impl Ingest {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
             stats: Arc::new(IngestStats::default()),
+            sessions: Arc::new(crate::sessions::Sessions::new(
+                crate::sessions::SessionBounds::default(),
+            )),
         });
         Ok(Ingest {
             listeners,
@@ -329,6 +339,11 @@ impl Ingest {
     /// acks for what it already stored) and waits for them.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        tracker.spawn(crate::sessions::router::run(
+            self.handle.shared.queue.clone(),
+            self.handle.shared.sessions.clone(),
+            shutdown.clone(),
+        ));
         for l in self.listeners {
             tracker.spawn(accept_loop(
                 l,

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::codec::{reason, ConnAckProps, Connect, Inbound, Outbound, Publish, Version, Will};
+use super::codec::{
+    reason, ConnAckProps, Connect, Inbound, Outbound, Publish, Subscription, Version, Will,
+};
 
 /// Limits a session enforces; from the `[limits]` config section.
 #[derive(Debug, Clone)]
@@ -91,6 +93,17 @@ pub enum Action {
     },
     /// Count a refusal (metrics); the session goes on unless a `Close` follows.
     Refused(Refusal),
+    /// Add these subscriptions (checked and granted: `qos` is the granted QoS) to the session;
+    /// the SUBACK follows as its own action.
+    Subscribe(Vec<Subscription>),
+    /// Remove these filters from the session and answer with an UNSUBACK that says, per
+    /// filter, whether it existed.
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    /// Hand an ack to the session's outbox.
+    Delivered(SubscriberAck),
     /// Close the connection after everything before it; `publish_will` says whether the will (if
     /// any, see [`Session::take_will`]) goes into the queue.
     Close {
@@ -98,9 +111,25 @@ pub enum Action {
     },
 }
 
-/// Decides what a connected identity may publish to. Implemented by `auth::Acl`.
+/// Decides what a connected identity may publish to and subscribe to. Implemented by
+/// `auth::Acl`.
 pub trait PublishAcl: Send + Sync {
     fn may_publish(&self, identity: &Identity, client_id: &str, topic: &str) -> bool;
+
+    /// Whether the identity may subscribe to `filter` (decided once, at SUBSCRIBE: delivery
+    /// checks nothing per message). Denied unless an implementation says otherwise.
+    fn may_subscribe(&self, identity: &Identity, client_id: &str, filter: &str) -> bool {
+        let _ = (identity, client_id, filter);
+        false
+    }
+}
+
+/// An ack from a client for a publish the gateway sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriberAck {
+    PubAck(u16),
+    PubRec(u16),
+    PubComp(u16),
 }
 
 enum State {
@@ -299,18 +328,20 @@ impl Session {
                 c.awaiting_rel.remove(&pkid);
                 vec![Action::Send(Outbound::PubComp { pkid })]
             }
-            (State::Connected(_), Inbound::Subscribe { pkid, filters }) => vec![
-                Action::Refused(Refusal::Protocol),
-                Action::Send(Outbound::SubAck {
-                    pkid,
-                    codes: vec![reason::IMPLEMENTATION_SPECIFIC; filters.len().max(1)],
-                }),
-            ],
+            (State::Connected(_), Inbound::Subscribe { pkid, filters }) => {
+                self.on_subscribe(pkid, filters, acl)
+            }
             (State::Connected(_), Inbound::Unsubscribe { pkid, filters }) => {
-                vec![Action::Send(Outbound::UnsubAck {
-                    pkid,
-                    codes: vec![reason::NO_SUBSCRIPTION_EXISTED; filters.len()],
-                })]
+                vec![Action::Unsubscribe { pkid, filters }]
+            }
+            (State::Connected(_), Inbound::PubAck { pkid }) => {
+                vec![Action::Delivered(SubscriberAck::PubAck(pkid))]
+            }
+            (State::Connected(_), Inbound::PubRec { pkid }) => {
+                vec![Action::Delivered(SubscriberAck::PubRec(pkid))]
+            }
+            (State::Connected(_), Inbound::PubComp { pkid }) => {
+                vec![Action::Delivered(SubscriberAck::PubComp(pkid))]
             }
             (State::Connected(_), Inbound::PingReq) => vec![Action::Send(Outbound::PingResp)],
             (State::Connected(_), Inbound::Disconnect { reason }) => {
@@ -337,14 +368,7 @@ impl Session {
             (State::Connected(_), Inbound::Connect(_)) => {
                 self.close_with(reason::PROTOCOL_ERROR, "second CONNECT", Refusal::Protocol)
             }
-            // The gateway sends no publishes yet, so an ack for one is a protocol error.
-            (
-                State::Connected(_),
-                Inbound::PubAck { .. }
-                | Inbound::PubRec { .. }
-                | Inbound::PubComp { .. }
-                | Inbound::UnsupportedProtocol { .. },
-            ) => self.close_with(
+            (State::Connected(_), Inbound::UnsupportedProtocol { .. }) => self.close_with(
                 reason::PROTOCOL_ERROR,
                 "unexpected packet",
                 Refusal::Protocol,
@@ -378,6 +402,47 @@ impl Session {
                 publish_will: false,
             },
         ]
+    }
+
+    /// SUBSCRIBE: each filter is checked (syntax, length, shared subscriptions, the subscribe
+    /// ACL) and granted at the QoS asked for, or refused with its own code; the others of the
+    /// same packet are granted all the same.
+    fn on_subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<Subscription>,
+        acl: &dyn PublishAcl,
+    ) -> Vec<Action> {
+        let State::Connected(c) = &self.state else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut granted = Vec::new();
+        let mut codes = Vec::with_capacity(filters.len());
+        for mut s in filters {
+            let code = if s.filter.starts_with("$share/") {
+                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+            } else if s.filter.len() > self.limits.max_topic_length
+                || crate::topic::check_filter(&s.filter).is_err()
+            {
+                out.push(Action::Refused(Refusal::Malformed));
+                reason::TOPIC_FILTER_INVALID
+            } else if !acl.may_subscribe(&c.identity, &c.client_id, &s.filter) {
+                out.push(Action::Refused(Refusal::Acl));
+                reason::NOT_AUTHORIZED
+            } else {
+                s.qos = s.qos.min(2);
+                let q = s.qos;
+                granted.push(s);
+                q
+            };
+            codes.push(code);
+        }
+        if !granted.is_empty() {
+            out.push(Action::Subscribe(granted));
+        }
+        out.push(Action::Send(Outbound::SubAck { pkid, codes }));
+        out
     }
 
     fn on_connect(&mut self, mut c: Box<Connect>, acl: &dyn PublishAcl) -> Vec<Action> {
@@ -631,6 +696,10 @@ mod tests {
         fn may_publish(&self, _: &Identity, client_id: &str, topic: &str) -> bool {
             topic.starts_with(&format!("devices/{client_id}/"))
         }
+
+        fn may_subscribe(&self, _: &Identity, client_id: &str, filter: &str) -> bool {
+            filter.starts_with(&format!("devices/{client_id}/commands/"))
+        }
     }
 
     fn connect(v: Version, id: &str) -> Box<Connect> {
@@ -644,6 +713,7 @@ mod tests {
             will: None,
             client_max_packet: None,
             auth_method: None,
+            client_receive_maximum: None,
         })
     }
 
@@ -797,19 +867,65 @@ mod tests {
     }
 
     #[test]
-    fn subscribe_is_refused_and_the_session_goes_on() {
-        let mut s = connected(Version::V311, "d1");
+    fn subscribe_grants_each_allowed_filter_and_refuses_the_others_with_their_own_code() {
+        let mut s = connected(Version::V5, "d1");
+        let mut two = sub("devices/d1/commands/#");
+        two.qos = 2;
         let a = s.on_packet(
             Inbound::Subscribe {
                 pkid: 4,
-                filters: vec![sub("a/#"), sub("b/+")],
+                filters: vec![
+                    two.clone(),
+                    sub("devices/d2/commands/#"),
+                    sub("a/#/b"),
+                    sub("$share/g/devices/d1/commands/#"),
+                    sub("devices/d1/commands/+"),
+                ],
             },
             &DevicesOwnTree,
         );
-        assert!(a.contains(&Action::Send(Outbound::SubAck {
-            pkid: 4,
-            codes: vec![0x83, 0x83]
-        })));
+        let mut plus = sub("devices/d1/commands/+");
+        plus.qos = 1;
+        assert_eq!(
+            a,
+            [
+                Action::Refused(Refusal::Acl),
+                Action::Refused(Refusal::Malformed),
+                Action::Subscribe(vec![two, plus]),
+                Action::Send(Outbound::SubAck {
+                    pkid: 4,
+                    codes: vec![
+                        2,
+                        reason::NOT_AUTHORIZED,
+                        reason::TOPIC_FILTER_INVALID,
+                        reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+                        1
+                    ]
+                })
+            ]
+        );
+        assert!(s.is_connected());
+    }
+
+    #[test]
+    fn unsubscribe_and_subscriber_acks_go_to_the_connection() {
+        let mut s = connected(Version::V311, "d1");
+        let a = s.on_packet(
+            Inbound::Unsubscribe {
+                pkid: 5,
+                filters: vec!["x/#".into()],
+            },
+            &DevicesOwnTree,
+        );
+        assert_eq!(
+            a,
+            [Action::Unsubscribe {
+                pkid: 5,
+                filters: vec!["x/#".into()]
+            }]
+        );
+        let a = s.on_packet(Inbound::PubRec { pkid: 9 }, &DevicesOwnTree);
+        assert_eq!(a, [Action::Delivered(SubscriberAck::PubRec(9))]);
         assert!(s.is_connected());
     }
 

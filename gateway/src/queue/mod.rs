@@ -1039,6 +1039,20 @@ impl Queue {
         ))
     }
 
+    /// A reader without a cursor that starts after the newest record written so far: it sees what
+    /// is appended from now on, holds nothing back (records are freed without waiting for it; a
+    /// follower that falls behind skips what was freed) and keeps no position across restarts.
+    /// The local router follows the queue with one.
+    pub fn follower(&self, name: &str) -> Reader {
+        let last = self.shared.lock().last_readable_seq();
+        Reader::new(
+            self.shared.clone(),
+            name.to_string(),
+            last,
+            self.shared.readable.subscribe(),
+        )
+    }
+
     /// Removes a cursor: the queue no longer keeps records for it (blocking: syncs the directory).
     pub fn remove_cursor(&self, name: &str) -> Result<(), QueueError> {
         if !cursor::valid_name(name) {

@@ -325,6 +325,30 @@ impl Reader {
         }
     }
 
+    /// Waits until a record at or after [`Reader::position`] is readable; returns the newest
+    /// readable seq. Errors with [`QueueError::Closed`] once the queue is closing.
+    pub async fn wait_readable(&mut self) -> Result<u64, QueueError> {
+        loop {
+            let readable = *self.readable.borrow_and_update();
+            if readable >= self.position() {
+                return Ok(readable);
+            }
+            if self.shared.lock().closing {
+                return Err(QueueError::Closed);
+            }
+            if self.readable.changed().await.is_err() {
+                return Err(QueueError::Closed);
+            }
+        }
+    }
+
+    /// Moves the read position past `seq` without reading (a follower with nobody to read for).
+    pub fn skip_through(&mut self, seq: u64) {
+        if seq >= self.position() {
+            self.state = Some(ReadState::new(seq + 1));
+        }
+    }
+
     /// Marks every record up to `seq` as confirmed: persists the cursor (in place, synced), then
     /// lets the queue delete segments that every cursor's persisted position has passed. A `seq`
     /// at or below the confirmed position is ignored; one beyond the last durable record is

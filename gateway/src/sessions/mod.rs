@@ -1,9 +1,18 @@
 //! Subscriptions, sessions and delivery to local subscribers (issue 11, being built in steps).
 //!
-//! Built so far: [`index::FilterIndex`], the subscription index that finds, for a published topic,
-//! every subscriber whose filter matches. Still to come (see the README's "Subscriptions" section
-//! once it exists): the per-session delivery state machine, the durable session store, retained
-//! messages and the router that reads the queue and feeds sessions.
+//! ```text
+//! queue --follower--> router --route()--> Sessions: index (filters) -> each session's Outbox
+//!                                              connection writer <- wake; acks -> Outbox
+//! ```
+//!
+//! Built so far: the subscription index ([`index`]), one session's delivery state with no I/O
+//! ([`outbox`]), the live sessions of connected clients ([`registry`]) and the router
+//! ([`router`]). Sessions last as long as their connection. Still to come: sessions kept across
+//! disconnects and crashes (a durable session store), retained messages, wills to subscribers.
 
 pub mod index;
 pub mod outbox;
+pub mod registry;
+pub mod router;
+
+pub use registry::{SessionBounds, Sessions, Slot, SubOptions};

@@ -23,6 +23,7 @@ pub struct TestGateway {
     pub certs: PathBuf,
     pub queue: Queue,
     pub stats: Arc<IngestStats>,
+    pub sessions: Arc<gateway::sessions::Sessions>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -65,6 +66,7 @@ impl TestGateway {
         let ingest = Ingest::bind(&config, queue.clone()).await.unwrap();
         let addr = ingest.local_addrs()[0].0;
         let stats = ingest.stats();
+        let sessions = ingest.handle().sessions();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ingest.run(shutdown.clone()));
         TestGateway {
@@ -72,6 +74,7 @@ impl TestGateway {
             certs,
             queue,
             stats,
+            sessions,
             shutdown,
             task: Some(task),
             _dir: dir,

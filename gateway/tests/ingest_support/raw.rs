@@ -513,6 +513,96 @@ pub fn subscribe(v5: bool, pkid: u16, filters: &[&str]) -> Vec<u8> {
     packet(0x82, &b)
 }
 
+/// SUBSCRIBE for `(filter, options byte)` pairs (the byte is the QoS for 3.1.1; MQTT 5 adds
+/// no-local 0x04, retain-as-published 0x08 and retain handling << 4).
+pub fn subscribe_with(v5: bool, pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut b = pkid.to_be_bytes().to_vec();
+    if v5 {
+        b.push(0);
+    }
+    for (f, o) in filters {
+        string(f.as_bytes(), &mut b);
+        b.push(*o);
+    }
+    packet(0x82, &b)
+}
+
+/// UNSUBSCRIBE for `filters`.
+pub fn unsubscribe(v5: bool, pkid: u16, filters: &[&str]) -> Vec<u8> {
+    let mut b = pkid.to_be_bytes().to_vec();
+    if v5 {
+        b.push(0);
+    }
+    for f in filters {
+        string(f.as_bytes(), &mut b);
+    }
+    packet(0xA2, &b)
+}
+
+/// PUBACK / PUBREC / PUBCOMP for `pkid` from a subscriber (short form).
+pub fn puback(pkid: u16) -> Vec<u8> {
+    packet(0x40, &pkid.to_be_bytes())
+}
+
+pub fn pubrec(pkid: u16) -> Vec<u8> {
+    packet(0x50, &pkid.to_be_bytes())
+}
+
+pub fn pubcomp(pkid: u16) -> Vec<u8> {
+    packet(0x70, &pkid.to_be_bytes())
+}
+
+/// A PUBLISH as a subscriber receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    pub qos: u8,
+    pub dup: bool,
+    pub retain: bool,
+    pub pkid: u16,
+    pub payload: Vec<u8>,
+    /// MQTT 5 properties (empty for 3.1.1).
+    pub properties: Vec<(u8, Vec<u8>)>,
+}
+
+impl Packet {
+    /// This PUBLISH's parts (panics on another packet).
+    pub fn publish(&self, v5: bool) -> Received {
+        assert_eq!(self.kind, kind::PUBLISH, "expected PUBLISH, got {self:?}");
+        let qos = (self.flags >> 1) & 3;
+        let tlen = usize::from(u16::from_be_bytes([self.body[0], self.body[1]]));
+        let topic = String::from_utf8(self.body[2..2 + tlen].to_vec()).unwrap();
+        let mut at = 2 + tlen;
+        let mut pkid = 0;
+        if qos > 0 {
+            pkid = u16::from_be_bytes([self.body[at], self.body[at + 1]]);
+            at += 2;
+        }
+        let mut properties = Vec::new();
+        if v5 {
+            let (len, n) = read_varint(&self.body[at..]);
+            properties = parse_properties(&self.body[at + n..at + n + len]);
+            at += n + len;
+        }
+        Received {
+            topic,
+            qos,
+            dup: self.flags & 0x08 != 0,
+            retain: self.flags & 0x01 != 0,
+            pkid,
+            payload: self.body[at..].to_vec(),
+            properties,
+        }
+    }
+
+    /// The reason codes of an MQTT 5 UNSUBACK.
+    pub fn unsuback_codes(&self) -> Vec<u8> {
+        assert_eq!(self.kind, kind::UNSUBACK, "expected UNSUBACK, got {self:?}");
+        let (len, n) = read_varint(&self.body[2..]);
+        self.body[2 + n + len..].to_vec()
+    }
+}
+
 pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
 /// DISCONNECT with remaining length 0 (3.1.1, and the short form of MQTT 5's normal disconnect).
 pub const DISCONNECT: [u8; 2] = [0xE0, 0x00];

@@ -1,0 +1,285 @@
+//! Subscriptions and live delivery to local subscribers (issue 11, first steps): SUBSCRIBE with
+//! per-filter codes and the subscribe ACL, delivery at the lower of the subscription's and the
+//! publish's QoS in publish order, QoS 2 with PUBREL, UNSUBSCRIBE, and a stuck subscriber that
+//! holds up nobody. Real TLS connections to an in-process gateway.
+
+#![allow(clippy::unwrap_used)]
+
+mod ingest_support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use gateway::config::AclRule;
+use ingest_support::raw::{self, kind, Connect, Publish, Received, WAIT};
+use ingest_support::TestGateway;
+
+const DEVICE: &str = "dev-00001";
+const OTHER: &str = "dev-00002";
+/// May subscribe to every device's telemetry (a site dashboard).
+const DASHBOARD: &str = "dev-00005";
+
+async fn gateway() -> TestGateway {
+    TestGateway::start(|c, _| {
+        c.acl = vec![
+            AclRule {
+                identity: "*".into(),
+                publish: vec!["devices/%c/#".into()],
+                subscribe: vec!["devices/%c/commands/#".into()],
+            },
+            AclRule {
+                identity: DASHBOARD.into(),
+                publish: vec![],
+                subscribe: vec!["devices/+/telemetry".into()],
+            },
+        ];
+    })
+    .await
+}
+
+/// Receives `n` PUBLISHes, acking QoS 1 ones, failing on anything else.
+async fn receive(c: &mut raw::TlsRaw, v5: bool, n: usize) -> Vec<Received> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let p = c.recv().await;
+        let r = p.publish(v5);
+        if r.qos == 1 {
+            c.send(&raw::puback(r.pkid)).await.unwrap();
+        }
+        got.push(r);
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_subscriber_gets_each_publish_in_order_at_the_lower_of_both_qos() {
+    let gw = gateway().await;
+    let mut dash = gw.raw_connected(DASHBOARD, &Connect::v4(DASHBOARD)).await;
+    dash.send(&raw::subscribe_with(
+        false,
+        1,
+        &[("devices/+/telemetry", 1)],
+    ))
+    .await
+    .unwrap();
+    let ack = dash.recv().await;
+    assert_eq!((ack.pkid(), ack.suback_codes(false)), (1, vec![1]));
+
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    for i in 0..5u16 {
+        dev.publish_qos1(
+            false,
+            "devices/dev-00001/telemetry",
+            i + 1,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
+    }
+    // QoS 2 published, QoS 1 granted: delivered at 1. QoS 0 published: delivered at 0.
+    dev.publish(&Publish::new(false, "devices/dev-00001/telemetry", b"q2").qos(2, 9))
+        .await;
+    assert_eq!(dev.recv().await.kind, kind::PUBREC);
+    dev.send(&raw::pubrel(9)).await.unwrap();
+    assert_eq!(dev.recv().await.kind, kind::PUBCOMP);
+    dev.publish(&Publish::new(false, "devices/dev-00001/telemetry", b"q0"))
+        .await;
+    // Not matched by the filter.
+    dev.publish_qos1(false, "devices/dev-00001/other", 20, b"no")
+        .await;
+
+    let got = receive(&mut dash, false, 7).await;
+    let payloads: Vec<_> = got
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .collect();
+    assert_eq!(payloads, ["m0", "m1", "m2", "m3", "m4", "q2", "q0"]);
+    let qos: Vec<_> = got.iter().map(|r| r.qos).collect();
+    assert_eq!(qos, [1, 1, 1, 1, 1, 1, 0]);
+    assert!(got
+        .iter()
+        .all(|r| r.topic == "devices/dev-00001/telemetry" && !r.dup && !r.retain));
+    assert!(
+        dash.recv_within(Duration::from_millis(300)).await.is_err(),
+        "nothing more: devices/dev-00001/other matches no subscription"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_denied_or_invalid_filter_is_refused_while_the_others_are_granted() {
+    let gw = gateway().await;
+    // 3.1.1: one failure code, 0x80.
+    let mut c = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    c.send(&raw::subscribe_with(
+        false,
+        3,
+        &[
+            ("devices/dev-00001/commands/#", 2),
+            ("devices/dev-00002/commands/#", 1),
+            ("devices/#", 0),
+            ("a/#/b", 1),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(c.recv().await.suback_codes(false), [2, 0x80, 0x80, 0x80]);
+    // MQTT 5: each refusal with its own reason code.
+    let mut c5 = gw.raw_connected(OTHER, &Connect::v5(OTHER)).await;
+    c5.send(&raw::subscribe_with(
+        true,
+        4,
+        &[
+            ("devices/dev-00001/commands/#", 1),
+            ("devices/dev-00002/commands/+", 1),
+            ("$share/g/devices/dev-00002/commands/#", 1),
+            ("a/b#", 0),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(c5.recv().await.suback_codes(true), [0x87, 1, 0x9E, 0x8F]);
+    assert!(c.is_open_after(Duration::from_millis(100)).await);
+    assert!(c5.is_open_after(Duration::from_millis(100)).await);
+    assert_eq!(
+        gw.stats.refused_count("acl"),
+        3,
+        "denied by the subscribe ACL"
+    );
+    assert_eq!(gw.stats.refused_count("malformed"), 2, "invalid filters");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn qos2_is_delivered_once_with_pubrec_pubrel_pubcomp() {
+    let gw = gateway().await;
+    let mut sub = gw.raw_connected(DEVICE, &Connect::v5(DEVICE)).await;
+    sub.send(&raw::subscribe_with(
+        true,
+        1,
+        &[("devices/dev-00001/commands/#", 2)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(sub.recv().await.suback_codes(true), [2]);
+    // Only dev-00001 may publish under its own tree: it sends itself a command (no-local off).
+    sub.publish(&Publish::new(true, "devices/dev-00001/commands/reboot", b"now").qos(2, 7))
+        .await;
+    let mut publish = None;
+    let mut acked = false;
+    while publish.is_none() || !acked {
+        let p = sub.recv().await;
+        match p.kind {
+            kind::PUBREC => {
+                assert_eq!(p.pkid(), 7);
+                sub.send(&raw::pubrel(7)).await.unwrap();
+            }
+            kind::PUBCOMP => acked = true,
+            kind::PUBLISH => publish = Some(p.publish(true)),
+            _ => panic!("unexpected {p:?}"),
+        }
+    }
+    let r = publish.unwrap();
+    assert_eq!((r.qos, r.payload.as_slice()), (2, &b"now"[..]));
+    sub.send(&raw::pubrec(r.pkid)).await.unwrap();
+    let rel = sub.recv().await;
+    assert_eq!((rel.kind, rel.pkid()), (kind::PUBREL, r.pkid));
+    sub.send(&raw::pubcomp(r.pkid)).await.unwrap();
+    assert!(
+        sub.recv_within(Duration::from_millis(300)).await.is_err(),
+        "delivered once, nothing resent"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn no_local_keeps_a_clients_own_publishes_from_it() {
+    let gw = gateway().await;
+    let mut c = gw.raw_connected(DEVICE, &Connect::v5(DEVICE)).await;
+    // Options: QoS 1 | no-local.
+    c.send(&raw::subscribe_with(
+        true,
+        1,
+        &[("devices/dev-00001/commands/#", 0x05)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(c.recv().await.suback_codes(true), [1]);
+    c.publish_qos1(true, "devices/dev-00001/commands/x", 2, b"mine")
+        .await;
+    assert!(c.recv_within(Duration::from_millis(300)).await.is_err());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unsubscribe_ends_delivery_and_says_which_filters_existed() {
+    let gw = gateway().await;
+    let mut dash = gw.raw_connected(DASHBOARD, &Connect::v5(DASHBOARD)).await;
+    dash.send(&raw::subscribe_with(true, 1, &[("devices/+/telemetry", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(dash.recv().await.suback_codes(true), [1]);
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    dev.publish_qos1(false, "devices/dev-00001/telemetry", 1, b"before")
+        .await;
+    assert_eq!(receive(&mut dash, true, 1).await[0].payload, b"before");
+    dash.send(&raw::unsubscribe(
+        true,
+        2,
+        &["devices/+/telemetry", "never/subscribed"],
+    ))
+    .await
+    .unwrap();
+    let ack = dash.recv().await;
+    assert_eq!((ack.pkid(), ack.unsuback_codes()), (2, vec![0x00, 0x11]));
+    dev.publish_qos1(false, "devices/dev-00001/telemetry", 2, b"after")
+        .await;
+    assert!(dash.recv_within(Duration::from_millis(300)).await.is_err());
+    assert_eq!(
+        gw.records().len(),
+        2,
+        "both stored for the uplinks all the same"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_stuck_subscriber_holds_up_no_publisher_and_what_it_misses_is_counted() {
+    let gw = gateway().await;
+    let sessions = gw.sessions.clone();
+    // Subscribes, then never reads again and never acks.
+    let mut stuck = gw.raw_connected(DASHBOARD, &Connect::v4(DASHBOARD)).await;
+    stuck
+        .send(&raw::subscribe_with(
+            false,
+            1,
+            &[("devices/+/telemetry", 1)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(stuck.recv().await.suback_codes(false), [1]);
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    let payload = vec![b'x'; 2048];
+    let n = 3000u16;
+    for i in 0..n {
+        dev.publish(&Publish::new(false, "devices/dev-00001/telemetry", &payload).qos(1, i + 1))
+            .await;
+    }
+    // Every PUBACK comes back: the publisher is never held by the subscriber.
+    for i in 0..n {
+        let ack = dev.recv().await;
+        assert_eq!((ack.kind, ack.pkid()), (kind::PUBACK, i + 1));
+    }
+    // At most 32 in flight to it and 1000 waiting (the default bounds).
+    let (delivered_max, queued_max) = (32u64, 1000u64);
+    gw.wait_until("the router to take every record", WAIT, |_| {
+        sessions.stats.routed.load(Ordering::SeqCst) >= u64::from(n)
+    })
+    .await;
+    let refused = sessions.stats.refused_full.load(Ordering::SeqCst);
+    assert!(
+        refused >= u64::from(n) - delivered_max - queued_max,
+        "the full session's refusals are counted: {refused}"
+    );
+    assert_eq!(gw.records().len(), usize::from(n), "every publish stored");
+    gw.stop().await;
+}
