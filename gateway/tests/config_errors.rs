@@ -122,6 +122,27 @@ const CASES: &[Case] = &[
         &["limits.max_packet_size = \"2 GiB\""],
     ),
     case(
+        "subscribe filter that is not a filter",
+        (
+            "publish = [\"devices/%c/#\"]",
+            "publish = [\"devices/%c/#\"]\nsubscribe = [\"devices/#/x\"]",
+        ),
+        &["acl[0].subscribe[0] = \"devices/#/x\"", "not a topic filter"],
+    ),
+    case(
+        "session bound larger than all sessions' bound",
+        (
+            "[gateway]\n",
+            "[sessions]\nmax_bytes = \"1 MiB\"\nmax_queued_bytes = \"2 MiB\"\n\n[gateway]\n",
+        ),
+        &["sessions.max_queued_bytes = \"2 MiB\"", "sessions.max_bytes"],
+    ),
+    case(
+        "no QoS 1/2 message could be in flight",
+        ("[gateway]\n", "[sessions]\nmax_inflight = 0\n\n[gateway]\n"),
+        &["sessions.max_inflight = 0"],
+    ),
+    case(
         "empty data_dir",
         ("data_dir = \"@DIR@/data\"", "data_dir = \"\""),
         &["queue.data_dir = \"\""],

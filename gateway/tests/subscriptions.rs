@@ -283,3 +283,186 @@ async fn a_stuck_subscriber_holds_up_no_publisher_and_what_it_misses_is_counted(
     assert_eq!(gw.records().len(), usize::from(n), "every publish stored");
     gw.stop().await;
 }
+
+/// Connects `id` (certificate and client id), returning the client and CONNACK's session
+/// present flag.
+async fn connect(gw: &TestGateway, id: &str, c: &Connect) -> (raw::TlsRaw, bool) {
+    let mut client = gw.raw(Some(id)).await;
+    let ack = client.connect(c).await;
+    assert_eq!(ack.connack_code(), 0, "{ack:?}");
+    (client, ack.session_present())
+}
+
+async fn subscribe(c: &mut raw::TlsRaw, v5: bool, filter: &str, qos: u8) {
+    c.send(&raw::subscribe_with(v5, 1, &[(filter, qos)]))
+        .await
+        .unwrap();
+    assert_eq!(c.recv().await.suback_codes(v5), [qos]);
+}
+
+#[tokio::test]
+async fn a_persistent_session_keeps_its_subscription_and_qos1_messages_across_a_disconnect() {
+    let gw = gateway().await;
+    let (mut dash, present) = connect(&gw, DASHBOARD, &Connect::v4(DASHBOARD).persistent(0)).await;
+    assert!(!present, "no session stored yet");
+    subscribe(&mut dash, false, "devices/+/telemetry", 1).await;
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    dev.publish_qos1(false, "devices/dev-00001/telemetry", 1, b"m0")
+        .await;
+    // Received but never acknowledged: the connection drops.
+    let first = dash.recv().await.publish(false);
+    assert_eq!((first.payload.as_slice(), first.dup), (&b"m0"[..], false));
+    drop(dash);
+    gw.wait_until("the subscriber's connection to end", WAIT, |g| {
+        g.sessions.counts().1 == 1
+    })
+    .await;
+    for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+        dev.publish_qos1(
+            false,
+            "devices/dev-00001/telemetry",
+            2 + i as u16,
+            m.as_bytes(),
+        )
+        .await;
+    }
+    // QoS 0 is not kept for an offline session.
+    dev.publish(&Publish::new(false, "devices/dev-00001/telemetry", b"q0"))
+        .await;
+    dev.publish_qos1(false, "devices/dev-00001/other", 9, b"sync")
+        .await;
+
+    let (mut dash, present) = connect(&gw, DASHBOARD, &Connect::v4(DASHBOARD).persistent(0)).await;
+    assert!(present, "the stored session is resumed");
+    let got = receive(&mut dash, false, 4).await;
+    let seen: Vec<_> = got
+        .iter()
+        .map(|r| (String::from_utf8_lossy(&r.payload).to_string(), r.dup))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("m0".to_string(), true),
+            ("m1".to_string(), false),
+            ("m2".to_string(), false),
+            ("m3".to_string(), false)
+        ],
+        "the unacknowledged one again with DUP, then what came while offline, in order"
+    );
+    assert!(dash.recv_within(Duration::from_millis(300)).await.is_err());
+    // The subscription is still there.
+    dev.publish_qos1(false, "devices/dev-00001/telemetry", 10, b"m4")
+        .await;
+    assert_eq!(receive(&mut dash, false, 1).await[0].payload, b"m4");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_clean_start_ends_the_stored_session() {
+    let gw = gateway().await;
+    let (mut dash, _) = connect(&gw, DASHBOARD, &Connect::v5(DASHBOARD).persistent(3600)).await;
+    subscribe(&mut dash, true, "devices/+/telemetry", 1).await;
+    drop(dash);
+    gw.wait_until("the session to go offline", WAIT, |g| {
+        g.sessions.counts().1 == 1
+    })
+    .await;
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    dev.publish_qos1(false, "devices/dev-00001/telemetry", 1, b"while away")
+        .await;
+    gw.wait_until("the message to be queued for it", WAIT, |g| {
+        g.sessions.counts().3 > 0
+    })
+    .await;
+    let (mut dash, present) = connect(&gw, DASHBOARD, &Connect::v5(DASHBOARD)).await;
+    assert!(!present);
+    assert!(
+        dash.recv_within(Duration::from_millis(300)).await.is_err(),
+        "the stored message went with the session"
+    );
+    dev.publish_qos1(false, "devices/dev-00001/telemetry", 2, b"later")
+        .await;
+    assert!(
+        dash.recv_within(Duration::from_millis(300)).await.is_err(),
+        "and so did the subscription"
+    );
+    assert_eq!(gw.sessions.stats.discarded.load(Ordering::SeqCst), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_offline_session_ends_when_its_expiry_passes_and_a_long_expiry_is_capped() {
+    let gw = TestGateway::start(|c, _| {
+        c.sessions.max_expiry = Duration::from_secs(60);
+        c.acl[0].subscribe = vec!["devices/%c/commands/#".into()];
+    })
+    .await;
+    let mut c = gw.raw(Some(DEVICE)).await;
+    let ack = c.connect(&Connect::v5(DEVICE).persistent(86_400)).await;
+    assert_eq!(
+        ack.connack_properties()
+            .into_iter()
+            .find(|(id, _)| *id == 0x11)
+            .map(|(_, v)| v),
+        Some(60u32.to_be_bytes().to_vec()),
+        "CONNACK grants the capped session expiry"
+    );
+    drop(c);
+    let (c, _) = connect(&gw, OTHER, &Connect::v5(OTHER).persistent(1)).await;
+    drop(c);
+    gw.wait_until(
+        "dev-00002's session to expire after 1 s",
+        Duration::from_secs(10),
+        |g| g.sessions.stats.expired.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    let (_, present) = connect(&gw, OTHER, &Connect::v5(OTHER).persistent(1)).await;
+    assert!(!present, "expired");
+    let (_, present) = connect(&gw, DEVICE, &Connect::v5(DEVICE).persistent(60)).await;
+    assert!(present, "not expired");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn qos2_across_a_reconnect_is_released_not_published_again() {
+    let gw = gateway().await;
+    let (mut sub, _) = connect(&gw, DEVICE, &Connect::v5(DEVICE).persistent(3600)).await;
+    subscribe(&mut sub, true, "devices/dev-00001/commands/#", 2).await;
+    let (mut cmd, _) = connect(&gw, DEVICE, &Connect::v5(DEVICE).persistent(3600)).await;
+    // The first connection was taken over; the second publishes a command to itself.
+    let _ = sub.until_closed(WAIT).await;
+    cmd.publish(&Publish::new(true, "devices/dev-00001/commands/go", b"once").qos(2, 3))
+        .await;
+    let mut delivered = None;
+    while delivered.is_none() {
+        let p = cmd.recv().await;
+        match p.kind {
+            kind::PUBREC => cmd.send(&raw::pubrel(3)).await.unwrap(),
+            kind::PUBCOMP => {}
+            kind::PUBLISH => delivered = Some(p.publish(true)),
+            _ => panic!("unexpected {p:?}"),
+        }
+    }
+    let d = delivered.unwrap();
+    cmd.send(&raw::pubrec(d.pkid)).await.unwrap();
+    loop {
+        let p = cmd.recv().await;
+        if p.kind == kind::PUBREL {
+            break;
+        }
+        assert_eq!(p.kind, kind::PUBCOMP, "{p:?}");
+    }
+    // Gone before PUBCOMP: the resumed session sends PUBREL again, never the PUBLISH.
+    drop(cmd);
+    gw.wait_until("the session to go offline", WAIT, |g| {
+        g.sessions.counts().1 == 1
+    })
+    .await;
+    let (mut again, present) = connect(&gw, DEVICE, &Connect::v5(DEVICE).persistent(3600)).await;
+    assert!(present);
+    let p = again.recv().await;
+    assert_eq!((p.kind, p.pkid()), (kind::PUBREL, d.pkid), "{p:?}");
+    again.send(&raw::pubcomp(d.pkid)).await.unwrap();
+    assert!(again.recv_within(Duration::from_millis(300)).await.is_err());
+    gw.stop().await;
+}

@@ -26,9 +26,11 @@ use crate::queue::{self, FsyncPolicy, QueueOptions};
 
 mod admin;
 mod ingest;
+mod sessions;
 mod uplink;
 pub use admin::*;
 pub use ingest::*;
+pub use sessions::*;
 pub use uplink::*;
 
 /// The commented default configuration, as printed by `gateway print-default-config`.
@@ -92,6 +94,8 @@ pub struct Config {
     pub acl: Vec<AclRule>,
     /// `[limits]`: per-connection and global bounds.
     pub limits: LimitsConfig,
+    /// `[sessions]`: subscriber sessions' bounds and expiry.
+    pub sessions: SessionsConfig,
     /// `[gateway]`: identity towards the upstream.
     pub gateway: GatewayConfig,
     /// `[[uplinks]]`: where records are forwarded. None: records stay in the queue.
@@ -110,6 +114,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             acl: default_acl(),
             limits: LimitsConfig::default(),
+            sessions: SessionsConfig::default(),
             gateway: GatewayConfig::default(),
             uplinks: Vec::new(),
             routes: Vec::new(),
@@ -282,6 +287,7 @@ impl Config {
         ingest::check_listeners(&self.listeners, &mut problems);
         ingest::check_limits(&self.limits, &mut problems);
         ingest::check_acl(&self.acl, &mut problems);
+        self.sessions.check(&mut problems);
         uplink::check(&self.uplinks, &self.routes, &mut problems);
         self.admin.check(&mut problems);
         self.gateway.check(&mut problems);

@@ -361,6 +361,7 @@ mod tests {
             client_max_packet: None,
             auth_method: None,
             client_receive_maximum: None,
+            session_expiry: None,
         }
     }
 

@@ -50,6 +50,8 @@ pub struct Connect {
     pub auth_method: Option<String>,
     /// MQTT 5: how many QoS 1/2 publishes from us the client takes unacknowledged.
     pub client_receive_maximum: Option<u16>,
+    /// MQTT 5: seconds the session outlives the connection (absent: 0).
+    pub session_expiry: Option<u32>,
 }
 
 /// PUBLISH from a device.
@@ -155,6 +157,8 @@ pub enum Outbound {
     ConnAck {
         /// 3.1.1 return code (0..=5) or MQTT 5 reason code.
         code: u8,
+        /// A stored session was resumed.
+        session_present: bool,
         props: Option<ConnAckProps>,
     },
     PubAck {
@@ -198,6 +202,8 @@ pub struct ConnAckProps {
     pub assigned_client_id: Option<String>,
     pub reason: Option<String>,
     pub server_keep_alive: Option<u16>,
+    /// The session expiry the gateway grants, when it differs from what the client asked.
+    pub session_expiry: Option<u32>,
 }
 
 /// MQTT 5 reason codes the gateway uses.
@@ -391,6 +397,7 @@ fn decode_connect(
                 client_max_packet: None,
                 auth_method: None,
                 client_receive_maximum: None,
+                session_expiry: None,
             })))),
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
             Err(e) => Err(malformed(e)),
@@ -432,6 +439,7 @@ fn decode_connect(
                     client_max_packet: props.max_packet_size,
                     auth_method: props.authentication_method,
                     client_receive_maximum: props.receive_maximum,
+                    session_expiry: props.session_expiry_interval,
                 }))))
             }
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
@@ -549,9 +557,13 @@ pub fn encode(p: &Outbound, version: Version, out: &mut BytesMut) {
 
 fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
     match p {
-        Outbound::ConnAck { code, .. } => {
+        Outbound::ConnAck {
+            code,
+            session_present,
+            ..
+        } => {
             // CONNACK for 3.1.1 (and the 3.1 refusal): fixed header, flags, return code.
-            out.extend_from_slice(&[0x20, 0x02, 0x00, *code]);
+            out.extend_from_slice(&[0x20, 0x02, u8::from(*session_present), *code]);
             Ok(4)
         }
         Outbound::PubAck { pkid, .. } => m4::PubAck::new(*pkid).write(out),
@@ -586,9 +598,13 @@ fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
 
 fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
     match p {
-        Outbound::ConnAck { code, props } => {
+        Outbound::ConnAck {
+            code,
+            session_present,
+            props,
+        } => {
             let properties = props.as_ref().map(|c| m5::ConnAckProperties {
-                session_expiry_interval: None,
+                session_expiry_interval: c.session_expiry,
                 receive_max: Some(c.receive_maximum),
                 max_qos: None,
                 retain_available: Some(0),
@@ -607,7 +623,7 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
                 authentication_data: None,
             });
             m5::ConnAck {
-                session_present: false,
+                session_present: *session_present,
                 code: connect_return_code(*code),
                 properties,
             }

@@ -23,9 +23,9 @@ use crate::queue::{NewRecord, PendingAppend, QueueError};
 use crate::sessions::outbox::Send as Delivery;
 use crate::sessions::{Slot, SubOptions};
 
-/// The connection's session of subscriptions, set once CONNECT succeeded (the writer takes
-/// deliveries from it).
-type SlotCell = Arc<std::sync::OnceLock<Arc<Slot>>>;
+/// The connection's session and its registration id, set once the CONNACK is queued (the writer
+/// sends deliveries from it while the connection owns it).
+type SlotCell = Arc<std::sync::OnceLock<(Arc<Slot>, u64)>>;
 
 /// What the reader hands the writer.
 enum Out {
@@ -76,6 +76,7 @@ pub(crate) async fn serve<S>(
         last_append: None,
         slot,
         client_receive_maximum: None,
+        starting: None,
     };
     let span = tracing::debug_span!("conn", %peer);
     tracing::Instrument::instrument(
@@ -107,6 +108,9 @@ struct Conn {
     last_append: Option<crate::queue::AppendMarker>,
     slot: SlotCell,
     client_receive_maximum: Option<u16>,
+    /// The session started for this connection, until its CONNACK is queued; and whether it
+    /// was resumed.
+    starting: Option<(Arc<Slot>, bool)>,
 }
 
 enum Step {
@@ -197,12 +201,43 @@ impl Conn {
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(a) = queue.pop_front() {
             match a {
-                Action::Send(p) => {
+                Action::Send(mut p) => {
                     if let Some(v) = self.session.version() {
                         let _ = self.version.set(v);
                     }
+                    let starting = match &mut p {
+                        Outbound::ConnAck {
+                            code: 0,
+                            session_present,
+                            ..
+                        } => {
+                            let s = self.starting.take();
+                            *session_present = s.as_ref().is_some_and(|(_, present)| *present);
+                            s
+                        }
+                        _ => None,
+                    };
                     if !self.send(Out::Packet(p)).await {
                         return Step::Stop;
+                    }
+                    // Deliveries (and a resumed session's resends) go out after the CONNACK.
+                    if let (Some((slot, _)), Some((_, reg))) = (starting, &self.registered) {
+                        let _ = self.slot.set((slot.clone(), *reg));
+                        slot.wake.notify_one();
+                    }
+                }
+                Action::StartSession {
+                    clean_start,
+                    expiry_secs,
+                } => {
+                    if let Some((id, reg)) = &self.registered {
+                        self.starting = Some(self.shared.sessions.attach(
+                            id,
+                            *reg,
+                            clean_start,
+                            expiry_secs,
+                            self.client_receive_maximum,
+                        ));
                     }
                 }
                 Action::Authenticate(c) => {
@@ -226,7 +261,7 @@ impl Conn {
                 }
                 Action::Refused(r) => self.shared.stats.refused(r.as_label()),
                 Action::Subscribe(subs) => {
-                    if let Some(slot) = self.slot.get() {
+                    if let Some((slot, _)) = self.slot.get() {
                         for s in subs {
                             let options = SubOptions {
                                 qos: s.qos,
@@ -241,7 +276,7 @@ impl Conn {
                     let codes = filters
                         .iter()
                         .map(|f| match self.slot.get() {
-                            Some(slot) if self.shared.sessions.unsubscribe(slot, f) => {
+                            Some((slot, _)) if self.shared.sessions.unsubscribe(slot, f) => {
                                 reason::SUCCESS
                             }
                             _ => reason::NO_SUBSCRIPTION_EXISTED,
@@ -274,14 +309,14 @@ impl Conn {
     /// An ack from the client for a publish we sent it. An ack for nothing in flight (late,
     /// repeated, or made up) changes nothing.
     async fn delivered(&mut self, ack: SubscriberAck) -> Step {
-        let Some(slot) = self.slot.get() else {
+        let Some((slot, _)) = self.slot.get() else {
             return Step::Continue;
         };
-        let result = match ack {
-            SubscriberAck::PubAck(pkid) => slot.outbox().on_puback(pkid).map(|()| None),
-            SubscriberAck::PubRec(pkid) => slot.outbox().on_pubrec(pkid).map(Some),
-            SubscriberAck::PubComp(pkid) => slot.outbox().on_pubcomp(pkid).map(|()| None),
-        };
+        let result = slot.with_outbox(|o| match ack {
+            SubscriberAck::PubAck(pkid) => o.on_puback(pkid).map(|()| None),
+            SubscriberAck::PubRec(pkid) => o.on_pubrec(pkid).map(Some),
+            SubscriberAck::PubComp(pkid) => o.on_pubcomp(pkid).map(|()| None),
+        });
         match result {
             Ok(Some(Delivery::PubRel { pkid })) => {
                 if !self.send(Out::Packet(Outbound::PubRel { pkid })).await {
@@ -327,11 +362,6 @@ impl Conn {
             old.notify_one();
         }
         self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
-        let slot = self
-            .shared
-            .sessions
-            .attach(&id, self.client_receive_maximum);
-        let _ = self.slot.set(slot);
         self.registered = Some((id, reg));
     }
 
@@ -449,8 +479,8 @@ impl Conn {
             self.publish_will().await;
         }
         let _ = self.send(Out::Close).await;
-        if let Some(slot) = self.slot.get() {
-            self.shared.sessions.detach(slot);
+        if let Some((slot, reg)) = self.slot.get() {
+            self.shared.sessions.detach(slot, *reg);
         }
         if let Some((id, reg)) = self.registered.take() {
             let mut map = self
@@ -469,7 +499,7 @@ impl Conn {
 /// Waits for the session's wake-up, or for ever before there is a session.
 async fn woken(slot: &SlotCell) {
     match slot.get() {
-        Some(s) => s.wake.notified().await,
+        Some((s, _)) => s.wake.notified().await,
         None => std::future::pending().await,
     }
 }
@@ -524,6 +554,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     slot: SlotCell,
 ) {
     let mut buf = BytesMut::with_capacity(1024);
+    let mut resumed = false;
     'outer: loop {
         let mut next = tokio::select! {
             biased;
@@ -596,11 +627,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             next = rx.try_recv().ok();
         }
-        if let Some(slot) = slot.get() {
-            let v = version.get().copied().unwrap_or(Version::V311);
-            let mut outbox = slot.outbox();
-            while let Some(d) = outbox.next_publish() {
-                encode_delivery(d, v, &mut buf);
+        if let Some((slot, reg)) = slot.get() {
+            if slot.owned_by(*reg) {
+                let v = version.get().copied().unwrap_or(Version::V311);
+                slot.with_outbox(|o| {
+                    if !resumed {
+                        // What was in flight when the session's last connection ended, again.
+                        resumed = true;
+                        for d in o.resume() {
+                            encode_delivery(d, v, &mut buf);
+                        }
+                    }
+                    while let Some(d) = o.next_publish() {
+                        encode_delivery(d, v, &mut buf);
+                    }
+                });
             }
         }
         if !buf.is_empty() {

@@ -123,7 +123,7 @@ fn perform(session: &mut Session, actions: Vec<Action>, out: &mut BytesMut) -> b
                     codec::encode(&a, session.version().unwrap_or(Version::V311), out);
                 }
             }
-            Action::Refused(_) | Action::Delivered(_) => {}
+            Action::Refused(_) | Action::Delivered(_) | Action::StartSession { .. } => {}
             Action::Subscribe(subs) => {
                 for s in subs {
                     assert!(crate::topic::check_filter(&s.filter).is_ok() && s.qos <= 2);

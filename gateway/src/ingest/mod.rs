@@ -120,6 +120,7 @@ pub(crate) struct Policy {
     auth: Authenticator,
     acl: Acl,
     limits: LimitsConfig,
+    sessions: crate::config::SessionsConfig,
     /// The acceptor of each listener, in `config.listeners` order (`None`: plaintext).
     tls: Vec<Option<TlsAcceptor>>,
 }
@@ -137,6 +138,7 @@ impl Policy {
             auth: Authenticator::new(&config.auth)?,
             acl: Acl::new(config.acl.clone()),
             limits: config.limits.clone(),
+            sessions: config.sessions.clone(),
             tls,
         })
     }
@@ -163,8 +165,14 @@ impl Policy {
             receive_maximum: self.limits.receive_maximum,
             max_topic_length: self.limits.max_topic_length,
             max_client_id_length: 128,
+            v311_session_expiry: secs_u32(self.sessions.expiry),
+            max_session_expiry: secs_u32(self.sessions.max_expiry),
         }
     }
+}
+
+fn secs_u32(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// What every connection shares.
@@ -236,6 +244,9 @@ impl IngestHandle {
     /// Puts a prepared policy in force: new connections use it, connected devices stay
     /// connected and get the new ACL from their next publish.
     pub fn apply(&self, p: PreparedPolicy) {
+        self.shared
+            .sessions
+            .set_bounds(crate::sessions::SessionBounds::from_config(&p.0.sessions));
         let want = p.0.limits.max_connections;
         *self
             .shared
@@ -304,7 +315,7 @@ impl Ingest {
             ),
             stats: Arc::new(IngestStats::default()),
             sessions: Arc::new(crate::sessions::Sessions::new(
-                crate::sessions::SessionBounds::default(),
+                crate::sessions::SessionBounds::from_config(&config.sessions),
             )),
         });
         Ok(Ingest {
@@ -341,6 +352,10 @@ impl Ingest {
         let tracker = TaskTracker::new();
         tracker.spawn(crate::sessions::router::run(
             self.handle.shared.queue.clone(),
+            self.handle.shared.sessions.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::sessions::router::expire(
             self.handle.shared.sessions.clone(),
             shutdown.clone(),
         ));

@@ -22,6 +22,10 @@ pub struct SessionLimits {
     pub receive_maximum: u16,
     pub max_topic_length: usize,
     pub max_client_id_length: usize,
+    /// How long an MQTT 3.1.1 clean-session-0 session outlives its connection, in seconds.
+    pub v311_session_expiry: u32,
+    /// The longest session expiry granted to an MQTT 5 client, in seconds.
+    pub max_session_expiry: u32,
 }
 
 impl Default for SessionLimits {
@@ -31,6 +35,8 @@ impl Default for SessionLimits {
             receive_maximum: 64,
             max_topic_length: 256,
             max_client_id_length: 128,
+            v311_session_expiry: 7 * 86_400,
+            max_session_expiry: 30 * 86_400,
         }
     }
 }
@@ -104,6 +110,12 @@ pub enum Action {
     },
     /// Hand an ack to the session's outbox.
     Delivered(SubscriberAck),
+    /// Start the client's session (before its CONNACK): a new one when `clean_start`, else
+    /// resume a stored one if there is one; it outlives the connection by `expiry_secs`.
+    StartSession {
+        clean_start: bool,
+        expiry_secs: u32,
+    },
     /// Close the connection after everything before it; `publish_will` says whether the will (if
     /// any, see [`Session::take_will`]) goes into the queue.
     Close {
@@ -301,6 +313,7 @@ impl Session {
                     Action::Refused(Refusal::Protocol),
                     Action::Send(Outbound::ConnAck {
                         code: 0x01,
+                        session_present: false,
                         props: None,
                     }),
                     Action::Close {
@@ -390,12 +403,14 @@ impl Session {
             Action::Refused(why),
             Action::Send(Outbound::ConnAck {
                 code,
+                session_present: false,
                 props: (v == Version::V5).then(|| ConnAckProps {
                     receive_maximum: self.limits.receive_maximum,
                     max_packet_size: self.limits.max_packet_size,
                     assigned_client_id: None,
                     reason: Some(text.to_string()),
                     server_keep_alive: None,
+                    session_expiry: None,
                 }),
             }),
             Action::Close {
@@ -553,16 +568,34 @@ impl Session {
             identity,
             awaiting_rel: HashSet::new(),
         });
-        vec![Action::Send(Outbound::ConnAck {
-            code: 0,
-            props: (v == Version::V5).then_some(ConnAckProps {
-                receive_maximum: self.limits.receive_maximum,
-                max_packet_size: self.limits.max_packet_size,
-                assigned_client_id: assigned,
-                reason: None,
-                server_keep_alive: None,
+        let (expiry_secs, capped) = match v {
+            Version::V311 if c.clean_start => (0, false),
+            Version::V311 => (self.limits.v311_session_expiry, false),
+            Version::V5 => {
+                let asked = c.session_expiry.unwrap_or(0);
+                let granted = asked.min(self.limits.max_session_expiry);
+                (granted, granted != asked)
+            }
+        };
+        vec![
+            Action::StartSession {
+                clean_start: c.clean_start,
+                expiry_secs,
+            },
+            Action::Send(Outbound::ConnAck {
+                code: 0,
+                // The connection sets it once the session is started.
+                session_present: false,
+                props: (v == Version::V5).then_some(ConnAckProps {
+                    receive_maximum: self.limits.receive_maximum,
+                    max_packet_size: self.limits.max_packet_size,
+                    assigned_client_id: assigned,
+                    reason: None,
+                    server_keep_alive: None,
+                    session_expiry: capped.then_some(expiry_secs),
+                }),
             }),
-        })]
+        ]
     }
 
     fn on_publish(&mut self, p: Publish, acl: &dyn PublishAcl) -> Vec<Action> {
@@ -714,6 +747,7 @@ mod tests {
             client_max_packet: None,
             auth_method: None,
             client_receive_maximum: None,
+            session_expiry: None,
         })
     }
 
@@ -753,6 +787,13 @@ mod tests {
         let a = s.authenticated(Ok(ident), &DevicesOwnTree);
         assert!(matches!(
             a[0],
+            Action::StartSession {
+                clean_start: true,
+                expiry_secs: 0
+            }
+        ));
+        assert!(matches!(
+            a[1],
             Action::Send(Outbound::ConnAck { code: 0, .. })
         ));
         s
@@ -815,6 +856,7 @@ mod tests {
         let a = s.on_packet(Inbound::UnsupportedProtocol { level: 3 }, &DevicesOwnTree);
         assert!(a.contains(&Action::Send(Outbound::ConnAck {
             code: 1,
+            session_present: false,
             props: None
         })));
         assert!(matches!(a.last(), Some(Action::Close { .. })));
@@ -983,6 +1025,7 @@ mod tests {
         let a = s.authenticated(Err(reason::BAD_USER_OR_PASSWORD), &DevicesOwnTree);
         assert!(a.contains(&Action::Send(Outbound::ConnAck {
             code: 4,
+            session_present: false,
             props: None
         })));
     }

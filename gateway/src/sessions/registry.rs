@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -17,13 +18,17 @@ use super::index::FilterIndex;
 use super::outbox::{Message, Outbox};
 use crate::queue::Record;
 
-/// Bounds of one session (from `[sessions]`).
+/// Bounds of sessions (from `[sessions]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionBounds {
     /// QoS 1/2 publishes in flight to a subscriber at once (capped by its receive maximum).
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub max_queued_bytes: usize,
+    /// Bytes queued in all sessions together.
+    pub max_bytes: usize,
+    /// Sessions kept at once.
+    pub max_sessions: usize,
 }
 
 impl Default for SessionBounds {
@@ -32,6 +37,20 @@ impl Default for SessionBounds {
             max_inflight: 32,
             max_queued_messages: 1000,
             max_queued_bytes: 1 << 20,
+            max_bytes: 64 << 20,
+            max_sessions: 100_000,
+        }
+    }
+}
+
+impl SessionBounds {
+    pub fn from_config(c: &crate::config::SessionsConfig) -> SessionBounds {
+        SessionBounds {
+            max_inflight: c.max_inflight,
+            max_queued_messages: c.max_queued_messages,
+            max_queued_bytes: usize::try_from(c.max_queued_bytes).unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(c.max_bytes).unwrap_or(usize::MAX),
+            max_sessions: c.max_sessions,
         }
     }
 }
@@ -44,18 +63,55 @@ pub struct SubOptions {
     pub retain_as_published: bool,
 }
 
-/// One connected subscriber's session.
+/// One client's session: its outbox, kept while the client is connected and, for a persistent
+/// session, until it expires.
 #[derive(Debug)]
 pub struct Slot {
     pub client_id: Arc<str>,
     outbox: Mutex<Outbox>,
     /// Notified when the outbox has something to send (or room in flight again).
     pub wake: Notify,
+    /// The registration id of the connection that owns the session; 0 while offline.
+    owner: AtomicU64,
+    life: Mutex<Life>,
+    /// Bytes queued in every session together (shared with [`Sessions`]).
+    total_bytes: Arc<AtomicUsize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Life {
+    /// Seconds the session outlives its connection (0: it ends with it).
+    expiry_secs: u32,
+    offline_since: Option<Instant>,
 }
 
 impl Slot {
-    pub fn outbox(&self) -> MutexGuard<'_, Outbox> {
-        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on the outbox, keeping the all-sessions byte count in step.
+    pub fn with_outbox<R>(&self, f: impl FnOnce(&mut Outbox) -> R) -> R {
+        let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let before = outbox.bytes();
+        let r = f(&mut outbox);
+        let after = outbox.bytes();
+        if after > before {
+            self.total_bytes.fetch_add(after - before, Ordering::AcqRel);
+        } else {
+            self.total_bytes.fetch_sub(before - after, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// Whether the connection registered as `owner` owns the session (a connection that was
+    /// taken over, or whose session was replaced, no longer does).
+    pub fn owned_by(&self, owner: u64) -> bool {
+        owner != 0 && self.owner.load(Ordering::Acquire) == owner
+    }
+
+    fn online(&self) -> bool {
+        self.owner.load(Ordering::Acquire) != 0
+    }
+
+    fn life(&self) -> MutexGuard<'_, Life> {
+        self.life.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -66,12 +122,16 @@ pub struct DeliveryStats {
     pub routed: AtomicU64,
     /// Messages put into outboxes (one per matching session).
     pub matched: AtomicU64,
-    /// QoS 0 messages dropped by full or disconnected sessions.
+    /// QoS 0 messages dropped: full sessions, offline sessions, a disconnect.
     pub dropped_qos0: AtomicU64,
-    /// QoS 1/2 messages refused by full sessions.
+    /// QoS 1/2 messages refused by full sessions (or the all-sessions bound).
     pub refused_full: AtomicU64,
-    /// Messages still in a session's outbox when the session ended.
+    /// Messages still in a session's outbox when the session ended (clean start, expiry, or
+    /// the `max_sessions` bound).
     pub discarded: AtomicU64,
+    /// Sessions ended by their expiry, or early by the `max_sessions` bound.
+    pub expired: AtomicU64,
+    pub evicted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -82,12 +142,13 @@ struct Inner {
     filters: HashMap<Arc<str>, Vec<String>>,
 }
 
-/// Every live session; shared by the connections and the router.
+/// Every session; shared by the connections and the router.
 #[derive(Default)]
 pub struct Sessions {
     inner: Mutex<Inner>,
     subscriptions: AtomicUsize,
     bounds: Mutex<SessionBounds>,
+    total_bytes: Arc<AtomicUsize>,
     pub stats: DeliveryStats,
 }
 
@@ -103,7 +164,12 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Bounds for sessions that start from now on (a reload).
+    fn bounds(&self) -> SessionBounds {
+        *self.bounds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bounds for sessions that start from now on, and the all-sessions bound at once (a
+    /// reload).
     pub fn set_bounds(&self, bounds: SessionBounds) {
         *self.bounds.lock().unwrap_or_else(|e| e.into_inner()) = bounds;
     }
@@ -113,56 +179,155 @@ impl Sessions {
         self.subscriptions.load(Ordering::Acquire) > 0
     }
 
-    /// (sessions, subscriptions) now.
-    pub fn counts(&self) -> (usize, usize) {
+    /// Sessions now: (connected, offline, subscriptions, queued bytes).
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
         let inner = self.lock();
-        (inner.slots.len(), inner.index.len())
+        let online = inner.slots.values().filter(|s| s.online()).count();
+        (
+            online,
+            inner.slots.len() - online,
+            inner.index.len(),
+            self.total_bytes.load(Ordering::Acquire),
+        )
     }
 
-    /// A new session for `client_id`, replacing (and ending) any earlier one of that id.
-    /// `receive_maximum`: the client's own (MQTT 5), if it sent one.
-    pub fn attach(&self, client_id: &str, receive_maximum: Option<u16>) -> Arc<Slot> {
-        let b = *self.bounds.lock().unwrap_or_else(|e| e.into_inner());
+    /// Starts the session of `client_id` for the connection registered as `owner`. With
+    /// `clean_start` any stored session of that id ends and a new one starts; otherwise a stored
+    /// one is resumed (its subscriptions and undelivered messages kept). Returns the session and
+    /// whether one was resumed (CONNACK's session present). `receive_maximum`: the client's own.
+    pub fn attach(
+        &self,
+        client_id: &str,
+        owner: u64,
+        clean_start: bool,
+        expiry_secs: u32,
+        receive_maximum: Option<u16>,
+    ) -> (Arc<Slot>, bool) {
+        let b = self.bounds();
         let rmax = receive_maximum.map_or(b.max_inflight, |r| r.min(b.max_inflight));
+        let mut inner = self.lock();
+        if let Some(old) = inner.slots.get(client_id).cloned() {
+            if !clean_start {
+                old.owner.store(owner, Ordering::Release);
+                *old.life() = Life {
+                    expiry_secs,
+                    offline_since: None,
+                };
+                old.with_outbox(|o| o.set_receive_maximum(rmax));
+                return (old, true);
+            }
+            self.end(&mut inner, &old);
+        }
+        if inner.slots.len() >= b.max_sessions {
+            self.evict_oldest_offline(&mut inner);
+        }
         let id: Arc<str> = client_id.into();
         let slot = Arc::new(Slot {
             client_id: id.clone(),
             outbox: Mutex::new(Outbox::new(rmax, b.max_queued_messages, b.max_queued_bytes)),
             wake: Notify::new(),
+            owner: AtomicU64::new(owner),
+            life: Mutex::new(Life {
+                expiry_secs,
+                offline_since: None,
+            }),
+            total_bytes: self.total_bytes.clone(),
         });
-        let mut inner = self.lock();
-        Self::clear_filters(&mut inner, &id, &self.subscriptions);
         inner.slots.insert(id, slot.clone());
-        slot
+        (slot, false)
     }
 
-    /// Ends `slot`'s session (if it is still the live one for its client id): its
-    /// subscriptions go, and what its outbox held is dropped (counted).
-    pub fn detach(&self, slot: &Arc<Slot>) {
+    /// The connection registered as `owner` ended. A session that outlives its connection
+    /// stays (offline: QoS 0 messages are no longer queued for it, QoS 1/2 are, up to its
+    /// bounds); one that does not ends. Nothing happens if another connection owns it now.
+    pub fn detach(&self, slot: &Arc<Slot>, owner: u64) {
         let mut inner = self.lock();
+        if !slot.owned_by(owner) {
+            return;
+        }
+        slot.owner.store(0, Ordering::Release);
+        let mut life = slot.life();
+        if life.expiry_secs == 0 {
+            drop(life);
+            self.end(&mut inner, slot);
+            return;
+        }
+        life.offline_since = Some(Instant::now());
+        drop(life);
+        drop(inner);
+        let dropped = slot.with_outbox(|o| {
+            let before = o.counts().dropped_qos0;
+            o.on_disconnect();
+            o.counts().dropped_qos0 - before
+        });
+        self.stats
+            .dropped_qos0
+            .fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    /// Ends offline sessions whose expiry has passed at `now`; returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut inner = self.lock();
+        let expired: Vec<Arc<Slot>> = inner
+            .slots
+            .values()
+            .filter(|s| {
+                let life = s.life();
+                life.offline_since.is_some_and(|t| {
+                    now.saturating_duration_since(t).as_secs() >= u64::from(life.expiry_secs)
+                })
+            })
+            .cloned()
+            .collect();
+        for s in &expired {
+            self.end(&mut inner, s);
+        }
+        self.stats
+            .expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        expired.len()
+    }
+
+    fn evict_oldest_offline(&self, inner: &mut Inner) {
+        let oldest = inner
+            .slots
+            .values()
+            .filter_map(|s| s.life().offline_since.map(|t| (t, s.clone())))
+            .min_by_key(|(t, _)| *t)
+            .map(|(_, s)| s);
+        if let Some(s) = oldest {
+            tracing::warn!(client_id = %s.client_id, "sessions.max_sessions reached: the session offline longest ends early");
+            self.end(inner, &s);
+            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes `slot`'s session: its subscriptions and what its outbox held (counted).
+    fn end(&self, inner: &mut Inner, slot: &Arc<Slot>) {
         if inner
             .slots
             .get(&slot.client_id)
             .is_some_and(|s| Arc::ptr_eq(s, slot))
         {
             inner.slots.remove(&slot.client_id);
-            Self::clear_filters(&mut inner, &slot.client_id, &self.subscriptions);
         }
-        drop(inner);
-        // What an ended session held is gone with it (MQTT's rule for a session that is not
-        // kept); counted.
-        let left = slot.outbox().len() as u64;
-        self.stats.discarded.fetch_add(left, Ordering::Relaxed);
-    }
-
-    fn clear_filters(inner: &mut Inner, id: &Arc<str>, count: &AtomicUsize) {
-        if let Some(filters) = inner.filters.remove(id) {
+        // A connection still holding it (a clean start replaced it) stops sending from it.
+        slot.owner.store(0, Ordering::Release);
+        if let Some(filters) = inner.filters.remove(&slot.client_id) {
             for f in filters {
-                if inner.index.remove(&f, id).is_some() {
-                    count.fetch_sub(1, Ordering::AcqRel);
+                if inner.index.remove(&f, &slot.client_id).is_some() {
+                    self.subscriptions.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
+        let left = slot.with_outbox(|o| {
+            let left = o.len();
+            *o = Outbox::new(1, 1, 0);
+            left
+        });
+        self.stats
+            .discarded
+            .fetch_add(left as u64, Ordering::Relaxed);
     }
 
     /// Adds or replaces `slot`'s subscription to `filter`; returns whether it existed.
@@ -198,8 +363,9 @@ impl Sessions {
 
     /// Puts each record into the outbox of every session with a matching subscription, once per
     /// session at the highest QoS among its matching subscriptions (and never above the QoS it
-    /// was published with), then wakes those sessions.
+    /// was published with), then wakes those sessions. An offline session gets QoS 1/2 only.
     pub fn route(&self, records: Vec<Record>) {
+        let max_bytes = self.bounds().max_bytes;
         let mut woken: Vec<Arc<Slot>> = Vec::new();
         let mut targets: Vec<(Arc<str>, SubOptions)> = Vec::new();
         let inner = self.lock();
@@ -222,7 +388,7 @@ impl Sessions {
                 continue;
             }
             let retained = rec.retain;
-            let qos = rec.qos;
+            let published_qos = rec.qos;
             let message = Arc::new(Message::from_record(rec, false));
             let as_published = retained.then(|| {
                 let mut m = (*message).clone();
@@ -233,23 +399,34 @@ impl Sessions {
                 let Some(slot) = inner.slots.get(client) else {
                     continue;
                 };
+                self.stats.matched.fetch_add(1, Ordering::Relaxed);
+                let qos = o.qos.min(published_qos);
+                let over_total =
+                    self.total_bytes.load(Ordering::Acquire) + message.cost() > max_bytes;
+                if qos == 0 && (!slot.online() || over_total) {
+                    self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if over_total {
+                    self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let m = match (&as_published, o.retain_as_published) {
                     (Some(r), true) => r.clone(),
                     _ => message.clone(),
                 };
-                let mut outbox = slot.outbox();
-                let before = outbox.counts();
-                let pushed = outbox.push(m, o.qos.min(qos));
-                let after = outbox.counts();
-                drop(outbox);
-                self.stats.matched.fetch_add(1, Ordering::Relaxed);
+                let (pushed, before, after) = slot.with_outbox(|ob| {
+                    let before = ob.counts();
+                    let pushed = ob.push(m, qos).is_ok();
+                    (pushed, before, ob.counts())
+                });
                 self.stats
                     .dropped_qos0
                     .fetch_add(after.dropped_qos0 - before.dropped_qos0, Ordering::Relaxed);
                 self.stats
                     .refused_full
                     .fetch_add(after.refused_full - before.refused_full, Ordering::Relaxed);
-                if pushed.is_ok() && !woken.iter().any(|s| Arc::ptr_eq(s, slot)) {
+                if pushed && slot.online() && !woken.iter().any(|s| Arc::ptr_eq(s, slot)) {
                     woken.push(slot.clone());
                 }
             }

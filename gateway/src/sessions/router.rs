@@ -47,3 +47,17 @@ pub async fn run(queue: Queue, sessions: Arc<Sessions>, shutdown: CancellationTo
         }
     }
 }
+
+/// Ends offline sessions as they expire (checked every second).
+pub async fn expire(sessions: Arc<Sessions>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                sessions.sweep(std::time::Instant::now());
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

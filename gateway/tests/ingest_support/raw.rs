@@ -52,6 +52,12 @@ impl Packet {
         self.body.get(2).copied().unwrap_or(0)
     }
 
+    /// The session-present flag of a CONNACK.
+    pub fn session_present(&self) -> bool {
+        assert_eq!(self.kind, kind::CONNACK, "expected CONNACK, got {self:?}");
+        self.body[0] & 1 == 1
+    }
+
     /// The return code (3.1.1) or reason code (5) of a CONNACK.
     pub fn connack_code(&self) -> u8 {
         assert_eq!(self.kind, kind::CONNACK, "expected CONNACK, got {self:?}");
@@ -325,6 +331,8 @@ pub struct Connect {
     pub will: Option<Will>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// MQTT 5 session expiry interval property, in seconds.
+    pub session_expiry: Option<u32>,
 }
 
 impl Connect {
@@ -339,7 +347,24 @@ impl Connect {
             will: None,
             username: None,
             password: None,
+            session_expiry: None,
         }
+    }
+
+    /// Keeps the session (3.1.1 clean session = 0; MQTT 5 clean start = 0 with this expiry).
+    pub fn persistent(mut self, expiry_secs: u32) -> Connect {
+        self.clean = false;
+        if self.level == 5 {
+            self.session_expiry = Some(expiry_secs);
+        }
+        self
+    }
+
+    /// Clean start (MQTT 5) that still keeps the new session for `expiry_secs`.
+    pub fn clean_with_expiry(mut self, expiry_secs: u32) -> Connect {
+        self.clean = true;
+        self.session_expiry = Some(expiry_secs);
+        self
     }
 
     /// MQTT 5 (`MQTT`, level 5).
@@ -407,7 +432,14 @@ impl Connect {
         b.push(flags);
         b.extend_from_slice(&self.keep_alive.to_be_bytes());
         if v5 {
-            b.push(0); // no CONNECT properties
+            match self.session_expiry {
+                Some(e) => {
+                    b.push(5);
+                    b.push(0x11);
+                    b.extend_from_slice(&e.to_be_bytes());
+                }
+                None => b.push(0), // no CONNECT properties
+            }
         }
         string(self.client_id.as_bytes(), &mut b);
         if let Some(w) = &self.will {
