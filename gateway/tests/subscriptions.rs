@@ -466,3 +466,80 @@ async fn qos2_across_a_reconnect_is_released_not_published_again() {
     assert!(again.recv_within(Duration::from_millis(300)).await.is_err());
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_restart_keeps_persistent_sessions_their_messages_and_a_qos2_release() {
+    let gw = gateway().await;
+    // dev-00001 keeps a session with a QoS 2 subscription to its command tree; the dashboard
+    // one with QoS 1 to the telemetry.
+    let (mut sub, _) = connect(&gw, DEVICE, &Connect::v5(DEVICE).persistent(3600)).await;
+    subscribe(&mut sub, true, "devices/dev-00001/commands/#", 2).await;
+    let (mut dash, _) = connect(&gw, DASHBOARD, &Connect::v4(DASHBOARD).persistent(0)).await;
+    subscribe(&mut dash, false, "devices/+/telemetry", 1).await;
+    drop(dash);
+    // A command to itself, received and PUBREC'd, then the connection is gone before PUBCOMP.
+    sub.publish(&Publish::new(true, "devices/dev-00001/commands/a", b"c1").qos(2, 1))
+        .await;
+    let mut delivered = None;
+    let mut rel_pkid = None;
+    while delivered.is_none() || rel_pkid.is_none() {
+        let p = sub.recv().await;
+        match p.kind {
+            kind::PUBREC => sub.send(&raw::pubrel(1)).await.unwrap(),
+            kind::PUBCOMP => {}
+            kind::PUBLISH => {
+                let d = p.publish(true);
+                sub.send(&raw::pubrec(d.pkid)).await.unwrap();
+                delivered = Some(d);
+            }
+            kind::PUBREL => rel_pkid = Some(p.pkid()),
+            _ => panic!("unexpected {p:?}"),
+        }
+    }
+    assert_eq!(rel_pkid, delivered.as_ref().map(|d| d.pkid));
+    drop(sub);
+    // Telemetry for the absent dashboard.
+    let mut dev = gw.raw_connected(OTHER, &Connect::v4(OTHER)).await;
+    for i in 0..3u16 {
+        dev.publish_qos1(
+            false,
+            "devices/dev-00002/telemetry",
+            i + 1,
+            format!("t{i}").as_bytes(),
+        )
+        .await;
+    }
+    gw.wait_until("three messages queued for the dashboard", WAIT, |g| {
+        g.sessions.counts().3 >= 3 * (("devices/dev-00002/telemetry".len() + 2 + 32) as usize)
+    })
+    .await;
+    drop(dev);
+
+    let gw = gw.restart().await;
+    assert_eq!(
+        gw.sessions.counts().1,
+        2,
+        "both sessions recovered, offline"
+    );
+    let (mut dash, present) = connect(&gw, DASHBOARD, &Connect::v4(DASHBOARD).persistent(0)).await;
+    assert!(present);
+    let got = receive(&mut dash, false, 3).await;
+    let payloads: Vec<_> = got.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(payloads, [b"t0".to_vec(), b"t1".to_vec(), b"t2".to_vec()]);
+    let (mut sub, present) = connect(&gw, DEVICE, &Connect::v5(DEVICE).persistent(3600)).await;
+    assert!(present);
+    let p = sub.recv().await;
+    assert_eq!(
+        (p.kind, p.pkid()),
+        (kind::PUBREL, rel_pkid.unwrap()),
+        "only the PUBREL again, with the same packet id"
+    );
+    sub.send(&raw::pubcomp(rel_pkid.unwrap())).await.unwrap();
+    assert!(sub.recv_within(Duration::from_millis(300)).await.is_err());
+    // The subscriptions came back too.
+    let mut dev = gw.raw_connected(OTHER, &Connect::v4(OTHER)).await;
+    dev.publish_qos1(false, "devices/dev-00002/telemetry", 9, b"after")
+        .await;
+    assert_eq!(receive(&mut dash, false, 1).await[0].payload, b"after");
+    gw.stop().await;
+}

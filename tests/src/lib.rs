@@ -225,3 +225,35 @@ listen = "127.0.0.1:{admin_port}"
         _running: running,
     }
 }
+
+/// A rustls client config (ring provider) with `certs/ca.pem` and, when given, the device's certificate.
+pub fn device_tls(certs: &Path, device: Option<&str>) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(certs.join("ca.pem"))
+        .expect("test certificates")
+    {
+        roots
+            .add(c.expect("test certificates"))
+            .expect("test certificates");
+    }
+    let b = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("test certificates")
+        .with_root_certificates(roots);
+    std::sync::Arc::new(match device {
+        Some(d) => {
+            let dev = certs.join("devices");
+            let chain: Vec<_> =
+                rustls::pki_types::CertificateDer::pem_file_iter(dev.join(format!("{d}.pem")))
+                    .expect("test certificates")
+                    .map(|c| c.expect("test certificates"))
+                    .collect();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dev.join(format!("{d}.key")))
+                .expect("test certificates");
+            b.with_client_auth_cert(chain, key)
+                .expect("test certificates")
+        }
+        None => b.with_no_client_auth(),
+    })
+}

@@ -32,8 +32,6 @@ use gateway_tests::faults::{
 };
 use lapin::types::{AMQPValue, LongString};
 use raw::{Connect, Publish, RecvError};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncWriteExt;
 
 fn rabbit() -> SocketAddr {
@@ -1015,30 +1013,6 @@ async fn s09b_nack_storm_dead_letters_exactly_what_the_broker_refused() {
 // 10: hostile devices beside good ones
 // ---------------------------------------------------------------------------------------------
 
-/// A TLS client config with `certs/ca.pem` and, when given, the device's certificate.
-fn client_tls(certs: &Path, device: Option<&str>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let b = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    Arc::new(match device {
-        Some(d) => {
-            let dev = certs.join("devices");
-            let chain: Vec<_> = CertificateDer::pem_file_iter(dev.join(format!("{d}.pem")))
-                .unwrap()
-                .map(|c| c.unwrap())
-                .collect();
-            let key = PrivateKeyDer::from_pem_file(dev.join(format!("{d}.key"))).unwrap();
-            b.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => b.with_no_client_auth(),
-    })
-}
-
 /// Whether the gateway closes the connection within `within` (reading and discarding).
 async fn closed_within<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     c: &mut raw::Raw<S>,
@@ -1172,7 +1146,7 @@ async fn s10_hostile_devices_do_not_harm_the_good_ones_or_the_gateway() {
     let mut tasks = tokio::task::JoinSet::new();
     for kind in 0..6u8 {
         let id = format!("bad-{:05}", kind + 1);
-        let tls = client_tls(&gw.certs, Some(&id));
+        let tls = gateway_tests::device_tls(&gw.certs, Some(&id));
         tasks.spawn(async move {
             let mut ok = 0;
             for _ in 0..rounds {
@@ -1211,7 +1185,7 @@ async fn s10_hostile_devices_do_not_harm_the_good_ones_or_the_gateway() {
         ("slow-loris".to_string(), ok, loris)
     });
     let flood = pick(300, 2000);
-    let anon = client_tls(&gw.certs, None);
+    let anon = gateway_tests::device_tls(&gw.certs, None);
     tasks.spawn(async move {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..flood {

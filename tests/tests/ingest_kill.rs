@@ -24,8 +24,6 @@ use gateway::queue::{Queue, QueueOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const DEVICES: [&str; 2] = ["dev-00001", "dev-00002"];
 /// How long the gateway may take to start listening.
@@ -109,27 +107,6 @@ impl Drop for Gateway {
     }
 }
 
-fn tls_config(certs: &Path, device: &str) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let dev = certs.join("devices");
-    let chain: Vec<_> = CertificateDer::pem_file_iter(dev.join(format!("{device}.pem")))
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(dev.join(format!("{device}.key"))).unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap(),
-    )
-}
-
 /// Publishes uniquely numbered QoS 1 messages until the connection dies; returns the payloads
 /// PUBACKed, in ack order.
 async fn publish_until_killed(
@@ -140,7 +117,7 @@ async fn publish_until_killed(
 ) -> Vec<String> {
     let mut opts = MqttOptions::new(device, "127.0.0.1", port);
     opts.set_transport(rumqttc::Transport::tls_with_config(
-        TlsConfiguration::Rustls(tls_config(&certs, device)),
+        TlsConfiguration::Rustls(gateway_tests::device_tls(&certs, Some(device))),
     ));
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_inflight(64);

@@ -261,6 +261,7 @@ impl Conn {
                 }
                 Action::Refused(r) => self.shared.stats.refused(r.as_label()),
                 Action::Subscribe(subs) => {
+                    let mut last = None;
                     if let Some((slot, _)) = self.slot.get() {
                         for s in subs {
                             let options = SubOptions {
@@ -268,20 +269,40 @@ impl Conn {
                                 no_local: s.no_local,
                                 retain_as_published: s.retain_as_published,
                             };
-                            self.shared.sessions.subscribe(slot, &s.filter, options);
+                            let (_, p) = self.shared.sessions.subscribe(slot, &s.filter, options);
+                            last = p.or(last);
+                        }
+                    }
+                    // A persistent session's subscriptions are durable before the SUBACK.
+                    if let Some(p) = last {
+                        if let Err(error) = p.durable().await {
+                            tracing::warn!(%error, "could not store a subscription");
                         }
                     }
                 }
                 Action::Unsubscribe { pkid, filters } => {
-                    let codes = filters
-                        .iter()
-                        .map(|f| match self.slot.get() {
-                            Some((slot, _)) if self.shared.sessions.unsubscribe(slot, f) => {
-                                reason::SUCCESS
+                    let mut last = None;
+                    let mut codes = Vec::with_capacity(filters.len());
+                    for f in &filters {
+                        let existed = match self.slot.get() {
+                            Some((slot, _)) => {
+                                let (existed, p) = self.shared.sessions.unsubscribe(slot, f);
+                                last = p.or(last);
+                                existed
                             }
-                            _ => reason::NO_SUBSCRIPTION_EXISTED,
-                        })
-                        .collect();
+                            None => false,
+                        };
+                        codes.push(if existed {
+                            reason::SUCCESS
+                        } else {
+                            reason::NO_SUBSCRIPTION_EXISTED
+                        });
+                    }
+                    if let Some(p) = last {
+                        if let Err(error) = p.durable().await {
+                            tracing::warn!(%error, "could not store an unsubscribe");
+                        }
+                    }
                     if !self
                         .send(Out::Packet(Outbound::UnsubAck { pkid, codes }))
                         .await
@@ -312,13 +333,19 @@ impl Conn {
         let Some((slot, _)) = self.slot.get() else {
             return Step::Continue;
         };
-        let result = slot.with_outbox(|o| match ack {
-            SubscriberAck::PubAck(pkid) => o.on_puback(pkid).map(|()| None),
-            SubscriberAck::PubRec(pkid) => o.on_pubrec(pkid).map(Some),
-            SubscriberAck::PubComp(pkid) => o.on_pubcomp(pkid).map(|()| None),
-        });
+        let result = match ack {
+            SubscriberAck::PubAck(pkid) => slot.on_done(pkid, false).map(|()| None),
+            SubscriberAck::PubRec(pkid) => slot.on_pubrec(pkid).map(Some),
+            SubscriberAck::PubComp(pkid) => slot.on_done(pkid, true).map(|()| None),
+        };
         match result {
-            Ok(Some(Delivery::PubRel { pkid })) => {
+            Ok(Some((Delivery::PubRel { pkid }, stored))) => {
+                // Stored before the PUBREL: after a restart only PUBREL goes again.
+                if let Some(p) = stored {
+                    if let Err(error) = p.durable().await {
+                        tracing::warn!(%error, "could not store a PUBREC");
+                    }
+                }
                 if !self.send(Out::Packet(Outbound::PubRel { pkid })).await {
                     return Step::Stop;
                 }

@@ -46,6 +46,8 @@ pub enum IngestError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error("cannot open the session store: {0}")]
+    SessionStore(#[from] crate::sessions::store::StoreError),
     #[error("the [[listeners]] addresses changed; that takes a restart (a reload keeps the listening sockets so that no device is dropped)")]
     ListenersChanged,
 }
@@ -305,6 +307,7 @@ impl Ingest {
         if config.auth.allow_anonymous {
             tracing::warn!("anonymous devices are allowed ([auth] allow_anonymous = true)");
         }
+        let sessions = open_sessions(config, &queue).await?;
         let shared = Arc::new(Shared {
             queue,
             policy: std::sync::RwLock::new(Arc::new(policy)),
@@ -314,9 +317,7 @@ impl Ingest {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
             stats: Arc::new(IngestStats::default()),
-            sessions: Arc::new(crate::sessions::Sessions::new(
-                crate::sessions::SessionBounds::from_config(&config.sessions),
-            )),
+            sessions,
         });
         Ok(Ingest {
             listeners,
@@ -371,7 +372,35 @@ impl Ingest {
         tracker.close();
         shutdown.cancelled().await;
         tracker.wait().await;
+        if let Some(store) = self.handle.shared.sessions.store().cloned() {
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        }
     }
+}
+
+/// The sessions, with their store in `data_dir/sessions` (same fsync policy as the queue) and
+/// what it recovered.
+async fn open_sessions(
+    config: &Config,
+    queue: &Queue,
+) -> Result<Arc<crate::sessions::Sessions>, IngestError> {
+    use crate::sessions::{store::Store, SessionBounds, Sessions};
+    let dir = queue.data_dir().join("sessions");
+    let fsync = queue.options().fsync;
+    // Room for the live sessions twice over (a snapshot is written before the old events go).
+    let max_bytes = config.sessions.max_bytes.saturating_mul(2) + (16 << 20);
+    let (store, recovered) =
+        tokio::task::spawn_blocking(move || Store::open(&dir, fsync, max_bytes))
+            .await
+            .map_err(|_| IngestError::SessionStore(crate::sessions::store::StoreError::Closed))??;
+    if !recovered.is_empty() {
+        tracing::info!(sessions = recovered.len(), "persistent sessions recovered");
+    }
+    Ok(Arc::new(Sessions::with_store(
+        SessionBounds::from_config(&config.sessions),
+        Arc::new(store),
+        recovered,
+    )))
 }
 
 async fn accept_loop(

@@ -86,6 +86,21 @@ mod writer;
 
 pub use options::{FsyncPolicy, FullPolicy, QueueOptions};
 pub use reader::Reader;
+
+/// The local router's cursor (see `sessions::router`). The queue never frees a record for this
+/// cursor alone: with no other cursor, records stay for uplinks configured later.
+pub const SESSIONS_CURSOR: &str = "_sessions";
+
+/// Up to which seq records may be freed, given every cursor's (name, confirmed seq): the lowest
+/// confirmed seq, or nothing when there is no cursor or only the router's.
+pub(crate) fn freeable_through<'a>(
+    cursors: impl Iterator<Item = (&'a str, u64)> + Clone,
+) -> Option<u64> {
+    if !cursors.clone().any(|(name, _)| name != SESSIONS_CURSOR) {
+        return None;
+    }
+    cursors.map(|(_, acked)| acked).min()
+}
 pub use record::{EncodeError, NewRecord, Record};
 pub use segment::SegmentMeta;
 
@@ -612,7 +627,9 @@ impl Shared {
     fn apply_retention(&self) {
         let gone: Vec<SegmentMeta> = {
             let mut st = self.lock();
-            let Some(min_acked) = st.cursors.values().map(|c| c.persisted).min() else {
+            let Some(min_acked) =
+                freeable_through(st.cursors.iter().map(|(n, c)| (n.as_str(), c.persisted)))
+            else {
                 return;
             };
             let mut gone = Vec::new();

@@ -202,7 +202,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, QueueError> {
             }
         }
     }
-    let min_acked = cursors.iter().map(|(_, c)| c.acked).min();
+    let min_acked = super::freeable_through(cursors.iter().map(|(n, c)| (n.as_str(), c.acked)));
     let max_acked = cursors.iter().map(|(_, c)| c.acked).max().unwrap_or(0);
 
     let bases = segment::list_segments(dir).map_err(|e| QueueError::io("list", &seg_dir, e))?;

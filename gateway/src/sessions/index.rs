@@ -94,6 +94,23 @@ impl<K: Eq + Hash + Clone, V> FilterIndex<K, V> {
         old
     }
 
+    /// `key`'s subscription to `filter`, if it has one.
+    pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
+        let mut node = &self.root;
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" && levels.peek().is_none() {
+                return node.hash.get(key);
+            }
+            node = if level == "+" {
+                node.plus.as_deref()?
+            } else {
+                node.children.get(level)?
+            };
+        }
+        node.here.get(key)
+    }
+
     /// Removes `key`'s subscription to `filter`; returns its value. Branches left empty are
     /// pruned, so memory follows what is subscribed now, not what ever was.
     pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
@@ -198,6 +215,8 @@ mod tests {
         assert_eq!(ix.insert("a/+/c", 1u32, 1u8), None);
         assert_eq!(ix.insert("a/+/c", 1, 2), Some(1));
         assert_eq!(ix.len(), 1);
+        assert_eq!(ix.get("a/+/c", &1), Some(&2));
+        assert_eq!(ix.get("a/+", &1), None);
         assert_eq!(ix.remove("a/+/c", &2), None);
         assert_eq!(ix.remove("a/+/c", &1), Some(2));
         assert!(ix.is_empty());

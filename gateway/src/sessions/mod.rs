@@ -14,5 +14,6 @@ pub mod index;
 pub mod outbox;
 pub mod registry;
 pub mod router;
+pub mod store;
 
 pub use registry::{SessionBounds, Sessions, Slot, SubOptions};

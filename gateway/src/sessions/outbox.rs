@@ -81,6 +81,10 @@ struct InFlight {
 #[derive(Debug)]
 struct Waiting {
     qos: u8,
+    /// Given at push for QoS 1/2 (so a durable session can store it with the message).
+    pkid: u16,
+    /// Sent before (restored after a restart): DUP on its first send from here.
+    dup: bool,
     message: Arc<Message>,
 }
 
@@ -100,6 +104,8 @@ pub struct Counts {
 pub struct Outbox {
     waiting: VecDeque<Waiting>,
     in_flight: VecDeque<InFlight>,
+    /// Packet ids held by waiting and in-flight messages.
+    used: std::collections::HashSet<u16>,
     next_pkid: u16,
     receive_maximum: usize,
     max_messages: usize,
@@ -115,9 +121,10 @@ impl Outbox {
         Outbox {
             waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
+            used: std::collections::HashSet::new(),
             next_pkid: 1,
             receive_maximum: usize::from(receive_maximum.max(1)),
-            max_messages: max_messages.max(1),
+            max_messages: max_messages.clamp(1, 60_000),
             max_bytes,
             bytes: 0,
             counts: Counts::default(),
@@ -151,7 +158,9 @@ impl Outbox {
     }
 
     /// Queues `message` at `qos` (already the granted QoS: min of subscription and publish).
-    pub fn push(&mut self, message: Arc<Message>, qos: u8) -> Result<(), Refused> {
+    /// Returns the packet id it will be sent with (0 for QoS 0): given now, so that a durable
+    /// session stores it and a QoS 2 message keeps its id across a restart.
+    pub fn push(&mut self, message: Arc<Message>, qos: u8) -> Result<u16, Refused> {
         let cost = message.cost();
         while self.len() >= self.max_messages || self.bytes + cost > self.max_bytes {
             // Room is made from the oldest waiting QoS 0 message, never from QoS 1/2.
@@ -172,8 +181,55 @@ impl Outbox {
             return Err(Refused::Full);
         }
         self.bytes += cost;
-        self.waiting.push_back(Waiting { qos, message });
-        Ok(())
+        let pkid = if qos > 0 { self.allocate_pkid() } else { 0 };
+        self.waiting.push_back(Waiting {
+            qos,
+            pkid,
+            dup: false,
+            message,
+        });
+        Ok(pkid)
+    }
+
+    /// Puts back a message a durable session stored (after a restart), with the packet id it
+    /// was given; `released`: its PUBREC had come (QoS 2), so only PUBREL is sent again.
+    /// Messages go back in the order they were first pushed. Bounds are not applied: what was
+    /// stored was within them.
+    pub fn restore(&mut self, message: Arc<Message>, qos: u8, pkid: u16, released: bool) {
+        if qos == 0 || pkid == 0 || !self.used.insert(pkid) {
+            return;
+        }
+        self.bytes += message.cost();
+        if released {
+            self.in_flight.push_back(InFlight {
+                pkid,
+                qos,
+                stage: Stage::Released,
+                message,
+            });
+        } else {
+            self.waiting.push_back(Waiting {
+                qos,
+                pkid,
+                dup: true,
+                message,
+            });
+        }
+        self.next_pkid = pkid.checked_add(1).unwrap_or(1);
+    }
+
+    /// Every message held, for a snapshot: (message, qos, pkid, released), in order.
+    pub fn held(&self) -> Vec<(Arc<Message>, u8, u16, bool)> {
+        self.in_flight
+            .iter()
+            .map(|f| (f.message.clone(), f.qos, f.pkid, f.stage == Stage::Released))
+            .chain(
+                self.waiting
+                    .iter()
+                    .filter(|w| w.qos > 0)
+                    .map(|w| (w.message.clone(), w.qos, w.pkid, false)),
+            )
+            .collect()
     }
 
     /// The next PUBLISH to send now, if the receive maximum allows one (QoS 0 is never held
@@ -195,9 +251,8 @@ impl Outbox {
                 dup: false,
             });
         }
-        let pkid = self.allocate_pkid();
         self.in_flight.push_back(InFlight {
-            pkid,
+            pkid: w.pkid,
             qos: w.qos,
             stage: Stage::Published,
             message: w.message.clone(),
@@ -205,18 +260,18 @@ impl Outbox {
         Some(Send::Publish {
             message: w.message,
             qos: w.qos,
-            pkid,
-            dup: false,
+            pkid: w.pkid,
+            dup: w.dup,
         })
     }
 
-    /// A packet id not in flight. At most 65,535 can be in flight and the receive maximum is
-    /// at most that, so one is always free when a publish may go.
+    /// A packet id no held message has. Bounds keep far fewer than 65,535 messages held, so
+    /// one is always free.
     fn allocate_pkid(&mut self) -> u16 {
         loop {
             let id = self.next_pkid;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.in_flight.iter().any(|f| f.pkid == id) {
+            if self.used.insert(id) {
                 return id;
             }
         }
@@ -232,6 +287,7 @@ impl Outbox {
     fn complete(&mut self, i: usize) {
         if let Some(done) = self.in_flight.remove(i) {
             self.bytes -= done.message.cost();
+            self.used.remove(&done.pkid);
             self.counts.completed += 1;
         }
     }

@@ -16,7 +16,8 @@ use tokio::sync::Notify;
 
 use super::index::FilterIndex;
 use super::outbox::{Message, Outbox};
-use crate::queue::Record;
+use super::store::{Event, Store, StoredMessage, StoredSession};
+use crate::queue::{PendingAppend, Record};
 
 /// Bounds of sessions (from `[sessions]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,10 @@ pub struct Slot {
     life: Mutex<Life>,
     /// Bytes queued in every session together (shared with [`Sessions`]).
     total_bytes: Arc<AtomicUsize>,
+    /// The newest main-queue seq routed into this session (a restarted router skips up to it).
+    routed_through: AtomicU64,
+    /// Where its events go while the session outlives its connection.
+    store: Option<Arc<Store>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +118,56 @@ impl Slot {
     fn life(&self) -> MutexGuard<'_, Life> {
         self.life.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The store, while this session is kept beyond its connection.
+    fn stored(&self) -> Option<&Store> {
+        let store = self.store.as_deref()?;
+        (self.life().expiry_secs > 0).then_some(store)
+    }
+
+    /// A PUBACK (QoS 1) or PUBCOMP (QoS 2) for `pkid`: the message is done.
+    pub fn on_done(&self, pkid: u16, qos2: bool) -> Result<(), super::outbox::UnknownPacketId> {
+        let store = self.stored();
+        self.with_outbox(|o| {
+            if qos2 {
+                o.on_pubcomp(pkid)?;
+            } else {
+                o.on_puback(pkid)?;
+            }
+            if let Some(st) = store {
+                st.append(&Event::Done {
+                    id: self.client_id.to_string(),
+                    pkid,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// A PUBREC for `pkid`: the PUBREL to send, once the returned append (if any) is durable.
+    pub fn on_pubrec(
+        &self,
+        pkid: u16,
+    ) -> Result<(super::outbox::Send, Option<PendingAppend>), super::outbox::UnknownPacketId> {
+        let store = self.stored();
+        self.with_outbox(|o| {
+            let rel = o.on_pubrec(pkid)?;
+            let pending = store.and_then(|st| {
+                st.append(&Event::Rec {
+                    id: self.client_id.to_string(),
+                    pkid,
+                })
+            });
+            Ok((rel, pending))
+        })
+    }
+}
+
+/// What [`Sessions::route`] leaves to do once its stored messages are durable.
+#[must_use]
+pub struct Routed {
+    pub last_append: Option<PendingAppend>,
+    pub wake: Vec<Arc<Slot>>,
 }
 
 /// Counters of local delivery (exact; exported as metrics).
@@ -149,15 +204,113 @@ pub struct Sessions {
     subscriptions: AtomicUsize,
     bounds: Mutex<SessionBounds>,
     total_bytes: Arc<AtomicUsize>,
+    store: Option<Arc<Store>>,
     pub stats: DeliveryStats,
 }
 
 impl Sessions {
+    /// Sessions kept in memory only (none survives a restart).
     pub fn new(bounds: SessionBounds) -> Sessions {
         Sessions {
             bounds: Mutex::new(bounds),
             ..Sessions::default()
         }
+    }
+
+    /// Sessions whose persistent ones are kept in `store`, starting with the ones it recovered
+    /// (offline, their expiry counted from now).
+    pub fn with_store(
+        bounds: SessionBounds,
+        store: Arc<Store>,
+        recovered: std::collections::BTreeMap<String, StoredSession>,
+    ) -> Sessions {
+        let sessions = Sessions {
+            bounds: Mutex::new(bounds),
+            store: Some(store),
+            ..Sessions::default()
+        };
+        {
+            let mut inner = sessions.lock();
+            let now = Instant::now();
+            for (id, st) in recovered {
+                let slot = sessions.new_slot(&id, 0, st.expiry_secs, bounds.max_inflight, &bounds);
+                slot.life().offline_since = Some(now);
+                slot.routed_through
+                    .store(st.routed_through, Ordering::Release);
+                slot.with_outbox(|o| {
+                    for (pkid, qos, m, released) in st.msgs_in_order() {
+                        o.restore(Arc::new(m), qos, pkid, released);
+                    }
+                });
+                for (filter, options) in st.subs {
+                    if inner
+                        .index
+                        .insert(&filter, slot.client_id.clone(), options)
+                        .is_none()
+                    {
+                        sessions.subscriptions.fetch_add(1, Ordering::AcqRel);
+                        inner
+                            .filters
+                            .entry(slot.client_id.clone())
+                            .or_default()
+                            .push(filter);
+                    }
+                }
+                inner.slots.insert(slot.client_id.clone(), slot);
+            }
+        }
+        sessions
+    }
+
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
+    fn new_slot(
+        &self,
+        client_id: &str,
+        owner: u64,
+        expiry_secs: u32,
+        rmax: u16,
+        b: &SessionBounds,
+    ) -> Arc<Slot> {
+        Arc::new(Slot {
+            client_id: client_id.into(),
+            outbox: Mutex::new(Outbox::new(rmax, b.max_queued_messages, b.max_queued_bytes)),
+            wake: Notify::new(),
+            owner: AtomicU64::new(owner),
+            life: Mutex::new(Life {
+                expiry_secs,
+                offline_since: None,
+            }),
+            total_bytes: self.total_bytes.clone(),
+            routed_through: AtomicU64::new(0),
+            store: self.store.clone(),
+        })
+    }
+
+    /// Writes every persistent session as events (a snapshot) and returns the first one's seq,
+    /// the last append and how many, for [`Store::snapshot_done`] once the last is durable.
+    pub fn snapshot(&self) -> Option<(u64, PendingAppend, u64)> {
+        let store = self.store.as_ref()?;
+        let inner = self.lock();
+        let mut first = None;
+        let mut last = None;
+        let mut count = 0u64;
+        let mut put = |e: Event| -> Option<()> {
+            let p = store.append(&e)?;
+            first.get_or_insert(p.seq());
+            last = Some(p);
+            count += 1;
+            Some(())
+        };
+        for slot in inner.slots.values() {
+            Self::store_whole(&inner, slot, &mut put)?;
+        }
+        // No session is kept: one harmless event marks where replay starts.
+        put(Event::End { id: String::new() })?;
+        drop(inner);
+        Some((first?, last?, count))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -209,10 +362,22 @@ impl Sessions {
         if let Some(old) = inner.slots.get(client_id).cloned() {
             if !clean_start {
                 old.owner.store(owner, Ordering::Release);
-                *old.life() = Life {
-                    expiry_secs,
-                    offline_since: None,
-                };
+                let was = std::mem::replace(
+                    &mut *old.life(),
+                    Life {
+                        expiry_secs,
+                        offline_since: None,
+                    },
+                );
+                if was.expiry_secs == 0 && expiry_secs > 0 {
+                    // Kept from now on: store all of it, not just that it lives.
+                    if let Some(store) = &self.store {
+                        let _ =
+                            Self::store_whole(&inner, &old, &mut |e| store.append(&e).map(|_| ()));
+                    }
+                } else if was.expiry_secs != expiry_secs {
+                    self.record_session(&old, expiry_secs);
+                }
                 old.with_outbox(|o| o.set_receive_maximum(rmax));
                 return (old, true);
             }
@@ -221,20 +386,78 @@ impl Sessions {
         if inner.slots.len() >= b.max_sessions {
             self.evict_oldest_offline(&mut inner);
         }
-        let id: Arc<str> = client_id.into();
-        let slot = Arc::new(Slot {
-            client_id: id.clone(),
-            outbox: Mutex::new(Outbox::new(rmax, b.max_queued_messages, b.max_queued_bytes)),
-            wake: Notify::new(),
-            owner: AtomicU64::new(owner),
-            life: Mutex::new(Life {
-                expiry_secs,
-                offline_since: None,
-            }),
-            total_bytes: self.total_bytes.clone(),
-        });
-        inner.slots.insert(id, slot.clone());
+        let slot = self.new_slot(client_id, owner, expiry_secs, rmax, &b);
+        if expiry_secs > 0 {
+            self.record_session(&slot, expiry_secs);
+        }
+        inner.slots.insert(slot.client_id.clone(), slot.clone());
         (slot, false)
+    }
+
+    /// Writes `slot`'s whole session (if it outlives its connection) through `put`: the session,
+    /// its subscriptions, its messages.
+    fn store_whole(
+        inner: &Inner,
+        slot: &Slot,
+        put: &mut impl FnMut(Event) -> Option<()>,
+    ) -> Option<()> {
+        let expiry_secs = slot.life().expiry_secs;
+        if expiry_secs == 0 {
+            return Some(());
+        }
+        let id = slot.client_id.to_string();
+        put(Event::Session {
+            id: id.clone(),
+            expiry_secs,
+            routed_through: slot.routed_through.load(Ordering::Acquire),
+        })?;
+        for f in inner.filters.get(&slot.client_id).into_iter().flatten() {
+            let Some(o) = inner.index.get(f, &slot.client_id) else {
+                continue;
+            };
+            put(Event::Sub {
+                id: id.clone(),
+                filter: f.clone(),
+                qos: o.qos,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+            })?;
+        }
+        // Under the outbox's lock: an ack made after this is written after these events.
+        slot.with_outbox(|o| {
+            for (m, qos, pkid, released) in o.held() {
+                put(Event::Msg {
+                    id: id.clone(),
+                    seq: 0,
+                    qos,
+                    pkid,
+                    message: StoredMessage::of(&m),
+                })?;
+                if released {
+                    put(Event::Rec {
+                        id: id.clone(),
+                        pkid,
+                    })?;
+                }
+            }
+            Some(())
+        })
+    }
+
+    /// Stores that `slot`'s session lives, with this expiry (0: it ends with its connection).
+    fn record_session(&self, slot: &Slot, expiry_secs: u32) {
+        if let Some(store) = &self.store {
+            let id = slot.client_id.to_string();
+            if expiry_secs == 0 {
+                store.append(&Event::End { id });
+            } else {
+                store.append(&Event::Session {
+                    id,
+                    expiry_secs,
+                    routed_through: slot.routed_through.load(Ordering::Acquire),
+                });
+            }
+        }
     }
 
     /// The connection registered as `owner` ended. A session that outlives its connection
@@ -313,6 +536,18 @@ impl Sessions {
         }
         // A connection still holding it (a clean start replaced it) stops sending from it.
         slot.owner.store(0, Ordering::Release);
+        let mut life = slot.life();
+        if life.expiry_secs > 0 {
+            life.expiry_secs = 0;
+            drop(life);
+            if let Some(store) = &self.store {
+                store.append(&Event::End {
+                    id: slot.client_id.to_string(),
+                });
+            }
+        } else {
+            drop(life);
+        }
         if let Some(filters) = inner.filters.remove(&slot.client_id) {
             for f in filters {
                 if inner.index.remove(&f, &slot.client_id).is_some() {
@@ -330,9 +565,24 @@ impl Sessions {
             .fetch_add(left as u64, Ordering::Relaxed);
     }
 
-    /// Adds or replaces `slot`'s subscription to `filter`; returns whether it existed.
-    pub fn subscribe(&self, slot: &Slot, filter: &str, options: SubOptions) -> bool {
+    /// Adds or replaces `slot`'s subscription to `filter`; returns whether it existed and, for
+    /// a persistent session, the append to await before the SUBACK.
+    pub fn subscribe(
+        &self,
+        slot: &Slot,
+        filter: &str,
+        options: SubOptions,
+    ) -> (bool, Option<PendingAppend>) {
         let mut inner = self.lock();
+        let pending = slot.stored().and_then(|st| {
+            st.append(&Event::Sub {
+                id: slot.client_id.to_string(),
+                filter: filter.to_string(),
+                qos: options.qos,
+                no_local: options.no_local,
+                retain_as_published: options.retain_as_published,
+            })
+        });
         let existed = inner
             .index
             .insert(filter, slot.client_id.clone(), options)
@@ -345,28 +595,41 @@ impl Sessions {
                 .or_default()
                 .push(filter.to_string());
         }
-        existed
+        (existed, pending)
     }
 
-    /// Removes `slot`'s subscription to `filter`; returns whether it existed.
-    pub fn unsubscribe(&self, slot: &Slot, filter: &str) -> bool {
+    /// Removes `slot`'s subscription to `filter`; returns whether it existed and, for a
+    /// persistent session, the append to await before the UNSUBACK.
+    pub fn unsubscribe(&self, slot: &Slot, filter: &str) -> (bool, Option<PendingAppend>) {
         let mut inner = self.lock();
         let existed = inner.index.remove(filter, &slot.client_id).is_some();
+        let mut pending = None;
         if existed {
+            pending = slot.stored().and_then(|st| {
+                st.append(&Event::Unsub {
+                    id: slot.client_id.to_string(),
+                    filter: filter.to_string(),
+                })
+            });
             self.subscriptions.fetch_sub(1, Ordering::AcqRel);
             if let Some(v) = inner.filters.get_mut(&slot.client_id) {
                 v.retain(|f| f != filter);
             }
         }
-        existed
+        (existed, pending)
     }
 
     /// Puts each record into the outbox of every session with a matching subscription, once per
     /// session at the highest QoS among its matching subscriptions (and never above the QoS it
-    /// was published with), then wakes those sessions. An offline session gets QoS 1/2 only.
-    pub fn route(&self, records: Vec<Record>) {
+    /// was published with), and wakes the sessions kept in memory only. An offline session gets
+    /// QoS 1/2 only. For persistent sessions each message is stored (`Msg`) and the sessions to
+    /// wake are returned with the last append: wake them once it is durable. A record at or
+    /// below a session's `routed_through` was routed into it before a restart and is skipped.
+    pub fn route(&self, records: Vec<Record>) -> Routed {
         let max_bytes = self.bounds().max_bytes;
         let mut woken: Vec<Arc<Slot>> = Vec::new();
+        let mut after_durable: Vec<Arc<Slot>> = Vec::new();
+        let mut last_append: Option<PendingAppend> = None;
         let mut targets: Vec<(Arc<str>, SubOptions)> = Vec::new();
         let inner = self.lock();
         for rec in records {
@@ -389,6 +652,7 @@ impl Sessions {
             }
             let retained = rec.retain;
             let published_qos = rec.qos;
+            let seq = rec.seq;
             let message = Arc::new(Message::from_record(rec, false));
             let as_published = retained.then(|| {
                 let mut m = (*message).clone();
@@ -399,6 +663,10 @@ impl Sessions {
                 let Some(slot) = inner.slots.get(client) else {
                     continue;
                 };
+                let store = slot.stored();
+                if store.is_some() && seq <= slot.routed_through.load(Ordering::Acquire) {
+                    continue;
+                }
                 self.stats.matched.fetch_add(1, Ordering::Relaxed);
                 let qos = o.qos.min(published_qos);
                 let over_total =
@@ -417,7 +685,25 @@ impl Sessions {
                 };
                 let (pushed, before, after) = slot.with_outbox(|ob| {
                     let before = ob.counts();
-                    let pushed = ob.push(m, qos).is_ok();
+                    let pushed = match ob.push(m.clone(), qos) {
+                        Ok(pkid) => {
+                            if let (Some(st), true) = (store, qos > 0) {
+                                slot.routed_through.store(seq, Ordering::Release);
+                                let p = st.append(&Event::Msg {
+                                    id: slot.client_id.to_string(),
+                                    seq,
+                                    qos,
+                                    pkid,
+                                    message: StoredMessage::of(&m),
+                                });
+                                if p.is_some() {
+                                    last_append = p;
+                                }
+                            }
+                            true
+                        }
+                        Err(_) => false,
+                    };
                     (pushed, before, ob.counts())
                 });
                 self.stats
@@ -426,14 +712,23 @@ impl Sessions {
                 self.stats
                     .refused_full
                     .fetch_add(after.refused_full - before.refused_full, Ordering::Relaxed);
-                if pushed && slot.online() && !woken.iter().any(|s| Arc::ptr_eq(s, slot)) {
-                    woken.push(slot.clone());
+                let list = if store.is_some() && qos > 0 {
+                    &mut after_durable
+                } else {
+                    &mut woken
+                };
+                if pushed && slot.online() && !list.iter().any(|s| Arc::ptr_eq(s, slot)) {
+                    list.push(slot.clone());
                 }
             }
         }
         drop(inner);
         for slot in woken {
             slot.wake.notify_one();
+        }
+        Routed {
+            last_append,
+            wake: after_durable,
         }
     }
 }

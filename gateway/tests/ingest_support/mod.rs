@@ -26,6 +26,7 @@ pub struct TestGateway {
     pub sessions: Arc<gateway::sessions::Sessions>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    config: Config,
     _dir: tempfile::TempDir,
 }
 
@@ -62,6 +63,10 @@ impl TestGateway {
         let mut config = base_config(dir.path(), &certs);
         tweak(&mut config, dir.path());
         config.validate().unwrap();
+        Self::start_with(config, certs, dir).await
+    }
+
+    async fn start_with(config: Config, certs: PathBuf, dir: tempfile::TempDir) -> TestGateway {
         let (queue, _) = Queue::open(config.queue.to_options()).unwrap();
         let ingest = Ingest::bind(&config, queue.clone()).await.unwrap();
         let addr = ingest.local_addrs()[0].0;
@@ -77,8 +82,18 @@ impl TestGateway {
             sessions,
             shutdown,
             task: Some(task),
+            config,
             _dir: dir,
         }
+    }
+
+    /// Stops the gateway cleanly and starts it again on the same data directory and config
+    /// (a new port).
+    pub async fn restart(mut self) -> TestGateway {
+        self.shutdown_now().await;
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+        let (config, certs) = (self.config.clone(), self.certs.clone());
+        Self::start_with(config, certs, dir).await
     }
 
     /// Every record in the queue so far (from a cursor of its own).
@@ -153,6 +168,10 @@ impl TestGateway {
     }
 
     pub async fn stop(mut self) {
+        self.shutdown_now().await;
+    }
+
+    async fn shutdown_now(&mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
