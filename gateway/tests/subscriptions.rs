@@ -510,7 +510,7 @@ async fn a_restart_keeps_persistent_sessions_their_messages_and_a_qos2_release()
         .await;
     }
     gw.wait_until("three messages queued for the dashboard", WAIT, |g| {
-        g.sessions.counts().3 >= 3 * (("devices/dev-00002/telemetry".len() + 2 + 32) as usize)
+        g.sessions.counts().3 >= 3 * ("devices/dev-00002/telemetry".len() + 2 + 32)
     })
     .await;
     drop(dev);
@@ -541,5 +541,158 @@ async fn a_restart_keeps_persistent_sessions_their_messages_and_a_qos2_release()
     dev.publish_qos1(false, "devices/dev-00002/telemetry", 9, b"after")
         .await;
     assert_eq!(receive(&mut dash, false, 1).await[0].payload, b"after");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn retained_messages_go_to_new_subscriptions_as_retain_handling_says_and_are_cleared() {
+    let gw = gateway().await;
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v5(DEVICE)).await;
+    for (t, p) in [("telemetry", "r1"), ("other", "not matched")] {
+        let topic = format!("devices/dev-00001/{t}");
+        dev.publish(&Publish::new(true, &topic, p.as_bytes()).qos(1, 1).retain())
+            .await;
+        assert_eq!(dev.recv().await.kind, kind::PUBACK);
+    }
+    // A newer retained message replaces the older one of the same topic.
+    dev.publish(
+        &Publish::new(true, "devices/dev-00001/telemetry", b"r2")
+            .qos(1, 2)
+            .retain(),
+    )
+    .await;
+    assert_eq!(dev.recv().await.kind, kind::PUBACK);
+    gw.wait_until("two retained topics", WAIT, |g| {
+        g.sessions.retained_counts().0 == 2
+    })
+    .await;
+
+    // 3.1.1: sent on subscribe with the retain flag, at the lower QoS.
+    let mut dash = gw.raw_connected(DASHBOARD, &Connect::v4(DASHBOARD)).await;
+    subscribe(&mut dash, false, "devices/+/telemetry", 0).await;
+    let r = dash.recv().await.publish(false);
+    assert_eq!(
+        (r.payload.as_slice(), r.retain, r.qos),
+        (&b"r2"[..], true, 0)
+    );
+    assert!(dash.recv_within(Duration::from_millis(200)).await.is_err());
+    // Live deliveries keep retain cleared (no retain-as-published).
+    dev.publish(
+        &Publish::new(true, "devices/dev-00001/telemetry", b"r3")
+            .qos(1, 3)
+            .retain(),
+    )
+    .await;
+    let live = dash.recv().await.publish(false);
+    assert_eq!((live.payload.as_slice(), live.retain), (&b"r3"[..], false));
+    drop(dash);
+
+    // MQTT 5 retain handling: 1 sends only for a new subscription, 2 never.
+    let mut d5 = gw.raw_connected(DASHBOARD, &Connect::v5(DASHBOARD)).await;
+    d5.send(&raw::subscribe_with(
+        true,
+        1,
+        &[("devices/+/telemetry", 0x11)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(d5.recv().await.suback_codes(true), [1]);
+    let r = d5.recv().await.publish(true);
+    assert_eq!((r.payload.as_slice(), r.retain), (&b"r3"[..], true));
+    d5.send(&raw::puback(r.pkid)).await.unwrap();
+    d5.send(&raw::subscribe_with(
+        true,
+        2,
+        &[("devices/+/telemetry", 0x11)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(d5.recv().await.suback_codes(true), [1]);
+    assert!(
+        d5.recv_within(Duration::from_millis(200)).await.is_err(),
+        "retain handling 1: not again for an existing subscription"
+    );
+    d5.send(&raw::subscribe_with(
+        true,
+        3,
+        &[("devices/dev-00001/telemetry", 0x21)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(d5.recv().await.suback_codes(true), [1]);
+    assert!(
+        d5.recv_within(Duration::from_millis(200)).await.is_err(),
+        "retain handling 2: never"
+    );
+    drop(d5);
+
+    // An empty retained publish clears the topic.
+    dev.publish(
+        &Publish::new(true, "devices/dev-00001/telemetry", b"")
+            .qos(1, 4)
+            .retain(),
+    )
+    .await;
+    assert_eq!(dev.recv().await.kind, kind::PUBACK);
+    gw.wait_until("one retained topic left", WAIT, |g| {
+        g.sessions.retained_counts().0 == 1
+    })
+    .await;
+    let mut dash = gw.raw_connected(DASHBOARD, &Connect::v4(DASHBOARD)).await;
+    subscribe(&mut dash, false, "devices/+/telemetry", 1).await;
+    assert!(dash.recv_within(Duration::from_millis(200)).await.is_err());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn retained_messages_are_bounded_and_survive_a_restart() {
+    let gw = TestGateway::start(|c, _| {
+        c.sessions.max_retained_messages = 2;
+    })
+    .await;
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    for (i, t) in ["a", "b", "c"].iter().enumerate() {
+        let topic = format!("devices/dev-00001/commands/{t}");
+        dev.publish(
+            &Publish::new(false, &topic, t.as_bytes())
+                .qos(1, i as u16 + 1)
+                .retain(),
+        )
+        .await;
+        assert_eq!(dev.recv().await.kind, kind::PUBACK);
+    }
+    gw.wait_until("the third to be refused", WAIT, |g| {
+        g.sessions.stats.retained_refused.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(gw.sessions.retained_counts().0, 2);
+    assert_eq!(gw.records().len(), 3, "all three stored for the uplinks");
+    drop(dev);
+    let gw = gw.restart().await;
+    assert_eq!(gw.sessions.retained_counts().0, 2, "recovered");
+    let mut sub = gw.raw_connected(DEVICE, &Connect::v4(DEVICE)).await;
+    subscribe(&mut sub, false, "devices/dev-00001/commands/#", 1).await;
+    let got = receive(&mut sub, false, 2).await;
+    let payloads: Vec<_> = got.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(payloads, [b"a".to_vec(), b"b".to_vec()]);
+    assert!(got.iter().all(|r| r.retain));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_will_reaches_subscribers_and_the_uplinks() {
+    let gw = gateway().await;
+    let mut dash = gw.raw_connected(DASHBOARD, &Connect::v4(DASHBOARD)).await;
+    // dev-00002 may subscribe to its own command tree only; the dashboard to telemetry.
+    subscribe(&mut dash, false, "devices/+/telemetry", 1).await;
+    let mut dev = gw.raw(Some(DEVICE)).await;
+    let ack = dev
+        .connect(&Connect::v4(DEVICE).will("devices/dev-00001/telemetry", b"gone", 1))
+        .await;
+    assert_eq!(ack.connack_code(), 0);
+    drop(dev); // no DISCONNECT: the will is published
+    let got = receive(&mut dash, false, 1).await;
+    assert_eq!(got[0].payload, b"gone");
+    assert_eq!(gw.wait_records(1).await[0].payload, b"gone");
     gw.stop().await;
 }

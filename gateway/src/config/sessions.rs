@@ -25,6 +25,12 @@ pub struct SessionsConfig {
     /// Sessions kept at once, connected or not; past it the session offline longest ends early
     /// (counted).
     pub max_sessions: usize,
+    /// Retained messages kept (topics); a retained publish to a new topic past it is not kept
+    /// (counted; it still goes to the uplinks and live subscribers).
+    pub max_retained_messages: usize,
+    /// Bytes (topic + payload + 32) of all retained messages.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_retained_bytes: u64,
     /// How long an MQTT 3.1.1 session with clean session = 0 outlives its connection.
     #[serde(deserialize_with = "de::duration")]
     pub expiry: Duration,
@@ -41,6 +47,8 @@ impl Default for SessionsConfig {
             max_queued_bytes: 1 << 20,
             max_inflight: 32,
             max_sessions: 100_000,
+            max_retained_messages: 10_000,
+            max_retained_bytes: 16 << 20,
             expiry: Duration::from_secs(7 * 86_400),
             max_expiry: Duration::from_secs(30 * 86_400),
         }
@@ -75,6 +83,13 @@ impl SessionsConfig {
                 "max_sessions",
                 "0".into(),
                 "no client could subscribe; set at least 1",
+            );
+        }
+        if self.max_queued_messages > 60_000 {
+            p(
+                "max_queued_messages",
+                self.max_queued_messages.to_string(),
+                "more than 60000: each queued QoS 1/2 message holds one of MQTT's 65535 packet ids; lower it",
             );
         }
         if self.max_queued_bytes < 1024 {

@@ -607,7 +607,7 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
                 session_expiry_interval: c.session_expiry,
                 receive_max: Some(c.receive_maximum),
                 max_qos: None,
-                retain_available: Some(0),
+                retain_available: None,
                 max_packet_size: Some(c.max_packet_size),
                 assigned_client_identifier: c.assigned_client_id.clone(),
                 topic_alias_max: Some(0),

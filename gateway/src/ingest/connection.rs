@@ -77,6 +77,7 @@ pub(crate) async fn serve<S>(
         slot,
         client_receive_maximum: None,
         starting: None,
+        retained_after_suback: Vec::new(),
     };
     let span = tracing::debug_span!("conn", %peer);
     tracing::Instrument::instrument(
@@ -111,6 +112,9 @@ struct Conn {
     /// The session started for this connection, until its CONNACK is queued; and whether it
     /// was resumed.
     starting: Option<(Arc<Slot>, bool)>,
+    /// Subscriptions of the SUBSCRIBE being answered whose retained messages go out after its
+    /// SUBACK: (filter, options, retain handling, new).
+    retained_after_suback: Vec<(String, SubOptions, u8, bool)>,
 }
 
 enum Step {
@@ -225,6 +229,9 @@ impl Conn {
                         let _ = self.slot.set((slot.clone(), *reg));
                         slot.wake.notify_one();
                     }
+                    if !self.retained_after_suback.is_empty() {
+                        self.send_retained().await;
+                    }
                 }
                 Action::StartSession {
                     clean_start,
@@ -269,8 +276,15 @@ impl Conn {
                                 no_local: s.no_local,
                                 retain_as_published: s.retain_as_published,
                             };
-                            let (_, p) = self.shared.sessions.subscribe(slot, &s.filter, options);
+                            let (existed, p) =
+                                self.shared.sessions.subscribe(slot, &s.filter, options);
                             last = p.or(last);
+                            self.retained_after_suback.push((
+                                s.filter,
+                                options,
+                                s.retain_handling,
+                                !existed,
+                            ));
                         }
                     }
                     // A persistent session's subscriptions are durable before the SUBACK.
@@ -325,6 +339,28 @@ impl Conn {
             }
         }
         Step::Continue
+    }
+
+    /// The retained messages of the subscriptions just acknowledged.
+    async fn send_retained(&mut self) {
+        let Some((slot, _)) = self.slot.get() else {
+            self.retained_after_suback.clear();
+            return;
+        };
+        let mut last = None;
+        for (filter, options, handling, new) in std::mem::take(&mut self.retained_after_suback) {
+            let p = self
+                .shared
+                .sessions
+                .send_retained(slot, &filter, options, handling, new);
+            last = p.or(last);
+        }
+        if let Some(p) = last {
+            if let Err(error) = p.durable().await {
+                tracing::warn!(%error, "could not store retained messages for a persistent session");
+            }
+        }
+        slot.wake.notify_one();
     }
 
     /// An ack from the client for a publish we sent it. An ack for nothing in flight (late,
@@ -404,6 +440,9 @@ impl Conn {
             let rec = record_of(&m);
             match queue.try_append_after(&rec, self.last_append.as_ref()) {
                 Ok(pending) => {
+                    if m.retain {
+                        self.shared.sessions.note_retained(pending.seq());
+                    }
                     self.last_append = Some(pending.marker());
                     return if self.send(Out::AfterDurable { pending, ack }).await {
                         Step::Continue
@@ -485,6 +524,9 @@ impl Conn {
         let rec = record_of(&will);
         match self.shared.queue.try_append(&rec) {
             Ok(p) => {
+                if will.retain {
+                    self.shared.sessions.note_retained(p.seq());
+                }
                 if let Err(error) = p.durable().await {
                     self.shared
                         .stats

@@ -393,8 +393,12 @@ async fn open_sessions(
         tokio::task::spawn_blocking(move || Store::open(&dir, fsync, max_bytes))
             .await
             .map_err(|_| IngestError::SessionStore(crate::sessions::store::StoreError::Closed))??;
-    if !recovered.is_empty() {
-        tracing::info!(sessions = recovered.len(), "persistent sessions recovered");
+    if !recovered.sessions.is_empty() || !recovered.retained.is_empty() {
+        tracing::info!(
+            sessions = recovered.sessions.len(),
+            retained = recovered.retained.len(),
+            "persistent sessions and retained messages recovered"
+        );
     }
     Ok(Arc::new(Sessions::with_store(
         SessionBounds::from_config(&config.sessions),

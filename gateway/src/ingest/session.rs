@@ -501,16 +501,6 @@ impl Session {
             );
         }
         if let Some(w) = &c.will {
-            // CONNACK says "retain available: no" (MQTT-3.2.2-13: refuse a retained will).
-            if v == Version::V5 && w.retain {
-                return self.refuse_connect(
-                    v,
-                    0x02,
-                    reason::RETAIN_NOT_SUPPORTED,
-                    Refusal::Protocol,
-                    "retain is not available",
-                );
-            }
             if crate::topic::check_name(&w.topic, self.limits.max_topic_length).is_err() {
                 return self.refuse_connect(
                     v,
@@ -615,13 +605,6 @@ impl Session {
                 reason::TOPIC_NAME_INVALID,
                 "invalid topic name",
                 Refusal::Malformed,
-            );
-        }
-        if v == Version::V5 && p.retain {
-            return self.close_with(
-                reason::RETAIN_NOT_SUPPORTED,
-                "retain is not available",
-                Refusal::Protocol,
             );
         }
         let in_flight = self.acks_requested.saturating_sub(self.acks_sent);

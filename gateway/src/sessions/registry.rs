@@ -7,7 +7,7 @@
 //! connection to send and ack. Nothing here waits on a socket, so a stuck subscriber holds up
 //! nobody: its outbox fills to its bound and what does not fit is dropped and counted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use super::index::FilterIndex;
 use super::outbox::{Message, Outbox};
-use super::store::{Event, Store, StoredMessage, StoredSession};
+use super::store::{Event, Store, StoredMessage};
 use crate::queue::{PendingAppend, Record};
 
 /// Bounds of sessions (from `[sessions]`).
@@ -30,6 +30,9 @@ pub struct SessionBounds {
     pub max_bytes: usize,
     /// Sessions kept at once.
     pub max_sessions: usize,
+    /// Retained messages kept, by count and by bytes (topic + payload + 32 each).
+    pub max_retained_messages: usize,
+    pub max_retained_bytes: usize,
 }
 
 impl Default for SessionBounds {
@@ -40,6 +43,8 @@ impl Default for SessionBounds {
             max_queued_bytes: 1 << 20,
             max_bytes: 64 << 20,
             max_sessions: 100_000,
+            max_retained_messages: 10_000,
+            max_retained_bytes: 16 << 20,
         }
     }
 }
@@ -52,6 +57,8 @@ impl SessionBounds {
             max_queued_bytes: usize::try_from(c.max_queued_bytes).unwrap_or(usize::MAX),
             max_bytes: usize::try_from(c.max_bytes).unwrap_or(usize::MAX),
             max_sessions: c.max_sessions,
+            max_retained_messages: c.max_retained_messages,
+            max_retained_bytes: usize::try_from(c.max_retained_bytes).unwrap_or(usize::MAX),
         }
     }
 }
@@ -187,6 +194,10 @@ pub struct DeliveryStats {
     /// Sessions ended by their expiry, or early by the `max_sessions` bound.
     pub expired: AtomicU64,
     pub evicted: AtomicU64,
+    /// Retained messages refused by the `max_retained_*` bounds (a new topic when full).
+    pub retained_refused: AtomicU64,
+    /// Retained messages sent to new subscriptions.
+    pub retained_sent: AtomicU64,
 }
 
 #[derive(Default)]
@@ -195,6 +206,9 @@ struct Inner {
     slots: HashMap<Arc<str>, Arc<Slot>>,
     /// Each session's filters, to remove them when it ends.
     filters: HashMap<Arc<str>, Vec<String>>,
+    /// Retained messages by topic, with the QoS they were published with.
+    retained: BTreeMap<String, (u8, Arc<Message>)>,
+    retained_bytes: usize,
 }
 
 /// Every session; shared by the connections and the router.
@@ -205,6 +219,9 @@ pub struct Sessions {
     bounds: Mutex<SessionBounds>,
     total_bytes: Arc<AtomicUsize>,
     store: Option<Arc<Store>>,
+    /// The newest queue seq of a retained publish (the router reads up to it even when nobody
+    /// subscribes, to keep the retained messages).
+    retained_upto: AtomicU64,
     pub stats: DeliveryStats,
 }
 
@@ -222,7 +239,7 @@ impl Sessions {
     pub fn with_store(
         bounds: SessionBounds,
         store: Arc<Store>,
-        recovered: std::collections::BTreeMap<String, StoredSession>,
+        recovered: super::store::Recovered,
     ) -> Sessions {
         let sessions = Sessions {
             bounds: Mutex::new(bounds),
@@ -232,7 +249,11 @@ impl Sessions {
         {
             let mut inner = sessions.lock();
             let now = Instant::now();
-            for (id, st) in recovered {
+            for (topic, (qos, m)) in recovered.retained {
+                inner.retained_bytes += m.cost();
+                inner.retained.insert(topic, (qos, Arc::new(m)));
+            }
+            for (id, st) in recovered.sessions {
                 let slot = sessions.new_slot(&id, 0, st.expiry_secs, bounds.max_inflight, &bounds);
                 slot.life().offline_since = Some(now);
                 slot.routed_through
@@ -304,6 +325,13 @@ impl Sessions {
             count += 1;
             Some(())
         };
+        for (topic, (qos, m)) in &inner.retained {
+            put(Event::Retain {
+                topic: topic.clone(),
+                qos: *qos,
+                message: StoredMessage::of(m),
+            })?;
+        }
         for slot in inner.slots.values() {
             Self::store_whole(&inner, slot, &mut put)?;
         }
@@ -565,6 +593,109 @@ impl Sessions {
             .fetch_add(left as u64, Ordering::Relaxed);
     }
 
+    /// The newest queue seq of a retained publish noted so far.
+    pub fn retained_upto(&self) -> u64 {
+        self.retained_upto.load(Ordering::Acquire)
+    }
+
+    /// Ingest appended a retained publish as record `seq`.
+    pub fn note_retained(&self, seq: u64) {
+        self.retained_upto.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Retained messages now: (count, bytes).
+    pub fn retained_counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.retained.len(), inner.retained_bytes)
+    }
+
+    /// Keeps (or, with an empty payload, clears) the retained message of `rec`'s topic, within
+    /// the bounds; returns the store append.
+    fn keep_retained(
+        &self,
+        inner: &mut Inner,
+        rec: &Record,
+        b: &SessionBounds,
+    ) -> Option<PendingAppend> {
+        if rec.payload.is_empty() {
+            let (_, old) = inner.retained.remove(&rec.topic)?;
+            inner.retained_bytes -= old.cost();
+            return self.store.as_ref().and_then(|st| {
+                st.append(&Event::Unretain {
+                    topic: rec.topic.clone(),
+                })
+            });
+        }
+        let m = Message::from_record(rec.clone(), true);
+        let old_cost = inner.retained.get(&rec.topic).map_or(0, |(_, o)| o.cost());
+        let is_new = old_cost == 0;
+        if (is_new && inner.retained.len() >= b.max_retained_messages)
+            || inner.retained_bytes - old_cost + m.cost() > b.max_retained_bytes
+        {
+            self.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        inner.retained_bytes = inner.retained_bytes - old_cost + m.cost();
+        let p = self.store.as_ref().and_then(|st| {
+            st.append(&Event::Retain {
+                topic: rec.topic.clone(),
+                qos: rec.qos,
+                message: StoredMessage::of(&m),
+            })
+        });
+        inner
+            .retained
+            .insert(rec.topic.clone(), (rec.qos, Arc::new(m)));
+        p
+    }
+
+    /// After the SUBACK of a new or renewed subscription: the retained messages its filter
+    /// matches go into `slot`'s outbox (retain flag set, at the lower of both QoS), unless
+    /// the subscription's retain handling says not to (1: only for a new subscription, 2:
+    /// never). Returns the store append to await for a persistent session, then wake it.
+    pub fn send_retained(
+        &self,
+        slot: &Slot,
+        filter: &str,
+        options: SubOptions,
+        retain_handling: u8,
+        is_new: bool,
+    ) -> Option<PendingAppend> {
+        if retain_handling == 2 || (retain_handling == 1 && !is_new) {
+            return None;
+        }
+        let inner = self.lock();
+        let store = slot.stored();
+        let mut last = None;
+        let mut sent = 0u64;
+        // `$` topics are matched only by filters that name them (topic::matches).
+        for (topic, (qos, m)) in &inner.retained {
+            if !crate::topic::matches(filter, topic) {
+                continue;
+            }
+            let qos = (*qos).min(options.qos);
+            slot.with_outbox(|o| {
+                if let Ok(pkid) = o.push(m.clone(), qos) {
+                    sent += 1;
+                    if let (Some(st), true) = (store, qos > 0) {
+                        let p = st.append(&Event::Msg {
+                            id: slot.client_id.to_string(),
+                            seq: 0,
+                            qos,
+                            pkid,
+                            message: StoredMessage::of(m),
+                        });
+                        if p.is_some() {
+                            last = p;
+                        }
+                    }
+                }
+            });
+        }
+        self.stats.retained_sent.fetch_add(sent, Ordering::Relaxed);
+        last
+    }
+
     /// Adds or replaces `slot`'s subscription to `filter`; returns whether it existed and, for
     /// a persistent session, the append to await before the SUBACK.
     pub fn subscribe(
@@ -631,9 +762,15 @@ impl Sessions {
         let mut after_durable: Vec<Arc<Slot>> = Vec::new();
         let mut last_append: Option<PendingAppend> = None;
         let mut targets: Vec<(Arc<str>, SubOptions)> = Vec::new();
-        let inner = self.lock();
+        let b = self.bounds();
+        let mut inner = self.lock();
         for rec in records {
             self.stats.routed.fetch_add(1, Ordering::Relaxed);
+            if rec.retain {
+                if let Some(p) = self.keep_retained(&mut inner, &rec, &b) {
+                    last_append = Some(p);
+                }
+            }
             targets.clear();
             inner.index.for_each_match(&rec.topic, |client, o| {
                 if o.no_local && **client == *rec.device_id {

@@ -94,7 +94,8 @@ pub async fn run(queue: Queue, sessions: Arc<Sessions>, shutdown: CancellationTo
 async fn step(reader: &mut Reader, sessions: &Sessions) -> Result<Option<u64>, QueueError> {
     if !sessions.has_subscriptions() {
         let last = reader.wait_readable().await?;
-        if !sessions.has_subscriptions() {
+        // Retained publishes are read even then (they are kept for later subscribers).
+        if !sessions.has_subscriptions() && sessions.retained_upto() < reader.position() {
             reader.skip_through(last);
             return Ok(Some(last));
         }

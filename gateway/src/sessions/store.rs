@@ -70,6 +70,16 @@ pub enum Event {
         id: String,
         pkid: u16,
     },
+    /// A retained message for `topic` (replacing the one before).
+    Retain {
+        topic: String,
+        qos: u8,
+        message: StoredMessage,
+    },
+    /// The retained message of `topic` was cleared.
+    Unretain {
+        topic: String,
+    },
 }
 
 /// A [`Message`] as stored.
@@ -137,14 +147,22 @@ impl StoredSession {
     }
 }
 
-/// Applies `events` in order to `sessions` (recovery, and the tests' model).
-pub fn replay(
-    sessions: &mut BTreeMap<String, StoredSession>,
-    events: impl IntoIterator<Item = Event>,
-) {
-    let mut order = 0u64;
+/// What the store holds: persistent sessions and retained messages.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub sessions: BTreeMap<String, StoredSession>,
+    /// Topic to (QoS, message).
+    pub retained: BTreeMap<String, (u8, Message)>,
+    /// Events replayed so far (orders the messages of each session across batches).
+    order: u64,
+}
+
+/// Applies `events` in order (recovery, and the tests' model).
+pub fn replay(state: &mut Recovered, events: impl IntoIterator<Item = Event>) {
+    let sessions = &mut state.sessions;
     for e in events {
-        order += 1;
+        state.order += 1;
+        let order = state.order;
         match e {
             Event::Session {
                 id,
@@ -206,6 +224,16 @@ pub fn replay(
                     s.msgs.remove(&pkid);
                 }
             }
+            Event::Retain {
+                topic,
+                qos,
+                message,
+            } => {
+                state.retained.insert(topic, (qos, message.into_message()));
+            }
+            Event::Unretain { topic } => {
+                state.retained.remove(&topic);
+            }
         }
     }
 }
@@ -242,7 +270,7 @@ impl Store {
         dir: &Path,
         fsync: FsyncPolicy,
         max_bytes: u64,
-    ) -> Result<(Store, BTreeMap<String, StoredSession>), StoreError> {
+    ) -> Result<(Store, Recovered), StoreError> {
         let err = |source| StoreError::Queue {
             dir: dir.display().to_string(),
             source,
@@ -259,7 +287,7 @@ impl Store {
             );
         }
         let mut reader = queue.reader(REPLAY_CURSOR).map_err(err)?;
-        let mut sessions = BTreeMap::new();
+        let mut state = Recovered::default();
         let mut events = 0u64;
         loop {
             let batch = reader.read_now(4096, 16 << 20).map_err(err)?;
@@ -277,14 +305,14 @@ impl Store {
                 })
                 .collect();
             events += decoded.len() as u64;
-            replay(&mut sessions, decoded);
+            replay(&mut state, decoded);
         }
         Ok((
             Store {
                 queue,
                 since_snapshot: events.into(),
             },
-            sessions,
+            state,
         ))
     }
 
@@ -304,6 +332,7 @@ impl Store {
             | Event::Msg { id, .. }
             | Event::Rec { id, .. }
             | Event::Done { id, .. } => id.as_str(),
+            Event::Retain { .. } | Event::Unretain { .. } => "",
         };
         let rec = NewRecord {
             received_at: SystemTime::now(),
@@ -437,8 +466,9 @@ mod tests {
                 retain_as_published: false,
             },
         ];
-        let mut s = BTreeMap::new();
-        replay(&mut s, events);
+        let mut state = Recovered::default();
+        replay(&mut state, events);
+        let s = &state.sessions;
         let d1 = &s["d1"];
         assert_eq!(s.len(), 1);
         assert_eq!((d1.expiry_secs, d1.routed_through), (60, 11));
@@ -455,8 +485,27 @@ mod tests {
                 (3, 1, "a/2".to_string(), false)
             ]
         );
-        replay(&mut s, [Event::End { id: id() }]);
-        assert!(s.is_empty());
+        replay(&mut state, [Event::End { id: id() }]);
+        assert!(state.sessions.is_empty());
+        replay(
+            &mut state,
+            [
+                Event::Retain {
+                    topic: "a/b".into(),
+                    qos: 1,
+                    message: msg("a/b"),
+                },
+                Event::Retain {
+                    topic: "a/c".into(),
+                    qos: 0,
+                    message: msg("a/c"),
+                },
+                Event::Unretain {
+                    topic: "a/b".into(),
+                },
+            ],
+        );
+        assert_eq!(state.retained.keys().collect::<Vec<_>>(), ["a/c"]);
     }
 
     #[test]
@@ -468,7 +517,7 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let (store, s) = Store::open(dir.path(), FsyncPolicy::Always, 64 << 20).expect("open");
-            assert!(s.is_empty());
+            assert!(s.sessions.is_empty());
             let start = Event::Session {
                 id: "d1".into(),
                 expiry_secs: 5,
@@ -489,7 +538,7 @@ mod tests {
             drop(store);
             let (store, s) =
                 Store::open(dir.path(), FsyncPolicy::Always, 64 << 20).expect("reopen");
-            assert_eq!(s["d1"].msgs.len(), 1);
+            assert_eq!(s.sessions["d1"].msgs.len(), 1);
             // A snapshot: the live state again, then replay starts there.
             let first = store
                 .append(&Event::Session {
@@ -504,9 +553,9 @@ mod tests {
             store.close();
             drop(store);
             let (_, s) = Store::open(dir.path(), FsyncPolicy::Always, 64 << 20).expect("reopen");
-            assert_eq!(s["d1"].routed_through, 3);
+            assert_eq!(s.sessions["d1"].routed_through, 3);
             assert!(
-                s["d1"].msgs.is_empty(),
+                s.sessions["d1"].msgs.is_empty(),
                 "the message was before the snapshot"
             );
         });
