@@ -4,6 +4,7 @@
 
 pub mod faults;
 pub mod power_cut;
+pub mod subscribers;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

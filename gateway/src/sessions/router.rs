@@ -62,8 +62,15 @@ pub async fn run(queue: Queue, sessions: Arc<Sessions>, shutdown: CancellationTo
             }
             _ = shutdown.cancelled() => break,
         }
-        // Records are readable: route them (not cancelled half-way).
-        match step(&mut reader, &sessions).await {
+        // Records are readable: route them. A reader may report a seq as readable where nothing
+        // is left to read (an empty segment after a restart), and then waits for the next
+        // record: shutdown must not wait with it (cancelling only repeats this batch's routing
+        // at the next start, which `routed_through` makes harmless).
+        let routed = tokio::select! {
+            r = step(&mut reader, &sessions) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match routed {
             Ok(Some(last)) => routed_through = last,
             Ok(None) => {}
             Err(QueueError::Closed) => break,
