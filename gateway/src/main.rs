@@ -221,6 +221,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Reload { config, release } => reload(&config, &release),
         Command::Queue(q) => queue_command(q),
+        #[cfg(not(feature = "dev-certs"))]
+        Command::Certs(CertsCommand::Generate { .. }) => {
+            eprintln!(
+                "error: gateway certs generate: {}",
+                gateway::config::DEV_CERTS_NOT_BUILT
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        #[cfg(feature = "dev-certs")]
         Command::Certs(CertsCommand::Generate { out, devices }) => {
             gateway::certs::generate(&out, devices)?;
             println!(
