@@ -114,10 +114,7 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
         "fsync = \"always\"\nsegment_bytes = \"1 MiB\"\nmax_bytes = \"64 MiB\"\n\
          preallocate = {preallocate}\n"
     );
-    let Some(mut rig) = PowerCutRig::new(spec, scenario) else {
-        up.cleanup().await;
-        return;
-    };
+    let mut rig = PowerCutRig::new(spec, scenario);
     let tap = Tap::start_recording_seqs(&up.tap_queue).await;
     let mut fleet_spec = FleetSpec::new(devices, 50.0);
     fleet_spec.payload_bytes = Some(200);
