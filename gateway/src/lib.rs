@@ -14,6 +14,10 @@
 //!
 //! - [`ingest`]: MQTT 3.1.1/5 over TLS, PUBACK after the durable append.
 //! - [`uplink`], [`forwarder`]: AMQP and Kafka, one forwarder per uplink on its own cursor.
+//!
+//! Cargo features (both default): `kafka` (the Kafka uplink, rskafka) and `dev-certs`
+//! (`certs`: development certificates with rcgen). Without them the gateway is AMQP-only and
+//! says so where a config or command asks for what is missing.
 //! - [`service`]: the running gateway (start, reload, ordered stop); [`status`]: the view of it
 //!   that [`admin`] serves (metrics, health, readiness, the status page); [`notify`]: systemd
 //!   readiness and watchdog; [`throttle`]: log lines for failures that repeat per message.
@@ -21,6 +25,7 @@
 //!   rustls set-up of listeners and uplinks.
 
 pub mod admin;
+#[cfg(any(test, feature = "dev-certs"))]
 pub mod certs;
 pub mod config;
 pub mod forwarder;

@@ -141,12 +141,21 @@ enum QueueCommand {
         seconds: u64,
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         segment_bytes: u64,
+        /// Pre-write segments with zeros, as `[queue] preallocate = true` does.
+        #[arg(long, value_enum, default_value_t = if gateway::config::DEFAULT_PREALLOCATE { OnOff::On } else { OnOff::Off })]
+        preallocate: OnOff,
         #[arg(long)]
         json: bool,
         /// Keep the queue the bench wrote (in DATA_DIR/queue-bench-PID) instead of removing it.
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -212,6 +221,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Reload { config, release } => reload(&config, &release),
         Command::Queue(q) => queue_command(q),
+        #[cfg(not(feature = "dev-certs"))]
+        Command::Certs(CertsCommand::Generate { .. }) => {
+            eprintln!(
+                "error: gateway certs generate: {}",
+                gateway::config::DEV_CERTS_NOT_BUILT
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        #[cfg(feature = "dev-certs")]
         Command::Certs(CertsCommand::Generate { out, devices }) => {
             gateway::certs::generate(&out, devices)?;
             println!(
@@ -582,6 +600,7 @@ fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {
             fsync_interval,
             seconds,
             segment_bytes,
+            preallocate,
             json,
             keep,
         } => {
@@ -596,6 +615,7 @@ fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {
                 },
                 duration: Duration::from_secs(seconds),
                 segment_bytes,
+                preallocate: preallocate == OnOff::On,
                 keep,
             };
             std::fs::create_dir_all(&opts.data_dir)
@@ -619,6 +639,13 @@ fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {
                     r.topic_bytes,
                     r.disk_bytes_per_record - (r.payload_bytes + r.topic_bytes) as f64
                 );
+                match r.device_bytes_per_record {
+                    Some(b) => println!(
+                        "bytes the disk was made to write per record: {b:.1} (preallocate {})",
+                        if r.preallocate { "on" } else { "off" }
+                    ),
+                    None => println!("bytes written per record: not counted by this kernel"),
+                }
                 println!(
                     "fsyncs: {} ({:.0} records each, mean {} µs, max {} µs)",
                     r.fsyncs, r.records_per_fsync, r.mean_fsync_us, r.max_fsync_us

@@ -15,7 +15,7 @@
 //! kept as it was; the rest of the new config still applies.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -62,8 +62,16 @@ pub fn ensure_dev_certs(config: &Config) -> Result<()> {
     let needs = config.listeners.iter().any(|l| {
         matches!(&l.tls, TlsSetting::On(t) if t.is_dev_default() && !t.cert.exists() && !t.key.exists())
     });
+    #[cfg(not(feature = "dev-certs"))]
     if needs {
-        crate::certs::generate(Path::new(DEV_CERT_DIR), 10)?;
+        anyhow::bail!(
+            "the development certificates in {DEV_CERT_DIR}/ are missing and {}",
+            crate::config::DEV_CERTS_NOT_BUILT
+        );
+    }
+    #[cfg(feature = "dev-certs")]
+    if needs {
+        crate::certs::generate(std::path::Path::new(DEV_CERT_DIR), 10)?;
         tracing::warn!(
             dir = DEV_CERT_DIR,
             "development certificates were missing and have been created (a throwaway CA, a server certificate for localhost and 10 device certificates dev-00001..dev-00010); do not use them in production"

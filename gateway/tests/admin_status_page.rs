@@ -52,7 +52,8 @@ fn chromium() -> PathBuf {
         .unwrap_or_else(|| {
             panic!(
                 "this test loads the status page in headless Chromium, and `chromium` is not on \
-                 PATH: install Debian's `chromium` package (apt-get install chromium)"
+                 PATH: run the suite with `./run-tests` (the README's test command), which \
+                 installs Debian's `chromium` package"
             )
         })
 }

@@ -146,6 +146,8 @@ async fn preallocated_segments_are_trimmed_when_sealed_and_closed_and_lose_nothi
     let mut o = QueueOptions::new(dir.path());
     o.segment_bytes = 1 << 20;
     o.max_bytes = 64 << 20;
+    assert!(!o.preallocates(), "preallocation is off unless asked for");
+    o.preallocate = true;
     assert!(o.preallocates());
     let (q, _) = Queue::open(o.clone()).unwrap();
     let payload = vec![7u8; 1000];

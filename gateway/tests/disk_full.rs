@@ -1,5 +1,5 @@
 //! Disk full: the queue's directory sits on a small tmpfs that the test mounts (it needs root, as
-//! on the development and CI machines; elsewhere it says why it skipped). Appends fail cleanly with
+//! on the development and CI machines; elsewhere it fails, naming `./run-tests`). Appends fail cleanly with
 //! `DiskFull`, nothing durable is damaged, and appends work again once space is freed.
 #![allow(clippy::unwrap_used)]
 
@@ -67,12 +67,10 @@ impl Drop for SmallFs {
 async fn appends_fail_cleanly_when_the_disk_is_full_and_resume_when_space_returns() {
     let fs = match SmallFs::mount("2m") {
         Ok(fs) => fs,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED disk-full test: cannot mount a small tmpfs here ({why}); run as root"
-            );
-            return;
-        }
+        Err(why) => panic!(
+            "cannot mount a small tmpfs here ({why}): the disk-full tests need root; run the \
+             suite with `./run-tests` (the README's test command) as root, as CI does"
+        ),
     };
     // Ballast that the test deletes later to give space back.
     let ballast = fs.path().join("ballast");
@@ -199,12 +197,10 @@ fn fill_up(path: &Path) {
 async fn a_queue_on_a_full_disk_still_opens_delivers_and_frees_space_as_cursors_move() {
     let fs = match SmallFs::mount("2m") {
         Ok(fs) => fs,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED disk-full test: cannot mount a small tmpfs here ({why}); run as root"
-            );
-            return;
-        }
+        Err(why) => panic!(
+            "cannot mount a small tmpfs here ({why}): the disk-full tests need root; run the \
+             suite with `./run-tests` (the README's test command) as root, as CI does"
+        ),
     };
     let data = fs.path().join("queue");
     let mut o = QueueOptions::new(&data);

@@ -62,7 +62,10 @@ async fn mosquitto_pub_with_a_device_certificate_lands_in_the_queue() {
         .output()
         .is_err()
     {
-        panic!("mosquitto_pub is missing: install Debian's mosquitto-clients (.ci/run does)");
+        panic!(
+            "mosquitto_pub is missing: run the suite with `./run-tests` (the README's test \
+             command), which installs Debian's mosquitto-clients"
+        );
     }
     let gw = TestGateway::start(|_, _| {}).await;
     let certs = gw.certs.clone();

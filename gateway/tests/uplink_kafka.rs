@@ -40,7 +40,8 @@ fn require_kafka_python() {
     assert!(
         ok,
         "python3 cannot `import kafka` (the independent Kafka client of this test); \
-         install it with `{INSTALL_KAFKA_PYTHON}`"
+         run the suite with `./run-tests` (the README's test command), which installs it, or \
+         `{INSTALL_KAFKA_PYTHON}`"
     );
 }
 

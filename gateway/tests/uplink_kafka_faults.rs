@@ -204,7 +204,7 @@ impl Rig {
         let out = tokio::time::timeout(Duration::from_secs(60), out)
             .await
             .expect("kafka_consume.py finished within 60 s")
-            .expect("python3 runs (kafka-python 3.x needed: pip install 'kafka-python>=3,<4')");
+            .expect("python3 runs (kafka-python 3.x needed: `./run-tests` installs it)");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),

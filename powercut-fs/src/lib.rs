@@ -185,14 +185,14 @@ pub struct TempMount {
 }
 
 impl TempMount {
-    /// A mount for the test named `test`, or `None` after printing `SKIPPED <test>: <why>`
-    /// where [`unavailable`] says this machine cannot mount one.
-    pub fn for_test(test: &str) -> Option<TempMount> {
+    /// A mount for the test named `test`. Panics, saying why and naming the command that runs
+    /// the tests as they need to run, where [`unavailable`] says this machine cannot mount one:
+    /// a test that cannot run fails, it never passes without having run.
+    pub fn for_test(test: &str) -> TempMount {
         if let Some(why) = unavailable() {
-            eprintln!("SKIPPED {test}: {why}");
-            return None;
+            panic!("{test}: cannot mount the power-cut file system: {why}. {RUN_TESTS_HINT}");
         }
-        Some(TempMount::new().expect("mount the power-cut file system"))
+        TempMount::new().expect("mount the power-cut file system")
     }
 
     pub fn new() -> io::Result<TempMount> {
@@ -223,8 +223,12 @@ impl TempMount {
     }
 }
 
+/// What a test that cannot run here says: run the suite the way the README does.
+pub const RUN_TESTS_HINT: &str = "The power-cut tests need /dev/fuse and root; run the whole \
+    suite with `./run-tests` (the README's test command) as root, as CI does";
+
 /// Why this machine cannot mount the file system (`None`: it can try): no `/dev/fuse`, or not
-/// root. Tests skip, saying why, only for these; any other mount failure is a failure.
+/// root. Tests fail with this reason and [`RUN_TESTS_HINT`].
 pub fn unavailable() -> Option<String> {
     if !Path::new("/dev/fuse").exists() {
         return Some("no /dev/fuse on this machine".into());

@@ -1,6 +1,7 @@
 //! The power-cut file system through a real FUSE mount, with the system calls a program makes
 //! (std::fs): what a cut keeps and what it throws away, as the processes and the backing
-//! directory see it. Needs /dev/fuse and root; elsewhere each test says why it skips.
+//! directory see it. Needs /dev/fuse and root; elsewhere each test fails, saying why and naming
+//! `./run-tests`.
 #![allow(clippy::unwrap_used)]
 
 use std::fs::{self, File, OpenOptions};
@@ -24,13 +25,13 @@ impl Mounted {
     }
 }
 
-fn mount(test: &str) -> Option<Mounted> {
-    let m = TempMount::for_test(test)?;
-    Some(Mounted {
+fn mount(test: &str) -> Mounted {
+    let m = TempMount::for_test(test);
+    Mounted {
         mnt: m.mnt(),
         backing: m.backing(),
         m,
-    })
+    }
 }
 
 fn sync_dir(dir: &Path) {
@@ -49,9 +50,7 @@ fn durable_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 
 #[test]
 fn an_unsynced_write_is_gone_after_a_cut_and_a_synced_one_is_kept() {
-    let Some(m) = mount("unsynced write") else {
-        return;
-    };
+    let m = mount("unsynced write");
     let p = durable_file(&m.mnt, "f", b"synced");
     let f = OpenOptions::new().write(true).open(&p).unwrap();
     f.write_all_at(b" and this too", 6).unwrap();
@@ -73,9 +72,7 @@ fn an_unsynced_write_is_gone_after_a_cut_and_a_synced_one_is_kept() {
 
 #[test]
 fn a_file_created_without_a_directory_sync_is_gone_after_a_cut() {
-    let Some(m) = mount("create without directory sync") else {
-        return;
-    };
+    let m = mount("create without directory sync");
     let p = m.mnt.join("new");
     let mut f = File::create(&p).unwrap();
     f.write_all(b"durable bytes, no durable name").unwrap();
@@ -98,9 +95,7 @@ fn a_file_created_without_a_directory_sync_is_gone_after_a_cut() {
 
 #[test]
 fn renames_and_unlinks_need_a_directory_sync() {
-    let Some(m) = mount("rename") else {
-        return;
-    };
+    let m = mount("rename");
     durable_file(&m.mnt, "a", b"A");
     durable_file(&m.mnt, "b", b"B");
     // The temp-file pattern: a new "b" takes the old one's place.
@@ -134,9 +129,7 @@ fn renames_and_unlinks_need_a_directory_sync() {
 
 #[test]
 fn a_rename_across_directories_needs_both_synced() {
-    let Some(m) = mount("rename across directories") else {
-        return;
-    };
+    let m = mount("rename across directories");
     for d in ["from", "to"] {
         fs::create_dir(m.mnt.join(d)).unwrap();
     }
@@ -153,9 +146,7 @@ fn a_rename_across_directories_needs_both_synced() {
 
 #[test]
 fn a_torn_cut_keeps_a_prefix_of_the_pending_writes() {
-    let Some(m) = mount("torn cut") else {
-        return;
-    };
+    let m = mount("torn cut");
     let whole: Vec<u8> = (0..64u8).collect();
     let mut lengths = std::collections::BTreeSet::new();
     for seed in 0..40 {
@@ -181,9 +172,7 @@ fn a_torn_cut_keeps_a_prefix_of_the_pending_writes() {
 
 #[test]
 fn after_a_power_failure_at_an_operation_nothing_more_is_durable() {
-    let Some(m) = mount("power failure at an operation") else {
-        return;
-    };
+    let m = mount("power failure at an operation");
     let p = durable_file(&m.mnt, "f", b"");
     m.m.fs.fail_after(1);
     let f = OpenOptions::new().write(true).open(&p).unwrap();
@@ -205,9 +194,7 @@ fn after_a_power_failure_at_an_operation_nothing_more_is_durable() {
 #[test]
 fn flock_works_on_the_mount() {
     // The queue's LOCK file: a second holder is refused while the first lives.
-    let Some(m) = mount("flock") else {
-        return;
-    };
+    let m = mount("flock");
     let p = m.mnt.join("LOCK");
     let a = File::create(&p).unwrap();
     let b = File::open(&p).unwrap();
@@ -220,8 +207,7 @@ fn flock_works_on_the_mount() {
 #[test]
 fn the_backing_directory_is_the_starting_state_and_is_unmounted_cleanly() {
     if let Some(why) = powercut_fs::unavailable() {
-        eprintln!("SKIPPED remount: {why}");
-        return;
+        panic!("remount: {why}. {}", powercut_fs::RUN_TESTS_HINT);
     }
     let dir = tempfile::tempdir().unwrap();
     let (mnt, backing) = (dir.path().join("mnt"), dir.path().join("backing"));

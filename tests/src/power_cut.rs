@@ -51,17 +51,17 @@ pub struct PowerCutRig {
 
 impl PowerCutRig {
     /// Mounts the file system and writes the gateway's config with `data_dir` on it (the
-    /// gateway is not started). `None`, after saying why, where FUSE cannot be mounted.
-    pub fn new(mut spec: GatewaySpec, test: &str) -> Option<PowerCutRig> {
-        let mount = TempMount::for_test(test)?;
+    /// gateway is not started). Panics, saying why, where FUSE cannot be mounted.
+    pub fn new(mut spec: GatewaySpec, test: &str) -> PowerCutRig {
+        let mount = TempMount::for_test(test);
         // Below the mount's root, so that the gateway creates it (and has to make it durable).
         spec.data_dir = Some(mount.mnt().join("data"));
         let gw = Gateway::new(spec);
-        Some(PowerCutRig {
+        PowerCutRig {
             gw,
             mount,
             totals: CutTotals::default(),
-        })
+        }
     }
 
     pub fn data_dir(&self) -> &Path {

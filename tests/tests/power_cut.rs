@@ -107,12 +107,14 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
     let expires = AMQPValue::LongInt(pick(900_000, 7_200_000));
     let up = Upstream::new("powercut", &[("x-expires", expires)]).await;
     let mut spec = GatewaySpec::new(devices, RABBIT_PORT, &up.exchange);
-    // 1 MiB segments: several rolls, retention deletes and preallocated spares in a run.
-    spec.queue = "fsync = \"always\"\nsegment_bytes = \"1 MiB\"\nmax_bytes = \"64 MiB\"\n".into();
-    let Some(mut rig) = PowerCutRig::new(spec, scenario) else {
-        up.cleanup().await;
-        return;
-    };
+    // 1 MiB segments: several rolls and retention deletes in a run. Preallocation (pre-zeroed
+    // spare segments) on or off by the seed: both ways of growing a segment meet the cuts.
+    let preallocate = rng.range(0, 2) == 1;
+    spec.queue = format!(
+        "fsync = \"always\"\nsegment_bytes = \"1 MiB\"\nmax_bytes = \"64 MiB\"\n\
+         preallocate = {preallocate}\n"
+    );
+    let mut rig = PowerCutRig::new(spec, scenario);
     let tap = Tap::start_recording_seqs(&up.tap_queue).await;
     let mut fleet_spec = FleetSpec::new(devices, 50.0);
     fleet_spec.payload_bytes = Some(200);
@@ -139,7 +141,7 @@ async fn a_power_cut_at_any_moment_loses_no_pubacked_message() {
     let truncated = logs.matches("torn tail truncated").count();
     let t = rig.totals.clone();
     let line = format!(
-        "POWERCUT trials={} at_a_change={} torn={} acked={} delivered={} missing={} duplicates={} \
+        "POWERCUT preallocate={preallocate} trials={} at_a_change={} torn={} acked={} delivered={} missing={} duplicates={} \
          out_of_order={} seq_reused={} records_checked_below_cursor={} lost_ops={} lost_bytes={} \
          lost_dir_changes={} torn_tails_truncated={}",
         t.cuts,

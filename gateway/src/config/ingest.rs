@@ -11,6 +11,13 @@ use super::{de, duration_value, quoted, size_value, Problem};
 /// Where the default config's development certificates live; `gateway run` makes them when
 /// they are missing (and only for these paths).
 pub const DEV_CERT_DIR: &str = "certs/dev";
+
+/// What a build without the `dev-certs` feature says where development certificates are asked
+/// for (`gateway certs generate`, the default config's first run).
+pub const DEV_CERTS_NOT_BUILT: &str = "this gateway was built without the `dev-certs` feature, \
+    which makes throwaway development certificates; build it with `cargo build --release -p \
+    gateway` (dev-certs is a default feature) or `--features dev-certs` and run `gateway certs \
+    generate`, or use certificates from your own CA (deploy/README.md, step 3)";
 pub const DEV_SERVER_CERT: &str = "certs/dev/server.pem";
 pub const DEV_SERVER_KEY: &str = "certs/dev/server.key";
 pub const DEV_CA: &str = "certs/dev/ca.pem";

@@ -498,7 +498,19 @@ fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<P
     }
 }
 
+/// Why a `type = "kafka"` uplink cannot run in a build without the `kafka` feature.
+pub const KAFKA_NOT_BUILT: &str = "this gateway was built without the `kafka` feature (an \
+    AMQP-only build); build it with `cargo build --release -p gateway` (kafka is a default \
+    feature) or `--features kafka`, or use an AMQP uplink";
+
 fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    if !cfg!(feature = "kafka") {
+        problems.push(Problem {
+            key: key("type"),
+            value: "\"kafka\"".into(),
+            reason: KAFKA_NOT_BUILT.into(),
+        });
+    }
     if k.bootstrap.is_empty() {
         problems.push(Problem {
             key: key("bootstrap"),
@@ -679,6 +691,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "kafka")]
     #[test]
     fn kafka_uplink_parses_with_defaults() {
         let c = crate::config::Config::from_toml_str(
@@ -704,6 +717,7 @@ mod tests {
         assert_eq!(k.confirm_timeout, Duration::from_secs(5));
     }
 
+    #[cfg(feature = "kafka")]
     #[test]
     fn kafka_linger_tls_and_sasl_parse_and_the_password_never_shows_in_debug() {
         let dir = tempfile::tempdir().unwrap();
@@ -748,6 +762,18 @@ mod tests {
         };
         assert_eq!(k.linger, DEFAULT_KAFKA_LINGER);
         assert!(!k.tls && k.ca_file.is_none() && k.sasl.is_none());
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    #[test]
+    fn a_kafka_uplink_without_the_kafka_feature_names_the_key_and_the_feature() {
+        let p = problems(
+            "[[uplinks]]\nname = \"k\"\ntype = \"kafka\"\nbootstrap = [\"h:1\"]\ntopic = \"t\"\n",
+        );
+        assert_eq!(
+            p,
+            vec![format!("uplinks[0].type = \"kafka\": {KAFKA_NOT_BUILT}")]
+        );
     }
 
     #[test]

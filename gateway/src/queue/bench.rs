@@ -20,6 +20,8 @@ pub struct BenchOptions {
     pub fsync: FsyncPolicy,
     pub duration: Duration,
     pub segment_bytes: u64,
+    /// Pre-write segments with zeros (`[queue] preallocate`).
+    pub preallocate: bool,
     /// Leave the written queue in place (to try `queue stats`, `verify`, or a reopen on it).
     pub keep: bool,
 }
@@ -34,6 +36,14 @@ pub struct BenchReport {
     pub p99_us: u64,
     pub max_us: u64,
     pub disk_bytes_per_record: f64,
+    /// Bytes this process made the disk write per record, while appending and closing: records,
+    /// preallocated zeros, sidecars, cursor and `seq.reserved` writes, and whole pages written
+    /// again when a later batch adds to a page already synced (`write_bytes` of
+    /// `/proc/self/io`). `None` where the kernel does not count it.
+    pub device_bytes_per_record: Option<f64>,
+    /// The total behind `device_bytes_per_record`.
+    pub device_bytes: Option<u64>,
+    pub preallocate: bool,
     pub payload_bytes: usize,
     pub topic_bytes: usize,
     pub fsyncs: u64,
@@ -59,6 +69,16 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// `write_bytes` of `/proc/self/io`: bytes this process (all its threads) caused to be sent to
+/// the storage layer, counted when a page becomes dirty. `None` without task I/O accounting.
+fn device_write_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/io").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
 pub async fn run(o: BenchOptions) -> Result<BenchReport, QueueError> {
     let dir = o
         .data_dir
@@ -68,7 +88,9 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport, QueueError> {
     qo.segment_bytes = o.segment_bytes;
     qo.fsync = o.fsync;
     qo.full_policy = FullPolicy::Backpressure;
+    qo.preallocate = o.preallocate;
     let open_dir = qo.clone();
+    let written_before = device_write_bytes();
     let (q, _) = tokio::task::spawn_blocking(move || Queue::open(open_dir))
         .await
         .map_err(|_| QueueError::Closed)??;
@@ -109,6 +131,11 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport, QueueError> {
     tokio::task::spawn_blocking(move || q.close())
         .await
         .map_err(|_| QueueError::Closed)?;
+    // Everything is synced by now (close syncs), so nothing is still waiting to be counted.
+    let device_bytes = match (written_before, device_write_bytes()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
     // How long recovery takes on the backlog just written (an operator's restart time).
     let reopen_opts = qo.clone();
     let (reopen_ms, backlog_records, rss_kib) = tokio::task::spawn_blocking(move || {
@@ -163,6 +190,11 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport, QueueError> {
         } else {
             disk as f64 / records as f64
         },
+        device_bytes_per_record: device_bytes
+            .filter(|_| records > 0)
+            .map(|b| b as f64 / records as f64),
+        device_bytes,
+        preallocate: o.preallocate,
         payload_bytes: o.payload_bytes,
         topic_bytes: topic_len,
         fsyncs: stats.fsyncs,

@@ -38,14 +38,21 @@ pub struct QueueOptions {
     pub segment_bytes: u64,
     pub fsync: FsyncPolicy,
     pub full_policy: FullPolicy,
+    /// Pre-write each segment with zeros (by a background thread, as a spare) before records go
+    /// into it, so that an `fdatasync` flushes data without a journal commit for the file's
+    /// growth. It lowers the sync latency a little, and makes the disk write every segment
+    /// twice: on flash (SD cards, eMMC) that is twice the wear. See [`QueueOptions::preallocates`].
+    pub preallocate: bool,
 }
 
 impl QueueOptions {
-    /// Whether segments are pre-written with zeros before use (see `queue/mod.rs`): only with
-    /// segments of at least 1 MiB and room for at least 16 of them, since the active segment and
-    /// one spare occupy their full size on disk.
+    /// Whether segments are pre-written with zeros before use (see `queue/mod.rs`): when
+    /// `preallocate` asks for it, and then only with segments of at least 1 MiB and room for at
+    /// least 16 of them, since the active segment and one spare occupy their full size on disk.
     pub fn preallocates(&self) -> bool {
-        self.segment_bytes >= 1 << 20 && self.max_bytes >= 16 * self.segment_bytes
+        self.preallocate
+            && self.segment_bytes >= 1 << 20
+            && self.max_bytes >= 16 * self.segment_bytes
     }
 
     /// Options with the documented defaults for `data_dir` (as in `config/gateway.toml`).
@@ -57,6 +64,7 @@ impl QueueOptions {
             segment_bytes: 16 << 20,
             fsync: FsyncPolicy::Always,
             full_policy: FullPolicy::Backpressure,
+            preallocate: crate::config::DEFAULT_PREALLOCATE,
         }
     }
 }

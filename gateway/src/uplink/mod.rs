@@ -8,6 +8,7 @@
 //! sends again from its cursor (at least once).
 
 pub mod amqp;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod murmur2;
 
@@ -16,6 +17,7 @@ use crate::queue::Record;
 use std::sync::Arc;
 
 use amqp::AmqpUplink;
+#[cfg(feature = "kafka")]
 use kafka::KafkaUplink;
 
 /// A connected uplink of either kind. An enum rather than a trait object: two kinds, async
@@ -23,6 +25,7 @@ use kafka::KafkaUplink;
 pub enum Uplink {
     /// Boxed: lapin's connection and channel are large, and the enum is moved around.
     Amqp(Box<AmqpUplink>),
+    #[cfg(feature = "kafka")]
     Kafka(KafkaUplink),
 }
 
@@ -32,7 +35,16 @@ impl Uplink {
             UplinkConfig::Amqp(a) => {
                 Uplink::Amqp(Box::new(AmqpUplink::connect(a, gateway_id).await?))
             }
+            #[cfg(feature = "kafka")]
             UplinkConfig::Kafka(k) => Uplink::Kafka(KafkaUplink::connect(k, gateway_id).await?),
+            // Validation refuses such a config (see `config::uplink`); this is the backstop.
+            #[cfg(not(feature = "kafka"))]
+            UplinkConfig::Kafka(k) => {
+                return Err(UplinkError::Connect {
+                    uplink: k.name.clone(),
+                    why: crate::config::KAFKA_NOT_BUILT.into(),
+                })
+            }
         })
     }
 
@@ -42,6 +54,7 @@ impl Uplink {
     pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, SendFailure> {
         match self {
             Uplink::Amqp(u) => u.send(batch).await,
+            #[cfg(feature = "kafka")]
             Uplink::Kafka(u) => u.send(batch).await,
         }
     }
@@ -49,6 +62,7 @@ impl Uplink {
     pub async fn close(self) {
         match self {
             Uplink::Amqp(u) => u.close().await,
+            #[cfg(feature = "kafka")]
             Uplink::Kafka(u) => u.close().await,
         }
     }

@@ -34,8 +34,9 @@ pub fn tansu_binary() -> PathBuf {
         .unwrap_or_else(|| {
             panic!(
                 "tansu (the Kafka-compatible test broker) is not installed: not in $TANSU, \
-             ~/.cargo/bin or PATH. Install it with `{INSTALL_TANSU}` (about 20 minutes from \
-             cold on 2 cores)."
+             ~/.cargo/bin or PATH. Run the suite with `./run-tests` (the README's test \
+             command), which builds it into ~/.cargo/bin (about 10 minutes on 2 cores), or \
+             install it with `{INSTALL_TANSU}`."
             )
         })
 }
