@@ -172,7 +172,7 @@ impl Snapshot {
             ),
             (
                 "session_messages_delivered",
-                "PUBLISH packets sent to subscribers (first sends; retained ones included).",
+                "PUBLISH packets sent to subscribers from their sessions (retained ones included; not the resends after a reconnect).",
                 one(load(&d.delivered)),
             ),
             (

@@ -205,7 +205,8 @@ pub struct DeliveryStats {
     pub routed: AtomicU64,
     /// Messages put into outboxes (one per matching session).
     pub matched: AtomicU64,
-    /// PUBLISH packets handed to a subscriber's connection for the first time (QoS 0 included).
+    /// PUBLISH packets handed to a subscriber's connection from its outbox (QoS 0 included; a
+    /// message restored after a restart is counted when sent again).
     pub delivered: AtomicU64,
     /// PUBLISH (with DUP) and PUBREL packets sent again to a resumed session.
     pub resent: AtomicU64,

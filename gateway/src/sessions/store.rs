@@ -587,12 +587,26 @@ mod tests {
             store.snapshot_done(first_seq, 1).await.expect("snapshot");
             store.close();
             drop(store);
-            let (_, s) = Store::open(dir.path(), FsyncPolicy::Always, 64 << 20).expect("reopen");
+            // The operator's read-only view starts at the same place.
+            let seen = Store::read_only(dir.path()).expect("read only");
+            let (store, s) =
+                Store::open(dir.path(), FsyncPolicy::Always, 64 << 20).expect("reopen");
             assert_eq!(s.sessions["d1"].routed_through, 3);
             assert!(
                 s.sessions["d1"].msgs.is_empty(),
                 "the message was before the snapshot"
             );
+            assert_eq!(seen.sessions, s.sessions);
+            // And it reads while the store is open, without disturbing it.
+            let p = store
+                .append(&Event::End { id: "d1".into() })
+                .expect("append");
+            p.durable().await.expect("durable");
+            assert!(Store::read_only(dir.path())
+                .expect("read only while open")
+                .sessions
+                .is_empty());
+            store.close();
         });
     }
 }
