@@ -167,7 +167,7 @@ impl Snapshot {
             ),
             (
                 "session_messages_routed",
-                "Messages put into subscriber sessions (one per matching session).",
+                "Messages matching a subscriber session (one per session; the dropped ones included).",
                 one(load(&d.matched)),
             ),
             (

@@ -203,7 +203,7 @@ pub struct Routed {
 pub struct DeliveryStats {
     /// Records the router read from the queue while someone was subscribed.
     pub routed: AtomicU64,
-    /// Messages put into outboxes (one per matching session).
+    /// Messages routed to a session (one per matching session), the dropped ones included.
     pub matched: AtomicU64,
     /// PUBLISH packets handed to a subscriber's connection from its outbox (QoS 0 included; a
     /// message restored after a restart is counted when sent again).
