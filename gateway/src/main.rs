@@ -1,6 +1,7 @@
 //! The `gateway` binary: parses the command line, sets up logging, loads the config and calls
 //! into the library. Everything that decides anything lives in the library.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gateway::config::{Config, ConfigError, DEFAULT_CONFIG};
 use gateway::queue::inspect::Inspector;
 use gateway::queue::{bench, FsyncPolicy, Queue};
+use gateway::sessions::store::{Event, Store, StoreError, StoredSession};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +70,33 @@ enum Command {
     /// Look into a queue directory (works while a gateway holds it, without disturbing it).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// The persistent sessions stored in DATA_DIR/sessions: list and inspect them (works while
+    /// a gateway runs), or drop one (gateway stopped).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// One line per stored session: client id, expiry, subscriptions, queued messages, and the
+    /// newest queue seq routed into it.
+    List {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
+    /// A stored session's subscriptions (with their options) and queued messages.
+    Inspect {
+        client_id: String,
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
+    /// End a stored session (the gateway must be stopped): it is gone at the next start, with
+    /// its subscriptions and queued messages.
+    Drop {
+        client_id: String,
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,6 +250,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Reload { config, release } => reload(&config, &release),
         Command::Queue(q) => queue_command(q),
+        Command::Sessions(s) => sessions_command(s),
         #[cfg(not(feature = "dev-certs"))]
         Command::Certs(CertsCommand::Generate { .. }) => {
             eprintln!(
@@ -462,6 +492,165 @@ fn dead_letters(data_dir: &Path, limit: usize, replay: bool) -> Result<ExitCode>
         );
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The session store of `data_dir`, if there is one (`Ok(None)`: no session was ever stored).
+fn session_store_dir(data_dir: &Path) -> Result<Option<PathBuf>> {
+    if !data_dir.is_dir() {
+        anyhow::bail!(
+            "no data directory {} (--data-dir: the gateway's queue.data_dir)",
+            data_dir.display()
+        );
+    }
+    let dir = data_dir.join("sessions");
+    Ok(dir.join("segments").is_dir().then_some(dir))
+}
+
+fn unknown_session(id: &str, data_dir: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no stored session with client id {id:?} in {}; `gateway sessions list --data-dir {}` lists them",
+        data_dir.join("sessions").display(),
+        data_dir.display()
+    )
+}
+
+/// The stored sessions, read without the lock; says on stderr when a gateway holds the store.
+fn stored_sessions(data_dir: &Path) -> Result<BTreeMap<String, StoredSession>> {
+    let Some(dir) = session_store_dir(data_dir)? else {
+        return Ok(BTreeMap::new());
+    };
+    if let Some(pid) = Inspector::open(&dir).ok().and_then(|i| i.held_by) {
+        eprintln!("(a gateway is running, pid {pid}: this is what it had stored a moment ago)");
+    }
+    Ok(Store::read_only(&dir)?.sessions)
+}
+
+fn fmt_expiry(secs: u32) -> String {
+    humantime::format_duration(Duration::from_secs(u64::from(secs))).to_string()
+}
+
+fn sessions_command(cmd: SessionsCommand) -> Result<ExitCode> {
+    match cmd {
+        SessionsCommand::List { data_dir } => {
+            let sessions = stored_sessions(&data_dir)?;
+            if sessions.is_empty() {
+                println!("no stored sessions in {}", data_dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<32} {:>12} {:>13} {:>8} {:>14}",
+                "client id", "expiry", "subscriptions", "queued", "routed through"
+            );
+            for (id, s) in &sessions {
+                println!(
+                    "{:<32} {:>12} {:>13} {:>8} {:>14}",
+                    id,
+                    fmt_expiry(s.expiry_secs),
+                    s.subs.len(),
+                    s.msgs.len(),
+                    s.routed_through
+                );
+            }
+            println!("{} stored session(s)", sessions.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCommand::Inspect {
+            client_id,
+            data_dir,
+        } => {
+            let sessions = stored_sessions(&data_dir)?;
+            let s = sessions
+                .get(&client_id)
+                .ok_or_else(|| unknown_session(&client_id, &data_dir))?;
+            println!("client id       {client_id}");
+            println!("expiry          {}", fmt_expiry(s.expiry_secs));
+            println!("routed through  {}", s.routed_through);
+            println!("subscriptions   {}", s.subs.len());
+            for (filter, o) in &s.subs {
+                println!(
+                    "  {filter}  qos {}  no_local {}  retain_as_published {}",
+                    o.qos, o.no_local, o.retain_as_published
+                );
+            }
+            let msgs = s.msgs_in_order();
+            println!("queued messages {}", msgs.len());
+            if !msgs.is_empty() {
+                println!(
+                    "  {:>5} {:>3} {:>8} {:>8}  topic",
+                    "pkid", "qos", "released", "payload"
+                );
+            }
+            for (pkid, qos, m, released) in &msgs {
+                println!(
+                    "  {:>5} {:>3} {:>8} {:>7}B  {}",
+                    pkid,
+                    qos,
+                    if *released { "yes" } else { "no" },
+                    m.payload.len(),
+                    m.topic
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCommand::Drop {
+            client_id,
+            data_dir,
+        } => {
+            let Some(dir) = session_store_dir(&data_dir)? else {
+                return Err(unknown_session(&client_id, &data_dir));
+            };
+            let running = |pid: &str| {
+                anyhow::anyhow!(
+                    "the session store {} is in use by a running gateway (pid {pid}); stop the gateway, then run `gateway sessions drop` again (a running gateway keeps its sessions in memory)",
+                    dir.display()
+                )
+            };
+            if let Some(pid) = Inspector::open(&dir).ok().and_then(|i| i.held_by) {
+                return Err(running(&pid));
+            }
+            runtime()?.block_on(async {
+                // The store's own bound matters only when appending; one event always fits.
+                let (store, recovered) = match Store::open(&dir, FsyncPolicy::Always, 1 << 40) {
+                    Ok(x) => x,
+                    Err(StoreError::Queue {
+                        source: gateway::queue::QueueError::Locked { holder, .. },
+                        ..
+                    }) => return Err(running(&holder)),
+                    Err(e) => return Err(e.into()),
+                };
+                let result = match recovered.sessions.get(&client_id) {
+                    None => Err(unknown_session(&client_id, &data_dir)),
+                    Some(s) => {
+                        let end = Event::End {
+                            id: client_id.clone(),
+                        };
+                        match store.append(&end) {
+                            Some(p) => p.durable().await.map(|_| s.clone()).map_err(|e| {
+                                anyhow::anyhow!(
+                                    "could not store the end of session {client_id:?}: {e}"
+                                )
+                            }),
+                            None => Err(anyhow::anyhow!(
+                                "could not append to {} (is the disk full? see the log above)",
+                                dir.display()
+                            )),
+                        }
+                    }
+                };
+                tokio::task::spawn_blocking(move || store.close()).await?;
+                let s = result?;
+                println!(
+                    "dropped session {client_id:?}: {} subscription(s), {} queued message(s); it is gone when the gateway starts",
+                    s.subs.len(),
+                    s.msgs.len()
+                );
+                for filter in s.subs.keys() {
+                    println!("  {filter}");
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+    }
 }
 
 fn queue_command(cmd: QueueCommand) -> Result<ExitCode> {

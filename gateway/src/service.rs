@@ -118,6 +118,7 @@ impl Service {
             started: Instant::now(),
             queue: queue.clone(),
             ingest: ingest.stats(),
+            sessions: ingest.handle().sessions(),
             listeners,
             uplinks: RwLock::new(Vec::new()),
             dead: dead.clone(),

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::forwarder::{DeadLetters, ForwarderStats};
 use crate::ingest::IngestStats;
 use crate::queue::{FullPolicy, Queue};
+use crate::sessions::Sessions;
 
 /// How often the status page's history gets a point, and how many points it keeps (an hour).
 pub const HISTORY_EVERY: Duration = Duration::from_secs(10);
@@ -47,6 +48,8 @@ pub struct Status {
     pub started: Instant,
     pub queue: Queue,
     pub ingest: Arc<IngestStats>,
+    /// Subscriber sessions and retained messages (read for counts only).
+    pub sessions: Arc<Sessions>,
     pub listeners: Vec<(SocketAddr, bool)>,
     pub uplinks: RwLock<Vec<UplinkView>>,
     pub dead: DeadLetters,

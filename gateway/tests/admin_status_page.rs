@@ -196,6 +196,13 @@ fn text_of(dom: &str, id: &str) -> String {
     dom[start..end].trim().to_string()
 }
 
+/// The value of `series` (name and labels, as written) in Prometheus text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// How the page writes a count: digits grouped by commas.
 fn grouped(n: u64) -> String {
     let digits = n.to_string();
@@ -328,15 +335,21 @@ uplinks = ["lost"]
     // One device, connected for the rest of the test, publishing at QoS 1.
     let mut o = MqttOptions::new("dev-00001", "127.0.0.1", mqtt_port);
     o.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(o, PUBLISHED + 2);
+    let (client, mut events) = AsyncClient::new(o, PUBLISHED + 3);
+    // It subscribes to its command tree, and the first publish is a retained command to itself:
+    // one session online, one subscription, one retained message, one delivery.
+    client
+        .subscribe("devices/dev-00001/commands/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     for i in 0..PUBLISHED {
+        let (topic, retain) = if i == 0 {
+            ("devices/dev-00001/commands/set", true)
+        } else {
+            ("devices/dev-00001/t", false)
+        };
         client
-            .publish(
-                "devices/dev-00001/t",
-                QoS::AtLeastOnce,
-                false,
-                format!("{i}"),
-            )
+            .publish(topic, QoS::AtLeastOnce, retain, format!("{i}"))
             .await
             .unwrap();
     }
@@ -366,8 +379,61 @@ uplinks = ["lost"]
                 && rabbit["confirmed"].as_u64() == Some(total)
                 && rabbit["lag_records"] == 0
                 && s["dead_letters"]["count"] == 1
+                && s["sessions"]["delivered"] == 1
         })
     });
+    let sessions = &before["sessions"];
+    for (key, want) in [
+        ("online", 1),
+        ("offline", 0),
+        ("subscriptions", 1),
+        ("queued_messages", 0),
+        ("queued_bytes", 0),
+        ("retained_messages", 1),
+        ("dropped", 0),
+    ] {
+        assert_eq!(
+            sessions[key], want,
+            "sessions.{key} in /api/status: {before}"
+        );
+    }
+    let (code, metrics) = http_get(admin, "/metrics").unwrap();
+    assert_eq!(code, 200, "{metrics}");
+    for (series, want) in [
+        ("gateway_sessions{state=\"online\"}", 1.0),
+        ("gateway_sessions{state=\"offline\"}", 0.0),
+        ("gateway_subscriptions", 1.0),
+        ("gateway_session_queued_messages", 0.0),
+        ("gateway_session_queued_bytes", 0.0),
+        ("gateway_retained_messages", 1.0),
+        // topic + payload + 32
+        ("gateway_retained_bytes", 63.0),
+        ("gateway_session_messages_delivered_total", 1.0),
+        (
+            "gateway_session_messages_dropped_total{reason=\"qos0_full_or_offline\"}",
+            0.0,
+        ),
+        (
+            "gateway_session_messages_dropped_total{reason=\"refused_full\"}",
+            0.0,
+        ),
+        (
+            "gateway_session_messages_dropped_total{reason=\"discarded_session_end\"}",
+            0.0,
+        ),
+        (
+            "gateway_session_messages_dropped_total{reason=\"retained_refused\"}",
+            0.0,
+        ),
+        ("gateway_sessions_ended_total{reason=\"expired\"}", 0.0),
+        ("gateway_sessions_ended_total{reason=\"evicted\"}", 0.0),
+    ] {
+        assert_eq!(
+            metric(&metrics, series),
+            Some(want),
+            "{series} in /metrics:\n{metrics}"
+        );
+    }
     assert_eq!(
         before["ingest"]["publishes"][1].as_u64(),
         Some(total),
@@ -399,6 +465,18 @@ uplinks = ["lost"]
         uplink(&now, "lost")["state"].as_str().unwrap()
     );
     assert_eq!(text_of(&dom, "dead-letter-count"), "1");
+    for (id, want) in [
+        ("sessions-online", "1"),
+        ("sessions-offline", "0"),
+        ("sessions-subscriptions", "1"),
+        ("sessions-queued", "0"),
+        ("sessions-retained", "1"),
+        ("sessions-retained-bytes", "63 B"),
+        ("sessions-delivered", "1"),
+        ("sessions-dropped", "0"),
+    ] {
+        assert_eq!(text_of(&dom, id), want, "{id}");
+    }
     assert!(
         dom.contains("NO_ROUTE") && dom.contains("devices/dev-00001/lost"),
         "the dead letter with its reason and topic:\n{dom}"

@@ -4,7 +4,7 @@
 //! The data path keeps plain atomics ([`crate::ingest::IngestStats`],
 //! [`crate::forwarder::ForwarderStats`], the queue's counters); a [`Collector`] reads them at
 //! scrape time, so nothing is registered or updated per message. Labels are bounded: `qos`,
-//! `reason`, `uplink`, `state`, `result` (never a device id or topic).
+//! `reason`, `uplink`, `state`, `result` (never a device id, client id or topic).
 
 use std::sync::atomic::Ordering;
 
@@ -70,6 +70,15 @@ impl Snapshot {
         }
         refusals.sort();
         let cursor = |name: &str| q.cursors.iter().find(|c| c.name == name);
+        let d = &status.sessions.stats;
+        let (online, offline, subscriptions, queued_bytes) = status.sessions.counts();
+        let queued_messages = status.sessions.queued_messages();
+        let (retained, retained_bytes) = status.sessions.retained_counts();
+        let by_reason = |rows: &[(&str, u64)]| -> Vec<(Labels, u64)> {
+            rows.iter()
+                .map(|(r, n)| (vec![("reason", r.to_string())], *n))
+                .collect()
+        };
         let counter_of = |f: fn(&crate::forwarder::ForwarderStats) -> u64| {
             per_uplink(uplinks.iter().map(|u| (u.name.clone(), f(&u.stats))))
         };
@@ -155,6 +164,36 @@ impl Snapshot {
                 "dead_letters_stored",
                 "Records moved to the dead-letter store since start.",
                 one(status.dead.count()),
+            ),
+            (
+                "session_messages_routed",
+                "Messages matching a subscriber session (one per session; the dropped ones included).",
+                one(load(&d.matched)),
+            ),
+            (
+                "session_messages_delivered",
+                "PUBLISH packets sent to subscribers from their sessions (retained ones included; not the resends after a reconnect).",
+                one(load(&d.delivered)),
+            ),
+            (
+                "session_messages_resent",
+                "PUBLISH (DUP) and PUBREL packets sent again to resumed sessions.",
+                one(load(&d.resent)),
+            ),
+            (
+                "session_messages_dropped",
+                "Messages for subscribers not kept, by reason.",
+                by_reason(&[
+                    ("qos0_full_or_offline", load(&d.dropped_qos0)),
+                    ("refused_full", load(&d.refused_full)),
+                    ("discarded_session_end", load(&d.discarded)),
+                    ("retained_refused", load(&d.retained_refused)),
+                ]),
+            ),
+            (
+                "sessions_ended",
+                "Sessions ended by their expiry, or early by the max_sessions bound.",
+                by_reason(&[("expired", load(&d.expired)), ("evicted", load(&d.evicted))]),
             ),
             (
                 "config_reloads",
@@ -266,6 +305,39 @@ impl Snapshot {
                             .unwrap_or(0.0),
                     )
                 })),
+            ),
+            (
+                "sessions",
+                "Subscriber sessions now, by state (offline: kept for a returning client).",
+                vec![
+                    (vec![("state", "online".to_string())], online as f64),
+                    (vec![("state", "offline".to_string())], offline as f64),
+                ],
+            ),
+            (
+                "subscriptions",
+                "Subscriptions of every session.",
+                one(subscriptions as f64),
+            ),
+            (
+                "session_queued_messages",
+                "Messages waiting or in flight in every session.",
+                one(queued_messages as f64),
+            ),
+            (
+                "session_queued_bytes",
+                "Bytes of the messages queued in every session (topic + payload + 32 each).",
+                one(queued_bytes as f64),
+            ),
+            (
+                "retained_messages",
+                "Retained messages kept.",
+                one(retained as f64),
+            ),
+            (
+                "retained_bytes",
+                "Bytes of the retained messages kept (topic + payload + 32 each).",
+                one(retained_bytes as f64),
             ),
             (
                 "dead_letters",

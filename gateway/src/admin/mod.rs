@@ -202,6 +202,27 @@ fn listeners_json(status: &Status) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Subscriber sessions, subscriptions and retained messages, for the status page.
+fn sessions_json(status: &Status) -> serde_json::Value {
+    let s = &status.sessions;
+    let (online, offline, subscriptions, queued_bytes) = s.counts();
+    let (retained, retained_bytes) = s.retained_counts();
+    let d = &s.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    serde_json::json!({
+        "online": online,
+        "offline": offline,
+        "subscriptions": subscriptions,
+        "queued_messages": s.queued_messages(),
+        "queued_bytes": queued_bytes,
+        "retained_messages": retained,
+        "retained_bytes": retained_bytes,
+        "delivered": load(&d.delivered),
+        "dropped": load(&d.dropped_qos0) + load(&d.refused_full) + load(&d.discarded)
+            + load(&d.retained_refused),
+    })
+}
+
 /// The `/readyz` body.
 pub fn readiness(status: &Status) -> serde_json::Value {
     let reasons = status.not_ready_reasons();
@@ -264,6 +285,7 @@ pub fn status_json(status: &Status) -> serde_json::Value {
             "full": status.queue.is_full(),
         },
         "uplinks": uplinks_json(status),
+        "sessions": sessions_json(status),
         "history": history,
         "dead_letters": {
             "count": dead_count,

@@ -82,8 +82,11 @@ pub struct Slot {
     /// The registration id of the connection that owns the session; 0 while offline.
     owner: AtomicU64,
     life: Mutex<Life>,
-    /// Bytes queued in every session together (shared with [`Sessions`]).
+    /// Bytes and messages queued in every session together (shared with [`Sessions`]).
     total_bytes: Arc<AtomicUsize>,
+    total_messages: Arc<AtomicUsize>,
+    /// The delivery counters (shared with [`Sessions`]): sends are counted here.
+    stats: Arc<DeliveryStats>,
     /// The newest main-queue seq routed into this session (a restarted router skips up to it).
     routed_through: AtomicU64,
     /// Where its events go while the session outlives its connection.
@@ -98,16 +101,25 @@ struct Life {
 }
 
 impl Slot {
-    /// Runs `f` on the outbox, keeping the all-sessions byte count in step.
+    /// Runs `f` on the outbox, keeping the all-sessions byte and message counts and the
+    /// send counters in step.
     pub fn with_outbox<R>(&self, f: impl FnOnce(&mut Outbox) -> R) -> R {
         let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
-        let before = outbox.bytes();
+        let (bytes, len, counts) = (outbox.bytes(), outbox.len(), outbox.counts());
         let r = f(&mut outbox);
-        let after = outbox.bytes();
-        if after > before {
-            self.total_bytes.fetch_add(after - before, Ordering::AcqRel);
-        } else {
-            self.total_bytes.fetch_sub(before - after, Ordering::AcqRel);
+        follow(&self.total_bytes, bytes, outbox.bytes());
+        follow(&self.total_messages, len, outbox.len());
+        // An ended session's outbox is replaced (its counts start again): no sends then.
+        let after = outbox.counts();
+        if after.sent > counts.sent {
+            self.stats
+                .delivered
+                .fetch_add(after.sent - counts.sent, Ordering::Relaxed);
+        }
+        if after.resent > counts.resent {
+            self.stats
+                .resent
+                .fetch_add(after.resent - counts.resent, Ordering::Relaxed);
         }
         r
     }
@@ -170,6 +182,15 @@ impl Slot {
     }
 }
 
+/// Moves `total` by the change of one part of it from `before` to `after`.
+fn follow(total: &AtomicUsize, before: usize, after: usize) {
+    if after > before {
+        total.fetch_add(after - before, Ordering::AcqRel);
+    } else if before > after {
+        total.fetch_sub(before - after, Ordering::AcqRel);
+    }
+}
+
 /// What [`Sessions::route`] leaves to do once its stored messages are durable.
 #[must_use]
 pub struct Routed {
@@ -182,8 +203,13 @@ pub struct Routed {
 pub struct DeliveryStats {
     /// Records the router read from the queue while someone was subscribed.
     pub routed: AtomicU64,
-    /// Messages put into outboxes (one per matching session).
+    /// Messages routed to a session (one per matching session), the dropped ones included.
     pub matched: AtomicU64,
+    /// PUBLISH packets handed to a subscriber's connection from its outbox (QoS 0 included; a
+    /// message restored after a restart is counted when sent again).
+    pub delivered: AtomicU64,
+    /// PUBLISH (with DUP) and PUBREL packets sent again to a resumed session.
+    pub resent: AtomicU64,
     /// QoS 0 messages dropped: full sessions, offline sessions, a disconnect.
     pub dropped_qos0: AtomicU64,
     /// QoS 1/2 messages refused by full sessions (or the all-sessions bound).
@@ -218,11 +244,12 @@ pub struct Sessions {
     subscriptions: AtomicUsize,
     bounds: Mutex<SessionBounds>,
     total_bytes: Arc<AtomicUsize>,
+    total_messages: Arc<AtomicUsize>,
     store: Option<Arc<Store>>,
     /// The newest queue seq of a retained publish (the router reads up to it even when nobody
     /// subscribes, to keep the retained messages).
     retained_upto: AtomicU64,
-    pub stats: DeliveryStats,
+    pub stats: Arc<DeliveryStats>,
 }
 
 impl Sessions {
@@ -305,6 +332,8 @@ impl Sessions {
                 offline_since: None,
             }),
             total_bytes: self.total_bytes.clone(),
+            total_messages: self.total_messages.clone(),
+            stats: self.stats.clone(),
             routed_through: AtomicU64::new(0),
             store: self.store.clone(),
         })
@@ -370,6 +399,11 @@ impl Sessions {
             inner.index.len(),
             self.total_bytes.load(Ordering::Acquire),
         )
+    }
+
+    /// Messages queued in every session now (waiting and in flight).
+    pub fn queued_messages(&self) -> usize {
+        self.total_messages.load(Ordering::Acquire)
     }
 
     /// Starts the session of `client_id` for the connection registered as `owner`. With

@@ -29,7 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use super::outbox::Message;
 use super::registry::SubOptions;
-use crate::queue::{FsyncPolicy, NewRecord, PendingAppend, Queue, QueueError, QueueOptions};
+use crate::queue::inspect::Inspector;
+use crate::queue::{
+    FsyncPolicy, NewRecord, PendingAppend, Queue, QueueError, QueueOptions, Record,
+};
 
 const REPLAY_CURSOR: &str = "replay";
 
@@ -294,16 +297,7 @@ impl Store {
             if batch.is_empty() {
                 break;
             }
-            let decoded: Vec<Event> = batch
-                .iter()
-                .filter_map(|r| match ciborium::from_reader::<Event, _>(&r.payload[..]) {
-                    Ok(e) => Some(e),
-                    Err(error) => {
-                        tracing::warn!(seq = r.seq, %error, "session store: an event that does not decode is skipped");
-                        None
-                    }
-                })
-                .collect();
+            let decoded = decode(&batch);
             events += decoded.len() as u64;
             replay(&mut state, decoded);
         }
@@ -314,6 +308,33 @@ impl Store {
             },
             state,
         ))
+    }
+
+    /// What the store in `dir` holds, read without its lock and without writing (the
+    /// operator's `gateway sessions list | inspect`): what a start would recover now. A running
+    /// gateway may be appending meanwhile; events it has not written yet are not seen.
+    pub fn read_only(dir: &Path) -> Result<Recovered, StoreError> {
+        let err = |source| StoreError::Queue {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let inspector = Inspector::open(dir).map_err(err)?;
+        let mut from = inspector
+            .stats()
+            .cursors
+            .iter()
+            .find(|c| c.name == REPLAY_CURSOR)
+            .map_or(0, |c| c.acked + 1);
+        let mut state = Recovered::default();
+        loop {
+            let batch = inspector.records(from, 4096).map_err(err)?;
+            let Some(last) = batch.last() else {
+                break;
+            };
+            from = last.seq + 1;
+            replay(&mut state, decode(&batch));
+        }
+        Ok(state)
     }
 
     /// Appends `event` (its durability is the returned append's); `None` when it could not be
@@ -385,6 +406,20 @@ impl Store {
     pub fn close(&self) {
         self.queue.close();
     }
+}
+
+/// The events of `records`; one that does not decode is skipped (logged).
+fn decode(records: &[Record]) -> Vec<Event> {
+    records
+        .iter()
+        .filter_map(|r| match ciborium::from_reader::<Event, _>(&r.payload[..]) {
+            Ok(e) => Some(e),
+            Err(error) => {
+                tracing::warn!(seq = r.seq, %error, "session store: an event that does not decode is skipped");
+                None
+            }
+        })
+        .collect()
 }
 
 /// A shared store handle, or none (no persistent sessions are kept: tests of live delivery).
@@ -552,12 +587,26 @@ mod tests {
             store.snapshot_done(first_seq, 1).await.expect("snapshot");
             store.close();
             drop(store);
-            let (_, s) = Store::open(dir.path(), FsyncPolicy::Always, 64 << 20).expect("reopen");
+            // The operator's read-only view starts at the same place.
+            let seen = Store::read_only(dir.path()).expect("read only");
+            let (store, s) =
+                Store::open(dir.path(), FsyncPolicy::Always, 64 << 20).expect("reopen");
             assert_eq!(s.sessions["d1"].routed_through, 3);
             assert!(
                 s.sessions["d1"].msgs.is_empty(),
                 "the message was before the snapshot"
             );
+            assert_eq!(seen.sessions, s.sessions);
+            // And it reads while the store is open, without disturbing it.
+            let p = store
+                .append(&Event::End { id: "d1".into() })
+                .expect("append");
+            p.durable().await.expect("durable");
+            assert!(Store::read_only(dir.path())
+                .expect("read only while open")
+                .sessions
+                .is_empty());
+            store.close();
         });
     }
 }
