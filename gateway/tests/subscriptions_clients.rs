@@ -172,11 +172,13 @@ async fn mosquitto_sub_receives_live_at_the_lower_qos_with_mqtt311_and_5() {
         publish_all(
             &gw,
             version == "5",
+            // QoS 2 last: libmosquitto hands a QoS 2 message to the application at the PUBREL,
+            // after what came later at QoS 0 or 1.
             &[
+                (topic, 0, "zero"),
                 (topic, 1, "one"),
                 ("devices/dev-00001/other", 1, "unmatched"),
                 (topic, 2, "two"),
-                (topic, 0, "zero"),
             ],
         )
         .await;
@@ -184,9 +186,9 @@ async fn mosquitto_sub_receives_live_at_the_lower_qos_with_mqtt311_and_5() {
         assert_eq!(
             lines(&out),
             [
+                format!("{topic}|0|0|zero"),
                 format!("{topic}|1|0|one"),
                 format!("{topic}|2|0|two"),
-                format!("{topic}|0|0|zero"),
             ],
             "-V {version}"
         );
