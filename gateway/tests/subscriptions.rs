@@ -331,6 +331,12 @@ async fn a_persistent_session_keeps_its_subscription_and_qos1_messages_across_a_
         .await;
     dev.publish_qos1(false, "devices/dev-00001/other", 9, b"sync")
         .await;
+    // A PUBACK says stored, not routed: "q0" must reach the router while the session is
+    // offline (routed after the reconnect, it would go to the connected client).
+    gw.wait_until("the router to take all 6 records", WAIT, |g| {
+        g.sessions.stats.routed.load(Ordering::SeqCst) >= 6
+    })
+    .await;
 
     let (mut dash, present) = connect(&gw, DASHBOARD, &Connect::v4(DASHBOARD).persistent(0)).await;
     assert!(present, "the stored session is resumed");
@@ -694,5 +700,166 @@ async fn a_will_reaches_subscribers_and_the_uplinks() {
     let got = receive(&mut dash, false, 1).await;
     assert_eq!(got[0].payload, b"gone");
     assert_eq!(gw.wait_records(1).await[0].payload, b"gone");
+    gw.stop().await;
+}
+
+/// Every device may publish under its own tree and subscribe to every device's.
+async fn open_gateway(tweak: impl FnOnce(&mut gateway::config::Config)) -> TestGateway {
+    TestGateway::start(|c, _| {
+        c.acl = vec![AclRule {
+            identity: "*".into(),
+            publish: vec!["devices/%c/#".into()],
+            subscribe: vec!["devices/#".into()],
+        }];
+        tweak(c);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_each_message_once_at_the_highest_matching_qos() {
+    let gw = open_gateway(|_| {}).await;
+    for v5 in [false, true] {
+        let connect = |id| {
+            if v5 {
+                Connect::v5(id)
+            } else {
+                Connect::v4(id)
+            }
+        };
+        let mut sub = gw.raw_connected(DASHBOARD, &connect(DASHBOARD)).await;
+        sub.send(&raw::subscribe_with(
+            v5,
+            1,
+            &[("devices/#", 0), ("devices/+/telemetry", 2)],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(sub.recv().await.suback_codes(v5), [0, 2]);
+        let mut dev = gw.raw_connected(DEVICE, &connect(DEVICE)).await;
+        let telemetry = "devices/dev-00001/telemetry";
+        let status = "devices/dev-00001/status";
+        dev.publish(&Publish::new(v5, telemetry, b"t0")).await;
+        dev.publish_qos1(v5, telemetry, 1, b"t1").await;
+        for (topic, pkid, payload) in [(telemetry, 2, &b"t2"[..]), (status, 3, b"s2")] {
+            dev.publish(&Publish::new(v5, topic, payload).qos(2, pkid))
+                .await;
+            assert_eq!(dev.recv().await.kind, kind::PUBREC);
+            dev.send(&raw::pubrel(pkid)).await.unwrap();
+            assert_eq!(dev.recv().await.kind, kind::PUBCOMP);
+        }
+        dev.publish_qos1(v5, status, 4, b"s1").await;
+
+        // Each once, at min(2, published) where both filters match, at 0 where only devices/#.
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let p = sub.recv().await;
+            match p.kind {
+                kind::PUBLISH => {
+                    let r = p.publish(v5);
+                    match r.qos {
+                        1 => sub.send(&raw::puback(r.pkid)).await.unwrap(),
+                        2 => sub.send(&raw::pubrec(r.pkid)).await.unwrap(),
+                        _ => {}
+                    }
+                    got.push((r.topic, String::from_utf8(r.payload).unwrap(), r.qos));
+                }
+                kind::PUBREL => sub.send(&raw::pubcomp(p.pkid())).await.unwrap(),
+                _ => panic!("unexpected {p:?}"),
+            }
+        }
+        let m = |t: &str, p: &str, q| (t.to_string(), p.to_string(), q);
+        assert_eq!(
+            got,
+            [
+                m(telemetry, "t0", 0),
+                m(telemetry, "t1", 1),
+                m(telemetry, "t2", 2),
+                m(status, "s2", 0),
+                m(status, "s1", 0),
+            ],
+            "v5 {v5}"
+        );
+        // The last PUBREL, then nothing more: no message twice.
+        loop {
+            match sub.recv_within(Duration::from_millis(300)).await {
+                Ok(p) if p.kind == kind::PUBREL => sub.send(&raw::pubcomp(p.pkid())).await.unwrap(),
+                Ok(p) => panic!("v5 {v5}: nothing more expected, got {p:?}"),
+                Err(_) => break,
+            }
+        }
+        sub.send(&raw::DISCONNECT).await.unwrap();
+        dev.send(&raw::DISCONNECT).await.unwrap();
+        gw.wait_disconnected().await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_holds_up_no_publisher_under_full_load_and_is_bounded() {
+    let (max_queued, max_inflight) = (200usize, 16u16);
+    let gw = open_gateway(|c| {
+        c.sessions.max_queued_messages = max_queued;
+        c.sessions.max_inflight = max_inflight;
+    })
+    .await;
+    let sessions = gw.sessions.clone();
+    // Subscribes at QoS 1, then never reads again (its socket buffers fill) and never acks.
+    let mut stuck = gw.raw_connected(DASHBOARD, &Connect::v5(DASHBOARD)).await;
+    stuck
+        .send(&raw::subscribe_with(true, 1, &[("devices/+/telemetry", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(stuck.recv().await.suback_codes(true), [1]);
+
+    // Three publishers at once, each with up to 64 QoS 1 publishes unacknowledged.
+    let per_publisher = 1500u16;
+    let mut publishers = Vec::new();
+    for dev in ["dev-00001", "dev-00002", "dev-00003"] {
+        let mut c = gw.raw_connected(dev, &Connect::v4(dev)).await;
+        let topic = format!("devices/{dev}/telemetry");
+        publishers.push(tokio::spawn(async move {
+            let payload = vec![b'x'; 512];
+            let (mut sent, mut acked) = (0u16, 0u16);
+            while acked < per_publisher {
+                while sent < per_publisher && sent - acked < 64 {
+                    sent += 1;
+                    c.publish(&Publish::new(false, &topic, &payload).qos(1, sent))
+                        .await;
+                }
+                let ack = c.recv().await;
+                acked += 1;
+                assert_eq!((ack.kind, ack.pkid()), (kind::PUBACK, acked));
+            }
+            c.send(&raw::DISCONNECT).await.unwrap();
+        }));
+    }
+    for p in publishers {
+        tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("every PUBACK within 30 s")
+            .unwrap();
+    }
+    let total = 3 * u64::from(per_publisher);
+    gw.wait_until("the router to take every record", WAIT, |_| {
+        sessions.stats.routed.load(Ordering::SeqCst) >= total
+    })
+    .await;
+    assert_eq!(sessions.stats.matched.load(Ordering::SeqCst), total);
+    let refused = sessions.stats.refused_full.load(Ordering::SeqCst);
+    let held = (max_queued + usize::from(max_inflight)) as u64;
+    assert!(
+        refused >= total - held,
+        "the bound holds at most {held} for it; the rest are refused and counted: {refused}"
+    );
+    assert!(refused < total, "it got some: {refused}");
+    assert_eq!(gw.records().len() as u64, total, "every publish stored");
+    // The publishers leave; the stuck subscriber is still connected.
+    gw.wait_until("only the stuck subscriber to be connected", WAIT, |g| {
+        g.stats.connected.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(sessions.counts().0, 1);
+    drop(stuck);
     gw.stop().await;
 }
