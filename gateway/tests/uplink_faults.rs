@@ -21,9 +21,9 @@ use std::time::Duration;
 use fault_proxy::{FaultProxy, Mode};
 use forwarder_rig::{check_delivery, eventually, unique, Forwarder, StateLog};
 use gateway::config::{AmqpConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions, Record};
-use gateway::uplink::Routes;
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,

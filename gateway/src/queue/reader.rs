@@ -227,6 +227,9 @@ pub struct Reader {
     acked: u64,
     state: Option<ReadState>,
     readable: watch::Receiver<u64>,
+    /// The readable seq at which [`Reader::batch_now`] last found nothing: [`Reader::readable`]
+    /// waits for a change past it instead of spinning.
+    empty_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -251,6 +254,7 @@ impl Reader {
             acked,
             state: Some(ReadState::new(acked + 1)),
             readable,
+            empty_at: None,
         }
     }
 
@@ -270,6 +274,7 @@ impl Reader {
 
     /// Makes the next read start again after the last confirmed record (after a failed send).
     pub fn rewind(&mut self) {
+        self.empty_at = None;
         self.state = Some(ReadState::new(self.acked + 1));
     }
 
@@ -323,6 +328,52 @@ impl Reader {
                 return Err(QueueError::Closed);
             }
         }
+    }
+
+    /// Waits until a record at or after the read position may be readable; errors with
+    /// [`QueueError::Closed`] once the queue is closing. Cancel-safe (it only watches), unlike
+    /// [`Self::next_batch`]: a loop can wait for records and for other events at once, then
+    /// read with [`Self::batch_now`].
+    pub async fn readable(&mut self) -> Result<(), QueueError> {
+        loop {
+            let readable = *self.readable.borrow_and_update();
+            if readable >= self.position() && self.empty_at != Some(readable) {
+                return Ok(());
+            }
+            if self.shared.lock().closing {
+                return Err(QueueError::Closed);
+            }
+            if self.readable.changed().await.is_err() {
+                return Err(QueueError::Closed);
+            }
+        }
+    }
+
+    /// Reads up to `max_records` (about `max_bytes`) of what is readable now, on a blocking
+    /// thread, without waiting for more; may return none. Not cancel-safe.
+    pub async fn batch_now(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, QueueError> {
+        let mut state = self
+            .state
+            .take()
+            .unwrap_or_else(|| ReadState::new(self.acked + 1));
+        let shared = self.shared.clone();
+        let readable = *self.readable.borrow();
+        let (state, result) = tokio::task::spawn_blocking(move || {
+            let r = read_with(&shared, &mut state, max_records, max_bytes);
+            (state, r)
+        })
+        .await
+        .map_err(|_| QueueError::Closed)?;
+        self.state = Some(state);
+        self.empty_at = match &result {
+            Ok(r) if r.is_empty() => Some(readable),
+            _ => None,
+        };
+        result
     }
 
     /// Marks every record up to `seq` as confirmed: persists the cursor (in place, synced), then

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use gateway::config::{AmqpConfig, KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
-use gateway::uplink::Routes;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
