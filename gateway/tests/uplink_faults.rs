@@ -766,3 +766,40 @@ async fn restart_with_a_backlog_resumes_from_the_persisted_cursor() {
 async fn forwarder_killed_mid_batch_resumes_from_the_persisted_cursor_after_restart() {
     restart_resumes_from_the_persisted_cursor(true).await;
 }
+
+/// A cluster (`urls`): the first node refuses, so the forwarder moves on to the second and
+/// delivers there, showing it as its node; when that one dies and the first returns, it moves
+/// back. Nothing is lost and the order holds across the moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_uplink_fails_over_to_the_next_node_and_shows_which_one_it_uses() {
+    let mut rig = Rig::new("failover", &[]).await;
+    let a = FaultProxy::start(broker()).await.unwrap();
+    let b = FaultProxy::start(broker()).await.unwrap();
+    a.set_mode(Mode::Refuse);
+    let mut cfg = uplink("", &rig.exchange);
+    cfg.url = String::new();
+    cfg.urls = vec![proxied_url(&a), proxied_url(&b)];
+    let first = rig.append(20).await;
+    let f = rig.spawn(cfg);
+    rig.wait_cursor(first, Duration::from_secs(10), &f).await;
+    assert!(a.refused() >= 1, "node a was tried first");
+    let node = f.stats.node();
+    assert!(
+        node.contains(&format!(":{}/", b.port())) && !node.contains("guest:guest"),
+        "the node in use, without its password: {node}"
+    );
+
+    // Node b dies (its connections reset, new ones refused); node a is back.
+    b.set_mode(Mode::Refuse);
+    a.set_mode(Mode::Pass);
+    b.cut_all();
+    let last = rig.append(20).await;
+    rig.wait_cursor(last, Duration::from_secs(10), &f).await;
+    let node = f.stats.node();
+    assert!(node.contains(&format!(":{}/", a.port())), "{node}");
+    let got = rig.drain().await;
+    let dups = check_delivery(&rig.expected, &got);
+    assert!(dups.is_empty(), "{dups:?}");
+    f.stop().await;
+    rig.finish().await;
+}

@@ -936,6 +936,48 @@ mod tests {
     }
 
     #[test]
+    fn amqp_urls_name_a_cluster_instead_of_url_and_the_window_has_bounds() {
+        let c = crate::config::Config::from_toml_str(
+            r#"
+            [[uplinks]]
+            name = "a"
+            type = "amqp"
+            urls = ["amqp://u:p@h1:5672/%2f", "amqps://u:p@h2:5671/%2f"]
+            exchange = "x"
+            "#,
+        )
+        .unwrap();
+        let UplinkConfig::Amqp(a) = &c.uplinks[0] else {
+            panic!()
+        };
+        assert_eq!(a.urls().len(), 2);
+        assert_eq!(c.uplinks[0].nodes(), 2);
+        assert_eq!(c.uplinks[0].node_label(1), "amqps://u:***@h2:5671/%2f");
+        assert_eq!(a.window, DEFAULT_WINDOW);
+        assert_eq!(a.window_bytes, DEFAULT_WINDOW_BYTES);
+        let p = problems(
+            r#"
+            [[uplinks]]
+            name = "a"
+            type = "amqp"
+            url = "amqp://h:5672"
+            urls = ["amqp://h:5672", "http://secret@h:1"]
+            exchange = "x"
+            window_bytes = 10
+            "#,
+        )
+        .join("\n");
+        for want in [
+            "uplinks[0].urls = (hidden): give either url or urls",
+            "uplinks[0].urls[1] = (hidden)",
+            "uplinks[0].window_bytes = 10",
+        ] {
+            assert!(p.contains(want), "{want} missing in:\n{p}");
+        }
+        assert!(!p.contains("secret"), "{p}");
+    }
+
+    #[test]
     fn amqp_ca_file_needs_amqps_and_a_pem_file() {
         let dir = tempfile::tempdir().unwrap();
         let not_pem = dir.path().join("ca.txt");
