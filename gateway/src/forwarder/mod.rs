@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -347,12 +348,74 @@ impl Held {
     }
 }
 
-/// The cursor as persisted, and the records settled since (the window counts them: a crash
-/// would send them again).
+/// The cursor writes. One is in flight at a time, beside the sending (a cursor write is an
+/// fsync; the loop does not wait for it), and each covers everything settled before it
+/// started, so they coalesce by themselves under load.
 struct Persisted {
-    unpersisted: usize,
-    /// Persist after this many settled records (a cursor write is an fsync).
-    every: usize,
+    /// Records the settle cursor has passed, in total.
+    settled: u64,
+    /// How many of them the last completed cursor write covers. The window counts the
+    /// difference: a crash would send those again.
+    durable: u64,
+    /// The seq the last started write goes up to.
+    written: u64,
+    /// The write in flight: how many settled records it covers, and the write.
+    writing: Option<(u64, BoxFuture<'static, Result<u64, QueueError>>)>,
+}
+
+impl Persisted {
+    fn unpersisted(&self) -> usize {
+        usize::try_from(self.settled - self.durable).unwrap_or(usize::MAX)
+    }
+
+    /// Starts a cursor write up to `settle`'s cursor if it moved and none is in flight.
+    fn start(&mut self, reader: &Reader, settle: &Settle) {
+        if self.writing.is_none() && settle.cursor() > self.written {
+            let acker = reader.acker();
+            let seq = settle.cursor();
+            self.written = seq;
+            self.writing = Some((
+                self.settled,
+                Box::pin(async move { acker.ack_through(seq).await }),
+            ));
+        }
+    }
+
+    /// The end of the write in flight: `(records it covers, result)`. Pending without one.
+    /// Cancel-safe.
+    async fn written(&mut self) -> (u64, Result<u64, QueueError>) {
+        match &mut self.writing {
+            Some((n, w)) => (*n, w.await),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn done(&mut self, reader: &mut Reader, covers: u64, acked: u64) {
+        self.writing = None;
+        self.durable = self.durable.max(covers);
+        reader.note_acked(acked);
+    }
+
+    /// Waits for the write in flight, then writes the cursor as it is now. A closed queue
+    /// (the gateway is stopping) takes no more writes: not an error here.
+    async fn flush(&mut self, reader: &mut Reader, settle: &Settle) -> Result<(), QueueError> {
+        for _ in 0..2 {
+            if self.writing.is_none() {
+                self.start(reader, settle);
+            }
+            if self.writing.is_some() {
+                match self.written().await {
+                    (covers, Ok(acked)) => self.done(reader, covers, acked),
+                    (_, Err(QueueError::Closed)) => {
+                        self.writing = None;
+                        return Ok(());
+                    }
+                    (_, Err(e)) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a connected session ended.
@@ -376,8 +439,10 @@ impl Forwarder {
         let mut settle = Settle::new(reader.acked(), self.cfg.max_retries());
         let mut held = Held::default();
         let mut persisted = Persisted {
-            unpersisted: 0,
-            every: (self.cfg.window() / 8).max(1),
+            settled: 0,
+            durable: 0,
+            written: reader.acked(),
+            writing: None,
         };
         let mut pace = Pace::new(self.cfg.max_rate());
         let nodes = self.cfg.nodes().max(1);
@@ -415,7 +480,7 @@ impl Forwarder {
             connected_before = true;
             attempt = 0;
             self.stats.set(UplinkState::Connected, None);
-            reader.rewind();
+            reader.rewind_after(settle.cursor());
             let end = self
                 .session(
                     &mut uplink,
@@ -470,7 +535,7 @@ impl Forwarder {
         let mut progress = Instant::now();
         let mut stopping = false;
         loop {
-            let room = window.saturating_sub(settle.outstanding() + persisted.unpersisted)
+            let room = window.saturating_sub(settle.outstanding() + persisted.unpersisted())
                 + settle.rereads();
             let can_read = !stopping
                 && !settle.holding()
@@ -495,9 +560,17 @@ impl Forwarder {
                     }
                     Err(e) => failure = Some(e),
                 },
+                (covers, r) = persisted.written(), if persisted.writing.is_some() => match r {
+                    Ok(acked) => persisted.done(reader, covers, acked),
+                    Err(QueueError::Closed) => {
+                        persisted.writing = None;
+                        stopping = true;
+                    }
+                    Err(e) => return Err(e),
+                },
                 _ = tokio::time::sleep_until(progress + timeout), if waiting || stopping => {
                     if stopping {
-                        self.persist(reader, settle, persisted, true).await?;
+                        persisted.flush(reader, settle).await?;
                         return Ok(End::Stop);
                     }
                     failure = Some(UplinkError::Stalled {
@@ -526,7 +599,7 @@ impl Forwarder {
                 held.records.retain(|&seq, _| settle.needs_record(seq));
                 held.bytes = held.records.values().map(|(_, size)| size).sum();
                 self.steps(settle, held, persisted, &mut retry).await?;
-                self.persist(reader, settle, persisted, true).await?;
+                persisted.flush(reader, settle).await?;
                 if stopping {
                     return Ok(End::Stop);
                 }
@@ -541,17 +614,21 @@ impl Forwarder {
                 }
             }
             let idle = settle.in_flight() == 0;
-            self.persist(reader, settle, persisted, idle).await?;
             if stopping && idle {
+                persisted.flush(reader, settle).await?;
                 return Ok(End::Stop);
             }
+            persisted.start(reader, settle);
             if retry {
                 // A nack: pause, then send again from the cursor.
                 tokio::select! {
                     _ = tokio::time::sleep(backoff(1, backoff_min, backoff_max)) => {}
-                    _ = self.shutdown.cancelled() => return Ok(End::Stop),
+                    _ = self.shutdown.cancelled() => {
+                        persisted.flush(reader, settle).await?;
+                        return Ok(End::Stop);
+                    }
                 }
-                reader.rewind();
+                reader.rewind_after(settle.cursor());
             }
         }
     }
@@ -625,8 +702,10 @@ impl Forwarder {
                     held.remove(seq);
                     // After a failure the uplink sends nothing; the record stays in flight
                     // until `next` reports the failure, then goes again after the reconnect.
-                    uplink.send(&p).await;
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    if !uplink.failed() {
+                        uplink.send(&p).await;
+                        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    }
                     let size = p.size();
                     held.insert(p.record, size);
                 }
@@ -653,31 +732,16 @@ impl Forwarder {
                             tracing::error!(uplink = %self.name, seq, reason, "record to dead-letter is not held (bug); it is not stored");
                         }
                     }
+                    // The cursor passes it right after (the next step), and the next cursor
+                    // write covers it: a restart does not dead-letter it twice.
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    // Persist right after: a restart must not dead-letter it twice.
-                    persisted.unpersisted = persisted.unpersisted.max(persisted.every);
                 }
                 Step::Advance { seq, records } => {
                     held.release_through(seq);
-                    persisted.unpersisted += records;
+                    persisted.settled += records as u64;
                 }
                 Step::Retry => *retry = true,
             }
-        }
-        Ok(())
-    }
-
-    /// Persists the cursor when enough was settled since the last time, or `now`.
-    async fn persist(
-        &self,
-        reader: &mut Reader,
-        settle: &Settle,
-        persisted: &mut Persisted,
-        now: bool,
-    ) -> Result<(), QueueError> {
-        if persisted.unpersisted > 0 && (now || persisted.unpersisted >= persisted.every) {
-            reader.ack_through(settle.cursor()).await?;
-            persisted.unpersisted = 0;
         }
         Ok(())
     }

@@ -24,7 +24,7 @@
 //! - Entries are only created by reading, so the window (records beyond the cursor, see
 //!   [`Settle::outstanding`]) bounds both memory and the duplicates a failure can cause.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// What the forwarder must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +67,8 @@ pub struct Settle {
     cursor: u64,
     /// Records read beyond the cursor. Invariant: every key is above `cursor`.
     entries: BTreeMap<u64, Entry>,
+    /// The seqs of the `Unsent` entries (found without a scan of the window).
+    unsent: BTreeSet<u64>,
     /// Nacks per record, until it is settled.
     nacks: BTreeMap<u64, u32>,
     max_retries: u32,
@@ -88,6 +90,7 @@ impl Settle {
         Settle {
             cursor,
             entries: BTreeMap::new(),
+            unsent: BTreeSet::new(),
             nacks: BTreeMap::new(),
             max_retries,
             in_flight: 0,
@@ -152,19 +155,15 @@ impl Settle {
         self.last_read = self.last_read.max(seq);
         // Records that were waiting to be sent again but were not read again are gone from the
         // queue (dropped by its byte limit, or quarantined): nothing is left to send.
-        let gone: Vec<u64> = self
-            .entries
-            .range(..seq)
-            .filter(|(_, e)| **e == Entry::Unsent)
-            .map(|(&s, _)| s)
-            .collect();
-        for s in gone {
+        let rest = self.unsent.split_off(&seq);
+        for s in std::mem::replace(&mut self.unsent, rest) {
             self.entries.insert(s, Entry::Settled);
             self.nacks.remove(&s);
         }
         let read = match self.entries.get(&seq) {
             Some(Entry::Settled | Entry::Doomed(_) | Entry::InFlight) => Read::Skip,
             Some(Entry::Unsent) | None => {
+                self.unsent.remove(&seq);
                 self.entries.insert(seq, Entry::InFlight);
                 self.in_flight += 1;
                 Read::Send
@@ -212,9 +211,10 @@ impl Settle {
 
     /// The connection failed (lost, stalled): nothing in flight will be answered.
     pub fn failed(&mut self) {
-        for e in self.entries.values_mut() {
+        for (&seq, e) in self.entries.iter_mut() {
             if *e == Entry::InFlight {
                 *e = Entry::Unsent;
+                self.unsent.insert(seq);
             }
         }
         self.in_flight = 0;
@@ -230,7 +230,9 @@ impl Settle {
     fn answer(&mut self, seq: u64, to: Entry) {
         match self.entries.get_mut(&seq) {
             Some(e) if *e == Entry::InFlight => {
-                if to != Entry::Unsent {
+                if to == Entry::Unsent {
+                    self.unsent.insert(seq);
+                } else {
                     self.nacks.remove(&seq);
                 }
                 *e = to;

@@ -85,7 +85,7 @@ mod segment;
 mod writer;
 
 pub use options::{FsyncPolicy, FullPolicy, QueueOptions};
-pub use reader::Reader;
+pub use reader::{Acker, Reader};
 pub use record::{EncodeError, NewRecord, Record};
 pub use segment::SegmentMeta;
 

@@ -278,6 +278,13 @@ impl Reader {
         self.state = Some(ReadState::new(self.acked + 1));
     }
 
+    /// Makes the next read start after `seq`, a record already settled (at or after the
+    /// persisted cursor; never before it).
+    pub fn rewind_after(&mut self, seq: u64) {
+        self.empty_at = None;
+        self.state = Some(ReadState::new(seq.max(self.acked) + 1));
+    }
+
     /// Reads what is available now without waiting; blocking file I/O.
     pub fn read_now(
         &mut self,
@@ -381,16 +388,48 @@ impl Reader {
     /// at or below the confirmed position is ignored; one beyond the last durable record is
     /// clamped to it. After `remove_cursor` it does nothing.
     pub async fn ack_through(&mut self, seq: u64) -> Result<(), QueueError> {
+        let acked = self.acker().ack_through(seq).await?;
+        self.note_acked(acked);
+        Ok(())
+    }
+
+    /// A handle that persists this cursor without borrowing the reader, so a forwarder can
+    /// write its cursor while it keeps reading and sending. Tell the reader what was persisted
+    /// with [`Reader::note_acked`].
+    pub fn acker(&self) -> Acker {
+        Acker {
+            shared: self.shared.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Records that an [`Acker`] persisted the cursor at `seq` (rewinds start after it).
+    pub fn note_acked(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq);
+    }
+}
+
+/// Persists one reader's cursor (see [`Reader::acker`]).
+#[derive(Clone)]
+pub struct Acker {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl Acker {
+    /// [`Reader::ack_through`]; returns the position now persisted.
+    pub async fn ack_through(&self, seq: u64) -> Result<u64, QueueError> {
         let seq = {
             let mut st = self.shared.lock();
             let seq = seq.min(st.last_readable_seq());
-            if seq <= self.acked {
-                return Ok(());
-            }
             let Some(c) = st.cursors.get_mut(&self.name) else {
-                return Ok(());
+                // Removed (`remove_cursor`): nothing is persisted any more.
+                return Ok(0);
             };
-            c.acked = c.acked.max(seq);
+            if seq <= c.acked {
+                return Ok(c.acked);
+            }
+            c.acked = seq;
             seq
         };
         let shared = self.shared.clone();
@@ -402,8 +441,7 @@ impl Reader {
         })
         .await
         .map_err(|_| QueueError::Closed)??;
-        self.acked = seq;
-        Ok(())
+        Ok(seq)
     }
 }
 

@@ -574,6 +574,7 @@ async fn shape(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     //! The proxy against a local echo server (no broker needed).
     use super::*;
