@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -418,6 +419,9 @@ impl Persisted {
     }
 }
 
+/// Answers taken in one turn of the loop, at most (so reading new records is not starved).
+const ANSWERS_AT_ONCE: usize = 1024;
+
 /// How a connected session ended.
 enum End {
     /// Stopped (shutdown, or the queue closed): return.
@@ -544,7 +548,7 @@ impl Forwarder {
                 && held.bytes < window_bytes;
             let waiting = settle.in_flight() > 0 || uplink.failed();
             let mut failure = None;
-            let mut answered = None;
+            let mut answered = Vec::new();
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled(), if !stopping => {
@@ -552,14 +556,29 @@ impl Forwarder {
                     stopping = true;
                     progress = Instant::now();
                 }
-                r = uplink.next(), if waiting => match r {
-                    Ok((seq, outcome)) => {
-                        progress = Instant::now();
-                        self.answer(settle, seq, outcome);
-                        answered = Some(seq);
+                r = uplink.next(), if waiting => {
+                    progress = Instant::now();
+                    let mut r = Some(r);
+                    // Take every answer that is already there (a Kafka request answers many
+                    // records at once) before the next cursor write.
+                    let mut more = ANSWERS_AT_ONCE;
+                    while let Some(answer) = r.take() {
+                        match answer {
+                            Ok((seq, outcome)) => {
+                                self.answer(settle, seq, outcome);
+                                answered.push(seq);
+                            }
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        }
+                        more -= 1;
+                        if more > 0 {
+                            r = uplink.next().now_or_never();
+                        }
                     }
-                    Err(e) => failure = Some(e),
-                },
+                }
                 (covers, r) = persisted.written(), if persisted.writing.is_some() => match r {
                     Ok(acked) => persisted.done(reader, covers, acked),
                     Err(QueueError::Closed) => {
@@ -608,7 +627,7 @@ impl Forwarder {
             self.steps(settle, held, persisted, &mut retry).await?;
             // A record answered ahead of the cursor that is settled (or to be read again) is not
             // needed any more; one the cursor passed was released by its advance.
-            if let Some(seq) = answered {
+            for seq in answered {
                 if seq > settle.cursor() && !settle.needs_record(seq) {
                     held.remove(seq);
                 }

@@ -5,7 +5,8 @@
 //!
 //! Records are queued per topic and partition, in queue order. Each partition has at most ONE
 //! produce request in flight (up to `max_batch` records); what comes meanwhile waits and goes
-//! in the next request as soon as that one is answered. rskafka has no idempotent producer, so
+//! in the next request as soon as that one is answered. Requests start when the forwarder asks
+//! for answers ([`KafkaUplink::next`]), so the records it sent together share a request. rskafka has no idempotent producer, so
 //! this is what keeps a device's order: a retry of an earlier request can never land after a
 //! later request of the same partition, because there is none. Different partitions pipeline
 //! freely (their requests run concurrently). A partition's records are `Confirmed` when its
@@ -63,6 +64,8 @@ pub struct KafkaUplink {
     /// Per (topic, partition): records waiting for the request in flight, and whether there is
     /// one. Invariant: at most one request per partition is in flight.
     lanes: HashMap<(String, usize), Lane>,
+    /// Lanes with records waiting and no request in flight: `next` starts their requests.
+    idle: Vec<(String, usize)>,
     /// The requests in flight, one per busy lane.
     running: FuturesUnordered<BoxFuture<'static, Produced>>,
     /// Answers decided without a request (bad or missing topic), and those of finished
@@ -150,6 +153,7 @@ impl KafkaUplink {
             topics: HashMap::new(),
             max_batch: cfg.max_batch.max(1),
             lanes: HashMap::new(),
+            idle: Vec::new(),
             running: FuturesUnordered::new(),
             ready: VecDeque::new(),
             error: None,
@@ -297,12 +301,12 @@ impl KafkaUplink {
         let partition = partition_for_key(m.key.as_bytes(), n) as usize;
         let key = (topic.to_string(), partition);
         let record = self.record(m);
-        self.lanes
-            .entry(key.clone())
-            .or_default()
-            .waiting
-            .push_back((seq, record));
-        self.start(&key);
+        let lane = self.lanes.entry(key.clone()).or_default();
+        lane.waiting.push_back((seq, record));
+        if !lane.busy && lane.waiting.len() == 1 {
+            // Started by `next`: what is sent before it is polled goes in the same request.
+            self.idle.push(key);
+        }
     }
 
     /// Starts the next request of lane `key` if it has records and none in flight.
@@ -338,6 +342,11 @@ impl KafkaUplink {
     /// The next answer; the failure once every request in flight has finished. Cancel-safe.
     pub async fn next(&mut self) -> Result<(u64, Outcome), UplinkError> {
         loop {
+            if self.error.is_none() {
+                for key in std::mem::take(&mut self.idle) {
+                    self.start(&key);
+                }
+            }
             if let Some(o) = self.ready.pop_front() {
                 return Ok(o);
             }
