@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::poll_immediate;
 use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -575,7 +575,9 @@ impl Forwarder {
                         }
                         more -= 1;
                         if more > 0 {
-                            r = uplink.next().now_or_never();
+                            // Polled with this task's waker (`now_or_never` would leave a no-op
+                            // waker with the uplink's futures and lose their next wake-up).
+                            r = poll_immediate(uplink.next()).await;
                         }
                     }
                 }
