@@ -28,15 +28,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
 use rskafka::chrono::{DateTime, Utc};
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
 use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 use rskafka::record::Record as KafkaRecord;
 use rskafka::BackoffConfig;
+use tokio::task::JoinSet;
 
 use super::murmur2::partition_for_key;
 use super::{Outcome, Prepared, UplinkError};
@@ -66,8 +64,10 @@ pub struct KafkaUplink {
     lanes: HashMap<(String, usize), Lane>,
     /// Lanes with records waiting and no request in flight: `next` starts their requests.
     idle: Vec<(String, usize)>,
-    /// The requests in flight, one per busy lane.
-    running: FuturesUnordered<BoxFuture<'static, Produced>>,
+    /// The requests in flight, one per busy lane. Tasks of their own, so a request goes out
+    /// and its answer is read while the forwarder is busy elsewhere (rskafka writes a request
+    /// only while its future is polled); dropping the set aborts them.
+    running: JoinSet<Produced>,
     /// Answers decided without a request (bad or missing topic), and those of finished
     /// requests, not yet returned by `next`.
     ready: VecDeque<(u64, Outcome)>,
@@ -154,7 +154,7 @@ impl KafkaUplink {
             max_batch: cfg.max_batch.max(1),
             lanes: HashMap::new(),
             idle: Vec::new(),
-            running: FuturesUnordered::new(),
+            running: JoinSet::new(),
             ready: VecDeque::new(),
             error: None,
         })
@@ -325,13 +325,10 @@ impl KafkaUplink {
         lane.busy = true;
         let compression = self.compression;
         let key = key.clone();
-        self.running.push(
-            async move {
-                let r = client.produce(records, compression).await.map(|_| ());
-                (key, seqs, r)
-            }
-            .boxed(),
-        );
+        self.running.spawn(async move {
+            let r = client.produce(records, compression).await.map(|_| ());
+            (key, seqs, r)
+        });
     }
 
     /// Whether a request failed (see [`super::Uplink::failed`]).
@@ -356,8 +353,14 @@ impl KafkaUplink {
                     None => std::future::pending().await,
                 };
             }
-            let Some((key, seqs, result)) = self.running.next().await else {
-                continue;
+            let (key, seqs, result) = match self.running.join_next().await {
+                Some(Ok(produced)) => produced,
+                Some(Err(e)) => {
+                    let error = self.lost(format!("produce task: {e}"));
+                    self.error.get_or_insert(error);
+                    continue;
+                }
+                None => continue,
             };
             if let Some(lane) = self.lanes.get_mut(&key) {
                 lane.busy = false;
