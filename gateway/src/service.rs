@@ -25,12 +25,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, TlsSetting, UplinkConfig, DEV_CERT_DIR};
+use crate::forwarder::Routes;
 use crate::forwarder::{self, DeadLetters, ForwarderStats};
 use crate::ingest::{Ingest, IngestHandle};
 use crate::notify;
 use crate::queue::Queue;
 use crate::status::{age_seconds, ReloadOutcome, ReloadRequest, Status, UplinkView, HISTORY_EVERY};
-use crate::uplink::{describe, Routes};
+use crate::uplink::describe;
 
 struct Running {
     cfg: UplinkConfig,

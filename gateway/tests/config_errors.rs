@@ -254,7 +254,7 @@ const CASES: &[Case] = &[
             "url = \"amqp://gateway:s3cret@127.0.0.1:5672/%2f\"\n",
             "",
         ),
-        &["missing field `url`"],
+        &["uplinks[0].url = (missing)", "urls = [...]"],
     ),
     Case {
         what: "uplink url of the wrong scheme (the password is not shown)",

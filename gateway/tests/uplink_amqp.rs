@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use gateway::config::{AmqpConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
-use gateway::uplink::Routes;
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
 use lapin::{Connection, ConnectionProperties};
@@ -29,6 +29,7 @@ fn amqp(name: &str, exchange: &str, queue: Option<&str>) -> AmqpConfig {
     AmqpConfig {
         name: name.into(),
         url: URL.into(),
+        urls: Vec::new(),
         password_env: None,
         ca_file: None,
         exchange: exchange.into(),
@@ -36,6 +37,7 @@ fn amqp(name: &str, exchange: &str, queue: Option<&str>) -> AmqpConfig {
         declare: true,
         declare_queue: queue.map(str::to_string),
         window: 64,
+        window_bytes: gateway::config::DEFAULT_WINDOW_BYTES,
         confirm_timeout: Duration::from_secs(10),
         max_retries: 3,
         backoff_min: Duration::from_millis(50),
@@ -108,7 +110,7 @@ async fn records_reach_rabbitmq_in_order_with_properties_and_unroutable_ones_are
         dead.clone(),
         stop.clone(),
     );
-    let (_lost_stats, h2) = forwarder::spawn(
+    let (lost_stats, h2) = forwarder::spawn(
         UplinkConfig::Amqp(amqp("lost", &lost_exchange, None)),
         "testgw".into(),
         queue.clone(),
@@ -207,7 +209,7 @@ async fn records_reach_rabbitmq_in_order_with_properties_and_unroutable_ones_are
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "cursors {:?}",
+            "cursors {:?}, lost uplink {lost_stats:?}",
             s.cursors
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

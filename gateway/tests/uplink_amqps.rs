@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use gateway::config::{AmqpConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
-use gateway::uplink::Routes;
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,

@@ -18,12 +18,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fault_proxy::{FaultProxy, Mode};
+use fault_proxy::{FaultProxy, Link, Mode};
 use forwarder_rig::{check_delivery, eventually, unique, Forwarder, StateLog};
 use gateway::config::{AmqpConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions, Record};
-use gateway::uplink::Routes;
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -765,4 +765,138 @@ async fn restart_with_a_backlog_resumes_from_the_persisted_cursor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarder_killed_mid_batch_resumes_from_the_persisted_cursor_after_restart() {
     restart_resumes_from_the_persisted_cursor(true).await;
+}
+
+/// A cluster (`urls`): the first node refuses, so the forwarder moves on to the second and
+/// delivers there, showing it as its node; when that one dies and the first returns, it moves
+/// back. Nothing is lost and the order holds across the moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_uplink_fails_over_to_the_next_node_and_shows_which_one_it_uses() {
+    let mut rig = Rig::new("failover", &[]).await;
+    let a = FaultProxy::start(broker()).await.unwrap();
+    let b = FaultProxy::start(broker()).await.unwrap();
+    a.set_mode(Mode::Refuse);
+    let mut cfg = uplink("", &rig.exchange);
+    cfg.url = String::new();
+    cfg.urls = vec![proxied_url(&a), proxied_url(&b)];
+    let first = rig.append(20).await;
+    let f = rig.spawn(cfg);
+    rig.wait_cursor(first, Duration::from_secs(10), &f).await;
+    assert!(a.refused() >= 1, "node a was tried first");
+    let node = f.stats.node();
+    assert!(
+        node.contains(&format!(":{}/", b.port())) && !node.contains("guest:guest"),
+        "the node in use, without its password: {node}"
+    );
+
+    // Node b dies (its connections reset, new ones refused); node a is back.
+    b.set_mode(Mode::Refuse);
+    a.set_mode(Mode::Pass);
+    b.cut_all();
+    let last = rig.append(20).await;
+    rig.wait_cursor(last, Duration::from_secs(10), &f).await;
+    let node = f.stats.node();
+    assert!(node.contains(&format!(":{}/", a.port())), "{node}");
+    let got = rig.drain().await;
+    let dups = check_delivery(&rig.expected, &got);
+    assert!(dups.is_empty(), "{dups:?}");
+    f.stop().await;
+    rig.finish().await;
+}
+
+/// A long, thin link (200 ms round trip, 1 Mbit/s each way) through the three faults a WAN
+/// uplink sees, one after the other while a backlog drains: an outage (connections reset, new
+/// ones refused, for a second), a reset in the middle of the window, and a black hole (detected
+/// as a stall). Nothing is missing, each device's order holds, and the duplicates stay within
+/// one window per fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shaped_link_outage_reset_and_black_hole_lose_nothing_and_keep_order() {
+    let t0 = Instant::now();
+    let mut rig = Rig::new("shaped", &[]).await;
+    let link = Link::rtt(Duration::from_millis(200)).capped(1000);
+    let proxy = FaultProxy::start_shaped(broker(), link).await.unwrap();
+    let mut cfg = uplink(&proxied_url(&proxy), &rig.exchange);
+    cfg.window = 128;
+    cfg.confirm_timeout = Duration::from_secs(2);
+    cfg.backoff_min = Duration::from_millis(100);
+    let window = cfg.window as u64;
+    rig.append(300).await;
+    let f = rig.spawn(cfg);
+    let log = StateLog::start(f.stats.clone());
+    let progress = |rig: &Rig, n: u64| {
+        let target = rig.cursor() + n;
+        move |rig: &Rig| rig.cursor() >= target
+    };
+
+    // 1. Outage.
+    let moved = progress(&rig, 100);
+    eventually(
+        Duration::from_secs(20),
+        || moved(&rig),
+        || "no progress before the outage".into(),
+    )
+    .await;
+    proxy.set_mode(Mode::Refuse);
+    proxy.cut_all();
+    rig.append(100).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set_mode(Mode::Pass);
+
+    // 2. A reset in the middle of the window (about 60 messages into it).
+    let moved = progress(&rig, 100);
+    eventually(
+        Duration::from_secs(20),
+        || moved(&rig),
+        || "no progress after the outage".into(),
+    )
+    .await;
+    proxy.set_mode(Mode::ResetAfter(20_000));
+    eventually(
+        Duration::from_secs(20),
+        || proxy.resets() >= 1,
+        || "no reset".into(),
+    )
+    .await;
+    proxy.set_mode(Mode::Pass);
+
+    // 3. A black hole, until the forwarder calls the link stalled.
+    let moved = progress(&rig, 100);
+    eventually(
+        Duration::from_secs(20),
+        || moved(&rig),
+        || "no progress after the reset".into(),
+    )
+    .await;
+    let hole = Instant::now();
+    proxy.set_mode(Mode::BlackHole);
+    eventually(
+        Duration::from_secs(10),
+        || log.seen_after(UplinkState::Stalled, hole).is_some(),
+        || format!("never stalled: {:?}", log.history()),
+    )
+    .await;
+    proxy.set_mode(Mode::Pass);
+
+    rig.append(100).await;
+    rig.wait_cursor(rig.last(), Duration::from_secs(60), &f)
+        .await;
+    let got = rig.drain().await;
+    let dups = check_delivery(&rig.expected, &got);
+    let faults = 1 + proxy.resets() + proxy.cut() + 1;
+    assert!(
+        dups.len() as u64 <= faults * window,
+        "{} duplicates, more than a window ({window}) per fault ({faults})",
+        dups.len()
+    );
+    eprintln!(
+        "shaped link (200 ms, 1 Mbit/s): {} records, {} duplicates, {} resets, {} cut, states {:?}, {:?}",
+        rig.expected.len(),
+        dups.len(),
+        proxy.resets(),
+        proxy.cut(),
+        log.history(),
+        t0.elapsed()
+    );
+    f.stop().await;
+    rig.finish().await;
 }

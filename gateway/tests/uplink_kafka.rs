@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use gateway::config::{KafkaCompression, KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters};
 use gateway::queue::{FsyncPolicy, NewRecord, Queue, QueueOptions};
 use gateway::uplink::murmur2::partition_for_key;
-use gateway::uplink::Routes;
 use tokio_util::sync::CancellationToken;
 
 mod tansu;

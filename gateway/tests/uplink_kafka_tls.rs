@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use gateway::config::{KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters, ForwarderStats, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
-use gateway::uplink::Routes;
 use rskafka::client::partition::UnknownTopicHandling;
 use rskafka::client::{ClientBuilder, Credentials, SaslConfig};
 use rustls::pki_types::pem::PemObject;

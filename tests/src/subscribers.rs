@@ -140,7 +140,7 @@ pub async fn publish_until_gone(
                 break;
             }
             let n = *next.lock().expect("the next number");
-            let qos = if n % 2 == 0 {
+            let qos = if n.is_multiple_of(2) {
                 QoS::AtLeastOnce
             } else {
                 QoS::ExactlyOnce

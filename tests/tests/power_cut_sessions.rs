@@ -73,12 +73,13 @@ async fn session(
     got
 }
 
-/// Ignored until the loss it finds is fixed: two runs of 100 cuts here ended with 75 of 36,120
-/// and 146 of 26,907 PUBACKed messages never delivered to the persistent subscriber (contiguous
-/// runs such as 8668-8677), after the subscriber's client was changed to ack only what it
-/// recorded. The cause is not found yet (see the issue 11 notes). Run it with
+/// Ignored: two runs of 100 cuts here (with the default session bound of 1,000 messages) ended
+/// with 75 of 36,120 and 146 of 26,907 PUBACKed messages never delivered to the persistent
+/// subscriber. The kill -9 test lost messages the same way until its session bound was raised
+/// (they were refused by the bound, counted, not lost); this test now raises it too but has not
+/// been run again since. Run it with
 /// `./run-tests -p gateway-tests --test power_cut_sessions -- --ignored --nocapture`.
-#[ignore = "finds lost messages for persistent sessions after power cuts; cause not found yet"]
+#[ignore = "not yet re-run after raising the session bound; see the comment"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_one() {
     let scenario = "power-cut-sessions";
@@ -94,9 +95,10 @@ async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_o
     let mut spec = GatewaySpec::new(3, 1, "powercut-sessions-unused");
     spec.queue = "fsync = \"always\"\nsegment_bytes = \"1 MiB\"\nmax_bytes = \"64 MiB\"\n".into();
     spec.extra = acl();
-    let Some(mut rig) = PowerCutRig::new(spec, scenario) else {
-        return;
-    };
+    // Room for everything published while the subscriber is away (the session's bound is not
+    // what this test is about).
+    spec.extra += "\n[sessions]\nmax_queued_messages = 60000\nmax_queued_bytes = \"64 MiB\"\n";
+    let mut rig = PowerCutRig::new(spec, scenario);
 
     // The persistent subscription and the retained message, before any cut.
     rig.gw.start().await;

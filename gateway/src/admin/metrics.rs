@@ -285,6 +285,19 @@ impl Snapshot {
                 state_rows,
             ),
             (
+                "uplink_node",
+                "1 for the node the uplink is connected to or trying (of a cluster's urls; no password).",
+                uplinks
+                    .iter()
+                    .map(|u| {
+                        (
+                            vec![("uplink", u.name.clone()), ("node", u.stats.node())],
+                            1.0,
+                        )
+                    })
+                    .collect(),
+            ),
+            (
                 "uplink_lag_records",
                 "Records behind the uplink's cursor.",
                 per_uplink(uplinks.iter().map(|u| {

@@ -181,6 +181,7 @@ fn uplinks_json(status: &Status) -> Vec<serde_json::Value> {
                 "type": u.kind,
                 "target": u.target,
                 "state": u.stats.state(),
+                "node": u.stats.node(),
                 "sent": u.stats.sent.load(Ordering::Relaxed),
                 "confirmed": u.stats.confirmed.load(Ordering::Relaxed),
                 "nacked": u.stats.nacked.load(Ordering::Relaxed),

@@ -10,9 +10,27 @@ use serde::Deserialize;
 
 use super::{de, duration_value, quoted, Problem};
 
-/// Confirm window: enough messages in flight to hide a broker's fsync, small enough that a
-/// reconnect re-sends little.
-pub const DEFAULT_WINDOW: usize = 256;
+/// AMQP confirm window, in records: how many may be sent and not yet settled (the forwarder
+/// slides it: a new record goes out as each confirm comes back). It must hold a round trip's
+/// worth of the broker's rate, or the link idles: a RabbitMQ that stores 10-12k persistent
+/// msg/s needs 2,400 in flight at 200 ms and 7,200 at 600 ms (satellite). 4,096 holds > 200 ms
+/// at 12k msg/s and the whole 600 ms at 6.8k; a failure re-sends at most this many (duplicates,
+/// which consumers remove by message id); and with `window_bytes` it bounds the memory.
+pub const DEFAULT_WINDOW: usize = 4096;
+/// Kafka window, in records: with one produce request in flight per partition (order without
+/// an idempotent producer), the records waiting behind it must fill the next request while the
+/// current one crosses the link: two `max_batch`es per partition of a 3-partition topic, and
+/// more for more partitions.
+pub const DEFAULT_KAFKA_WINDOW: usize = 8192;
+/// Records per Kafka produce request (per partition): large requests cross a long link in one
+/// round trip each.
+pub const DEFAULT_KAFKA_MAX_BATCH: usize = 1024;
+/// Bytes of records in flight per uplink (payloads as read and as sent, plus their addresses):
+/// the memory bound of the window when payloads are large. 16 MiB holds 4,096 records of up to
+/// 2 KiB each; with 64-byte sensor readings the record count binds first.
+pub const DEFAULT_WINDOW_BYTES: usize = 16 << 20;
+/// The most `window_bytes` may be: the forwarder holds that much in memory per uplink.
+pub const MAX_WINDOW_BYTES: usize = 1 << 30;
 /// A broker that has not confirmed within this is stalled: reconnect and re-send.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nacks of one record before it goes to the dead letters.
@@ -80,11 +98,48 @@ impl UplinkConfig {
         }
     }
 
-    /// Records read from the queue and sent per round (AMQP `window`, Kafka `max_batch`).
-    pub fn batch(&self) -> usize {
+    /// Records sent and not yet settled, at most (`window`).
+    pub fn window(&self) -> usize {
         match self {
             UplinkConfig::Amqp(a) => a.window,
+            UplinkConfig::Kafka(k) => k.window,
+        }
+    }
+
+    /// Bytes of records in flight, at most (`window_bytes`).
+    pub fn window_bytes(&self) -> usize {
+        match self {
+            UplinkConfig::Amqp(a) => a.window_bytes,
+            UplinkConfig::Kafka(k) => k.window_bytes,
+        }
+    }
+
+    /// Records read from the queue at a time: a Kafka produce request's worth (`max_batch`);
+    /// for AMQP, a slice of the window.
+    pub fn batch(&self) -> usize {
+        match self {
+            UplinkConfig::Amqp(a) => a.window.clamp(1, 256),
             UplinkConfig::Kafka(k) => k.max_batch,
+        }
+    }
+
+    /// The nodes the uplink may connect to, tried in turn (AMQP `urls` or `url`; a Kafka
+    /// client finds the cluster's brokers itself from `bootstrap`: one node).
+    pub fn nodes(&self) -> usize {
+        match self {
+            UplinkConfig::Amqp(a) => a.urls().len(),
+            UplinkConfig::Kafka(_) => 1,
+        }
+    }
+
+    /// Node `i` as the operator may see it (no password).
+    pub fn node_label(&self, i: usize) -> String {
+        match self {
+            UplinkConfig::Amqp(a) => a
+                .urls()
+                .get(i)
+                .map_or_else(String::new, |u| crate::uplink::amqp::masked_url(u)),
+            UplinkConfig::Kafka(k) => k.bootstrap.join(","),
         }
     }
 
@@ -135,7 +190,13 @@ pub struct AmqpConfig {
     /// Names the uplink and its queue cursor.
     pub name: String,
     /// `amqp://user:pass@host:port/vhost` or `amqps://...` (credentials are never logged).
+    /// One node; for a cluster use `urls`.
+    #[serde(default)]
     pub url: String,
+    /// The nodes of a cluster, tried in turn: on a failure the forwarder moves to the next one
+    /// (with jittered backoff once it has tried them all). Instead of `url`.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// An environment variable holding the password (replaces the one in `url`).
     #[serde(default)]
     pub password_env: Option<String>,
@@ -154,8 +215,12 @@ pub struct AmqpConfig {
     /// With `declare`: also declare this durable queue and bind it with `#`.
     #[serde(default)]
     pub declare_queue: Option<String>,
+    /// Records sent and not yet settled, at most (a sliding window).
     #[serde(default = "default_window")]
     pub window: usize,
+    /// Bytes of records in flight, at most (see [`DEFAULT_WINDOW_BYTES`]).
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: usize,
     #[serde(default = "default_confirm_timeout", deserialize_with = "de::duration")]
     pub confirm_timeout: Duration,
     #[serde(default = "default_max_retries")]
@@ -168,6 +233,17 @@ pub struct AmqpConfig {
     /// does not flood the upstream). Not set: as fast as the upstream confirms.
     #[serde(default)]
     pub max_rate: Option<u32>,
+}
+
+impl AmqpConfig {
+    /// The configured nodes: `urls`, or `url` alone.
+    pub fn urls(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 /// Partitions of a topic the gateway creates (`create_topics`): a few, so keys spread, without
@@ -265,9 +341,15 @@ pub struct KafkaConfig {
     pub replication_factor: i16,
     #[serde(default)]
     pub compression: KafkaCompression,
-    /// Records read from the queue per round: one produce request per partition per round.
-    #[serde(default = "default_window")]
+    /// Records per produce request (per partition), at most.
+    #[serde(default = "default_kafka_max_batch")]
     pub max_batch: usize,
+    /// Records sent and not yet settled, at most (see [`DEFAULT_KAFKA_WINDOW`]).
+    #[serde(default = "default_kafka_window")]
+    pub window: usize,
+    /// Bytes of records in flight, at most (see [`DEFAULT_WINDOW_BYTES`]).
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: usize,
     /// With fewer than `max_batch` records ready, wait up to this for more before producing.
     #[serde(default = "default_kafka_linger", deserialize_with = "de::duration")]
     pub linger: Duration,
@@ -295,6 +377,15 @@ pub struct KafkaConfig {
     pub max_rate: Option<u32>,
 }
 
+fn default_kafka_max_batch() -> usize {
+    DEFAULT_KAFKA_MAX_BATCH
+}
+fn default_kafka_window() -> usize {
+    DEFAULT_KAFKA_WINDOW
+}
+fn default_window_bytes() -> usize {
+    DEFAULT_WINDOW_BYTES
+}
 fn default_kafka_linger() -> Duration {
     DEFAULT_KAFKA_LINGER
 }
@@ -450,14 +541,62 @@ pub(super) fn check(uplinks: &[UplinkConfig], routes: &[RouteConfig], problems: 
     }
 }
 
-fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
-    if !(a.url.starts_with("amqp://") || a.url.starts_with("amqps://")) {
+fn check_window(
+    window: usize,
+    window_bytes: usize,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Vec<Problem>,
+) {
+    if window == 0 || window > 65_535 {
         problems.push(Problem {
-            key: key("url"),
-            value: "(hidden)".into(),
-            reason: "must start with amqp:// or amqps://".into(),
+            key: key("window"),
+            value: window.to_string(),
+            reason: "must be between 1 and 65535".into(),
         });
     }
+    if !(64 << 10..=MAX_WINDOW_BYTES).contains(&window_bytes) {
+        problems.push(Problem {
+            key: key("window_bytes"),
+            value: window_bytes.to_string(),
+            reason: format!(
+                "must be between 65536 and {MAX_WINDOW_BYTES} (the forwarder holds that much in memory)"
+            ),
+        });
+    }
+}
+
+fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    match (a.url.is_empty(), a.urls.is_empty()) {
+        (true, true) => problems.push(Problem {
+            key: key("url"),
+            value: "(missing)".into(),
+            reason: "give the broker's url (or urls = [...] for a cluster)".into(),
+        }),
+        (false, false) => problems.push(Problem {
+            key: key("urls"),
+            value: "(hidden)".into(),
+            reason: "give either url or urls, not both".into(),
+        }),
+        _ => {}
+    }
+    let single = a.urls.is_empty();
+    for (j, u) in a.urls().iter().enumerate() {
+        let scheme_ok = u.starts_with("amqp://") || u.starts_with("amqps://");
+        // A missing `url` is reported above.
+        let missing = single && u.is_empty();
+        if !(scheme_ok || missing) {
+            problems.push(Problem {
+                key: if single {
+                    key("url")
+                } else {
+                    key(&format!("urls[{j}]"))
+                },
+                value: "(hidden)".into(),
+                reason: "must start with amqp:// or amqps://".into(),
+            });
+        }
+    }
+    check_window(a.window, a.window_bytes, key, problems);
     for (k, t) in [("exchange", &a.exchange), ("routing_key", &a.routing_key)] {
         if let Err(why) = check_template(t) {
             problems.push(Problem {
@@ -467,15 +606,8 @@ fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<P
             });
         }
     }
-    if a.window == 0 || a.window > 65_535 {
-        problems.push(Problem {
-            key: key("window"),
-            value: a.window.to_string(),
-            reason: "must be between 1 and 65535".into(),
-        });
-    }
     if let Some(ca) = &a.ca_file {
-        if !a.url.starts_with("amqps://") {
+        if !a.urls().iter().any(|u| u.starts_with("amqps://")) {
             problems.push(Problem {
                 key: key("ca_file"),
                 value: quoted(&ca.display().to_string()),
@@ -570,6 +702,7 @@ fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec
             reason: "must be between 1 and 65535".into(),
         });
     }
+    check_window(k.window, k.window_bytes, key, problems);
     if k.confirm_timeout.is_zero() {
         problems.push(Problem {
             key: key("confirm_timeout"),
@@ -713,7 +846,8 @@ mod tests {
         assert!(!k.create_topics);
         assert_eq!(k.partitions, DEFAULT_KAFKA_PARTITIONS);
         assert_eq!(k.replication_factor, DEFAULT_KAFKA_REPLICATION_FACTOR);
-        assert_eq!(k.max_batch, DEFAULT_WINDOW);
+        assert_eq!(k.max_batch, DEFAULT_KAFKA_MAX_BATCH);
+        assert_eq!(k.window, DEFAULT_KAFKA_WINDOW);
         assert_eq!(k.confirm_timeout, Duration::from_secs(5));
     }
 
@@ -825,6 +959,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("gssapi"), "{e}");
+    }
+
+    #[test]
+    fn amqp_urls_name_a_cluster_instead_of_url_and_the_window_has_bounds() {
+        let c = crate::config::Config::from_toml_str(
+            r#"
+            [[uplinks]]
+            name = "a"
+            type = "amqp"
+            urls = ["amqp://u:p@h1:5672/%2f", "amqps://u:p@h2:5671/%2f"]
+            exchange = "x"
+            "#,
+        )
+        .unwrap();
+        let UplinkConfig::Amqp(a) = &c.uplinks[0] else {
+            panic!()
+        };
+        assert_eq!(a.urls().len(), 2);
+        assert_eq!(c.uplinks[0].nodes(), 2);
+        assert_eq!(c.uplinks[0].node_label(1), "amqps://u:***@h2:5671/%2f");
+        assert_eq!(a.window, DEFAULT_WINDOW);
+        assert_eq!(a.window_bytes, DEFAULT_WINDOW_BYTES);
+        let p = problems(
+            r#"
+            [[uplinks]]
+            name = "a"
+            type = "amqp"
+            url = "amqp://h:5672"
+            urls = ["amqp://h:5672", "http://secret@h:1"]
+            exchange = "x"
+            window_bytes = 10
+            "#,
+        )
+        .join("\n");
+        for want in [
+            "uplinks[0].urls = (hidden): give either url or urls",
+            "uplinks[0].urls[1] = (hidden)",
+            "uplinks[0].window_bytes = 10",
+        ] {
+            assert!(p.contains(want), "{want} missing in:\n{p}");
+        }
+        assert!(!p.contains("secret"), "{p}");
     }
 
     #[test]

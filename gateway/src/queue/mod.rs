@@ -85,7 +85,7 @@ mod segment;
 mod writer;
 
 pub use options::{FsyncPolicy, FullPolicy, QueueOptions};
-pub use reader::Reader;
+pub use reader::{Acker, Reader};
 
 /// The local router's cursor (see `sessions::router`). The queue never frees a record for this
 /// cursor alone: with no other cursor, records stay for uplinks configured later.

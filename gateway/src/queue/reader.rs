@@ -227,6 +227,9 @@ pub struct Reader {
     acked: u64,
     state: Option<ReadState>,
     readable: watch::Receiver<u64>,
+    /// The readable seq at which [`Reader::batch_now`] last found nothing: [`Reader::readable`]
+    /// waits for a change past it instead of spinning.
+    empty_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -251,6 +254,7 @@ impl Reader {
             acked,
             state: Some(ReadState::new(acked + 1)),
             readable,
+            empty_at: None,
         }
     }
 
@@ -270,7 +274,15 @@ impl Reader {
 
     /// Makes the next read start again after the last confirmed record (after a failed send).
     pub fn rewind(&mut self) {
+        self.empty_at = None;
         self.state = Some(ReadState::new(self.acked + 1));
+    }
+
+    /// Makes the next read start after `seq`, a record already settled (at or after the
+    /// persisted cursor; never before it).
+    pub fn rewind_after(&mut self, seq: u64) {
+        self.empty_at = None;
+        self.state = Some(ReadState::new(seq.max(self.acked) + 1));
     }
 
     /// Reads what is available now without waiting; blocking file I/O.
@@ -325,6 +337,25 @@ impl Reader {
         }
     }
 
+    /// Waits until a record at or after the read position may be readable; errors with
+    /// [`QueueError::Closed`] once the queue is closing. Cancel-safe (it only watches), unlike
+    /// [`Self::next_batch`]: a loop can wait for records and for other events at once, then
+    /// read with [`Self::batch_now`].
+    pub async fn readable(&mut self) -> Result<(), QueueError> {
+        loop {
+            let readable = *self.readable.borrow_and_update();
+            if readable >= self.position() && self.empty_at != Some(readable) {
+                return Ok(());
+            }
+            if self.shared.lock().closing {
+                return Err(QueueError::Closed);
+            }
+            if self.readable.changed().await.is_err() {
+                return Err(QueueError::Closed);
+            }
+        }
+    }
+
     /// Waits until a record at or after [`Reader::position`] is readable; returns the newest
     /// readable seq. Errors with [`QueueError::Closed`] once the queue is closing.
     pub async fn wait_readable(&mut self) -> Result<u64, QueueError> {
@@ -349,21 +380,80 @@ impl Reader {
         }
     }
 
+    /// Reads up to `max_records` (about `max_bytes`) of what is readable now, on a blocking
+    /// thread, without waiting for more; may return none. Not cancel-safe.
+    pub async fn batch_now(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, QueueError> {
+        let mut state = self
+            .state
+            .take()
+            .unwrap_or_else(|| ReadState::new(self.acked + 1));
+        let shared = self.shared.clone();
+        let readable = *self.readable.borrow();
+        let (state, result) = tokio::task::spawn_blocking(move || {
+            let r = read_with(&shared, &mut state, max_records, max_bytes);
+            (state, r)
+        })
+        .await
+        .map_err(|_| QueueError::Closed)?;
+        self.state = Some(state);
+        self.empty_at = match &result {
+            Ok(r) if r.is_empty() => Some(readable),
+            _ => None,
+        };
+        result
+    }
+
     /// Marks every record up to `seq` as confirmed: persists the cursor (in place, synced), then
     /// lets the queue delete segments that every cursor's persisted position has passed. A `seq`
     /// at or below the confirmed position is ignored; one beyond the last durable record is
     /// clamped to it. After `remove_cursor` it does nothing.
     pub async fn ack_through(&mut self, seq: u64) -> Result<(), QueueError> {
+        let acked = self.acker().ack_through(seq).await?;
+        self.note_acked(acked);
+        Ok(())
+    }
+
+    /// A handle that persists this cursor without borrowing the reader, so a forwarder can
+    /// write its cursor while it keeps reading and sending. Tell the reader what was persisted
+    /// with [`Reader::note_acked`].
+    pub fn acker(&self) -> Acker {
+        Acker {
+            shared: self.shared.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Records that an [`Acker`] persisted the cursor at `seq` (rewinds start after it).
+    pub fn note_acked(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq);
+    }
+}
+
+/// Persists one reader's cursor (see [`Reader::acker`]).
+#[derive(Clone)]
+pub struct Acker {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl Acker {
+    /// [`Reader::ack_through`]; returns the position now persisted.
+    pub async fn ack_through(&self, seq: u64) -> Result<u64, QueueError> {
         let seq = {
             let mut st = self.shared.lock();
             let seq = seq.min(st.last_readable_seq());
-            if seq <= self.acked {
-                return Ok(());
-            }
             let Some(c) = st.cursors.get_mut(&self.name) else {
-                return Ok(());
+                // Removed (`remove_cursor`): nothing is persisted any more.
+                return Ok(0);
             };
-            c.acked = c.acked.max(seq);
+            if seq <= c.acked {
+                return Ok(c.acked);
+            }
+            c.acked = seq;
             seq
         };
         let shared = self.shared.clone();
@@ -375,8 +465,7 @@ impl Reader {
         })
         .await
         .map_err(|_| QueueError::Closed)??;
-        self.acked = seq;
-        Ok(())
+        Ok(seq)
     }
 }
 

@@ -15,7 +15,11 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connect, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use super::{Outcome, Prepared, SendFailure, UplinkError};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
+
+use super::{Outcome, Prepared, UplinkError};
 use crate::config::AmqpConfig;
 
 /// A connected AMQP uplink.
@@ -25,17 +29,20 @@ pub struct AmqpUplink {
     confirm_timeout: Duration,
     connection: Connection,
     channel: Channel,
+    /// Confirms of the messages published and not yet answered, in publish order.
+    confirms: FuturesOrdered<BoxFuture<'static, (u64, lapin::Result<Confirmation>)>>,
+    /// Set when a publish failed: nothing more is published, `next` reports it.
+    error: Option<UplinkError>,
 }
 
-/// The URL with the password from `password_env` (if configured) put in.
-fn url_with_password(cfg: &AmqpConfig) -> Result<String, String> {
+/// Node `url` with the password from `password_env` (if configured) put in.
+fn url_with_password(cfg: &AmqpConfig, url: &str) -> Result<String, String> {
     let Some(var) = &cfg.password_env else {
-        return Ok(cfg.url.clone());
+        return Ok(url.to_string());
     };
     let password = std::env::var(var)
         .map_err(|_| format!("environment variable {var} (password_env) is not set"))?;
-    let (scheme, rest) = cfg
-        .url
+    let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| "url has no scheme".to_string())?;
     let (auth, host) = match rest.split_once('@') {
@@ -72,8 +79,18 @@ impl AmqpUplink {
     /// Connects, opens the confirm channel and declares what is configured, all within
     /// `confirm_timeout`: a peer that accepts TCP and then says nothing (a black hole) is an error
     /// like any other, and the forwarder backs off and tries again.
-    pub async fn connect(cfg: &AmqpConfig, gateway_id: &str) -> Result<AmqpUplink, UplinkError> {
-        match tokio::time::timeout(cfg.confirm_timeout, Self::connect_inner(cfg, gateway_id)).await
+    pub async fn connect(
+        cfg: &AmqpConfig,
+        node: usize,
+        gateway_id: &str,
+    ) -> Result<AmqpUplink, UplinkError> {
+        let urls = cfg.urls();
+        let url = urls.get(node).or(urls.first()).copied().unwrap_or_default();
+        match tokio::time::timeout(
+            cfg.confirm_timeout,
+            Self::connect_inner(cfg, url, gateway_id),
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => Err(UplinkError::Connect {
@@ -86,12 +103,16 @@ impl AmqpUplink {
         }
     }
 
-    async fn connect_inner(cfg: &AmqpConfig, gateway_id: &str) -> Result<AmqpUplink, UplinkError> {
+    async fn connect_inner(
+        cfg: &AmqpConfig,
+        url: &str,
+        gateway_id: &str,
+    ) -> Result<AmqpUplink, UplinkError> {
         let err = |why: String| UplinkError::Connect {
             uplink: cfg.name.clone(),
-            why,
+            why: format!("{}: {why}", masked_url(url)),
         };
-        let url = url_with_password(cfg).map_err(err)?;
+        let url = url_with_password(cfg, url).map_err(err)?;
         let tls = OwnedTLSConfig {
             identity: None,
             cert_chain: match &cfg.ca_file {
@@ -161,6 +182,8 @@ impl AmqpUplink {
             confirm_timeout: cfg.confirm_timeout,
             connection,
             channel,
+            confirms: FuturesOrdered::new(),
+            error: None,
         })
     }
 
@@ -194,77 +217,80 @@ impl AmqpUplink {
         p
     }
 
-    /// Publishes the batch in order, then waits for every confirm (within the confirm timeout).
-    /// On a lost connection or a timeout, the outcomes that did arrive come back with the error,
-    /// so only records whose confirm was lost are sent again.
-    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, SendFailure> {
-        let lost = |why: String| UplinkError::Lost {
-            uplink: self.name.clone(),
-            why,
-        };
-        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let mut confirms = Vec::with_capacity(batch.len());
-        let mut publish_error = None;
-        for m in batch {
-            match self
-                .channel
-                .basic_publish(
-                    m.destination.as_str().into(),
-                    m.key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &m.payload,
-                    self.properties(m),
-                )
-                .await
-            {
-                Ok(c) => confirms.push(c),
-                Err(e) => {
-                    publish_error = Some(lost(e.to_string()));
-                    break;
-                }
+    /// Publishes `m` (persistent, mandatory) and queues its confirm; does not wait for it. A
+    /// publish that cannot even be handed to the connection within the confirm timeout (a
+    /// black-holed link whose socket buffers are full) marks the uplink stalled.
+    pub async fn send(&mut self, m: &Prepared) {
+        if self.error.is_some() {
+            return;
+        }
+        let publish = self.channel.basic_publish(
+            m.destination.as_str().into(),
+            m.key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &m.payload,
+            self.properties(m),
+        );
+        match tokio::time::timeout(self.confirm_timeout, publish).await {
+            Ok(Ok(confirm)) => {
+                let seq = m.record.seq;
+                self.confirms
+                    .push_back(Box::pin(confirm.map(move |r| (seq, r))));
+            }
+            Ok(Err(e)) => {
+                self.error = Some(UplinkError::Lost {
+                    uplink: self.name.clone(),
+                    why: e.to_string(),
+                })
+            }
+            Err(_) => {
+                self.error = Some(UplinkError::Stalled {
+                    uplink: self.name.clone(),
+                    secs: self.confirm_timeout.as_secs(),
+                })
             }
         }
-        let mut out = Vec::with_capacity(confirms.len());
-        for c in confirms {
-            let confirmation = match tokio::time::timeout_at(deadline, c).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return Err(SendFailure {
-                        settled: out,
-                        confirmed_beyond: Vec::new(),
-                        error: lost(e.to_string()),
-                    })
-                }
-                Err(_) => {
-                    return Err(SendFailure {
-                        settled: out,
-                        confirmed_beyond: Vec::new(),
-                        error: UplinkError::Stalled {
-                            uplink: self.name.clone(),
-                            secs: self.confirm_timeout.as_secs(),
-                        },
-                    })
-                }
-            };
-            out.push(match confirmation {
-                Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Confirmed,
-                Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => Outcome::Returned {
-                    code: ret.reply_code,
-                    text: ret.reply_text.to_string(),
+    }
+
+    /// Whether a publish failed (see [`super::Uplink::failed`]).
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// The next confirm, in publish order; the failure after the confirms that came before it.
+    /// Cancel-safe: `FuturesOrdered::next` keeps every confirm it has not returned.
+    pub async fn next(&mut self) -> Result<(u64, Outcome), UplinkError> {
+        match self.confirms.next().await {
+            Some((seq, Ok(confirmation))) => Ok((
+                seq,
+                match confirmation {
+                    Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Confirmed,
+                    Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
+                        Outcome::Returned {
+                            code: ret.reply_code,
+                            text: ret.reply_text.to_string(),
+                        }
+                    }
+                    Confirmation::Nack(None) => Outcome::Nacked,
                 },
-                Confirmation::Nack(None) => Outcome::Nacked,
-            });
-        }
-        match publish_error {
-            Some(error) => Err(SendFailure {
-                settled: out,
-                confirmed_beyond: Vec::new(),
-                error,
-            }),
-            None => Ok(out),
+            )),
+            Some((_, Err(e))) => {
+                // Confirms are in publish order: none after this one will come.
+                self.confirms = FuturesOrdered::new();
+                let error = self.error.take().unwrap_or(UplinkError::Lost {
+                    uplink: self.name.clone(),
+                    why: e.to_string(),
+                });
+                self.error = Some(error.clone());
+                Err(error)
+            }
+            None => match &self.error {
+                Some(e) => Err(e.clone()),
+                None => std::future::pending().await,
+            },
         }
     }
 

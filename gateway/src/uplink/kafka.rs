@@ -3,11 +3,17 @@
 //! one device's records stay in one partition, in order, and other producers using the same
 //! key agree.
 //!
-//! A batch is split by topic and partition, keeping queue order within each; each partition
-//! gets one produce request, and the requests of a batch run concurrently. A partition's records
-//! are `Confirmed` when its produce succeeded. A connection or broker failure is an error for
-//! the whole batch (the forwarder reconnects and re-sends; records of partitions that did
-//! succeed become duplicates, which at-least-once allows).
+//! Records are queued per topic and partition, in queue order. Each partition has at most ONE
+//! produce request in flight (up to `max_batch` records); what comes meanwhile waits and goes
+//! in the next request as soon as that one is answered. Requests start when the forwarder asks
+//! for answers ([`KafkaUplink::next`]), so the records it sent together share a request. rskafka has no idempotent producer, so
+//! this is what keeps a device's order: a retry of an earlier request can never land after a
+//! later request of the same partition, because there is none. Different partitions pipeline
+//! freely (their requests run concurrently). A partition's records are `Confirmed` when its
+//! produce succeeded. After a connection or broker failure nothing new is started; the requests
+//! still in flight are allowed to finish (each within the confirm timeout, rskafka's deadline),
+//! their answers are reported, and only then the failure, so the forwarder re-sends from its
+//! cursor only once nothing older can still land.
 //!
 //! `tls = true` wraps every broker connection (bootstrap and advertised brokers alike) in rustls
 //! with the `ring` provider, trusting the system's CA store plus `ca_file`; `sasl` authenticates
@@ -18,19 +24,20 @@
 //! duplicate), and headers are a map, so of several MQTT 5 user properties with the same name
 //! only the last is sent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use rskafka::chrono::{DateTime, Utc};
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
 use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 use rskafka::record::Record as KafkaRecord;
 use rskafka::BackoffConfig;
+use tokio::task::JoinSet;
 
 use super::murmur2::partition_for_key;
-use super::{Outcome, Prepared, SendFailure, UplinkError};
+use super::{Outcome, Prepared, UplinkError};
 use crate::config::{kafka_topic_byte, KafkaCompression, KafkaConfig, KafkaSasl, SaslMechanism};
 
 /// Kafka's error code for an unknown topic, used as the "reply code" of a dead letter.
@@ -49,8 +56,34 @@ pub struct KafkaUplink {
     create: Option<(i32, i16)>,
     /// Partition clients per topic, index = partition id. Topics that did not exist are not
     /// remembered, so a topic created later by an operator is found.
-    topics: HashMap<String, Vec<PartitionClient>>,
+    topics: HashMap<String, Vec<Arc<PartitionClient>>>,
+    /// Records per produce request, at most.
+    max_batch: usize,
+    /// Per (topic, partition): records waiting for the request in flight, and whether there is
+    /// one. Invariant: at most one request per partition is in flight.
+    lanes: HashMap<(String, usize), Lane>,
+    /// Lanes with records waiting and no request in flight: `next` starts their requests.
+    idle: Vec<(String, usize)>,
+    /// The requests in flight, one per busy lane. Tasks of their own, so a request goes out
+    /// and its answer is read while the forwarder is busy elsewhere (rskafka writes a request
+    /// only while its future is polled); dropping the set aborts them.
+    running: JoinSet<Produced>,
+    /// Answers decided without a request (bad or missing topic), and those of finished
+    /// requests, not yet returned by `next`.
+    ready: VecDeque<(u64, Outcome)>,
+    /// The first failure: nothing new is started; reported once `running` is empty.
+    error: Option<UplinkError>,
 }
+
+/// The records of one partition waiting for its request in flight.
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<(u64, KafkaRecord)>,
+    busy: bool,
+}
+
+/// A finished produce request: its lane, the seqs it carried, the result.
+type Produced = ((String, usize), Vec<u64>, Result<(), KafkaError>);
 
 /// Broker refusals that re-sending the same records will not cure (the forwarder retries them
 /// `max_retries` times, then dead-letters them).
@@ -118,6 +151,12 @@ impl KafkaUplink {
                 .create_topics
                 .then_some((cfg.partitions, cfg.replication_factor)),
             topics: HashMap::new(),
+            max_batch: cfg.max_batch.max(1),
+            lanes: HashMap::new(),
+            idle: Vec::new(),
+            running: JoinSet::new(),
+            ready: VecDeque::new(),
+            error: None,
         })
     }
 
@@ -173,19 +212,18 @@ impl KafkaUplink {
                 .partition_client(topic, p, UnknownTopicHandling::Retry)
                 .await
                 .map_err(|e| self.lost(format!("partition {topic}/{p}: {e}")))?;
-            clients.push(c);
+            clients.push(Arc::new(c));
         }
         self.topics.insert(topic.to_string(), clients);
         Ok(Some(count))
     }
 
     /// The number of partitions of `topic` from fresh metadata; `None` if it does not exist.
-    async fn partition_count(&self, topic: &str) -> Result<Option<usize>, UplinkError> {
-        let topics = self
-            .client
-            .list_topics()
-            .await
-            .map_err(|e| self.lost(format!("metadata: {e}")))?;
+    async fn partition_count(&mut self, topic: &str) -> Result<Option<usize>, UplinkError> {
+        let topics = match self.client.list_topics().await {
+            Ok(t) => t,
+            Err(e) => return Err(self.lost(format!("metadata: {e}"))),
+        };
         Ok(topics
             .into_iter()
             .find(|t| t.name == topic)
@@ -223,83 +261,129 @@ impl KafkaUplink {
         }
     }
 
-    /// Produces the batch (one request per partition, in queue order within each) and waits
-    /// for every partition's acks=all answer within the confirm timeout.
-    /// Produces the batch, one request per partition, concurrently. On a failure, the records
-    /// of partitions that were confirmed all the same are reported in
-    /// [`SendFailure::confirmed_beyond`], so they are not sent twice.
-    pub async fn send(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, SendFailure> {
-        let timeout = self.confirm_timeout;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-        let error = match tokio::time::timeout(timeout, self.send_inner(batch, &mut outcomes)).await
-        {
-            Ok(Ok(())) => match outcomes.iter().cloned().collect::<Option<Vec<_>>>() {
-                Some(all) => return Ok(all),
-                None => self.lost("a record was not produced".into()),
-            },
-            Ok(Err(e)) => e,
-            Err(_) => UplinkError::Stalled {
-                uplink: self.name.clone(),
-                secs: timeout.as_secs(),
-            },
+    /// Queues `m` on its partition (the Java partitioner on its key) and starts the
+    /// partition's request if none is in flight. A bad or missing topic is answered at once
+    /// (returned: it goes to the dead letters).
+    pub async fn send(&mut self, m: &Prepared) {
+        if self.error.is_some() {
+            return;
+        }
+        let topic = m.destination.as_str();
+        let seq = m.record.seq;
+        if !valid_topic(topic) {
+            self.ready.push_back((
+                seq,
+                Outcome::Returned {
+                    code: INVALID_TOPIC,
+                    text: format!("invalid Kafka topic name {topic:?}"),
+                },
+            ));
+            return;
+        }
+        let count = match self.partitions(topic).await {
+            Ok(Some(n)) if n > 0 => n,
+            Ok(_) => {
+                self.ready.push_back((
+                    seq,
+                    Outcome::Returned {
+                        code: UNKNOWN_TOPIC_OR_PARTITION,
+                        text: format!("topic {topic} does not exist (create_topics = false)"),
+                    },
+                ));
+                return;
+            }
+            Err(e) => {
+                self.error = Some(e);
+                return;
+            }
         };
-        let prefix = outcomes.iter().take_while(|o| o.is_some()).count();
-        Err(SendFailure {
-            settled: outcomes[..prefix].iter().flatten().cloned().collect(),
-            confirmed_beyond: (prefix..batch.len())
-                .filter(|&i| matches!(outcomes[i], Some(Outcome::Confirmed)))
-                .collect(),
-            error,
-        })
+        let n = u32::try_from(count).unwrap_or(u32::MAX);
+        let partition = partition_for_key(m.key.as_bytes(), n) as usize;
+        let key = (topic.to_string(), partition);
+        let record = self.record(m);
+        let lane = self.lanes.entry(key.clone()).or_default();
+        lane.waiting.push_back((seq, record));
+        if !lane.busy && lane.waiting.len() == 1 {
+            // Started by `next`: what is sent before it is polled goes in the same request.
+            self.idle.push(key);
+        }
     }
 
-    async fn send_inner(
-        &mut self,
-        batch: &[Prepared],
-        out: &mut [Option<Outcome>],
-    ) -> Result<(), UplinkError> {
-        let mut counts: HashMap<&str, Option<usize>> = HashMap::new();
-        for m in batch {
-            let topic = m.destination.as_str();
-            if valid_topic(topic) && !counts.contains_key(topic) {
-                counts.insert(topic, self.partitions(topic).await?);
-            }
+    /// Starts the next request of lane `key` if it has records and none in flight.
+    fn start(&mut self, key: &(String, usize)) {
+        let Some(lane) = self.lanes.get_mut(key) else {
+            return;
+        };
+        if lane.busy || lane.waiting.is_empty() {
+            return;
         }
-        let Plan { groups, outcomes } = plan(batch, &counts);
-        let this = &*self;
-        let produces = groups.iter().filter_map(|(&(topic, p), idx)| {
-            let client = this.topics.get(topic)?.get(p)?;
-            let records = idx.iter().map(|&i| this.record(&batch[i])).collect();
-            let compression = this.compression;
-            Some(async move { (idx, client.produce(records, compression).await) })
+        let Some(client) = self.topics.get(&key.0).and_then(|p| p.get(key.1)).cloned() else {
+            return;
+        };
+        let n = lane.waiting.len().min(self.max_batch);
+        let (seqs, records): (Vec<u64>, Vec<KafkaRecord>) = lane.waiting.drain(..n).unzip();
+        lane.busy = true;
+        let compression = self.compression;
+        let key = key.clone();
+        self.running.spawn(async move {
+            let r = client.produce(records, compression).await.map(|_| ());
+            (key, seqs, r)
         });
-        let mut failure = None;
-        for (i, o) in outcomes.into_iter().enumerate() {
-            if o.is_some() {
-                out[i] = o;
+    }
+
+    /// Whether a request failed (see [`super::Uplink::failed`]).
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// The next answer; the failure once every request in flight has finished. Cancel-safe.
+    pub async fn next(&mut self) -> Result<(u64, Outcome), UplinkError> {
+        loop {
+            if self.error.is_none() {
+                for key in std::mem::take(&mut self.idle) {
+                    self.start(&key);
+                }
             }
-        }
-        for (idx, result) in join_all(produces).await {
+            if let Some(o) = self.ready.pop_front() {
+                return Ok(o);
+            }
+            if self.running.is_empty() {
+                return match &self.error {
+                    Some(e) => Err(e.clone()),
+                    None => std::future::pending().await,
+                };
+            }
+            let (key, seqs, result) = match self.running.join_next().await {
+                Some(Ok(produced)) => produced,
+                Some(Err(e)) => {
+                    let error = self.lost(format!("produce task: {e}"));
+                    self.error.get_or_insert(error);
+                    continue;
+                }
+                None => continue,
+            };
+            if let Some(lane) = self.lanes.get_mut(&key) {
+                lane.busy = false;
+            }
             let outcome = match result {
-                Ok(_) => Outcome::Confirmed,
+                Ok(()) => Outcome::Confirmed,
                 Err(e) if is_permanent(&e) => {
                     tracing::warn!(uplink = %self.name, error = %e, "Kafka refused records");
                     Outcome::Nacked
                 }
                 Err(e) => {
-                    failure.get_or_insert(e.to_string());
+                    // Cached leaders may be stale: the reconnect starts from fresh metadata.
+                    let error = self.lost(format!("produce: {e}"));
+                    self.error.get_or_insert(error);
                     continue;
                 }
             };
-            for &i in idx {
-                out[i] = Some(outcome.clone());
+            self.ready
+                .extend(seqs.into_iter().map(|s| (s, outcome.clone())));
+            if self.error.is_none() {
+                self.start(&key);
             }
         }
-        if let Some(why) = failure {
-            // Cached leaders may be stale: the reconnect starts from fresh metadata.
-            return Err(self.lost(format!("produce: {why}")));
-        }
-        Ok(())
     }
 
     pub async fn close(self) {
@@ -321,112 +405,4 @@ fn sasl_config(sasl: &KafkaSasl) -> Result<SaslConfig, String> {
 /// Whether Kafka accepts `topic` as a topic name.
 fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && topic.len() <= 249 && topic.bytes().all(kafka_topic_byte)
-}
-
-/// What to produce where: record indices per `(topic, partition)`, and the outcomes already
-/// decided (records whose topic is invalid or missing).
-struct Plan<'a> {
-    /// Invariant: each group's indices are in batch (= queue) order.
-    groups: BTreeMap<(&'a str, usize), Vec<usize>>,
-    outcomes: Vec<Option<Outcome>>,
-}
-
-/// Splits `batch` by topic and key partition, given each valid topic's partition count
-/// (`None`: the topic does not exist). No I/O.
-fn plan<'a>(batch: &'a [Prepared], counts: &HashMap<&str, Option<usize>>) -> Plan<'a> {
-    let mut p = Plan {
-        groups: BTreeMap::new(),
-        outcomes: vec![None; batch.len()],
-    };
-    for (i, m) in batch.iter().enumerate() {
-        let topic = m.destination.as_str();
-        let count = if valid_topic(topic) {
-            counts.get(topic).copied().flatten()
-        } else {
-            p.outcomes[i] = Some(Outcome::Returned {
-                code: INVALID_TOPIC,
-                text: format!("invalid Kafka topic name {topic:?}"),
-            });
-            continue;
-        };
-        match count {
-            Some(n) if n > 0 => {
-                let n = u32::try_from(n).unwrap_or(u32::MAX);
-                let partition = partition_for_key(m.key.as_bytes(), n) as usize;
-                p.groups.entry((topic, partition)).or_default().push(i);
-            }
-            _ => {
-                p.outcomes[i] = Some(Outcome::Returned {
-                    code: UNKNOWN_TOPIC_OR_PARTITION,
-                    text: format!("topic {topic} does not exist (create_topics = false)"),
-                })
-            }
-        }
-    }
-    p
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::queue::Record;
-
-    fn prepared(seq: u64, topic: &str, device: &str) -> Prepared {
-        Prepared {
-            record: Record {
-                seq,
-                received_at_us: 0,
-                device_id: device.into(),
-                username: None,
-                topic: "t".into(),
-                qos: 1,
-                retain: false,
-                user_properties: vec![],
-                content_type: None,
-                payload_format: None,
-                payload: vec![],
-            },
-            destination: topic.into(),
-            key: device.into(),
-            payload: vec![],
-            content_type: None,
-        }
-    }
-
-    #[test]
-    fn plan_groups_by_key_partition_in_batch_order_and_returns_bad_topics() {
-        let devices = ["dev-a", "dev-b", "dev-c", "dev-d"];
-        let mut batch: Vec<Prepared> = (0..20)
-            .map(|i| prepared(i, "good", devices[i as usize % 4]))
-            .collect();
-        batch.push(prepared(20, "missing", "dev-a"));
-        batch.push(prepared(21, "bad/name", "dev-a"));
-        let counts = HashMap::from([("good", Some(3)), ("missing", None)]);
-        let p = plan(&batch, &counts);
-
-        let mut planned = 0;
-        for ((topic, partition), idx) in &p.groups {
-            assert_eq!(*topic, "good");
-            assert!(idx.windows(2).all(|w| w[0] < w[1]), "queue order kept");
-            for &i in idx {
-                let want = partition_for_key(batch[i].key.as_bytes(), 3) as usize;
-                assert_eq!(*partition, want);
-                assert!(p.outcomes[i].is_none());
-            }
-            planned += idx.len();
-        }
-        assert_eq!(planned, 20);
-        assert!(matches!(
-            &p.outcomes[20],
-            Some(Outcome::Returned { code: UNKNOWN_TOPIC_OR_PARTITION, text }) if text.contains("missing")
-        ));
-        assert!(matches!(
-            &p.outcomes[21],
-            Some(Outcome::Returned {
-                code: INVALID_TOPIC,
-                ..
-            })
-        ));
-    }
 }

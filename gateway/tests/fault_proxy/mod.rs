@@ -23,6 +23,13 @@
 //!   (e.g. confirms of what got through) still reach the client, and both sides are reset
 //!   `grace` later.
 //!
+//! A proxy started with [`FaultProxy::start_shaped`] also shapes the link behind it like a long,
+//! thin WAN path ([`Link`]): a one-way delay per direction and a bandwidth cap per direction,
+//! pipelined (bytes in flight do not wait for each other's delay, only for the bandwidth), so a
+//! sender that keeps enough in flight still fills the link, and one that waits for answers idles
+//! like it would on the real thing. [`FaultProxy::set_link`] changes the shape at any time. The
+//! shaping sits behind the fault modes: a black hole or a reset applies to the shaped path.
+//!
 //! [`FaultProxy::cut_all`] resets every current connection now. With
 //! [`FaultProxy::capture_to_clients`] on, the proxy keeps a copy of what it forwarded to each
 //! client, for a test to parse. Dropping the proxy stops it: the listener closes and every
@@ -85,10 +92,68 @@ struct Shared {
 pub struct FaultProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    /// The link shaper behind the proxy ([`FaultProxy::start_shaped`]).
+    link: Option<watch::Sender<Link>>,
     _stop: DropGuard,
 }
 
+/// The shape of a link: one-way delays and a bandwidth cap (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Link {
+    /// Added to every byte from the client to the server.
+    pub up_delay: Duration,
+    /// Added to every byte from the server to the client.
+    pub down_delay: Duration,
+    /// Each direction's rate in kbit/s (`None`: as fast as loopback).
+    pub kbit_per_s: Option<u64>,
+}
+
+impl Link {
+    /// A round trip of `rtt`, half each way, no bandwidth cap.
+    pub fn rtt(rtt: Duration) -> Link {
+        Link {
+            up_delay: rtt / 2,
+            down_delay: rtt - rtt / 2,
+            kbit_per_s: None,
+        }
+    }
+
+    /// This link with each direction capped at `kbit` kbit/s.
+    pub fn capped(self, kbit: u64) -> Link {
+        Link {
+            kbit_per_s: Some(kbit.max(1)),
+            ..self
+        }
+    }
+
+    /// How long `bytes` take to pass the bandwidth cap.
+    fn transmit(&self, bytes: usize) -> Duration {
+        self.kbit_per_s.map_or(Duration::ZERO, |k| {
+            Duration::from_secs_f64(bytes as f64 * 8.0 / (k as f64 * 1000.0))
+        })
+    }
+}
+
 impl FaultProxy {
+    /// Like [`FaultProxy::start`], with the link to `target` shaped as `link`.
+    pub async fn start_shaped(target: SocketAddr, link: Link) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let shaper = listener.local_addr()?;
+        let (tx, rx) = watch::channel(link);
+        let mut proxy = FaultProxy::start(shaper).await?;
+        tokio::spawn(shaper_loop(listener, target, rx, proxy.shared.stop.clone()));
+        proxy.link = Some(tx);
+        Ok(proxy)
+    }
+
+    /// Changes the link's shape (a proxy from [`FaultProxy::start_shaped`]); bytes already in
+    /// the link keep the shape they entered with.
+    pub fn set_link(&self, link: Link) {
+        if let Some(l) = &self.link {
+            l.send_replace(link);
+        }
+    }
+
     /// Listens on `127.0.0.1:0` and forwards to `target`, in [`Mode::Pass`].
     pub async fn start(target: SocketAddr) -> io::Result<FaultProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -108,6 +173,7 @@ impl FaultProxy {
         Ok(FaultProxy {
             addr,
             shared,
+            link: None,
             _stop: stop.drop_guard(),
         })
     }
@@ -426,7 +492,89 @@ async fn pump(
     }
 }
 
+/// The link shaper: accepts the proxy's connections and carries each to `target` through two
+/// shaped directions.
+async fn shaper_loop(
+    listener: TcpListener,
+    target: SocketAddr,
+    link: watch::Receiver<Link>,
+    stop: CancellationToken,
+) {
+    loop {
+        let client = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((c, _)) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let link = link.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let Ok(server) = TcpStream::connect(target).await else {
+                return reset(client);
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            let up = shape(cr, sw, link.clone(), true, stop.clone());
+            let down = shape(sr, cw, link, false, stop);
+            tokio::join!(up, down);
+        });
+    }
+}
+
+/// One direction of a shaped link: each chunk is stamped when read, leaves the bandwidth cap
+/// after the chunks before it, and is written `delay` after that. Reading never waits for the
+/// delay, so what is in flight is pipelined as on a real path.
+async fn shape(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    link: watch::Receiver<Link>,
+    up: bool,
+    stop: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = tokio::select! {
+                r = from.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                _ = stop.cancelled() => return,
+            };
+            if tx
+                .send((tokio::time::Instant::now(), buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        let mut free_at = tokio::time::Instant::now();
+        while let Some((read_at, chunk)) = rx.recv().await {
+            let l = *link.borrow();
+            let delay = if up { l.up_delay } else { l.down_delay };
+            free_at = free_at.max(read_at) + l.transmit(chunk.len());
+            tokio::time::sleep_until(free_at + delay).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     //! The proxy against a local echo server (no broker needed).
     use super::*;
@@ -552,6 +700,48 @@ mod tests {
             "{took:?}: one delay each way"
         );
         assert!(took < QUICK, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_shaped_link_delays_each_direction_pipelines_and_caps_the_rate() {
+        let (target, _) = echo_server().await;
+        let p = FaultProxy::start_shaped(target, Link::rtt(Duration::from_millis(200)))
+            .await
+            .unwrap();
+        let mut s = TcpStream::connect(p.addr()).await.unwrap();
+        let t = Instant::now();
+        assert_eq!(round_trip(&mut s, b"ping").await.unwrap(), b"ping");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(200),
+            "{took:?}: one round trip"
+        );
+        assert!(took < Duration::from_millis(600), "{took:?}");
+        // Ten messages sent at once arrive one round trip later, not ten.
+        let t = Instant::now();
+        for i in 0..10u8 {
+            s.write_all(&[i; 100]).await.unwrap();
+        }
+        let mut back = vec![0u8; 1000];
+        s.read_exact(&mut back).await.unwrap();
+        let took = t.elapsed();
+        assert!(took < Duration::from_millis(700), "pipelined: {took:?}");
+        // 64 KiB at 1 Mbit/s each way take at least half a second to pass.
+        p.set_link(Link::default().capped(1000));
+        let t = Instant::now();
+        let data = vec![7u8; 64 << 10];
+        let (mut r, mut w) = s.into_split();
+        // The writer is kept open until everything is back (the proxy closes both sides on EOF).
+        let send = tokio::spawn(async move {
+            w.write_all(&data).await.unwrap();
+            w
+        });
+        let mut back = vec![0u8; 64 << 10];
+        r.read_exact(&mut back).await.unwrap();
+        drop(send.await.unwrap());
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(500), "capped: {took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
     }
 
     #[tokio::test]

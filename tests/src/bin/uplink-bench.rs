@@ -1,17 +1,24 @@
-//! The uplink benchmark: in one run, (a) a bare lapin publisher with publisher confirms and the
-//! same confirm window, and (b) the gateway's forwarder draining a prepared backlog from the
-//! queue, both to the same RabbitMQ (127.0.0.1:5672). Prints both rates and their ratio (the
-//! goal: the gateway is not the bottleneck, ratio >= 0.9).
+//! The uplink benchmark: in one run, (a) a bare publisher (lapin with publisher confirms and a
+//! sliding window; or an rskafka producer) and (b) the gateway's forwarder draining a prepared
+//! backlog from the queue, with the same window, to the same broker, over a link of the given
+//! round trip; then (c) the forwarder with the default config over the same link and, with a
+//! round trip above zero, (d) the same at round trip 0, so that (c) / (d) says how much of its
+//! rate the default keeps on a long link. Goals: (b) >= 0.95 x (a) at every round trip;
+//! (c) >= 0.8 x (d) at 200 ms.
 //!
-//! With `--kafka`, the same for Kafka against a tansu broker the bench starts on a free loopback
-//! port (`tansu` from `$TANSU`, `~/.cargo/bin` or `PATH`): (a) a bare rskafka producer that sends
-//! batches of the same size the same way the uplink does (split by key partition, one produce
-//! per partition, concurrently, acks=all, the same headers), and (b) the forwarder draining a
-//! prepared backlog of the same records. `--all` runs both benchmarks.
+//! The link is the fault proxy's shaper (`gateway/tests/fault_proxy/`): `--rtt-ms` splits the
+//! round trip between the two directions, `--bandwidth-kbit` caps each direction.
+//!
+//! AMQP goes to RabbitMQ at `--url` (default the local one). With `--kafka`, the same for
+//! Kafka against a tansu the bench starts on a free loopback port (`tansu` from `$TANSU`,
+//! `~/.cargo/bin` or `PATH`), advertising the shaper so every broker connection is shaped: the
+//! bare producer keeps one produce request of `--batch` records in flight per partition (the
+//! forwarder's scheme: order without an idempotent producer), partitions in parallel. `--all`
+//! runs both. `--repeat N` repeats each measurement and prints every figure.
 //!
 //! ```text
-//! cargo run --release -p gateway-tests --bin uplink-bench -- [--records 50000] [--window 256] [--payload 64]
-//! cargo run --release -p gateway-tests --bin uplink-bench -- --kafka [--records 50000] [--batch 256] [--devices 30] [--payload 64]
+//! cargo run --release -p gateway-tests --bin uplink-bench -- [--rtt-ms 200] [--records 20000] [--window 256] [--payload 64] [--url amqp://...]
+//! cargo run --release -p gateway-tests --bin uplink-bench -- --kafka [--rtt-ms 200] [--records 20000] [--batch 256] [--devices 30]
 //! ```
 
 use std::collections::VecDeque;
@@ -20,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use gateway::config::{AmqpConfig, KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
-use gateway::uplink::Routes;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
@@ -31,8 +38,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
+#[path = "../../../gateway/tests/fault_proxy/mod.rs"]
+mod fault_proxy;
 #[path = "../../../gateway/tests/tansu/mod.rs"]
 mod tansu;
+
+use fault_proxy::{FaultProxy, Link};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -40,17 +51,64 @@ fn flag(name: &str) -> bool {
     std::env::args().any(|a| a == name)
 }
 
-fn arg(name: &str, default: usize) -> usize {
+fn arg_str(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    arg_str(name)
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
 
-async fn bare(records: usize, window: usize, payload: &[u8], exchange: &str) -> Result<f64> {
-    let conn = Connection::connect(URL, ConnectionProperties::default()).await?;
+/// The link of `--rtt-ms` and `--bandwidth-kbit`.
+fn link() -> Link {
+    let l = Link::rtt(Duration::from_millis(arg("--rtt-ms", 0) as u64));
+    match arg("--bandwidth-kbit", 0) {
+        0 => l,
+        k => l.capped(k as u64),
+    }
+}
+
+/// `host:port` of an AMQP URL.
+fn url_addr(url: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = host.split('/').next().unwrap_or(host);
+    let host = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5672")
+    };
+    host.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{host} does not resolve"))
+}
+
+/// `url` with its host and port replaced by `addr` (through the shaper).
+fn url_via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), rest),
+    };
+    let path = host.find('/').map_or("", |i| &host[i..]);
+    format!("{scheme}://{auth}{addr}{path}")
+}
+
+async fn bare(
+    url: &str,
+    records: usize,
+    window: usize,
+    payload: &[u8],
+    exchange: &str,
+) -> Result<f64> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let start = Instant::now();
@@ -113,6 +171,9 @@ async fn gateway_drain(
     let mut o = QueueOptions::new(dir.path().join("data"));
     o.max_bytes = 4 << 30;
     o.segment_bytes = 64 << 20;
+    // The backlog is prepared, not measured: no fsync per append (50,000 in a row would take
+    // minutes on a loaded machine). The forwarder's cursor writes are synced as always.
+    o.fsync = gateway::queue::FsyncPolicy::Interval(Duration::from_secs(1));
     let (queue, _) = Queue::open(o.clone())?;
     let mut last = 0;
     let names: Vec<(String, String)> = (0..devices.max(1))
@@ -133,8 +194,8 @@ async fn gateway_drain(
         payload: PayloadMode::Raw,
     }]));
     let stop = CancellationToken::new();
-    let start = Instant::now();
-    let (_stats, h) = forwarder::spawn(
+    let spawned = Instant::now();
+    let (stats, h) = forwarder::spawn(
         cfg,
         "bench".into(),
         queue.clone(),
@@ -142,6 +203,15 @@ async fn gateway_drain(
         dead.clone(),
         stop.clone(),
     );
+    // The clock starts once the uplink is connected, as the bare publisher's does: the
+    // handshake takes several round trips on a long link and is not what is measured.
+    while stats.state() != forwarder::UplinkState::Connected {
+        if spawned.elapsed() > Duration::from_secs(60) {
+            bail!("the forwarder did not connect in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let start = Instant::now();
     loop {
         let acked = queue
             .stats()
@@ -165,22 +235,27 @@ async fn gateway_drain(
     Ok(rate)
 }
 
-/// The AMQP uplink of the bench, from the config file's defaults.
-fn amqp_config(exchange: &str, window: usize) -> Result<UplinkConfig> {
+/// The AMQP uplink of the bench, from the config's defaults; `window` replaces the default's.
+fn amqp_config(url: &str, exchange: &str, window: Option<usize>) -> Result<UplinkConfig> {
     let mut c: AmqpConfig = toml::from_str(&format!(
-        "name = \"bench\"\nurl = {URL:?}\nexchange = {exchange:?}\n"
+        "name = \"bench\"\nurl = {url:?}\nexchange = {exchange:?}\n"
     ))?;
-    c.window = window;
+    if let Some(w) = window {
+        c.window = w;
+    }
     c.confirm_timeout = Duration::from_secs(30);
     Ok(UplinkConfig::Amqp(c))
 }
 
-/// The Kafka uplink of the bench, from the config file's defaults (linger included).
-fn kafka_config(bootstrap: &str, topic: &str, batch: usize) -> Result<UplinkConfig> {
+/// The Kafka uplink of the bench, from the config's defaults (linger included); `batch`
+/// replaces the default `max_batch`.
+fn kafka_config(bootstrap: &str, topic: &str, batch: Option<usize>) -> Result<UplinkConfig> {
     let mut c: KafkaConfig = toml::from_str(&format!(
         "name = \"bench\"\nbootstrap = [{bootstrap:?}]\ntopic = {topic:?}\n"
     ))?;
-    c.max_batch = batch;
+    if let Some(b) = batch {
+        c.max_batch = b;
+    }
     c.confirm_timeout = Duration::from_secs(30);
     Ok(UplinkConfig::Kafka(c))
 }
@@ -229,39 +304,46 @@ async fn bare_kafka(
     let ids: Vec<String> = (0..devices.max(1))
         .map(|d| format!("bench-{d:04}"))
         .collect();
+    // Records per partition, in order.
+    let mut lanes: Vec<Vec<Record>> = vec![Vec::new(); partitions];
+    for seq in 0..records {
+        let id = &ids[seq % ids.len()];
+        let mut headers = BTreeMap::new();
+        headers.insert("device_id".to_string(), id.clone().into_bytes());
+        headers.insert(
+            "mqtt_topic".to_string(),
+            format!("devices/{id}/t").into_bytes(),
+        );
+        headers.insert("mqtt_qos".to_string(), b"1".to_vec());
+        headers.insert("gateway_seq".to_string(), seq.to_string().into_bytes());
+        headers.insert("message_id".to_string(), format!("bare-{seq}").into_bytes());
+        let p = partition_for_key(id.as_bytes(), u32::try_from(partitions)?) as usize;
+        lanes[p].push(Record {
+            key: Some(id.clone().into_bytes()),
+            value: Some(payload.to_vec()),
+            headers,
+            timestamp: DateTime::<Utc>::from_timestamp_micros(now_us()).unwrap_or_default(),
+        });
+    }
     let start = Instant::now();
-    let mut i = 0;
-    while i < records {
-        let n = batch.min(records - i);
-        let mut groups: Vec<Vec<Record>> = vec![Vec::new(); partitions];
-        for seq in i..i + n {
-            let id = &ids[seq % ids.len()];
-            let mut headers = BTreeMap::new();
-            headers.insert("device_id".to_string(), id.clone().into_bytes());
-            headers.insert(
-                "mqtt_topic".to_string(),
-                format!("devices/{id}/t").into_bytes(),
-            );
-            headers.insert("mqtt_qos".to_string(), b"1".to_vec());
-            headers.insert("gateway_seq".to_string(), seq.to_string().into_bytes());
-            headers.insert("message_id".to_string(), format!("bare-{seq}").into_bytes());
-            let p = partition_for_key(id.as_bytes(), u32::try_from(partitions)?) as usize;
-            groups[p].push(Record {
-                key: Some(id.clone().into_bytes()),
-                value: Some(payload.to_vec()),
-                headers,
-                timestamp: DateTime::<Utc>::from_timestamp_micros(now_us()).unwrap_or_default(),
-            });
-        }
-        let produces = groups
-            .into_iter()
-            .enumerate()
-            .filter(|(_, g)| !g.is_empty())
-            .map(|(p, g)| clients[p].produce(g, Compression::NoCompression));
-        for r in futures_util::future::join_all(produces).await {
-            r?;
-        }
-        i += n;
+    // One request in flight per partition, partitions in parallel.
+    let produces = lanes
+        .into_iter()
+        .zip(&clients)
+        .map(|(mut lane, client)| async move {
+            while !lane.is_empty() {
+                let rest = lane.split_off(batch.min(lane.len()));
+                client
+                    .produce(
+                        std::mem::replace(&mut lane, rest),
+                        Compression::NoCompression,
+                    )
+                    .await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+    for r in futures_util::future::join_all(produces).await {
+        r?;
     }
     Ok(records as f64 / start.elapsed().as_secs_f64())
 }
@@ -272,43 +354,133 @@ fn now_us() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
+/// Runs `f` `--repeat` times; returns every figure.
+async fn repeat<F, Fut>(mut f: F) -> Result<Vec<f64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let mut out = Vec::new();
+    for _ in 0..arg("--repeat", 1).max(1) {
+        out.push(f().await?);
+    }
+    Ok(out)
+}
+
+fn figures(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:>7.0}"))
+        .collect::<Vec<_>>()
+        .join(" /")
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Prints the figures of one run: (a) bare, (b) forwarder, (c) default config, (d) default at
+/// RTT 0 (if measured).
+fn report(unit: &str, a: &[f64], b: &[f64], c: &[f64], d: Option<&[f64]>) {
+    let l = link();
+    println!(
+        "link: rtt {} ms, bandwidth {}",
+        (l.up_delay + l.down_delay).as_millis(),
+        l.kbit_per_s
+            .map_or("unlimited".to_string(), |k| format!("{k} kbit/s each way"))
+    );
+    println!("bare publisher, same window:        {} {unit}", figures(a));
+    println!("gateway forwarder, same window:     {} {unit}", figures(b));
+    println!("ratio forwarder / bare: {:.2}", mean(b) / mean(a));
+    println!("gateway forwarder, default config:  {} {unit}", figures(c));
+    if let Some(d) = d {
+        println!("  the same at rtt 0:                {} {unit}", figures(d));
+        println!(
+            "default config at this rtt / at rtt 0: {:.2}",
+            mean(c) / mean(d)
+        );
+    }
+}
+
 async fn kafka_bench(records: usize, payload: &[u8]) -> Result<()> {
     let batch = arg("--batch", 256);
     let devices = arg("--devices", 30);
-    let broker = tokio::task::spawn_blocking(tansu::Tansu::start).await?;
-    let bootstrap = broker.bootstrap();
-    let (bare_topic, gw_topic) = (
-        format!("bench-bare-{}", std::process::id()),
-        format!("bench-gw-{}", std::process::id()),
-    );
-    broker.create_topic(&bare_topic, 3);
-    broker.create_topic(&gw_topic, 3);
-    let a = bare_kafka(&bootstrap, &bare_topic, records, batch, devices, payload).await?;
-    let cfg = kafka_config(&bootstrap, &gw_topic, batch)?;
-    let linger = cfg.linger();
-    let b = gateway_drain(records, devices, payload, cfg).await?;
+    let (proxy, broker) = loop {
+        let port = tansu::free_port();
+        let target: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let proxy = FaultProxy::start_shaped(target, link()).await?;
+        let advertised = proxy.addr().to_string();
+        match tokio::task::spawn_blocking(move || {
+            tansu::Tansu::start_advertising(port, &advertised)
+        })
+        .await?
+        {
+            Ok(t) => break (proxy, t),
+            Err(why) => eprintln!("tansu on port {port}: {why}; trying another port"),
+        }
+    };
+    let bootstrap = proxy.addr().to_string();
+    let mut n = 0;
+    let mut topic = || {
+        n += 1;
+        let t = format!("bench-{}-{n}", std::process::id());
+        broker.create_topic(&t, 3);
+        t
+    };
+    let mut topics = Vec::new();
+    let a = repeat(|| {
+        let t = topic();
+        topics.push(t.clone());
+        let bootstrap = bootstrap.clone();
+        async move { bare_kafka(&bootstrap, &t, records, batch, devices, payload).await }
+    })
+    .await?;
+    let b = repeat(|| {
+        let t = topic();
+        let cfg = kafka_config(&bootstrap, &t, Some(batch));
+        async move { gateway_drain(records, devices, payload, cfg?).await }
+    })
+    .await?;
+    let c = repeat(|| {
+        let t = topic();
+        let cfg = kafka_config(&bootstrap, &t, None);
+        async move { gateway_drain(records, devices, payload, cfg?).await }
+    })
+    .await?;
+    let d = if link() != Link::default() {
+        proxy.set_link(Link::default());
+        Some(
+            repeat(|| {
+                let t = topic();
+                let cfg = kafka_config(&bootstrap, &t, None);
+                async move { gateway_drain(records, devices, payload, cfg?).await }
+            })
+            .await?,
+        )
+    } else {
+        None
+    };
+    drop(proxy);
     tokio::task::spawn_blocking(move || drop(broker)).await?;
     println!(
         "Kafka (tansu 0.6, sqlite, on loopback): {records} records, {}-byte payload, {devices} \
-         devices over 3 partitions, batch {batch}, acks=all, no compression",
-        payload.len()
+         devices over 3 partitions, acks=all, no compression; same window = max_batch {batch}, \
+         one request in flight per partition; default config = max_batch {}, window {}",
+        payload.len(),
+        gateway::config::DEFAULT_KAFKA_MAX_BATCH,
+        gateway::config::DEFAULT_KAFKA_WINDOW,
     );
-    println!("bare rskafka producer:       {a:>8.0} rec/s");
-    println!("gateway forwarder (backlog): {b:>8.0} rec/s (linger {linger:?})");
-    println!("ratio: {:.2}", b / a);
+    report("rec/s", &a, &b, &c, d.as_deref());
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let records = arg("--records", 50_000);
+async fn amqp_bench(records: usize, payload: &[u8]) -> Result<()> {
     let window = arg("--window", 256);
-    let payload = vec![0x5a_u8; arg("--payload", 64)];
-    if flag("--kafka") {
-        return kafka_bench(records, &payload).await;
-    }
+    let url = arg_str("--url").unwrap_or_else(|| URL.to_string());
+    let proxy = FaultProxy::start_shaped(url_addr(&url)?, link()).await?;
+    let shaped = url_via(&url, proxy.addr());
     let tag = format!("uplink-bench-{}", std::process::id());
-    let conn = Connection::connect(URL, ConnectionProperties::default()).await?;
+    // Set-up and purges go to the broker directly.
+    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.exchange_declare(
         tag.as_str().into(),
@@ -334,10 +506,41 @@ async fn main() -> Result<()> {
         FieldTable::default(),
     )
     .await?;
-    let a = bare(records, window, &payload, &tag).await?;
-    ch.queue_purge(tag.as_str().into(), QueuePurgeOptions::default())
-        .await?;
-    let b = gateway_drain(records, 1, &payload, amqp_config(&tag, window)?).await?;
+    let purge = || async {
+        ch.queue_purge(tag.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .map(|_| ())
+    };
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    let mut c = Vec::new();
+    for _ in 0..arg("--repeat", 1).max(1) {
+        a.push(bare(&shaped, records, window, payload, &tag).await?);
+        purge().await?;
+        b.push(
+            gateway_drain(
+                records,
+                1,
+                payload,
+                amqp_config(&shaped, &tag, Some(window))?,
+            )
+            .await?,
+        );
+        purge().await?;
+        c.push(gateway_drain(records, 1, payload, amqp_config(&shaped, &tag, None)?).await?);
+        purge().await?;
+    }
+    let d = if link() != Link::default() {
+        proxy.set_link(Link::default());
+        let mut d = Vec::new();
+        for _ in 0..arg("--repeat", 1).max(1) {
+            d.push(gateway_drain(records, 1, payload, amqp_config(&shaped, &tag, None)?).await?);
+            purge().await?;
+        }
+        Some(d)
+    } else {
+        None
+    };
     let _ = ch
         .queue_delete(tag.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -345,12 +548,24 @@ async fn main() -> Result<()> {
         .exchange_delete(tag.as_str().into(), ExchangeDeleteOptions::default())
         .await;
     println!(
-        "{records} persistent messages, {}-byte payload, confirm window {window}",
-        payload.len()
+        "AMQP ({}): {records} persistent messages, {}-byte payload; same window = {window} \
+         (sliding, publisher confirms); default config = window {}",
+        gateway::uplink::amqp::masked_url(&url),
+        payload.len(),
+        gateway::config::DEFAULT_WINDOW,
     );
-    println!("bare lapin publisher:       {a:>9.0} msg/s");
-    println!("gateway forwarder (backlog): {b:>8.0} msg/s");
-    println!("ratio: {:.2}", b / a);
+    report("msg/s", &a, &b, &c, d.as_deref());
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let records = arg("--records", 20_000);
+    let payload = vec![0x5a_u8; arg("--payload", 64)];
+    if flag("--kafka") {
+        return kafka_bench(records, &payload).await;
+    }
+    amqp_bench(records, &payload).await?;
     if flag("--all") {
         println!();
         kafka_bench(records, &payload).await?;
