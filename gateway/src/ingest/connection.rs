@@ -573,7 +573,8 @@ async fn woken(slot: &SlotCell) {
     }
 }
 
-fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
+/// Encodes what a session's outbox says to send (the writer, and the fuzz harness).
+pub(super) fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
     let p = match d {
         Delivery::Publish {
             message,

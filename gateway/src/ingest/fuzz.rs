@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::codec::{self, Inbound, OutPublish, Outbound, Version};
+use super::codec::{self, Inbound, Outbound, Version};
 use super::session::{Action, Identity, PublishAcl, Session, SessionLimits, SubscriberAck};
 use crate::sessions::outbox::{Message, Outbox, Send};
 
@@ -140,32 +140,13 @@ fn drain(outbox: &mut Outbox, v: Version, out: &mut BytesMut, reached: &mut Reac
 }
 
 fn encode_send(send: Send, v: Version, out: &mut BytesMut) {
-    let p = match send {
-        Send::Publish {
-            message,
-            qos,
-            pkid,
-            dup,
-        } => {
-            assert!((qos == 0) == (pkid == 0), "a packet id exactly for QoS 1/2");
-            Outbound::Publish(Box::new(OutPublish {
-                topic: message.topic.to_string(),
-                qos,
-                retain: message.retain,
-                dup,
-                pkid,
-                payload: message.payload.clone(),
-                user_properties: message.user_properties.clone(),
-                content_type: message.content_type.clone(),
-                payload_format: message.payload_format,
-                response_topic: message.response_topic.clone(),
-                correlation_data: message.correlation_data.clone(),
-                message_expiry: None,
-            }))
-        }
-        Send::PubRel { pkid } => Outbound::PubRel { pkid },
-    };
-    codec::encode(&p, v, out);
+    if let Send::Publish { qos, pkid, .. } = &send {
+        assert!(
+            (*qos == 0) == (*pkid == 0),
+            "a packet id exactly for QoS 1/2"
+        );
+    }
+    super::connection::encode_delivery(send, v, out);
 }
 
 /// A message for a granted filter (its text as the topic, wildcards replaced).
