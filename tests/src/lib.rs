@@ -2,6 +2,7 @@
 //! binaries, free loopback ports, the fault suite's scaffolding ([`faults`]) and the power-cut
 //! rig ([`power_cut`]).
 
+pub mod bench;
 pub mod faults;
 pub mod power_cut;
 pub mod subscribers;

@@ -50,6 +50,7 @@ pub(crate) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
+    let policy_gen = shared.policy_generation();
     let policy = shared.policy();
     let (tx, rx) = mpsc::channel(usize::from(policy.limits().receive_maximum) + 8);
     let version = Arc::new(std::sync::OnceLock::new());
@@ -65,6 +66,8 @@ pub(crate) async fn serve<S>(
     ));
     let mut conn = Conn {
         session: Session::new(policy.session_limits()),
+        policy,
+        policy_gen,
         shared: shared.clone(),
         tx,
         version,
@@ -94,6 +97,9 @@ pub(crate) async fn serve<S>(
 
 struct Conn {
     session: Session,
+    /// The policy in force, as of `policy_gen` (see [`Conn::refresh_policy`]).
+    policy: Arc<super::Policy>,
+    policy_gen: u64,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Out>,
     version: Arc<std::sync::OnceLock<Version>>,
@@ -129,7 +135,7 @@ impl Conn {
         connect_deadline: Instant,
         shutdown: CancellationToken,
     ) {
-        let max_packet = self.shared.policy().limits().max_packet_size as usize;
+        let max_packet = self.policy.limits().max_packet_size as usize;
         let mut buf = BytesMut::with_capacity(4096);
         loop {
             // Everything complete in the buffer first.
@@ -138,8 +144,8 @@ impl Conn {
                     Ok(Some(packet)) => {
                         self.session
                             .acks_sent(self.acks_sent.load(Ordering::Acquire));
-                        let policy = self.shared.policy();
-                        let acts = self.session.on_packet(packet, policy.acl());
+                        self.refresh_policy();
+                        let acts = self.session.on_packet(packet, self.policy.acl());
                         if let Step::Stop = self.perform(acts).await {
                             return;
                         }
@@ -194,6 +200,15 @@ impl Conn {
                     return;
                 }
             }
+        }
+    }
+
+    /// Takes up a reloaded policy: one atomic load per packet, the lock only after a reload.
+    fn refresh_policy(&mut self) {
+        let generation = self.shared.policy_generation();
+        if generation != self.policy_gen {
+            self.policy = self.shared.policy();
+            self.policy_gen = generation;
         }
     }
 
@@ -253,8 +268,8 @@ impl Conn {
                     if let Ok(ident) = &result {
                         tracing::debug!(client_id = %c.client_id, identity = %ident.name, "authenticated");
                     }
-                    let policy = self.shared.policy();
-                    let mut more = self.session.authenticated(result, policy.acl());
+                    self.refresh_policy();
+                    let mut more = self.session.authenticated(result, self.policy.acl());
                     if self.session.is_connected() {
                         self.register();
                     }
@@ -640,10 +655,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             match out {
                 Out::Packet(p) => codec::encode(&p, v, &mut buf),
                 Out::AfterDurable { pending, ack } => {
-                    if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
-                        break 'outer;
+                    // Write what is encoded only when this ack must wait for the disk: the
+                    // acks of one group commit (and deliveries) leave in one TLS write.
+                    if !pending.is_settled() && !buf.is_empty() {
+                        if wr.write_all(&buf).await.is_err() {
+                            break 'outer;
+                        }
+                        buf.clear();
                     }
-                    buf.clear();
                     // Counted before the ack is written: the device can only send its next
                     // publish after reading it.
                     if ack.is_some() {

@@ -181,6 +181,9 @@ fn secs_u32(d: std::time::Duration) -> u32 {
 pub(crate) struct Shared {
     queue: Queue,
     policy: std::sync::RwLock<Arc<Policy>>,
+    /// Bumped each time a new policy is put in force: a connection keeps its copy of the policy
+    /// and reads the lock only when this changed (not once per packet).
+    policy_gen: AtomicU64,
     /// Connected client ids: registration id and the notifier that closes that connection.
     registry: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
     next_reg: AtomicU64,
@@ -191,6 +194,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The generation of the policy in force (see `policy_gen`).
+    pub(crate) fn policy_generation(&self) -> u64 {
+        self.policy_gen.load(Ordering::Acquire)
+    }
+
     /// The policy in force now.
     pub(crate) fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -255,6 +263,7 @@ impl IngestHandle {
             .policy
             .write()
             .unwrap_or_else(|e| e.into_inner()) = p.0;
+        self.shared.policy_gen.fetch_add(1, Ordering::Release);
         let mut have = self
             .max_connections
             .lock()
@@ -311,6 +320,7 @@ impl Ingest {
         let shared = Arc::new(Shared {
             queue,
             policy: std::sync::RwLock::new(Arc::new(policy)),
+            policy_gen: AtomicU64::new(0),
             registry: Mutex::new(HashMap::new()),
             next_reg: AtomicU64::new(1),
             auth_permits: Semaphore::new(

@@ -748,6 +748,13 @@ impl PendingAppend {
         AppendMarker(self.batch.clone())
     }
 
+    /// Whether the record's batch has finished (durable or failed): [`PendingAppend::durable`]
+    /// then resolves without waiting. The connection writer uses it to put the acks one group
+    /// commit released into one write instead of writing before each wait.
+    pub fn is_settled(&self) -> bool {
+        self.batch.result.get().is_some()
+    }
+
     /// Resolves once the record is durable (returns its seq), or with the batch's error.
     pub async fn durable(self) -> Result<u64, QueueError> {
         self.batch.wait().await.map(|()| self.seq)

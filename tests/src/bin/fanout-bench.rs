@@ -24,11 +24,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use gateway_tests::bench::{
+    mqtt_connect, nanos, pct, read_more, str16, subscriber, take_packet, varint, wait_listening,
+    Child, Deliveries,
+};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
+
+/// What every subscriber subscribes to: every publisher's telemetry.
+const FILTER: &str = "devices/+/telemetry";
 
 struct Args {
     gateway: PathBuf,
@@ -97,68 +104,7 @@ fn parse_args() -> Args {
     a
 }
 
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    varint(body.len(), &mut p);
-    p.extend_from_slice(body);
-    p
-}
-
-fn str16(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// One whole packet from the front of `buf`: (first byte, body range, total length).
-fn take_packet(buf: &[u8]) -> Result<Option<(u8, std::ops::Range<usize>, usize)>> {
-    let Some(&first) = buf.first() else {
-        return Ok(None);
-    };
-    let (mut len, mut i) = (0usize, 1usize);
-    loop {
-        let Some(&b) = buf.get(i) else {
-            return Ok(None);
-        };
-        len |= usize::from(b & 0x7f) << (7 * (i - 1));
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            bail!("bad remaining length");
-        }
-    }
-    if buf.len() < i + len {
-        return Ok(None);
-    }
-    Ok(Some((first, i..i + len, i + len)))
-}
-
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
-
-async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<()> {
-    let mut chunk = [0u8; 64 * 1024];
-    let n = r.read(&mut chunk).await?;
-    if n == 0 {
-        bail!("the broker closed the connection");
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(())
-}
 
 /// TLS with `id`'s certificate, CONNECT (clean session, client id `id`), CONNACK.
 async fn connect(addr: SocketAddr, certs: &Path, id: &str) -> Result<(Tls, Vec<u8>)> {
@@ -168,102 +114,8 @@ async fn connect(addr: SocketAddr, certs: &Path, id: &str) -> Result<(Tls, Vec<u
     let mut s = tls
         .connect(ServerName::try_from("localhost")?.to_owned(), tcp)
         .await?;
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
-    str16(id, &mut body);
-    s.write_all(&packet(0x10, &body)).await?;
-    let mut buf = Vec::new();
-    loop {
-        if let Some((first, body, total)) = take_packet(&buf)? {
-            if first != 0x20 || buf[body.clone()] != [0, 0] {
-                bail!("{id}: CONNACK refused: {:?}", &buf[..total]);
-            }
-            buf.drain(..total);
-            return Ok((s, buf));
-        }
-        read_more(&mut s, &mut buf).await?;
-    }
-}
-
-/// Nanoseconds since `epoch` (the timestamp in each payload).
-fn nanos(epoch: Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-struct Shared {
-    epoch: Instant,
-    delivered: AtomicU64,
-    /// Nanoseconds since `epoch` of the last delivery.
-    last_delivery: AtomicU64,
-}
-
-/// A subscriber: subscribes to `devices/+/telemetry` at `qos`, acks, and records the latency of
-/// each delivery in µs until `stop`.
-async fn subscriber(
-    addr: SocketAddr,
-    certs: PathBuf,
-    id: String,
-    qos: u8,
-    shared: Arc<Shared>,
-    subscribed: tokio::sync::mpsc::Sender<()>,
-    stop: CancellationToken,
-) -> Result<Vec<u32>> {
-    let (mut s, mut buf) = connect(addr, &certs, &id).await?;
-    let mut body = vec![0, 1];
-    str16("devices/+/telemetry", &mut body);
-    body.push(qos);
-    s.write_all(&packet(0x82, &body)).await?;
-    let mut lat = Vec::with_capacity(1 << 16);
-    let mut acks = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        while let Some((first, range, total)) = take_packet(&buf)? {
-            let body = &buf[range];
-            match first >> 4 {
-                9 => {
-                    if body.get(2).is_none_or(|&c| c >= 0x80) {
-                        bail!("{id}: SUBSCRIBE refused: {body:?}");
-                    }
-                    let _ = subscribed.send(()).await;
-                }
-                3 => {
-                    let q = (first >> 1) & 3;
-                    let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                    let mut at = 2 + tlen;
-                    if q > 0 {
-                        acks.extend_from_slice(&[0x40, 2, body[at], body[at + 1]]);
-                        at += 2;
-                    }
-                    let ts = body
-                        .get(at..at + 8)
-                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                        .map(u64::from_be_bytes)
-                        .context("payload without a timestamp")?;
-                    let now = nanos(shared.epoch);
-                    lat.push(u32::try_from(now.saturating_sub(ts) / 1000).unwrap_or(u32::MAX));
-                    shared.delivered.fetch_add(1, Ordering::Relaxed);
-                    shared.last_delivery.fetch_max(now, Ordering::Relaxed);
-                }
-                13 => {}
-                t => bail!("{id}: unexpected packet type {t}"),
-            }
-            buf.drain(..total);
-        }
-        if !acks.is_empty() {
-            s.write_all(&acks).await?;
-            acks.clear();
-        }
-        let n = tokio::select! {
-            r = s.read(&mut chunk) => r?,
-            _ = stop.cancelled() => {
-                let _ = s.write_all(&[0xE0, 0]).await;
-                return Ok(lat);
-            }
-        };
-        if n == 0 {
-            bail!("{id}: the broker closed the connection");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let rest = mqtt_connect(&mut s, id, 60).await?;
+    Ok((s, rest))
 }
 
 /// A publisher: paced publishes to `devices/<id>/telemetry` until `deadline`, QoS 1 with at most
@@ -273,7 +125,7 @@ async fn publisher(
     certs: PathBuf,
     id: String,
     a: Arc<Args>,
-    shared: Arc<Shared>,
+    shared: Arc<Deliveries>,
     deadline: Instant,
 ) -> Result<u64> {
     let (s, mut buf) = connect(addr, &certs, &id).await?;
@@ -362,35 +214,20 @@ struct Figures {
     max_us: u64,
 }
 
-fn pct(sorted: &[u32], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    u64::from(sorted[i.min(sorted.len() - 1)])
-}
-
 /// Runs the load against the broker at `addr`; device certificates `dev-00001..` in `certs`.
 async fn run_load(a: &Arc<Args>, addr: SocketAddr, certs: &Path) -> Result<Figures> {
-    let shared = Arc::new(Shared {
-        epoch: Instant::now(),
-        delivered: AtomicU64::new(0),
-        last_delivery: AtomicU64::new(0),
-    });
+    let shared = Deliveries::new(true);
     let stop = CancellationToken::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel(a.subscribers);
     let mut subs = tokio::task::JoinSet::new();
     for i in 0..a.subscribers {
         let id = format!("dev-{:05}", a.publishers + i + 1);
-        subs.spawn(subscriber(
-            addr,
-            certs.to_path_buf(),
-            id,
-            a.qos,
-            shared.clone(),
-            tx.clone(),
-            stop.clone(),
-        ));
+        let (shared, tx, stop) = (shared.clone(), tx.clone(), stop.clone());
+        let (qos, certs) = (a.qos, certs.to_path_buf());
+        subs.spawn(async move {
+            let (s, rest) = connect(addr, &certs, &id).await?;
+            subscriber(s, rest, id, FILTER, qos, shared, tx, stop).await
+        });
     }
     for _ in 0..a.subscribers {
         tokio::select! {
@@ -449,29 +286,6 @@ async fn run_load(a: &Arc<Args>, addr: SocketAddr, certs: &Path) -> Result<Figur
         p99_us: pct(&lat, 0.99),
         max_us: lat.last().copied().map_or(0, u64::from),
     })
-}
-
-/// A child process killed (and reaped) when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) -> Result<()> {
-    for _ in 0..200 {
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if let Some(st) = child.0.try_wait()? {
-            bail!("{what} exited at start: {st}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{what} did not start listening on {addr}")
 }
 
 /// The gateway: mutual TLS, every device may publish its own telemetry and subscribe to all.

@@ -10,7 +10,12 @@
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --connections 100 --seconds 10
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --connections 100 --rate 50000
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --idle 1000
+//! cargo run --release -p gateway-tests --bin ingest-bench -- --subscribers 2 --sub-qos 1
 //! ```
+//!
+//! It also prints the gateway's read and write system calls per acknowledged message (`syscr`
+//! and `syscw` of `/proc/PID/io`), and with `--subscribers M` runs M raw local subscribers to
+//! every publisher's topic during the load.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use gateway_tests::bench::{
+    cpu_seconds, mqtt_connect, pct, publish_packet, rss_kib, rw_syscalls, subscriber, Deliveries,
+    SyscallCount,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,13 +41,17 @@ struct Args {
     seconds: u64,
     rate: u64,
     idle: usize,
+    /// Local subscribers to every publisher's telemetry (`devices/+/telemetry`).
+    subscribers: usize,
+    sub_qos: u8,
     json: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: ingest-bench [--gateway PATH] [--connections N] [--inflight W] [--payload BYTES] \
-         [--seconds S] [--rate MSGS_PER_S (0 = flat out)] [--idle N] [--json]"
+         [--seconds S] [--rate MSGS_PER_S (0 = flat out)] [--idle N] [--subscribers M] \
+         [--sub-qos 0|1] [--json]"
     );
     std::process::exit(2)
 }
@@ -56,6 +69,8 @@ fn parse_args() -> Args {
         seconds: 10,
         rate: 0,
         idle: 0,
+        subscribers: 0,
+        sub_qos: 0,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -70,70 +85,13 @@ fn parse_args() -> Args {
             "--seconds" => a.seconds = num(val()),
             "--rate" => a.rate = num(val()),
             "--idle" => a.idle = num(val()) as usize,
+            "--subscribers" => a.subscribers = num(val()).min(1000) as usize,
+            "--sub-qos" => a.sub_qos = num(val()).min(1) as u8,
             "--json" => a.json = true,
             _ => usage(),
         }
     }
     a
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    // utime + stime in clock ticks (fields 14 and 15 of /proc/PID/stat).
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(after) = s.rsplit_once(')').map(|(_, a)| a) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut p = vec![0x10];
-    varint(body.len(), &mut p);
-    p.extend_from_slice(&body);
-    p
-}
-
-fn publish_packet(topic: &str, pkid: u16, payload: &[u8], out: &mut Vec<u8>) {
-    out.push(0x32);
-    varint(2 + topic.len() + 2 + payload.len(), out);
-    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    out.extend_from_slice(topic.as_bytes());
-    out.extend_from_slice(&pkid.to_be_bytes());
-    out.extend_from_slice(payload);
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
@@ -144,11 +102,9 @@ async fn connect(addr: SocketAddr, tls: &TlsConnector, id: &str, keep_alive: u16
     let mut s = tls
         .connect(ServerName::try_from("localhost")?.to_owned(), tcp)
         .await?;
-    s.write_all(&connect_packet(id, keep_alive)).await?;
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).await?;
-    if ack != [0x20, 0x02, 0x00, 0x00] {
-        bail!("CONNACK refused: {ack:?}");
+    let rest = mqtt_connect(&mut s, id, keep_alive).await?;
+    if !rest.is_empty() {
+        bail!("{id}: unexpected bytes after the CONNACK");
     }
     Ok(s)
 }
@@ -303,6 +259,11 @@ tls = {{ cert = "{c}/server.pem", key = "{c}/server.key" }}
 [auth]
 allow_anonymous = true
 
+[[acl]]
+identity = "*"
+publish = ["devices/%c/#"]
+subscribe = ["devices/+/telemetry"]
+
 [limits]
 max_connections = 20000
 receive_maximum = {rm}
@@ -351,14 +312,6 @@ fn connector(certs: &Path) -> Result<TlsConnector> {
     Ok(TlsConnector::from(Arc::new(cfg)))
 }
 
-fn pct(sorted: &[u32], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    u64::from(sorted[i.min(sorted.len() - 1)])
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = parse_args();
@@ -396,6 +349,33 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
+    // Local subscribers first: each gets every publish (QoS 0 or 1; a slow one drops, counted).
+    let deliveries = Deliveries::new(false);
+    let stop_subs = tokio_util::sync::CancellationToken::new();
+    let mut subs = tokio::task::JoinSet::new();
+    if a.subscribers > 0 {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(a.subscribers);
+        for i in 0..a.subscribers {
+            let id = format!("sub-{i:05}");
+            let s = connect(gw.addr, &tls, &id, 60).await?;
+            subs.spawn(subscriber(
+                s,
+                Vec::new(),
+                id,
+                "devices/+/telemetry",
+                a.sub_qos,
+                deliveries.clone(),
+                tx.clone(),
+                stop_subs.clone(),
+            ));
+        }
+        for _ in 0..a.subscribers {
+            tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .context("subscribers not subscribed within 20 s")?
+                .context("a subscriber ended")?;
+        }
+    }
     let mut streams = Vec::with_capacity(a.connections);
     for i in 0..a.connections {
         streams.push(connect(gw.addr, &tls, &format!("bench-{i:05}"), 60).await?);
@@ -407,6 +387,8 @@ async fn main() -> Result<()> {
         a.rate as f64 / a.connections as f64
     };
     let cpu0 = cpu_seconds(pid);
+    let (reads0, writes0) = rw_syscalls(pid);
+    let perf = SyscallCount::start(pid);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.seconds);
     let mut tasks = tokio::task::JoinSet::new();
@@ -437,8 +419,19 @@ async fn main() -> Result<()> {
         .min(a.seconds as f64)
         .max(0.001);
     let cpu = cpu_seconds(pid) - cpu0;
+    let (reads1, writes1) = rw_syscalls(pid);
+    let syscalls = perf.map(SyscallCount::stop).unwrap_or_default();
+    let (reads, writes) = (reads1 - reads0, writes1 - writes0);
+    stop_subs.cancel();
+    while let Some(r) = subs.join_next().await {
+        r.context("subscriber task")??;
+    }
+    let delivered = deliveries
+        .delivered
+        .load(std::sync::atomic::Ordering::Relaxed);
     lat.sort_unstable();
     let acked = lat.len() as f64;
+    let per = |n: u64| if acked > 0.0 { n as f64 / acked } else { 0.0 };
     let report = serde_json::json!({
         "connections": a.connections,
         "inflight_per_connection": a.inflight,
@@ -451,6 +444,14 @@ async fn main() -> Result<()> {
         "puback_max_us": lat.last().copied().unwrap_or(0),
         "gateway_rss_peak_kib": peak_rss,
         "gateway_cpu_s_per_million": if acked > 0.0 { cpu / acked * 1e6 } else { 0.0 },
+        "gateway_proc_io_syscr": reads,
+        "gateway_proc_io_syscw": writes,
+        "gateway_write_syscalls_per_message": per(writes),
+        "gateway_syscalls": syscalls.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        "gateway_syscalls_per_message": syscalls.iter().map(|(k, v)| (k.clone(), serde_json::json!(per(*v)))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        "subscribers": a.subscribers,
+        "subscriber_qos": a.sub_qos,
+        "delivered": delivered,
     });
     if a.json {
         println!("{report}");
@@ -483,6 +484,32 @@ async fn main() -> Result<()> {
             peak_rss / 1024,
             if acked > 0.0 { cpu / acked * 1e6 } else { 0.0 }
         );
+        println!(
+            "gateway write-type system calls per message: {:.3} ({} in all; /proc/PID/io syscw)",
+            per(writes),
+            writes
+        );
+        if syscalls.is_empty() {
+            println!("(all system calls: install perf to have them counted)");
+        } else {
+            let list: Vec<String> = syscalls
+                .iter()
+                .map(|(k, v)| format!("{k} {:.3}", per(*v)))
+                .collect();
+            println!(
+                "gateway system calls per message (perf): {}",
+                list.join(", ")
+            );
+        }
+        if a.subscribers > 0 {
+            println!(
+                "{} local subscribers at QoS {}: {} deliveries ({:.0}/s)",
+                a.subscribers,
+                a.sub_qos,
+                delivered,
+                delivered as f64 / secs
+            );
+        }
     }
     Ok(())
 }
