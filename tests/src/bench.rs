@@ -356,3 +356,73 @@ impl SyscallCount {
             .collect()
     }
 }
+
+/// `gateway certs generate`: a test CA, a server certificate and `devices` device certificates
+/// (`dev-00001`...) in `out`.
+pub fn generate_certs(
+    gateway: &std::path::Path,
+    devices: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    let st = std::process::Command::new(gateway)
+        .args([
+            "certs",
+            "generate",
+            "--devices",
+            &devices.to_string(),
+            "--out",
+        ])
+        .arg(out)
+        .output()
+        .with_context(|| format!("run {}", gateway.display()))?;
+    if !st.status.success() {
+        bail!(
+            "certs generate failed: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Mosquitto of our own (never the machine's on 1883), binary `bin`: mutual TLS with the
+/// certificates in `certs`, no persistence, its default per-client bounds; config in `dir`.
+pub async fn start_mosquitto(
+    bin: &str,
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+) -> Result<(Child, SocketAddr)> {
+    let port = crate::free_port();
+    let cfg = dir.join("mosquitto.conf");
+    // Run as ourselves: as root, Mosquitto would switch to the user `mosquitto`, who cannot
+    // read the temporary directory.
+    let user = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into());
+    std::fs::write(
+        &cfg,
+        format!(
+            "user {user}\npersistence false\nlog_dest stderr\nlog_type error\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n\
+             cafile {c}/ca.pem\ncertfile {c}/server.pem\nkeyfile {c}/server.key\n\
+             require_certificate true\n",
+            c = certs.display(),
+        ),
+    )?;
+    let mut child = Child(
+        std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            // It logs every TLS connection the load generator drops at the end.
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {bin} (Debian's mosquitto)"))?,
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_listening(addr, &mut child, "mosquitto").await?;
+    Ok((child, addr))
+}

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use gateway_tests::bench::{
-    mqtt_connect, nanos, pct, read_more, str16, subscriber, take_packet, varint, wait_listening,
-    Child, Deliveries,
+    generate_certs, mqtt_connect, nanos, pct, read_more, start_mosquitto, str16, subscriber,
+    take_packet, varint, wait_listening, Child, Deliveries,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
@@ -335,43 +335,6 @@ receive_maximum = {rm}
     Ok((child, addr))
 }
 
-/// Mosquitto of our own (never the machine's on 1883): mutual TLS with the same certificates,
-/// no persistence, its default per-client bounds.
-async fn start_mosquitto(a: &Args, dir: &Path, certs: &Path) -> Result<(Child, SocketAddr)> {
-    let port = gateway_tests::free_port();
-    let cfg = dir.join("mosquitto.conf");
-    // Run as ourselves: as root, Mosquitto would switch to the user `mosquitto`, who cannot
-    // read the temporary directory.
-    let user = std::process::Command::new("id")
-        .arg("-un")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "root".into());
-    std::fs::write(
-        &cfg,
-        format!(
-            "user {user}\npersistence false\nlog_dest stderr\nlog_type error\n\
-             listener {port} 127.0.0.1\nallow_anonymous true\n\
-             cafile {c}/ca.pem\ncertfile {c}/server.pem\nkeyfile {c}/server.key\n\
-             require_certificate true\n",
-            c = certs.display(),
-        ),
-    )?;
-    let mut child = Child(
-        std::process::Command::new(&a.mosquitto)
-            .arg("-c")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .with_context(|| format!("start {} (Debian's mosquitto)", a.mosquitto))?,
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    wait_listening(addr, &mut child, "mosquitto").await?;
-    Ok((child, addr))
-}
-
 fn print(a: &Args, name: &str, f: &Figures) {
     let expected = f.published * a.subscribers as u64;
     println!(
@@ -411,23 +374,7 @@ async fn main() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
-    let devices = a.publishers + a.subscribers;
-    let st = std::process::Command::new(&a.gateway)
-        .args([
-            "certs",
-            "generate",
-            "--devices",
-            &devices.to_string(),
-            "--out",
-        ])
-        .arg(&certs)
-        .output()?;
-    if !st.status.success() {
-        bail!(
-            "certs generate failed: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
+    generate_certs(&a.gateway, a.publishers + a.subscribers, &certs)?;
     let rate = if a.rate == 0 {
         "flat out".to_string()
     } else {
@@ -453,7 +400,7 @@ async fn main() -> Result<()> {
         results.push(f);
     }
     if !a.skip_mosquitto {
-        let (child, addr) = start_mosquitto(&a, dir.path(), &certs).await?;
+        let (child, addr) = start_mosquitto(&a.mosquitto, dir.path(), &certs).await?;
         let f = run_load(&a, addr, &certs).await?;
         drop(child);
         if !a.json {

@@ -11,11 +11,15 @@
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --connections 100 --rate 50000
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --idle 1000
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --subscribers 2 --sub-qos 1
+//! cargo run --release -p gateway-tests --bin ingest-bench -- --mosquitto mosquitto
 //! ```
 //!
-//! It also prints the gateway's read and write system calls per acknowledged message (`syscr`
-//! and `syscw` of `/proc/PID/io`), and with `--subscribers M` runs M raw local subscribers to
-//! every publisher's topic during the load.
+//! Every connection is mutual TLS with a device certificate (`dev-00001`...). It also prints the
+//! gateway's system calls per acknowledged message (all kinds counted by `perf stat` when perf is
+//! installed; write-type calls from `/proc/PID/io` always). `--subscribers M` runs M raw local
+//! subscribers to every publisher's topic during the load. `--mosquitto PATH` then runs the same
+//! load against a Mosquitto process of its own (free port, `persistence false`, same
+//! certificates) and prints the ratios.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,11 +28,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use gateway_tests::bench::{
-    cpu_seconds, mqtt_connect, pct, publish_packet, rss_kib, rw_syscalls, subscriber, Deliveries,
-    SyscallCount,
+    cpu_seconds, generate_certs, mqtt_connect, pct, publish_packet, rss_kib, rw_syscalls,
+    start_mosquitto, subscriber, wait_listening, Child, Deliveries, SyscallCount,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -41,6 +44,8 @@ struct Args {
     seconds: u64,
     rate: u64,
     idle: usize,
+    /// Run the same load against a Mosquitto of our own too (this binary).
+    mosquitto: Option<String>,
     /// Local subscribers to every publisher's telemetry (`devices/+/telemetry`).
     subscribers: usize,
     sub_qos: u8,
@@ -51,7 +56,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ingest-bench [--gateway PATH] [--connections N] [--inflight W] [--payload BYTES] \
          [--seconds S] [--rate MSGS_PER_S (0 = flat out)] [--idle N] [--subscribers M] \
-         [--sub-qos 0|1] [--json]"
+         [--sub-qos 0|1] [--mosquitto PATH] [--json]"
     );
     std::process::exit(2)
 }
@@ -69,6 +74,7 @@ fn parse_args() -> Args {
         seconds: 10,
         rate: 0,
         idle: 0,
+        mosquitto: None,
         subscribers: 0,
         sub_qos: 0,
         json: false,
@@ -87,6 +93,7 @@ fn parse_args() -> Args {
             "--idle" => a.idle = num(val()) as usize,
             "--subscribers" => a.subscribers = num(val()).min(1000) as usize,
             "--sub-qos" => a.sub_qos = num(val()).min(1) as u8,
+            "--mosquitto" => a.mosquitto = Some(val()),
             "--json" => a.json = true,
             _ => usage(),
         }
@@ -96,9 +103,11 @@ fn parse_args() -> Args {
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
-async fn connect(addr: SocketAddr, tls: &TlsConnector, id: &str, keep_alive: u16) -> Result<Tls> {
+/// Mutual TLS with device `id`'s certificate, CONNECT, CONNACK.
+async fn connect(addr: SocketAddr, certs: &Path, id: &str, keep_alive: u16) -> Result<Tls> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
+    let tls = TlsConnector::from(gateway_tests::device_tls(certs, Some(id)));
     let mut s = tls
         .connect(ServerName::try_from("localhost")?.to_owned(), tcp)
         .await?;
@@ -199,47 +208,16 @@ async fn drive(
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Publisher `i`'s device (and client id); subscribers come after the publishers.
+fn device(i: usize) -> String {
+    format!("dev-{:05}", i + 1)
 }
 
-struct Gateway {
-    child: std::process::Child,
-    addr: SocketAddr,
-    certs: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_gateway(bin: &Path, receive_maximum: usize) -> Result<Gateway> {
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p gateway) or pass --gateway",
-            bin.display()
-        );
-    }
-    let dir = tempfile::tempdir()?;
-    let certs = dir.path().join("certs");
-    let st = std::process::Command::new(bin)
-        .args(["certs", "generate", "--devices", "0", "--out"])
-        .arg(&certs)
-        .output()?;
-    if !st.status.success() {
-        bail!(
-            "certs generate failed: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
-    let port = free_port()?;
-    let cfg = dir.path().join("gateway.toml");
+/// The gateway: `fsync = "always"`, mutual TLS, every device may publish its own telemetry and
+/// subscribe to everyone's.
+async fn start_gateway(a: &Args, dir: &Path, certs: &Path) -> Result<(Child, SocketAddr)> {
+    let port = gateway_tests::free_port();
+    let cfg = dir.join("gateway.toml");
     std::fs::write(
         &cfg,
         format!(
@@ -254,10 +232,7 @@ fsync = "always"
 
 [[listeners]]
 bind = "127.0.0.1:{port}"
-tls = {{ cert = "{c}/server.pem", key = "{c}/server.key" }}
-
-[auth]
-allow_anonymous = true
+tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
 
 [[acl]]
 identity = "*"
@@ -268,87 +243,121 @@ subscribe = ["devices/+/telemetry"]
 max_connections = 20000
 receive_maximum = {rm}
 "#,
-            data = dir.path().join("data").display(),
+            data = dir.join("data").display(),
             c = certs.display(),
-            rm = receive_maximum.min(65_535),
+            rm = a.inflight.clamp(64, 65_535),
         ),
     )?;
-    let child = std::process::Command::new(bin)
-        .arg("run")
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("start the gateway")?;
+    let mut child = Child(
+        std::process::Command::new(&a.gateway)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start the gateway")?,
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let gw = Gateway {
-        child,
-        addr,
-        certs,
-        _dir: dir,
-    };
-    for _ in 0..100 {
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(gw);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("the gateway did not start listening on {addr}")
+    wait_listening(addr, &mut child, "the gateway").await?;
+    Ok((child, addr))
 }
 
-fn connector(certs: &Path) -> Result<TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(certs.join("ca.pem"))? {
-        roots.add(c?)?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(cfg)))
+/// What one run against one broker measured.
+struct Figures {
+    secs: f64,
+    /// PUBACK latencies in µs, sorted.
+    lat: Vec<u32>,
+    peak_rss_kib: u64,
+    cpu: f64,
+    /// `/proc/PID/io` syscw.
+    writes: u64,
+    /// From `perf stat`, if it could count.
+    syscalls: Vec<(String, u64)>,
+    delivered: u64,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let a = parse_args();
-    // Thousands of sockets on both sides of loopback.
-    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
-        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+impl Figures {
+    fn acked(&self) -> f64 {
+        self.lat.len() as f64
     }
-    let gw = start_gateway(&a.gateway, a.inflight.max(64)).await?;
-    let pid = gw.child.id();
-    let tls = connector(&gw.certs)?;
 
-    if a.idle > 0 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = rss_kib(pid);
-        let mut conns = Vec::with_capacity(a.idle);
-        for i in 0..a.idle {
-            conns.push(connect(gw.addr, &tls, &format!("idle-{i:05}"), 300).await?);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_kib(pid);
-        let per = (after.saturating_sub(before)) as f64 / a.idle as f64;
-        if a.json {
-            println!(
-                "{}",
-                serde_json::json!({"idle_connections": a.idle, "rss_before_kib": before,
-                    "rss_after_kib": after, "rss_per_connection_kib": per})
-            );
+    fn per(&self, n: u64) -> f64 {
+        if self.lat.is_empty() {
+            0.0
         } else {
-            println!(
-                "{} idle TLS connections: gateway RSS {} KiB -> {} KiB, {:.1} KiB per connection",
-                a.idle, before, after, per
-            );
+            n as f64 / self.acked()
         }
-        drop(conns);
-        return Ok(());
     }
 
+    fn json(&self, a: &Args) -> serde_json::Value {
+        serde_json::json!({
+            "connections": a.connections,
+            "inflight_per_connection": a.inflight,
+            "payload_bytes": a.payload,
+            "target_rate": a.rate,
+            "acked": self.lat.len(),
+            "acked_per_s": self.acked() / self.secs,
+            "puback_p50_us": pct(&self.lat, 0.50),
+            "puback_p99_us": pct(&self.lat, 0.99),
+            "puback_max_us": self.lat.last().copied().unwrap_or(0),
+            "rss_peak_kib": self.peak_rss_kib,
+            "cpu_s_per_million": self.per(1) * self.cpu * 1e6,
+            "write_syscalls_per_message": self.per(self.writes),
+            "syscalls_per_message": self.syscalls.iter()
+                .map(|(k, v)| (k.clone(), serde_json::json!(self.per(*v))))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
+            "subscribers": a.subscribers,
+            "subscriber_qos": a.sub_qos,
+            "delivered": self.delivered,
+        })
+    }
+
+    fn print(&self, name: &str, a: &Args) {
+        println!(
+            "{name}: acked publishes: {} in {:.1}s = {:.0}/s; PUBACK p50 {} µs, p99 {} µs, max {} µs",
+            self.lat.len(),
+            self.secs,
+            self.acked() / self.secs,
+            pct(&self.lat, 0.50),
+            pct(&self.lat, 0.99),
+            self.lat.last().copied().unwrap_or(0)
+        );
+        println!(
+            "{name}: peak RSS {} MiB, {:.2} CPU-seconds per million messages, {:.3} write-type \
+             system calls per message (/proc/PID/io syscw)",
+            self.peak_rss_kib / 1024,
+            self.per(1) * self.cpu * 1e6,
+            self.per(self.writes)
+        );
+        if self.syscalls.is_empty() {
+            println!("{name}: (all system calls: install perf to have them counted)");
+        } else {
+            let list: Vec<String> = self
+                .syscalls
+                .iter()
+                .map(|(k, v)| format!("{k} {:.3}", self.per(*v)))
+                .collect();
+            println!(
+                "{name}: system calls per message (perf): {}",
+                list.join(", ")
+            );
+        }
+        if a.subscribers > 0 {
+            println!(
+                "{name}: {} subscribers at QoS {}: {} deliveries ({:.0}/s)",
+                a.subscribers,
+                a.sub_qos,
+                self.delivered,
+                self.delivered as f64 / self.secs
+            );
+        }
+    }
+}
+
+/// The load against the broker at `addr` (process `pid`).
+async fn run_load(a: &Args, addr: SocketAddr, pid: u32, certs: &Path) -> Result<Figures> {
     // Local subscribers first: each gets every publish (QoS 0 or 1; a slow one drops, counted).
     let deliveries = Deliveries::new(false);
     let stop_subs = tokio_util::sync::CancellationToken::new();
@@ -356,8 +365,8 @@ async fn main() -> Result<()> {
     if a.subscribers > 0 {
         let (tx, mut rx) = tokio::sync::mpsc::channel(a.subscribers);
         for i in 0..a.subscribers {
-            let id = format!("sub-{i:05}");
-            let s = connect(gw.addr, &tls, &id, 60).await?;
+            let id = device(a.connections + i);
+            let s = connect(addr, certs, &id, 60).await?;
             subs.spawn(subscriber(
                 s,
                 Vec::new(),
@@ -378,7 +387,7 @@ async fn main() -> Result<()> {
     }
     let mut streams = Vec::with_capacity(a.connections);
     for i in 0..a.connections {
-        streams.push(connect(gw.addr, &tls, &format!("bench-{i:05}"), 60).await?);
+        streams.push(connect(addr, certs, &device(i), 60).await?);
     }
     let payload = Arc::new(vec![0x5a_u8; a.payload]);
     let per_conn_rate = if a.rate == 0 {
@@ -387,7 +396,7 @@ async fn main() -> Result<()> {
         a.rate as f64 / a.connections as f64
     };
     let cpu0 = cpu_seconds(pid);
-    let (reads0, writes0) = rw_syscalls(pid);
+    let (_, writes0) = rw_syscalls(pid);
     let perf = SyscallCount::start(pid);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.seconds);
@@ -395,7 +404,7 @@ async fn main() -> Result<()> {
     for (i, s) in streams.into_iter().enumerate() {
         tasks.spawn(drive(
             s,
-            format!("bench-{i:05}"),
+            device(i),
             a.inflight,
             payload.clone(),
             deadline,
@@ -403,14 +412,14 @@ async fn main() -> Result<()> {
         ));
     }
     let mut lat = Vec::new();
-    let mut peak_rss = 0;
+    let mut peak_rss_kib = 0;
     loop {
         tokio::select! {
             r = tasks.join_next() => match r {
                 Some(r) => lat.extend(r.context("load task")??),
                 None => break,
             },
-            _ = tokio::time::sleep(Duration::from_millis(200)) => peak_rss = peak_rss.max(rss_kib(pid)),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => peak_rss_kib = peak_rss_kib.max(rss_kib(pid)),
         }
     }
     let secs = start
@@ -419,45 +428,80 @@ async fn main() -> Result<()> {
         .min(a.seconds as f64)
         .max(0.001);
     let cpu = cpu_seconds(pid) - cpu0;
-    let (reads1, writes1) = rw_syscalls(pid);
+    let (_, writes1) = rw_syscalls(pid);
     let syscalls = perf.map(SyscallCount::stop).unwrap_or_default();
-    let (reads, writes) = (reads1 - reads0, writes1 - writes0);
     stop_subs.cancel();
     while let Some(r) = subs.join_next().await {
         r.context("subscriber task")??;
     }
-    let delivered = deliveries
-        .delivered
-        .load(std::sync::atomic::Ordering::Relaxed);
     lat.sort_unstable();
-    let acked = lat.len() as f64;
-    let per = |n: u64| if acked > 0.0 { n as f64 / acked } else { 0.0 };
-    let report = serde_json::json!({
-        "connections": a.connections,
-        "inflight_per_connection": a.inflight,
-        "payload_bytes": a.payload,
-        "target_rate": a.rate,
-        "acked": lat.len(),
-        "acked_per_s": acked / secs,
-        "puback_p50_us": pct(&lat, 0.50),
-        "puback_p99_us": pct(&lat, 0.99),
-        "puback_max_us": lat.last().copied().unwrap_or(0),
-        "gateway_rss_peak_kib": peak_rss,
-        "gateway_cpu_s_per_million": if acked > 0.0 { cpu / acked * 1e6 } else { 0.0 },
-        "gateway_proc_io_syscr": reads,
-        "gateway_proc_io_syscw": writes,
-        "gateway_write_syscalls_per_message": per(writes),
-        "gateway_syscalls": syscalls.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<String, serde_json::Value>>(),
-        "gateway_syscalls_per_message": syscalls.iter().map(|(k, v)| (k.clone(), serde_json::json!(per(*v)))).collect::<serde_json::Map<String, serde_json::Value>>(),
-        "subscribers": a.subscribers,
-        "subscriber_qos": a.sub_qos,
-        "delivered": delivered,
-    });
+    Ok(Figures {
+        secs,
+        lat,
+        peak_rss_kib,
+        cpu,
+        writes: writes1 - writes0,
+        syscalls,
+        delivered: deliveries
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
+/// `--idle N`: the gateway's RSS per idle TLS connection.
+async fn idle(a: &Args, addr: SocketAddr, pid: u32, certs: &Path) -> Result<()> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+    let mut conns = Vec::with_capacity(a.idle);
+    for i in 0..a.idle {
+        conns.push(connect(addr, certs, &device(i), 300).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    let per = (after.saturating_sub(before)) as f64 / a.idle as f64;
     if a.json {
-        println!("{report}");
+        println!(
+            "{}",
+            serde_json::json!({"idle_connections": a.idle, "rss_before_kib": before,
+                "rss_after_kib": after, "rss_per_connection_kib": per})
+        );
     } else {
         println!(
-            "{} connections x {} in flight, {} B payload, fsync=always{}",
+            "{} idle TLS connections: gateway RSS {} KiB -> {} KiB, {:.1} KiB per connection",
+            a.idle, before, after, per
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = parse_args();
+    // Thousands of sockets on both sides of loopback.
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
+    if !a.gateway.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p gateway) or pass --gateway",
+            a.gateway.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let devices = if a.idle > 0 {
+        a.idle
+    } else {
+        a.connections + a.subscribers
+    };
+    generate_certs(&a.gateway, devices, &certs)?;
+    let (child, addr) = start_gateway(&a, dir.path(), &certs).await?;
+    if a.idle > 0 {
+        return idle(&a, addr, child.0.id(), &certs).await;
+    }
+    if !a.json {
+        println!(
+            "{} connections x {} in flight, {} B payload, QoS 1, mutual TLS{}; gateway fsync=always{}",
             a.connections,
             a.inflight,
             a.payload,
@@ -465,51 +509,45 @@ async fn main() -> Result<()> {
                 format!(", target {} msg/s", a.rate)
             } else {
                 ", flat out".into()
+            },
+            if a.mosquitto.is_some() {
+                ", Mosquitto persistence false"
+            } else {
+                ""
             }
         );
-        println!(
-            "acked publishes: {} in {:.1}s = {:.0}/s",
-            lat.len(),
-            secs,
-            acked / secs
-        );
-        println!(
-            "PUBACK latency: p50 {} µs, p99 {} µs, max {} µs",
-            pct(&lat, 0.50),
-            pct(&lat, 0.99),
-            lat.last().copied().unwrap_or(0)
-        );
-        println!(
-            "gateway: peak RSS {} MiB, {:.1} CPU-seconds per million messages",
-            peak_rss / 1024,
-            if acked > 0.0 { cpu / acked * 1e6 } else { 0.0 }
-        );
-        println!(
-            "gateway write-type system calls per message: {:.3} ({} in all; /proc/PID/io syscw)",
-            per(writes),
-            writes
-        );
-        if syscalls.is_empty() {
-            println!("(all system calls: install perf to have them counted)");
-        } else {
-            let list: Vec<String> = syscalls
-                .iter()
-                .map(|(k, v)| format!("{k} {:.3}", per(*v)))
-                .collect();
+    }
+    let g = run_load(&a, addr, child.0.id(), &certs).await?;
+    drop(child);
+    let mut out = serde_json::Map::new();
+    out.insert("gateway".into(), g.json(&a));
+    if !a.json {
+        g.print("gateway", &a);
+    }
+    if let Some(bin) = &a.mosquitto {
+        let (child, addr) = start_mosquitto(bin, dir.path(), &certs).await?;
+        let m = run_load(&a, addr, child.0.id(), &certs).await?;
+        drop(child);
+        if !a.json {
+            m.print("mosquitto", &a);
+        }
+        let rate = (g.acked() / g.secs) / (m.acked() / m.secs).max(1e-9);
+        let cpu = (g.per(1) * g.cpu) / (m.per(1) * m.cpu).max(1e-12);
+        if !a.json {
             println!(
-                "gateway system calls per message (perf): {}",
-                list.join(", ")
+                "gateway / mosquitto: acked/s x{rate:.2}, CPU per message x{cpu:.2}, PUBACK p50 x{:.2}, p99 x{:.2}",
+                pct(&g.lat, 0.5) as f64 / pct(&m.lat, 0.5).max(1) as f64,
+                pct(&g.lat, 0.99) as f64 / pct(&m.lat, 0.99).max(1) as f64,
             );
         }
-        if a.subscribers > 0 {
-            println!(
-                "{} local subscribers at QoS {}: {} deliveries ({:.0}/s)",
-                a.subscribers,
-                a.sub_qos,
-                delivered,
-                delivered as f64 / secs
-            );
-        }
+        out.insert("mosquitto".into(), m.json(&a));
+        out.insert(
+            "ratio_gateway_to_mosquitto".into(),
+            serde_json::json!({"acked_per_s": rate, "cpu_per_message": cpu}),
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Object(out));
     }
     Ok(())
 }
