@@ -311,19 +311,7 @@ impl Reader {
         loop {
             let readable = *self.readable.borrow_and_update();
             if readable >= self.position() {
-                let mut state = self
-                    .state
-                    .take()
-                    .unwrap_or_else(|| ReadState::new(self.acked + 1));
-                let shared = self.shared.clone();
-                let (state, result) = tokio::task::spawn_blocking(move || {
-                    let r = read_with(&shared, &mut state, max_records, max_bytes);
-                    (state, r)
-                })
-                .await
-                .map_err(|_| QueueError::Closed)?;
-                self.state = Some(state);
-                let records = result?;
+                let records = self.read_blocking(max_records, max_bytes).await?;
                 if !records.is_empty() {
                     return Ok(records);
                 }
@@ -342,26 +330,21 @@ impl Reader {
     /// [`Self::next_batch`]: a loop can wait for records and for other events at once, then
     /// read with [`Self::batch_now`].
     pub async fn readable(&mut self) -> Result<(), QueueError> {
-        loop {
-            let readable = *self.readable.borrow_and_update();
-            if readable >= self.position() && self.empty_at != Some(readable) {
-                return Ok(());
-            }
-            if self.shared.lock().closing {
-                return Err(QueueError::Closed);
-            }
-            if self.readable.changed().await.is_err() {
-                return Err(QueueError::Closed);
-            }
-        }
+        self.wait_for(true).await.map(drop)
     }
 
     /// Waits until a record at or after [`Reader::position`] is readable; returns the newest
     /// readable seq. Errors with [`QueueError::Closed`] once the queue is closing.
     pub async fn wait_readable(&mut self) -> Result<u64, QueueError> {
+        self.wait_for(false).await
+    }
+
+    /// Waits until a record at or after [`Reader::position`] is readable (with `skip_empty`,
+    /// not where [`Reader::batch_now`] last found nothing); returns the newest readable seq.
+    async fn wait_for(&mut self, skip_empty: bool) -> Result<u64, QueueError> {
         loop {
             let readable = *self.readable.borrow_and_update();
-            if readable >= self.position() {
+            if readable >= self.position() && !(skip_empty && self.empty_at == Some(readable)) {
                 return Ok(readable);
             }
             if self.shared.lock().closing {
@@ -387,12 +370,27 @@ impl Reader {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, QueueError> {
+        let readable = *self.readable.borrow();
+        let result = self.read_blocking(max_records, max_bytes).await;
+        self.empty_at = match &result {
+            Ok(r) if r.is_empty() => Some(readable),
+            _ => None,
+        };
+        result
+    }
+
+    /// One read from the current position on a blocking thread. Not cancel-safe (the read
+    /// state is away meanwhile).
+    async fn read_blocking(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, QueueError> {
         let mut state = self
             .state
             .take()
             .unwrap_or_else(|| ReadState::new(self.acked + 1));
         let shared = self.shared.clone();
-        let readable = *self.readable.borrow();
         let (state, result) = tokio::task::spawn_blocking(move || {
             let r = read_with(&shared, &mut state, max_records, max_bytes);
             (state, r)
@@ -400,10 +398,6 @@ impl Reader {
         .await
         .map_err(|_| QueueError::Closed)?;
         self.state = Some(state);
-        self.empty_at = match &result {
-            Ok(r) if r.is_empty() => Some(readable),
-            _ => None,
-        };
         result
     }
 
