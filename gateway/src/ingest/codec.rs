@@ -81,6 +81,10 @@ pub struct Subscription {
     pub retain_as_published: bool,
     /// MQTT 5: 0 send retained messages on subscribe, 1 only for a new subscription, 2 never.
     pub retain_handling: u8,
+    /// MQTT 5: the SUBSCRIBE's Subscription Identifier (one per packet, so the same for each
+    /// of its filters). `Some(0)` is what the client sent and a protocol error: the session
+    /// refuses it.
+    pub subscription_id: Option<u32>,
 }
 
 /// PUBLISH from the gateway to a subscriber.
@@ -101,6 +105,8 @@ pub struct OutPublish {
     pub correlation_data: Option<Bytes>,
     /// Seconds left of the message's expiry, when it has one.
     pub message_expiry: Option<u32>,
+    /// MQTT 5: the identifiers of every subscription of the receiver that matched.
+    pub subscription_ids: Vec<u32>,
 }
 
 /// What a device may send.
@@ -475,6 +481,7 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                     no_local: false,
                     retain_as_published: false,
                     retain_handling: 0,
+                    subscription_id: None,
                 })
                 .collect(),
         },
@@ -512,20 +519,30 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
             })
         }
         m5::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
-        m5::Packet::Subscribe(s) => Inbound::Subscribe {
-            pkid: s.pkid,
-            filters: s
-                .filters
-                .into_iter()
-                .map(|f| Subscription {
-                    filter: f.path,
-                    qos: qos5_u8(f.qos),
-                    no_local: f.nolocal,
-                    retain_as_published: f.preserve_retain,
-                    retain_handling: f.retain_forward_rule as u8,
-                })
-                .collect(),
-        },
+        m5::Packet::Subscribe(s) => {
+            // The codec reads a variable byte integer of at most 4 bytes (so at most
+            // 268,435,455, the property's maximum) and keeps the last of repeated ones.
+            let subscription_id = s
+                .properties
+                .and_then(|p| p.id)
+                .map(|id| u32::try_from(id).map_err(|_| malformed("subscription identifier")))
+                .transpose()?;
+            Inbound::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| Subscription {
+                        filter: f.path,
+                        qos: qos5_u8(f.qos),
+                        no_local: f.nolocal,
+                        retain_as_published: f.preserve_retain,
+                        retain_handling: f.retain_forward_rule as u8,
+                        subscription_id,
+                    })
+                    .collect(),
+            }
+        }
         m5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
             filters: u.filters,
@@ -614,7 +631,8 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
                 reason_string: c.reason.clone(),
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
-                subscription_identifiers_available: Some(0),
+                // Absent: available (subscription identifiers are sent with each PUBLISH).
+                subscription_identifiers_available: None,
                 shared_subscription_available: Some(0),
                 server_keep_alive: c.server_keep_alive,
                 response_information: None,
@@ -667,7 +685,11 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
                 response_topic: p.response_topic.clone(),
                 correlation_data: p.correlation_data.clone(),
                 user_properties: p.user_properties.clone(),
-                subscription_identifiers: Vec::new(),
+                subscription_identifiers: p
+                    .subscription_ids
+                    .iter()
+                    .map(|&id| id as usize)
+                    .collect(),
                 content_type: p.content_type.clone(),
             };
             let mut m = m5::Publish::new(
@@ -851,7 +873,10 @@ mod tests {
                 preserve_retain: true,
                 retain_forward_rule: m5::RetainForwardRule::Never,
             }],
-            properties: None,
+            properties: Some(m5::SubscribeProperties {
+                id: Some(268_435_455),
+                user_properties: Vec::new(),
+            }),
         };
         let b = bytes_of(|b| {
             s.write(b).expect("encodes");
@@ -868,6 +893,7 @@ mod tests {
                 no_local: true,
                 retain_as_published: true,
                 retain_handling: 2,
+                subscription_id: Some(268_435_455),
             }]
         );
     }
@@ -916,6 +942,7 @@ mod tests {
             response_topic: Some("r/t".into()),
             correlation_data: Some(Bytes::from_static(b"c1")),
             message_expiry: Some(30),
+            subscription_ids: vec![1, 300],
         }
     }
 
@@ -943,6 +970,7 @@ mod tests {
         assert_eq!(props.message_expiry_interval, Some(30));
         assert_eq!(props.content_type.as_deref(), Some("text/plain"));
         assert_eq!(props.user_properties, vec![("k".into(), "v".into())]);
+        assert_eq!(props.subscription_identifiers, [1, 300]);
     }
 
     #[test]

@@ -275,6 +275,7 @@ impl Conn {
                                 qos: s.qos,
                                 no_local: s.no_local,
                                 retain_as_published: s.retain_as_published,
+                                id: s.subscription_id,
                             };
                             let (existed, p) =
                                 self.shared.sessions.subscribe(slot, &s.filter, options);
@@ -594,6 +595,7 @@ pub(super) fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
             response_topic: message.response_topic.clone(),
             correlation_data: message.correlation_data.clone(),
             message_expiry: None,
+            subscription_ids: message.subscription_ids.clone(),
         })),
         Delivery::PubRel { pkid } => Outbound::PubRel { pkid },
     };

@@ -428,6 +428,13 @@ impl Session {
         filters: Vec<Subscription>,
         acl: &dyn PublishAcl,
     ) -> Vec<Action> {
+        if filters.iter().any(|f| f.subscription_id == Some(0)) {
+            return self.close_with(
+                reason::PROTOCOL_ERROR,
+                "subscription identifier 0",
+                Refusal::Malformed,
+            );
+        }
         let State::Connected(c) = &self.state else {
             return Vec::new();
         };
@@ -741,6 +748,7 @@ mod tests {
             no_local: false,
             retain_as_published: false,
             retain_handling: 0,
+            subscription_id: None,
         }
     }
 
@@ -930,6 +938,37 @@ mod tests {
             ]
         );
         assert!(s.is_connected());
+    }
+
+    #[test]
+    fn a_subscription_identifier_of_0_closes_with_a_protocol_error() {
+        let mut s = connected(Version::V5, "d1");
+        let mut f = sub("devices/d1/commands/#");
+        f.subscription_id = Some(0);
+        let a = s.on_packet(
+            Inbound::Subscribe {
+                pkid: 1,
+                filters: vec![f],
+            },
+            &DevicesOwnTree,
+        );
+        assert!(a.contains(&Action::Send(Outbound::Disconnect {
+            reason: reason::PROTOCOL_ERROR,
+            text: Some("subscription identifier 0".into())
+        })));
+        assert!(matches!(a.last(), Some(Action::Close { .. })));
+        // Any other id is kept with the subscription.
+        let mut s = connected(Version::V5, "d1");
+        let mut f = sub("devices/d1/commands/#");
+        f.subscription_id = Some(9);
+        let a = s.on_packet(
+            Inbound::Subscribe {
+                pkid: 1,
+                filters: vec![f.clone()],
+            },
+            &DevicesOwnTree,
+        );
+        assert_eq!(a[0], Action::Subscribe(vec![f]));
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Message {
     pub payload_format: Option<u8>,
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
+    /// MQTT 5 Subscription Identifiers of the receiving session's matching subscriptions
+    /// (empty in the message shared by every session; set in a session's own copy).
+    pub subscription_ids: Vec<u32>,
 }
 
 impl Message {
@@ -369,6 +372,7 @@ mod tests {
             payload_format: None,
             response_topic: None,
             correlation_data: None,
+            subscription_ids: Vec::new(),
         })
     }
 

@@ -69,6 +69,9 @@ pub struct SubOptions {
     pub qos: u8,
     pub no_local: bool,
     pub retain_as_published: bool,
+    /// MQTT 5 Subscription Identifier (1..=268,435,455), sent with what this subscription
+    /// delivers.
+    pub id: Option<u32>,
 }
 
 /// One client's session: its outbox, kept while the client is connected and, for a persistent
@@ -483,6 +486,7 @@ impl Sessions {
                 qos: o.qos,
                 no_local: o.no_local,
                 retain_as_published: o.retain_as_published,
+                sub_id: o.id,
             })?;
         }
         // Under the outbox's lock: an ack made after this is written after these events.
@@ -708,6 +712,7 @@ impl Sessions {
                 continue;
             }
             let qos = (*qos).min(options.qos);
+            let m = with_subscription_ids(m, options.id.into_iter().collect());
             slot.with_outbox(|o| {
                 if let Ok(pkid) = o.push(m.clone(), qos) {
                     sent += 1;
@@ -717,7 +722,7 @@ impl Sessions {
                             seq: 0,
                             qos,
                             pkid,
-                            message: StoredMessage::of(m),
+                            message: StoredMessage::of(&m),
                         });
                         if p.is_some() {
                             last = p;
@@ -746,6 +751,7 @@ impl Sessions {
                 qos: options.qos,
                 no_local: options.no_local,
                 retain_as_published: options.retain_as_published,
+                sub_id: options.id,
             })
         });
         let existed = inner
@@ -795,7 +801,8 @@ impl Sessions {
         let mut woken: Vec<Arc<Slot>> = Vec::new();
         let mut after_durable: Vec<Arc<Slot>> = Vec::new();
         let mut last_append: Option<PendingAppend> = None;
-        let mut targets: Vec<(Arc<str>, SubOptions)> = Vec::new();
+        // Each matching session once: its options merged, and every matching subscription's id.
+        let mut targets: Vec<(Arc<str>, SubOptions, Vec<u32>)> = Vec::new();
         let b = self.bounds();
         let mut inner = self.lock();
         for rec in records {
@@ -810,12 +817,13 @@ impl Sessions {
                 if o.no_local && **client == *rec.device_id {
                     return;
                 }
-                match targets.iter_mut().find(|(c, _)| c == client) {
-                    Some((_, t)) => {
+                match targets.iter_mut().find(|(c, _, _)| c == client) {
+                    Some((_, t, ids)) => {
                         t.qos = t.qos.max(o.qos);
                         t.retain_as_published |= o.retain_as_published;
+                        ids.extend(o.id);
                     }
-                    None => targets.push((client.clone(), *o)),
+                    None => targets.push((client.clone(), *o, o.id.into_iter().collect())),
                 }
             });
             if targets.is_empty() {
@@ -830,7 +838,7 @@ impl Sessions {
                 m.retain = true;
                 Arc::new(m)
             });
-            for (client, o) in &targets {
+            for (client, o, ids) in &mut targets {
                 let Some(slot) = inner.slots.get(client) else {
                     continue;
                 };
@@ -854,6 +862,8 @@ impl Sessions {
                     (Some(r), true) => r.clone(),
                     _ => message.clone(),
                 };
+                ids.sort_unstable();
+                let m = with_subscription_ids(&m, std::mem::take(ids));
                 let (pushed, before, after) = slot.with_outbox(|ob| {
                     let before = ob.counts();
                     let pushed = match ob.push(m.clone(), qos) {
@@ -904,6 +914,17 @@ impl Sessions {
     }
 }
 
+/// `m` as sent for subscriptions with these identifiers: `m` itself (shared) when there are
+/// none, else a copy that carries them.
+fn with_subscription_ids(m: &Arc<Message>, ids: Vec<u32>) -> Arc<Message> {
+    if ids.is_empty() {
+        return m.clone();
+    }
+    let mut own = (**m).clone();
+    own.subscription_ids = ids;
+    Arc::new(own)
+}
+
 impl Message {
     /// The message a queue record becomes for subscribers. `retain`: the flag to send it with
     /// (live delivery clears it unless the subscription keeps it as published).
@@ -917,6 +938,7 @@ impl Message {
             payload_format: rec.payload_format,
             response_topic: None,
             correlation_data: None,
+            subscription_ids: Vec::new(),
         }
     }
 }

@@ -643,3 +643,61 @@ pub const DISCONNECT: [u8; 2] = [0xE0, 0x00];
 pub fn disconnect_v5(reason: u8) -> Vec<u8> {
     packet(0xE0, &[reason, 0])
 }
+
+/// MQTT 5 SUBSCRIBE with encoded `properties` (without their length) for `(filter, options)`.
+pub fn subscribe_v5_props(pkid: u16, properties: &[u8], filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut b = pkid.to_be_bytes().to_vec();
+    varint(properties.len(), &mut b);
+    b.extend_from_slice(properties);
+    for (f, o) in filters {
+        string(f.as_bytes(), &mut b);
+        b.push(*o);
+    }
+    packet(0x82, &b)
+}
+
+/// A Subscription Identifier property (0x0B, variable byte integer).
+pub fn subscription_id(id: usize) -> Vec<u8> {
+    let mut b = vec![0x0B];
+    varint(id, &mut b);
+    b
+}
+
+impl Packet {
+    /// The properties of an MQTT 5 ack with a packet id and a reason code (PUBACK, PUBREC,
+    /// SUBACK, UNSUBACK) as (identifier, value bytes); empty when the packet has none.
+    pub fn ack_properties(&self) -> Vec<(u8, Vec<u8>)> {
+        let at = match self.kind {
+            kind::SUBACK | kind::UNSUBACK => 2,
+            _ => 3,
+        };
+        if self.body.len() <= at {
+            return Vec::new();
+        }
+        let (len, n) = read_varint(&self.body[at..]);
+        parse_properties(&self.body[at + n..at + n + len])
+    }
+
+    /// The properties of an MQTT 5 DISCONNECT (empty when it has none).
+    pub fn disconnect_properties(&self) -> Vec<(u8, Vec<u8>)> {
+        assert_eq!(
+            self.kind,
+            kind::DISCONNECT,
+            "expected DISCONNECT, got {self:?}"
+        );
+        if self.body.len() <= 1 {
+            return Vec::new();
+        }
+        let (len, n) = read_varint(&self.body[1..]);
+        parse_properties(&self.body[1 + n..1 + n + len])
+    }
+}
+
+/// The values of property `id` in `props`, in order.
+pub fn property_values(props: &[(u8, Vec<u8>)], id: u8) -> Vec<Vec<u8>> {
+    props
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, v)| v.clone())
+        .collect()
+}
