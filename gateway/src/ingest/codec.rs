@@ -32,6 +32,10 @@ pub struct Will {
     pub user_properties: Vec<(String, String)>,
     pub content_type: Option<String>,
     pub payload_format: Option<u8>,
+    /// MQTT 5 will properties kept for subscribers (see [`Publish`]).
+    pub message_expiry: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
 }
 
 /// CONNECT, for either version.
@@ -52,6 +56,9 @@ pub struct Connect {
     pub client_receive_maximum: Option<u16>,
     /// MQTT 5: seconds the session outlives the connection (absent: 0).
     pub session_expiry: Option<u32>,
+    /// MQTT 5 Request Problem Information: `false` when the client sent 0 (no reason strings
+    /// on anything but PUBLISH, CONNACK and DISCONNECT); absent means 1.
+    pub request_problem_info: bool,
 }
 
 /// PUBLISH from a device.
@@ -67,6 +74,11 @@ pub struct Publish {
     pub content_type: Option<String>,
     pub payload_format: Option<u8>,
     pub topic_alias: Option<u16>,
+    /// MQTT 5 Message Expiry Interval, in seconds from now.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5 request/response: where the receiver should answer, and what with.
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
 }
 
 /// One filter of a SUBSCRIBE with its options (MQTT 5 options are false / 0 under 3.1.1).
@@ -399,11 +411,15 @@ fn decode_connect(
                     user_properties: Vec::new(),
                     content_type: None,
                     payload_format: None,
+                    message_expiry: None,
+                    response_topic: None,
+                    correlation_data: None,
                 }),
                 client_max_packet: None,
                 auth_method: None,
                 client_receive_maximum: None,
                 session_expiry: None,
+                request_problem_info: true,
             })))),
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
             Err(e) => Err(malformed(e)),
@@ -413,23 +429,27 @@ fn decode_connect(
                 let props = c.properties.unwrap_or_default();
                 let will = match will {
                     Some(w) => {
-                        let (user_properties, content_type, payload_format) = match w.properties {
-                            Some(wp) => (
-                                wp.user_properties,
-                                wp.content_type,
-                                wp.payload_format_indicator,
-                            ),
-                            None => (Vec::new(), None, None),
-                        };
+                        let wp = w.properties.unwrap_or(m5::LastWillProperties {
+                            delay_interval: None,
+                            payload_format_indicator: None,
+                            message_expiry_interval: None,
+                            content_type: None,
+                            response_topic: None,
+                            correlation_data: None,
+                            user_properties: Vec::new(),
+                        });
                         Some(Will {
                             topic: String::from_utf8(w.topic.to_vec())
                                 .map_err(|_| malformed("will topic is not UTF-8"))?,
                             payload: w.message,
                             qos: qos5_u8(w.qos),
                             retain: w.retain,
-                            user_properties,
-                            content_type,
-                            payload_format,
+                            user_properties: wp.user_properties,
+                            content_type: wp.content_type,
+                            payload_format: wp.payload_format_indicator,
+                            message_expiry: wp.message_expiry_interval,
+                            response_topic: wp.response_topic,
+                            correlation_data: wp.correlation_data,
                         })
                     }
                     None => None,
@@ -446,6 +466,7 @@ fn decode_connect(
                     auth_method: props.authentication_method,
                     client_receive_maximum: props.receive_maximum,
                     session_expiry: props.session_expiry_interval,
+                    request_problem_info: props.request_problem_info != Some(0),
                 }))))
             }
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
@@ -468,6 +489,9 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
             content_type: None,
             payload_format: None,
             topic_alias: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
         }),
         m4::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
         m4::Packet::Subscribe(s) => Inbound::Subscribe {
@@ -516,6 +540,9 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                 content_type: props.content_type,
                 payload_format: props.payload_format_indicator,
                 topic_alias: props.topic_alias,
+                message_expiry: props.message_expiry_interval,
+                response_topic: props.response_topic,
+                correlation_data: props.correlation_data,
             })
         }
         m5::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
@@ -896,6 +923,27 @@ mod tests {
                 subscription_id: Some(268_435_455),
             }]
         );
+    }
+
+    #[test]
+    fn a_v5_publish_keeps_expiry_response_topic_and_correlation_data() {
+        let props = m5::PublishProperties {
+            message_expiry_interval: Some(90),
+            response_topic: Some("devices/d1/replies".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00\x01")),
+            ..Default::default()
+        };
+        let mut p = m5::Publish::new("devices/d1/req", QoS5::AtLeastOnce, "x", Some(props));
+        p.pkid = 4;
+        let b = bytes_of(|b| {
+            p.write(b).expect("encodes");
+        });
+        let Inbound::Publish(p) = decode_one(b, Version::V5) else {
+            panic!("not a PUBLISH")
+        };
+        assert_eq!(p.message_expiry, Some(90));
+        assert_eq!(p.response_topic.as_deref(), Some("devices/d1/replies"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00\x01"[..]));
     }
 
     #[test]

@@ -613,6 +613,9 @@ fn record_of(m: &Message) -> NewRecord<'_> {
         user_properties: &m.user_properties,
         content_type: m.content_type.as_deref(),
         payload_format: m.payload_format,
+        message_expiry: m.message_expiry,
+        response_topic: m.response_topic.as_deref(),
+        correlation_data: m.correlation_data.as_deref(),
         payload: &m.payload,
     }
 }

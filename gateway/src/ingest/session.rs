@@ -54,6 +54,10 @@ pub struct Message {
     pub user_properties: Vec<(String, String)>,
     pub content_type: Option<String>,
     pub payload_format: Option<u8>,
+    /// MQTT 5: seconds after `received_at` when the message expires.
+    pub message_expiry: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
 }
 
 /// Who a connected device is, as decided by authentication.
@@ -230,6 +234,9 @@ impl Session {
             user_properties: will.user_properties,
             content_type: will.content_type,
             payload_format: will.payload_format,
+            message_expiry: will.message_expiry,
+            response_topic: will.response_topic,
+            correlation_data: will.correlation_data,
         })
     }
 
@@ -693,6 +700,9 @@ impl Session {
             user_properties: p.user_properties,
             content_type: p.content_type,
             payload_format: p.payload_format,
+            message_expiry: p.message_expiry,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
         };
         vec![Action::Append {
             message: Box::new(message),
@@ -738,6 +748,7 @@ mod tests {
             auth_method: None,
             client_receive_maximum: None,
             session_expiry: None,
+            request_problem_info: true,
         })
     }
 
@@ -764,6 +775,9 @@ mod tests {
             content_type: None,
             payload_format: None,
             topic_alias: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
         })
     }
 
@@ -1004,6 +1018,9 @@ mod tests {
             user_properties: vec![],
             content_type: None,
             payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
         });
         let mut s = Session::new(SessionLimits::default());
         s.on_packet(Inbound::Connect(c.clone()), &DevicesOwnTree);

@@ -375,6 +375,9 @@ impl Store {
             user_properties: &[],
             content_type: None,
             payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
             payload: &payload,
         };
         match self.queue.try_append(&rec) {
