@@ -16,6 +16,9 @@ const DEVICE: &str = "dev-00001";
 const SUBSCRIBER: &str = "dev-00005";
 
 /// Property identifiers (MQTT 5 §2.2.2.2).
+const MESSAGE_EXPIRY: u8 = 0x02;
+const RESPONSE_TOPIC: u8 = 0x08;
+const CORRELATION_DATA: u8 = 0x09;
 const SUBSCRIPTION_ID: u8 = 0x0B;
 const SUBSCRIPTION_IDS_AVAILABLE: u8 = 0x29;
 
@@ -171,5 +174,193 @@ async fn subscription_identifiers_survive_a_restart_with_the_stored_session() {
         property_values(&r.properties, SUBSCRIPTION_ID),
         [varint(77)]
     );
+    gw.stop().await;
+}
+
+/// A UTF-8 string or binary data property value: two length bytes, then the bytes.
+fn prop_bytes(b: &[u8]) -> Vec<u8> {
+    let mut v = (b.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(b);
+    v
+}
+
+fn expiry_of(r: &raw::Received) -> Option<u32> {
+    let v = property_values(&r.properties, MESSAGE_EXPIRY);
+    assert!(v.len() <= 1, "{r:?}");
+    v.first()
+        .map(|b| u32::from_be_bytes(b.as_slice().try_into().unwrap()))
+}
+
+#[tokio::test]
+async fn messages_queued_for_an_offline_session_expire_and_the_rest_carry_the_time_left_across_a_restart(
+) {
+    let gw = gateway().await;
+    let mut sub = gw
+        .raw_connected(SUBSCRIBER, &Connect::v5(SUBSCRIBER).persistent(600))
+        .await;
+    sub.send(&raw::subscribe_with(true, 1, &[("devices/+/telemetry", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(sub.recv().await.suback_codes(true), [1]);
+    sub.send(&raw::DISCONNECT).await.unwrap();
+    gw.wait_disconnected().await;
+
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v5(DEVICE)).await;
+    let t = "devices/dev-00001/telemetry";
+    for (pkid, payload, expiry) in [
+        (1u16, &b"hour"[..], Some(3600u32)),
+        (2, b"three seconds", Some(3)),
+        (3, b"forever", None),
+        (4, b"already gone", Some(0)),
+    ] {
+        let mut p = Publish::new(true, t, payload).qos(1, pkid);
+        if let Some(e) = expiry {
+            p = p.property(MESSAGE_EXPIRY, &e.to_be_bytes());
+        }
+        dev.publish(&p).await;
+        assert_eq!(dev.recv().await.kind, kind::PUBACK);
+    }
+    // The queue keeps each message's expiry interval as received.
+    let stored: Vec<_> = gw
+        .wait_records(4)
+        .await
+        .iter()
+        .map(|r| r.message_expiry)
+        .collect();
+    assert_eq!(stored, [Some(3600), Some(3), None, Some(0)]);
+    let expired = |g: &TestGateway| {
+        g.sessions
+            .stats
+            .messages_expired
+            .load(std::sync::atomic::Ordering::SeqCst) as usize
+    };
+    // Expiry 0 has passed by the time the router gets to it: never queued.
+    gw.wait_until("all four routed, one expired", WAIT, |g| {
+        expired(g) >= 1 && g.sessions.queued_messages() + expired(g) == 4
+    })
+    .await;
+    // (On a machine slow enough to take 3 s to get here, the three-second one went already.)
+    let short_left = gw.sessions.queued_messages() == 3;
+    drop(dev);
+
+    // The session store keeps each deadline: after a restart the three-second message still
+    // expires (dropped unsent and counted, by the expiry sweep, while its session is offline).
+    let gw = gw.restart().await;
+    gw.wait_until(
+        "the three-second message expired",
+        Duration::from_secs(15),
+        |g| g.sessions.queued_messages() == 2 && expired(g) == usize::from(short_left),
+    )
+    .await;
+    let mut sub = gw.raw(Some(SUBSCRIBER)).await;
+    let ack = sub.connect(&Connect::v5(SUBSCRIBER).persistent(600)).await;
+    assert!(ack.session_present());
+    let hour = sub.recv().await.publish(true);
+    assert_eq!(hour.payload, b"hour");
+    let left = expiry_of(&hour).expect("an expiry interval");
+    assert!(
+        (3590..=3600).contains(&left),
+        "the time left, not the interval as received: {left}"
+    );
+    sub.send(&raw::puback(hour.pkid)).await.unwrap();
+    let forever = sub.recv().await.publish(true);
+    assert_eq!(forever.payload, b"forever");
+    assert_eq!(expiry_of(&forever), None);
+    sub.send(&raw::puback(forever.pkid)).await.unwrap();
+    assert!(sub.recv_within(Duration::from_millis(300)).await.is_err());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_retained_message_is_not_sent_to_a_new_subscription() {
+    let gw = gateway().await;
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v5(DEVICE)).await;
+    dev.publish(
+        &Publish::new(true, "devices/dev-00001/short", b"short")
+            .qos(1, 1)
+            .retain()
+            .property(MESSAGE_EXPIRY, &1u32.to_be_bytes()),
+    )
+    .await;
+    assert_eq!(dev.recv().await.kind, kind::PUBACK);
+    dev.publish(
+        &Publish::new(true, "devices/dev-00001/long", b"long")
+            .qos(1, 2)
+            .retain()
+            .property(MESSAGE_EXPIRY, &3600u32.to_be_bytes()),
+    )
+    .await;
+    assert_eq!(dev.recv().await.kind, kind::PUBACK);
+    gw.wait_until("both retained", WAIT, |g| {
+        g.sessions.retained_counts().0 == 2
+    })
+    .await;
+    gw.wait_until(
+        "the one-second retained message is gone",
+        Duration::from_secs(10),
+        |g| g.sessions.retained_counts().0 == 1,
+    )
+    .await;
+    let mut sub = gw.raw_connected(SUBSCRIBER, &Connect::v5(SUBSCRIBER)).await;
+    sub.send(&raw::subscribe_with(true, 1, &[("devices/dev-00001/#", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(sub.recv().await.suback_codes(true), [1]);
+    let r = sub.recv().await.publish(true);
+    assert_eq!((r.payload.as_slice(), r.retain), (&b"long"[..], true));
+    assert!(expiry_of(&r).is_some_and(|e| e <= 3600));
+    sub.send(&raw::puback(r.pkid)).await.unwrap();
+    assert!(sub.recv_within(Duration::from_millis(300)).await.is_err());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn response_topic_and_correlation_data_reach_an_mqtt5_subscriber() {
+    let gw = gateway().await;
+    let mut v5 = gw.raw_connected(SUBSCRIBER, &Connect::v5(SUBSCRIBER)).await;
+    v5.send(&raw::subscribe_with(true, 1, &[("devices/+/requests", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(v5.recv().await.suback_codes(true), [1]);
+    let mut v4 = gw
+        .raw_connected("dev-00004", &Connect::v4("dev-00004"))
+        .await;
+    v4.send(&raw::subscribe_with(false, 1, &[("devices/+/requests", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(v4.recv().await.suback_codes(false), [1]);
+
+    let mut dev = gw.raw_connected(DEVICE, &Connect::v5(DEVICE)).await;
+    let correlation = [0u8, 1, 2, 0xff];
+    dev.publish(
+        &Publish::new(true, "devices/dev-00001/requests", b"status?")
+            .qos(1, 1)
+            .property(RESPONSE_TOPIC, &prop_bytes(b"devices/dev-00001/replies"))
+            .property(CORRELATION_DATA, &prop_bytes(&correlation)),
+    )
+    .await;
+    assert_eq!(dev.recv().await.kind, kind::PUBACK);
+
+    let r = v5.recv().await.publish(true);
+    assert_eq!(r.payload, b"status?");
+    assert_eq!(
+        property_values(&r.properties, RESPONSE_TOPIC),
+        [prop_bytes(b"devices/dev-00001/replies")]
+    );
+    assert_eq!(
+        property_values(&r.properties, CORRELATION_DATA),
+        [prop_bytes(&correlation)]
+    );
+    v5.send(&raw::puback(r.pkid)).await.unwrap();
+    // 3.1.1 has no properties: the same message, payload only.
+    let r = v4.recv().await.publish(false);
+    assert_eq!(r.payload, b"status?");
+    v4.send(&raw::puback(r.pkid)).await.unwrap();
+    let rec = &gw.wait_records(1).await[0];
+    assert_eq!(
+        rec.response_topic.as_deref(),
+        Some("devices/dev-00001/replies")
+    );
+    assert_eq!(rec.correlation_data.as_deref(), Some(&correlation[..]));
     gw.stop().await;
 }

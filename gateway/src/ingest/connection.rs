@@ -594,7 +594,7 @@ pub(super) fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
             payload_format: message.payload_format,
             response_topic: message.response_topic.clone(),
             correlation_data: message.correlation_data.clone(),
-            message_expiry: None,
+            message_expiry: message.remaining_expiry(std::time::SystemTime::now()),
             subscription_ids: message.subscription_ids.clone(),
         })),
         Delivery::PubRel { pkid } => Outbound::PubRel { pkid },

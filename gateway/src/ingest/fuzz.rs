@@ -161,6 +161,7 @@ fn message_for(filter: &str) -> Arc<Message> {
         response_topic: None,
         correlation_data: None,
         subscription_ids: Vec::new(),
+        expires_at: None,
     })
 }
 

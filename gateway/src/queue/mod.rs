@@ -114,7 +114,7 @@ pub(crate) fn freeable_through<'a>(
     }
     cursors.map(|(_, acked)| acked).min()
 }
-pub use record::{EncodeError, NewRecord, Record};
+pub use record::{micros_since_epoch, EncodeError, NewRecord, Record};
 pub use segment::SegmentMeta;
 
 use std::collections::{BTreeMap, VecDeque};

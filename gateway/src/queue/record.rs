@@ -144,7 +144,8 @@ pub enum EncodeError {
     BadQos(u8),
 }
 
-pub(crate) fn micros_since_epoch(t: SystemTime) -> u64 {
+/// `t` in microseconds since the Unix epoch (0 before it), as records store times.
+pub fn micros_since_epoch(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)

@@ -10,8 +10,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::index::FilterIndex;
@@ -113,7 +114,25 @@ impl Slot {
         follow(&self.total_bytes, bytes, outbox.bytes());
         follow(&self.total_messages, len, outbox.len());
         // An ended session's outbox is replaced (its counts start again): no sends then.
+        let expired = outbox.take_expired();
+        if !expired.is_empty() {
+            // Under the outbox's lock, so that the Done is stored before the packet id can be
+            // given to another message.
+            if let Some(st) = self.stored() {
+                for pkid in expired {
+                    st.append(&Event::Done {
+                        id: self.client_id.to_string(),
+                        pkid,
+                    });
+                }
+            }
+        }
         let after = outbox.counts();
+        if after.expired > counts.expired {
+            self.stats
+                .messages_expired
+                .fetch_add(after.expired - counts.expired, Ordering::Relaxed);
+        }
         if after.sent > counts.sent {
             self.stats
                 .delivered
@@ -225,6 +244,9 @@ pub struct DeliveryStats {
     pub evicted: AtomicU64,
     /// Retained messages refused by the `max_retained_*` bounds (a new topic when full).
     pub retained_refused: AtomicU64,
+    /// Messages not sent because their MQTT 5 message expiry passed first (routed after it,
+    /// or waiting in a session's outbox).
+    pub messages_expired: AtomicU64,
     /// Retained messages sent to new subscriptions.
     pub retained_sent: AtomicU64,
 }
@@ -554,9 +576,15 @@ impl Sessions {
             .fetch_add(dropped, Ordering::Relaxed);
     }
 
-    /// Ends offline sessions whose expiry has passed at `now`; returns how many.
-    pub fn sweep(&self, now: Instant) -> usize {
+    /// Ends offline sessions whose expiry has passed at `now`; returns how many. Also drops
+    /// the messages whose MQTT 5 expiry has passed at `wall`: queued ones (counted) and
+    /// retained ones.
+    pub fn sweep(&self, now: Instant, wall: SystemTime) -> usize {
         let mut inner = self.lock();
+        let _ = self.drop_expired_retained(&mut inner, wall);
+        for slot in inner.slots.values() {
+            slot.with_outbox(|o| o.drop_expired(wall));
+        }
         let expired: Vec<Arc<Slot>> = inner
             .slots
             .values()
@@ -702,9 +730,9 @@ impl Sessions {
         if retain_handling == 2 || (retain_handling == 1 && !is_new) {
             return None;
         }
-        let inner = self.lock();
+        let mut inner = self.lock();
+        let mut last = self.drop_expired_retained(&mut inner, SystemTime::now());
         let store = slot.stored();
-        let mut last = None;
         let mut sent = 0u64;
         // `$` topics are matched only by filters that name them (topic::matches).
         for (topic, (qos, m)) in &inner.retained {
@@ -732,6 +760,27 @@ impl Sessions {
             });
         }
         self.stats.retained_sent.fetch_add(sent, Ordering::Relaxed);
+        last
+    }
+
+    /// Removes the retained messages whose MQTT 5 expiry has passed at `now` (they are never
+    /// sent again); returns the store append of their removal.
+    fn drop_expired_retained(&self, inner: &mut Inner, now: SystemTime) -> Option<PendingAppend> {
+        let expired: Vec<String> = inner
+            .retained
+            .iter()
+            .filter(|(_, (_, m))| m.is_expired(now))
+            .map(|(t, _)| t.clone())
+            .collect();
+        let mut last = None;
+        for topic in expired {
+            if let Some((_, old)) = inner.retained.remove(&topic) {
+                inner.retained_bytes -= old.cost();
+            }
+            if let Some(st) = &self.store {
+                last = st.append(&Event::Unretain { topic }).or(last);
+            }
+        }
         last
     }
 
@@ -804,6 +853,7 @@ impl Sessions {
         // Each matching session once: its options merged, and every matching subscription's id.
         let mut targets: Vec<(Arc<str>, SubOptions, Vec<u32>)> = Vec::new();
         let b = self.bounds();
+        let now = SystemTime::now();
         let mut inner = self.lock();
         for rec in records {
             self.stats.routed.fetch_add(1, Ordering::Relaxed);
@@ -847,6 +897,11 @@ impl Sessions {
                     continue;
                 }
                 self.stats.matched.fetch_add(1, Ordering::Relaxed);
+                if message.is_expired(now) {
+                    // Its expiry passed before it was routed (the router caught up late).
+                    self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let qos = o.qos.min(published_qos);
                 let over_total =
                     self.total_bytes.load(Ordering::Acquire) + message.cost() > max_bytes;
@@ -929,6 +984,7 @@ impl Message {
     /// The message a queue record becomes for subscribers. `retain`: the flag to send it with
     /// (live delivery clears it unless the subscription keeps it as published).
     pub fn from_record(rec: Record, retain: bool) -> Message {
+        let expires_at = rec.expires_at();
         Message {
             topic: rec.topic.into(),
             payload: rec.payload.into(),
@@ -936,9 +992,10 @@ impl Message {
             user_properties: rec.user_properties,
             content_type: rec.content_type,
             payload_format: rec.payload_format,
-            response_topic: None,
-            correlation_data: None,
+            response_topic: rec.response_topic,
+            correlation_data: rec.correlation_data.map(Bytes::from),
             subscription_ids: Vec::new(),
+            expires_at,
         }
     }
 }

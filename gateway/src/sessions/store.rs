@@ -102,6 +102,10 @@ pub struct StoredMessage {
     /// The session's matching subscriptions' identifiers (absent in older events: none).
     #[serde(default)]
     pub subscription_ids: Vec<u32>,
+    /// MQTT 5 deadline, microseconds since the Unix epoch: absolute, so that it holds across a
+    /// restart (absent in older events: none).
+    #[serde(default)]
+    pub expires_at_us: Option<u64>,
 }
 
 impl StoredMessage {
@@ -116,6 +120,7 @@ impl StoredMessage {
             response_topic: m.response_topic.clone(),
             correlation_data: m.correlation_data.as_ref().map(|b| b.to_vec()),
             subscription_ids: m.subscription_ids.clone(),
+            expires_at_us: m.expires_at.map(crate::queue::micros_since_epoch),
         }
     }
 
@@ -130,6 +135,9 @@ impl StoredMessage {
             response_topic: self.response_topic,
             correlation_data: self.correlation_data.map(Bytes::from),
             subscription_ids: self.subscription_ids,
+            expires_at: self
+                .expires_at_us
+                .map(|us| SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us)),
         }
     }
 }
@@ -453,6 +461,7 @@ mod tests {
             response_topic: Some("r".into()),
             correlation_data: Some(b"c".to_vec()),
             subscription_ids: vec![3],
+            expires_at_us: Some(1_700_000_000_123_456),
         }
     }
 
@@ -637,6 +646,7 @@ mod tests {
             panic!("not a Msg: {e:?}")
         };
         assert!(message.subscription_ids.is_empty());
+        assert_eq!(message.expires_at_us, None);
     }
 
     #[test]
