@@ -21,6 +21,7 @@ const RESPONSE_TOPIC: u8 = 0x08;
 const CORRELATION_DATA: u8 = 0x09;
 const SUBSCRIPTION_ID: u8 = 0x0B;
 const SUBSCRIPTION_IDS_AVAILABLE: u8 = 0x29;
+const REASON_STRING: u8 = 0x1F;
 
 /// Every device may publish under its own tree and subscribe to every device's.
 async fn gateway() -> TestGateway {
@@ -362,5 +363,96 @@ async fn response_topic_and_correlation_data_reach_an_mqtt5_subscriber() {
         Some("devices/dev-00001/replies")
     );
     assert_eq!(rec.correlation_data.as_deref(), Some(&correlation[..]));
+    gw.stop().await;
+}
+
+const REQUEST_PROBLEM_INFO: u8 = 0x17;
+const MAXIMUM_PACKET_SIZE: u8 = 0x27;
+
+fn reason_string(props: &[(u8, Vec<u8>)]) -> Option<String> {
+    property_values(props, REASON_STRING)
+        .first()
+        .map(|v| String::from_utf8(v[2..].to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn refusals_and_disconnects_carry_a_reason_string_unless_the_client_declined_or_it_would_not_fit(
+) {
+    let gw = gateway().await;
+    // Default (Request Problem Information absent = 1): SUBACK 0x87 and PUBACK 0x87 say why.
+    let mut c = gw.raw_connected(DEVICE, &Connect::v5(DEVICE)).await;
+    c.send(&raw::subscribe_with(
+        true,
+        1,
+        &[("other/#", 1), ("devices/#", 1)],
+    ))
+    .await
+    .unwrap();
+    let ack = c.recv().await;
+    assert_eq!(ack.suback_codes(true), [0x87, 1]);
+    assert_eq!(
+        reason_string(&ack.ack_properties()).as_deref(),
+        Some("not allowed by the subscribe ACL")
+    );
+    c.publish(&Publish::new(true, "devices/dev-00002/t", b"x").qos(1, 7))
+        .await;
+    let ack = c.recv().await;
+    assert_eq!(
+        (ack.kind, ack.pkid(), ack.ack_reason()),
+        (kind::PUBACK, 7, 0x87)
+    );
+    assert_eq!(
+        reason_string(&ack.ack_properties()).as_deref(),
+        Some("not allowed by the publish ACL")
+    );
+    // A DISCONNECT from the gateway says why too.
+    c.send(&raw::subscribe_v5_props(
+        2,
+        &raw::subscription_id(0),
+        &[("devices/#", 1)],
+    ))
+    .await
+    .unwrap();
+    let got = c.until_closed(WAIT).await;
+    let d = got.last().expect("a DISCONNECT");
+    assert_eq!(d.disconnect_reason(), 0x82);
+    assert_eq!(
+        reason_string(&d.disconnect_properties()).as_deref(),
+        Some("subscription identifier 0")
+    );
+
+    // Request Problem Information 0: the same refusals, no reason string.
+    let mut c = gw
+        .raw_connected(
+            DEVICE,
+            &Connect::v5(DEVICE).property(REQUEST_PROBLEM_INFO, &[0]),
+        )
+        .await;
+    c.send(&raw::subscribe_with(true, 1, &[("other/#", 1)]))
+        .await
+        .unwrap();
+    let ack = c.recv().await;
+    assert_eq!(ack.suback_codes(true), [0x87]);
+    assert!(ack.ack_properties().is_empty(), "{ack:?}");
+    c.publish(&Publish::new(true, "devices/dev-00002/t", b"x").qos(1, 8))
+        .await;
+    let ack = c.recv().await;
+    assert_eq!(ack.ack_reason(), 0x87);
+    assert!(ack.ack_properties().is_empty(), "{ack:?}");
+    drop(c);
+
+    // A maximum packet size the reason string would pass: the SUBACK without it.
+    let mut c = gw
+        .raw_connected(
+            DEVICE,
+            &Connect::v5(DEVICE).property(MAXIMUM_PACKET_SIZE, &20u32.to_be_bytes()),
+        )
+        .await;
+    c.send(&raw::subscribe_with(true, 1, &[("other/#", 1)]))
+        .await
+        .unwrap();
+    let ack = c.recv().await;
+    assert_eq!(ack.suback_codes(true), [0x87]);
+    assert!(ack.ack_properties().is_empty(), "{ack:?}");
     gw.stop().await;
 }

@@ -210,6 +210,14 @@ pub enum Outbound {
         reason: u8,
         text: Option<String>,
     },
+    /// `packet` (a PUBACK, PUBREC, SUBACK or UNSUBACK) with an MQTT 5 Reason String property
+    /// saying why it refuses. The session adds it only where the client allows it (Request
+    /// Problem Information) and it fits the client's maximum packet size; 3.1.1 sends `packet`
+    /// as it is.
+    WithReason {
+        packet: Box<Outbound>,
+        text: String,
+    },
 }
 
 /// The MQTT 5 CONNACK properties the gateway states about itself.
@@ -601,6 +609,7 @@ pub fn encode(p: &Outbound, version: Version, out: &mut BytesMut) {
 
 fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
     match p {
+        Outbound::WithReason { packet, .. } => encode_v4(packet, out),
         Outbound::ConnAck {
             code,
             session_present,
@@ -642,6 +651,7 @@ fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
 
 fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
     match p {
+        Outbound::WithReason { packet, text } => encode_v5_with_reason(packet, text, out),
         Outbound::ConnAck {
             code,
             session_present,
@@ -748,6 +758,68 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
         }
         .write(out),
     }
+}
+
+/// `p` with `text` as its Reason String (the packets that have one; others as they are).
+fn encode_v5_with_reason(
+    p: &Outbound,
+    text: &str,
+    out: &mut BytesMut,
+) -> Result<usize, mb5::Error> {
+    let reason_string = Some(text.to_string());
+    match p {
+        Outbound::PubAck { pkid, reason } => m5::PubAck {
+            pkid: *pkid,
+            reason: puback_reason(*reason),
+            properties: Some(m5::PubAckProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::PubRec { pkid, reason } => m5::PubRec {
+            pkid: *pkid,
+            reason: pubrec_reason(*reason),
+            properties: Some(m5::PubRecProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::SubAck { pkid, codes } => m5::SubAck {
+            pkid: *pkid,
+            return_codes: codes.iter().map(|&c| suback_reason(c)).collect(),
+            properties: Some(m5::SubAckProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::UnsubAck { pkid, codes } => m5::UnsubAck {
+            pkid: *pkid,
+            reasons: codes.iter().map(|&c| unsuback_reason(c)).collect(),
+            properties: Some(m5::UnsubAckProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::Disconnect { reason, .. } => encode_v5(
+            &Outbound::Disconnect {
+                reason: *reason,
+                text: reason_string,
+            },
+            out,
+        ),
+        other => encode_v5(other, out),
+    }
+}
+
+/// The size of `p` encoded for `version` (to keep within a client's maximum packet size).
+pub fn encoded_len(p: &Outbound, version: Version) -> usize {
+    let mut b = BytesMut::new();
+    encode(p, version, &mut b);
+    b.len()
 }
 
 fn connect_return_code(code: u8) -> m5::ConnectReturnCode {
@@ -1039,6 +1111,53 @@ mod tests {
             assert_eq!(p.pkid, if qos > 0 { 42 } else { 0 });
             assert_eq!(&p.payload[..], b"now");
         }
+    }
+
+    #[test]
+    fn a_reason_string_goes_with_v5_acks_and_not_with_v311() {
+        let text = "not authorized".to_string();
+        let with = |packet| Outbound::WithReason {
+            packet: Box::new(packet),
+            text: text.clone(),
+        };
+        let mut b = BytesMut::new();
+        encode(
+            &with(Outbound::PubAck {
+                pkid: 3,
+                reason: reason::QUOTA_EXCEEDED,
+            }),
+            Version::V5,
+            &mut b,
+        );
+        let len = b.len();
+        let Ok(m5::Packet::PubAck(a)) = m5::Packet::read(&mut b, Some(len as u32)) else {
+            panic!("not a PUBACK")
+        };
+        assert_eq!(a.reason, m5::PubAckReason::QuotaExceeded);
+        assert_eq!(
+            a.properties.and_then(|p| p.reason_string).as_deref(),
+            Some("not authorized")
+        );
+        let mut b = BytesMut::new();
+        let suback = Outbound::SubAck {
+            pkid: 4,
+            codes: vec![reason::NOT_AUTHORIZED],
+        };
+        encode(&with(suback.clone()), Version::V5, &mut b);
+        let len = b.len();
+        let Ok(m5::Packet::SubAck(a)) = m5::Packet::read(&mut b, Some(len as u32)) else {
+            panic!("not a SUBACK")
+        };
+        assert_eq!(
+            a.properties.and_then(|p| p.reason_string).as_deref(),
+            Some("not authorized")
+        );
+        assert_eq!(encoded_len(&with(suback.clone()), Version::V5), len);
+        // 3.1.1: the packet as it is.
+        let (mut plain, mut wrapped) = (BytesMut::new(), BytesMut::new());
+        encode(&suback, Version::V311, &mut plain);
+        encode(&with(suback), Version::V311, &mut wrapped);
+        assert_eq!(plain, wrapped);
     }
 
     #[test]

@@ -506,6 +506,11 @@ impl Conn {
             Some(Outbound::PubRec { pkid, .. }) => Outbound::PubRec { pkid, reason: code },
             Some(other) => other,
         };
+        let why = match code {
+            reason::QUOTA_EXCEEDED => "queue full",
+            _ => "could not store the message",
+        };
+        let refusal = self.session.with_reason(refusal, why);
         if self.session.version() == Some(Version::V5) {
             if self.send(Out::Packet(refusal)).await {
                 Step::Continue

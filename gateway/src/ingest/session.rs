@@ -176,6 +176,10 @@ pub struct Session {
     /// the difference is what the device has in flight (MQTT 5 receive maximum).
     acks_requested: u64,
     acks_sent: u64,
+    /// MQTT 5 Request Problem Information: reason strings on acks only while this holds.
+    problem_info: bool,
+    /// MQTT 5: the largest packet the client accepts (no reason string makes a packet larger).
+    client_max_packet: Option<u32>,
 }
 
 impl Session {
@@ -190,6 +194,52 @@ impl Session {
             will_owner: None,
             acks_requested: 0,
             acks_sent: 0,
+            problem_info: true,
+            client_max_packet: None,
+        }
+    }
+
+    /// Whether `p` fits the client's maximum packet size.
+    fn fits(&self, p: &Outbound) -> bool {
+        let v = self.version.unwrap_or(Version::V311);
+        self.client_max_packet
+            .is_none_or(|max| super::codec::encoded_len(p, v) <= max as usize)
+    }
+
+    /// `packet` (a refusing PUBACK, PUBREC, SUBACK or UNSUBACK) with `text` as its MQTT 5
+    /// reason string, unless the client asked for none (Request Problem Information 0) or it
+    /// would pass the client's maximum packet size; then `packet` alone.
+    pub fn with_reason(&self, packet: Outbound, text: &str) -> Outbound {
+        if self.version != Some(Version::V5) || !self.problem_info {
+            return packet;
+        }
+        let with = Outbound::WithReason {
+            packet: Box::new(packet),
+            text: text.to_string(),
+        };
+        if self.fits(&with) {
+            return with;
+        }
+        match with {
+            Outbound::WithReason { packet, .. } => *packet,
+            other => other,
+        }
+    }
+
+    /// An MQTT 5 DISCONNECT with `code` and `text` as its reason string (DISCONNECT may carry
+    /// one whatever Request Problem Information says), without it if it would not fit.
+    fn disconnect(&self, code: u8, text: &str) -> Outbound {
+        let with = Outbound::Disconnect {
+            reason: code,
+            text: Some(text.to_string()),
+        };
+        if self.fits(&with) {
+            with
+        } else {
+            Outbound::Disconnect {
+                reason: code,
+                text: None,
+            }
         }
     }
 
@@ -243,10 +293,7 @@ impl Session {
     fn close_with(&mut self, code: u8, text: &str, why: Refusal) -> Vec<Action> {
         let mut out = vec![Action::Refused(why)];
         if self.version == Some(Version::V5) {
-            out.push(Action::Send(Outbound::Disconnect {
-                reason: code,
-                text: Some(text.to_string()),
-            }));
+            out.push(Action::Send(self.disconnect(code, text)));
         }
         let publish_will = self.is_connected();
         self.state = State::Closed;
@@ -276,10 +323,10 @@ impl Session {
     pub fn on_taken_over(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         if self.version == Some(Version::V5) {
-            out.push(Action::Send(Outbound::Disconnect {
-                reason: reason::SESSION_TAKEN_OVER,
-                text: Some("another connection with this client id".into()),
-            }));
+            out.push(Action::Send(self.disconnect(
+                reason::SESSION_TAKEN_OVER,
+                "another connection with this client id",
+            )));
         }
         // The device is alive (it just reconnected): its will is not published.
         self.will = None;
@@ -294,10 +341,10 @@ impl Session {
     pub fn on_shutdown(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         if self.version == Some(Version::V5) {
-            out.push(Action::Send(Outbound::Disconnect {
-                reason: reason::SERVER_SHUTTING_DOWN,
-                text: None,
-            }));
+            out.push(Action::Send(self.disconnect(
+                reason::SERVER_SHUTTING_DOWN,
+                "server shutting down",
+            )));
         }
         self.will = None;
         self.state = State::Closed;
@@ -445,6 +492,7 @@ impl Session {
         let State::Connected(c) = &self.state else {
             return Vec::new();
         };
+        let (identity, client_id) = (c.identity.clone(), c.client_id.clone());
         let mut out = Vec::new();
         let mut granted = Vec::new();
         let mut codes = Vec::with_capacity(filters.len());
@@ -456,7 +504,7 @@ impl Session {
             {
                 out.push(Action::Refused(Refusal::Malformed));
                 reason::TOPIC_FILTER_INVALID
-            } else if !acl.may_subscribe(&c.identity, &c.client_id, &s.filter) {
+            } else if !acl.may_subscribe(&identity, &client_id, &s.filter) {
                 out.push(Action::Refused(Refusal::Acl));
                 reason::NOT_AUTHORIZED
             } else {
@@ -470,13 +518,34 @@ impl Session {
         if !granted.is_empty() {
             out.push(Action::Subscribe(granted));
         }
-        out.push(Action::Send(Outbound::SubAck { pkid, codes }));
+        let mut why: Vec<&str> = Vec::new();
+        for &c in &codes {
+            let text = match c {
+                reason::NOT_AUTHORIZED => "not allowed by the subscribe ACL",
+                reason::TOPIC_FILTER_INVALID => "invalid topic filter",
+                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED => {
+                    "shared subscriptions are not supported"
+                }
+                _ => continue,
+            };
+            if !why.contains(&text) {
+                why.push(text);
+            }
+        }
+        let ack = Outbound::SubAck { pkid, codes };
+        out.push(Action::Send(if why.is_empty() {
+            ack
+        } else {
+            self.with_reason(ack, &why.join("; "))
+        }));
         out
     }
 
     fn on_connect(&mut self, mut c: Box<Connect>, acl: &dyn PublishAcl) -> Vec<Action> {
         let v = c.version;
         self.version = Some(v);
+        self.problem_info = c.request_problem_info;
+        self.client_max_packet = c.client_max_packet;
         if c.auth_method.is_some() {
             return self.refuse_connect(
                 v,
@@ -636,21 +705,28 @@ impl Session {
             return Vec::new();
         };
         if !acl.may_publish(&c.identity, &c.client_id, &p.topic) {
+            const WHY: &str = "not allowed by the publish ACL";
             return match (v, p.qos) {
                 (Version::V5, 0) => vec![Action::Refused(Refusal::Acl)],
                 (Version::V5, 1) => vec![
                     Action::Refused(Refusal::Acl),
-                    Action::Send(Outbound::PubAck {
-                        pkid: p.pkid,
-                        reason: reason::NOT_AUTHORIZED,
-                    }),
+                    Action::Send(self.with_reason(
+                        Outbound::PubAck {
+                            pkid: p.pkid,
+                            reason: reason::NOT_AUTHORIZED,
+                        },
+                        WHY,
+                    )),
                 ],
                 (Version::V5, _) => vec![
                     Action::Refused(Refusal::Acl),
-                    Action::Send(Outbound::PubRec {
-                        pkid: p.pkid,
-                        reason: reason::NOT_AUTHORIZED,
-                    }),
+                    Action::Send(self.with_reason(
+                        Outbound::PubRec {
+                            pkid: p.pkid,
+                            reason: reason::NOT_AUTHORIZED,
+                        },
+                        WHY,
+                    )),
                 ],
                 // 3.1.1 has no way to refuse a publish: close the connection.
                 (Version::V311, _) => {
@@ -844,9 +920,12 @@ mod tests {
             a,
             vec![
                 Action::Refused(Refusal::Acl),
-                Action::Send(Outbound::PubAck {
-                    pkid: 3,
-                    reason: 0x87
+                Action::Send(Outbound::WithReason {
+                    packet: Box::new(Outbound::PubAck {
+                        pkid: 3,
+                        reason: 0x87
+                    }),
+                    text: "not allowed by the publish ACL".into()
                 })
             ]
         );
@@ -939,15 +1018,18 @@ mod tests {
                 Action::Refused(Refusal::Acl),
                 Action::Refused(Refusal::Malformed),
                 Action::Subscribe(vec![two, plus]),
-                Action::Send(Outbound::SubAck {
-                    pkid: 4,
-                    codes: vec![
-                        2,
-                        reason::NOT_AUTHORIZED,
-                        reason::TOPIC_FILTER_INVALID,
-                        reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
-                        1
-                    ]
+                Action::Send(Outbound::WithReason {
+                    packet: Box::new(Outbound::SubAck {
+                        pkid: 4,
+                        codes: vec![
+                            2,
+                            reason::NOT_AUTHORIZED,
+                            reason::TOPIC_FILTER_INVALID,
+                            reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+                            1
+                        ]
+                    }),
+                    text: "not allowed by the subscribe ACL; invalid topic filter; shared subscriptions are not supported".into()
                 })
             ]
         );
@@ -983,6 +1065,64 @@ mod tests {
             &DevicesOwnTree,
         );
         assert_eq!(a[0], Action::Subscribe(vec![f]));
+    }
+
+    /// A v5 session whose CONNECT set these properties.
+    fn connected_with(problem_info: bool, max_packet: Option<u32>) -> Session {
+        let mut s = Session::new(SessionLimits::default());
+        let mut c = connect(Version::V5, "d1");
+        c.request_problem_info = problem_info;
+        c.client_max_packet = max_packet;
+        s.on_packet(Inbound::Connect(c), &DevicesOwnTree);
+        s.authenticated(
+            Ok(Identity {
+                name: "d1".into(),
+                username: None,
+            }),
+            &DevicesOwnTree,
+        );
+        s
+    }
+
+    #[test]
+    fn reason_strings_follow_request_problem_information_and_the_clients_maximum_packet_size() {
+        let denied = || Inbound::Subscribe {
+            pkid: 1,
+            filters: vec![sub("devices/d2/commands/#")],
+        };
+        let plain = Outbound::SubAck {
+            pkid: 1,
+            codes: vec![reason::NOT_AUTHORIZED],
+        };
+        let mut s = connected_with(true, None);
+        assert!(matches!(
+            &s.on_packet(denied(), &DevicesOwnTree)[1],
+            Action::Send(Outbound::WithReason { .. })
+        ));
+        // Request Problem Information 0: no reason string on acks; DISCONNECT keeps its own.
+        let mut s = connected_with(false, None);
+        assert_eq!(
+            s.on_packet(denied(), &DevicesOwnTree)[1],
+            Action::Send(plain.clone())
+        );
+        assert!(s
+            .on_keep_alive_expired()
+            .contains(&Action::Send(Outbound::Disconnect {
+                reason: reason::KEEP_ALIVE_TIMEOUT,
+                text: Some("keep alive timeout".into())
+            })));
+        // A maximum packet size the reason string would pass: the packet without it.
+        let mut s = connected_with(true, Some(8));
+        assert_eq!(
+            s.on_packet(denied(), &DevicesOwnTree)[1],
+            Action::Send(plain)
+        );
+        assert!(s
+            .on_keep_alive_expired()
+            .contains(&Action::Send(Outbound::Disconnect {
+                reason: reason::KEEP_ALIVE_TIMEOUT,
+                text: None
+            })));
     }
 
     #[test]

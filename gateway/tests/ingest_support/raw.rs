@@ -333,6 +333,8 @@ pub struct Connect {
     pub password: Option<String>,
     /// MQTT 5 session expiry interval property, in seconds.
     pub session_expiry: Option<u32>,
+    /// More MQTT 5 CONNECT properties, already encoded (identifier and value).
+    pub properties: Vec<u8>,
 }
 
 impl Connect {
@@ -348,7 +350,15 @@ impl Connect {
             username: None,
             password: None,
             session_expiry: None,
+            properties: Vec::new(),
         }
+    }
+
+    /// Adds an encoded MQTT 5 CONNECT property (identifier and value bytes).
+    pub fn property(mut self, id: u8, value: &[u8]) -> Connect {
+        self.properties.push(id);
+        self.properties.extend_from_slice(value);
+        self
     }
 
     /// Keeps the session (3.1.1 clean session = 0; MQTT 5 clean start = 0 with this expiry).
@@ -432,14 +442,14 @@ impl Connect {
         b.push(flags);
         b.extend_from_slice(&self.keep_alive.to_be_bytes());
         if v5 {
-            match self.session_expiry {
-                Some(e) => {
-                    b.push(5);
-                    b.push(0x11);
-                    b.extend_from_slice(&e.to_be_bytes());
-                }
-                None => b.push(0), // no CONNECT properties
+            let mut props = Vec::new();
+            if let Some(e) = self.session_expiry {
+                props.push(0x11);
+                props.extend_from_slice(&e.to_be_bytes());
             }
+            props.extend_from_slice(&self.properties);
+            varint(props.len(), &mut b);
+            b.extend_from_slice(&props);
         }
         string(self.client_id.as_bytes(), &mut b);
         if let Some(w) = &self.will {
