@@ -41,9 +41,14 @@ pub struct Message {
 }
 
 impl Message {
-    /// The bytes this message is counted as against a session's bound.
+    /// The bytes this message is counted as against a session's bound (an MQTT 5 response
+    /// topic and correlation data count too: they may be as large as a payload).
     pub fn cost(&self) -> usize {
-        self.topic.len() + self.payload.len() + 32
+        self.topic.len()
+            + self.payload.len()
+            + self.response_topic.as_ref().map_or(0, String::len)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + 32
     }
 
     /// Whether the message's deadline has passed at `now`.

@@ -31,7 +31,7 @@ pub struct SessionBounds {
     pub max_bytes: usize,
     /// Sessions kept at once.
     pub max_sessions: usize,
-    /// Retained messages kept, by count and by bytes (topic + payload + 32 each).
+    /// Retained messages kept, by count and by bytes (topic + payload + 32 each, plus a response topic and correlation data).
     pub max_retained_messages: usize,
     pub max_retained_bytes: usize,
 }
