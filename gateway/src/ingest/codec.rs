@@ -391,10 +391,57 @@ pub fn decode(
             "reserved flags {flags:#06b} on packet type {ptype}"
         )));
     }
+    if ptype == 8
+        && version == Some(Version::V5)
+        && subscription_id_count(&buf[header_len..size]).is_some_and(|n| n > 1)
+    {
+        // The vendored codec would keep the last one; MQTT 5 3.8.2.1.2 forbids repeating it.
+        return Err(DecodeError::Malformed(
+            "subscription identifier given more than once".into(),
+        ));
+    }
     match version {
         Some(Version::V5) => decode_v5(buf, max_packet),
         _ => decode_v4(buf, max_packet),
     }
+}
+
+/// A variable byte integer at the start of `b`: (value, bytes), at most 4 bytes.
+fn read_varint(b: &[u8]) -> Option<(usize, usize)> {
+    let mut v = 0usize;
+    for (i, &byte) in b.iter().take(4).enumerate() {
+        v |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// How many Subscription Identifier properties an MQTT 5 SUBSCRIBE body (after the fixed
+/// header) has; `None` when its property block does not parse (the codec then says why).
+fn subscription_id_count(body: &[u8]) -> Option<usize> {
+    let (len, n) = read_varint(body.get(2..)?)?;
+    let props = body.get(2 + n..(2 + n).checked_add(len)?)?;
+    let (mut i, mut count) = (0usize, 0usize);
+    while let Some(&id) = props.get(i) {
+        i += 1;
+        match id {
+            0x0B => {
+                i += read_varint(props.get(i..)?)?.1;
+                count += 1;
+            }
+            // User property: two UTF-8 strings.
+            0x26 => {
+                for _ in 0..2 {
+                    let l = u16::from_be_bytes([*props.get(i)?, *props.get(i + 1)?]);
+                    i += 2 + usize::from(l);
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(count)
 }
 
 fn decode_connect(
@@ -1016,6 +1063,30 @@ mod tests {
         assert_eq!(p.message_expiry, Some(90));
         assert_eq!(p.response_topic.as_deref(), Some("devices/d1/replies"));
         assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00\x01"[..]));
+    }
+
+    #[test]
+    fn a_subscription_identifier_given_twice_does_not_decode() {
+        // pkid 1; properties: user property ("k", "v"), id 5, id 6; filter "a", QoS 1.
+        let body = [
+            0, 1, 11, 0x26, 0, 1, b'k', 0, 1, b'v', 0x0B, 5, 0x0B, 6, 0, 1, b'a', 1,
+        ];
+        let mut b = BytesMut::from(&[0x82, body.len() as u8][..]);
+        b.extend_from_slice(&body);
+        assert!(matches!(
+            decode(&mut b, Some(Version::V5), 1 << 16),
+            Err(DecodeError::Malformed(_))
+        ));
+        // Once is fine.
+        let body = [0, 1, 2, 0x0B, 5, 0, 1, b'a', 1];
+        let mut b = BytesMut::from(&[0x82, body.len() as u8][..]);
+        b.extend_from_slice(&body);
+        let Ok(Some(Inbound::Subscribe { filters, .. })) =
+            decode(&mut b, Some(Version::V5), 1 << 16)
+        else {
+            panic!("not a SUBSCRIBE")
+        };
+        assert_eq!(filters[0].subscription_id, Some(5));
     }
 
     #[test]
