@@ -425,6 +425,10 @@ uplinks = ["lost"]
             "gateway_session_messages_dropped_total{reason=\"retained_refused\"}",
             0.0,
         ),
+        (
+            "gateway_session_messages_dropped_total{reason=\"expired\"}",
+            0.0,
+        ),
         ("gateway_sessions_ended_total{reason=\"expired\"}", 0.0),
         ("gateway_sessions_ended_total{reason=\"evicted\"}", 0.0),
     ] {

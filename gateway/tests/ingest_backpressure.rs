@@ -57,6 +57,11 @@ async fn mqtt5_device_gets_quota_exceeded_when_the_queue_stays_full_and_resumes_
     let refusal = last.expect("a reply after the quota wait");
     assert_eq!(refusal.kind, kind::PUBACK);
     assert_eq!(refusal.ack_reason(), 0x97, "quota exceeded: {refusal:?}");
+    assert_eq!(
+        ingest_support::raw::property_values(&refusal.ack_properties(), 0x1F),
+        [b"\x00\x0aqueue full".to_vec()],
+        "with a reason string"
+    );
     gw.wait_refused("quota", 1).await;
     // Everything acknowledged is stored; the refused one is not.
     assert_eq!(gw.records().len(), usize::from(acked));

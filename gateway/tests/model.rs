@@ -83,7 +83,21 @@ struct Model {
     next_id: u64,
 }
 
+/// Single appends of an odd id carry the MQTT 5 extras (expiry = the id, a response topic,
+/// correlation data = the id's bytes); every other record has none.
+fn extras_of(id: u64) -> Option<(u32, String, Vec<u8>)> {
+    (id % 2 == 1).then(|| (id as u32, format!("reply/{id}"), id.to_be_bytes().to_vec()))
+}
+
 impl Model {
+    /// An even id: a record without extras (see [`extras_of`]).
+    fn next_plain_id(&mut self) -> u64 {
+        self.next_id += self.next_id % 2;
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
     fn after(&self, seq: u64) -> impl Iterator<Item = &(u64, u64)> {
         self.log.iter().filter(move |(s, _)| *s > seq)
     }
@@ -166,7 +180,13 @@ async fn run(ops: Vec<Op>) {
                 model.next_id += 1;
                 let p = payload(id, size);
                 let dev = device(d);
-                let r = gateway::queue::NewRecord::new(&dev, TOPIC, &p);
+                let mut r = gateway::queue::NewRecord::new(&dev, TOPIC, &p);
+                let extras = extras_of(id);
+                if let Some((expiry, topic, data)) = &extras {
+                    r.message_expiry = Some(*expiry);
+                    r.response_topic = Some(topic);
+                    r.correlation_data = Some(data);
+                }
                 let seq = real.q.append(&r).await.unwrap();
                 assert!(
                     model.log.last().is_none_or(|(s, _)| *s < seq),
@@ -178,8 +198,7 @@ async fn run(ops: Vec<Op>) {
                 // Concurrent appends share group commits; each resolves once durable.
                 let mut tasks = Vec::new();
                 for _ in 0..count {
-                    let id = model.next_id;
-                    model.next_id += 1;
+                    let id = model.next_plain_id();
                     let p = payload(id, size);
                     let pending = real.q.try_append(&rec(&p)).unwrap();
                     tasks.push((id, pending));
@@ -218,6 +237,14 @@ async fn run(ops: Vec<Op>) {
                 assert_eq!(pairs(&got), expected, "step {step}: read {n} from {cursor}");
                 for (r, (_, id)) in got.iter().zip(&expected) {
                     assert_eq!(r.payload, payload(*id, r.payload.len()), "step {step}");
+                    let extras = r.message_expiry.map(|e| {
+                        (
+                            e,
+                            r.response_topic.clone().unwrap_or_default(),
+                            r.correlation_data.clone().unwrap_or_default(),
+                        )
+                    });
+                    assert_eq!(extras, extras_of(*id), "step {step}: extras of {id}");
                 }
                 if let Some(last) = got.last() {
                     model.cursors[cursor].read_to = last.seq;
@@ -256,8 +283,7 @@ async fn run(ops: Vec<Op>) {
             Op::Crash { in_flight, cut } => {
                 let mut flying = Vec::new();
                 for _ in 0..in_flight {
-                    let id = model.next_id;
-                    model.next_id += 1;
+                    let id = model.next_plain_id();
                     let p = payload(id, 100);
                     let pending = real.q.try_append(&rec(&p)).unwrap();
                     flying.push((pending.seq(), id));

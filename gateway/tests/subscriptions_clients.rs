@@ -361,7 +361,24 @@ async fn paho_mqtt5_gets_a_retained_message_qos1_and_qos2_and_no_local_holds_its
                 false
             ),
         ]
-    );
+    ); // MQTT 5 properties as paho reads them: the subscription's identifier on what it
+       // delivers (the retained message too), and q1's expiry (the time left), response topic and
+       // correlation data.
+    let of = |payload: &str| {
+        out.iter()
+            .find(|l| l.get("payload").and_then(|p| p.as_str()) == Some(payload))
+            .unwrap_or_else(|| panic!("{payload} not received: {out:?}"))
+            .clone()
+    };
+    for p in ["retained-v5", "q1-v5", "q2-v5"] {
+        assert_eq!(of(p)["sub_ids"], serde_json::json!([11]), "{p}");
+    }
+    let q1 = of("q1-v5");
+    let expiry = q1["expiry"].as_u64().expect("an expiry interval");
+    assert!((3590..=3600).contains(&expiry), "{q1}");
+    assert_eq!(q1["response_topic"], format!("{base}/reply"));
+    assert_eq!(q1["correlation"], "c-1");
+    assert!(of("q2-v5").get("expiry").is_none());
 }
 
 #[tokio::test]

@@ -188,6 +188,7 @@ impl Snapshot {
                     ("refused_full", load(&d.refused_full)),
                     ("discarded_session_end", load(&d.discarded)),
                     ("retained_refused", load(&d.retained_refused)),
+                    ("expired", load(&d.messages_expired)),
                 ]),
             ),
             (

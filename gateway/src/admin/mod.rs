@@ -220,7 +220,7 @@ fn sessions_json(status: &Status) -> serde_json::Value {
         "retained_bytes": retained_bytes,
         "delivered": load(&d.delivered),
         "dropped": load(&d.dropped_qos0) + load(&d.refused_full) + load(&d.discarded)
-            + load(&d.retained_refused),
+            + load(&d.retained_refused) + load(&d.messages_expired),
     })
 }
 

@@ -189,6 +189,9 @@ mod tests {
             user_properties: vec![],
             content_type: None,
             payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
             payload: b"x".to_vec(),
         }
     }

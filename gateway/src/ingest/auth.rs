@@ -362,6 +362,7 @@ mod tests {
             auth_method: None,
             client_receive_maximum: None,
             session_expiry: None,
+            request_problem_info: true,
         }
     }
 

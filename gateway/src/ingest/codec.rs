@@ -32,6 +32,10 @@ pub struct Will {
     pub user_properties: Vec<(String, String)>,
     pub content_type: Option<String>,
     pub payload_format: Option<u8>,
+    /// MQTT 5 will properties kept for subscribers (see [`Publish`]).
+    pub message_expiry: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
 }
 
 /// CONNECT, for either version.
@@ -52,6 +56,9 @@ pub struct Connect {
     pub client_receive_maximum: Option<u16>,
     /// MQTT 5: seconds the session outlives the connection (absent: 0).
     pub session_expiry: Option<u32>,
+    /// MQTT 5 Request Problem Information: `false` when the client sent 0 (no reason strings
+    /// on anything but PUBLISH, CONNACK and DISCONNECT); absent means 1.
+    pub request_problem_info: bool,
 }
 
 /// PUBLISH from a device.
@@ -67,6 +74,11 @@ pub struct Publish {
     pub content_type: Option<String>,
     pub payload_format: Option<u8>,
     pub topic_alias: Option<u16>,
+    /// MQTT 5 Message Expiry Interval, in seconds from now.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5 request/response: where the receiver should answer, and what with.
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
 }
 
 /// One filter of a SUBSCRIBE with its options (MQTT 5 options are false / 0 under 3.1.1).
@@ -81,6 +93,10 @@ pub struct Subscription {
     pub retain_as_published: bool,
     /// MQTT 5: 0 send retained messages on subscribe, 1 only for a new subscription, 2 never.
     pub retain_handling: u8,
+    /// MQTT 5: the SUBSCRIBE's Subscription Identifier (one per packet, so the same for each
+    /// of its filters). `Some(0)` is what the client sent and a protocol error: the session
+    /// refuses it.
+    pub subscription_id: Option<u32>,
 }
 
 /// PUBLISH from the gateway to a subscriber.
@@ -101,6 +117,8 @@ pub struct OutPublish {
     pub correlation_data: Option<Bytes>,
     /// Seconds left of the message's expiry, when it has one.
     pub message_expiry: Option<u32>,
+    /// MQTT 5: the identifiers of every subscription of the receiver that matched.
+    pub subscription_ids: Vec<u32>,
 }
 
 /// What a device may send.
@@ -191,6 +209,14 @@ pub enum Outbound {
     Disconnect {
         reason: u8,
         text: Option<String>,
+    },
+    /// `packet` (a PUBACK, PUBREC, SUBACK or UNSUBACK) with an MQTT 5 Reason String property
+    /// saying why it refuses. The session adds it only where the client allows it (Request
+    /// Problem Information) and it fits the client's maximum packet size; 3.1.1 sends `packet`
+    /// as it is.
+    WithReason {
+        packet: Box<Outbound>,
+        text: String,
     },
 }
 
@@ -365,10 +391,57 @@ pub fn decode(
             "reserved flags {flags:#06b} on packet type {ptype}"
         )));
     }
+    if ptype == 8
+        && version == Some(Version::V5)
+        && subscription_id_count(&buf[header_len..size]).is_some_and(|n| n > 1)
+    {
+        // The vendored codec would keep the last one; MQTT 5 3.8.2.1.2 forbids repeating it.
+        return Err(DecodeError::Malformed(
+            "subscription identifier given more than once".into(),
+        ));
+    }
     match version {
         Some(Version::V5) => decode_v5(buf, max_packet),
         _ => decode_v4(buf, max_packet),
     }
+}
+
+/// A variable byte integer at the start of `b`: (value, bytes), at most 4 bytes.
+fn read_varint(b: &[u8]) -> Option<(usize, usize)> {
+    let mut v = 0usize;
+    for (i, &byte) in b.iter().take(4).enumerate() {
+        v |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// How many Subscription Identifier properties an MQTT 5 SUBSCRIBE body (after the fixed
+/// header) has; `None` when its property block does not parse (the codec then says why).
+fn subscription_id_count(body: &[u8]) -> Option<usize> {
+    let (len, n) = read_varint(body.get(2..)?)?;
+    let props = body.get(2 + n..(2 + n).checked_add(len)?)?;
+    let (mut i, mut count) = (0usize, 0usize);
+    while let Some(&id) = props.get(i) {
+        i += 1;
+        match id {
+            0x0B => {
+                i += read_varint(props.get(i..)?)?.1;
+                count += 1;
+            }
+            // User property: two UTF-8 strings.
+            0x26 => {
+                for _ in 0..2 {
+                    let l = u16::from_be_bytes([*props.get(i)?, *props.get(i + 1)?]);
+                    i += 2 + usize::from(l);
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(count)
 }
 
 fn decode_connect(
@@ -393,11 +466,15 @@ fn decode_connect(
                     user_properties: Vec::new(),
                     content_type: None,
                     payload_format: None,
+                    message_expiry: None,
+                    response_topic: None,
+                    correlation_data: None,
                 }),
                 client_max_packet: None,
                 auth_method: None,
                 client_receive_maximum: None,
                 session_expiry: None,
+                request_problem_info: true,
             })))),
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
             Err(e) => Err(malformed(e)),
@@ -407,23 +484,27 @@ fn decode_connect(
                 let props = c.properties.unwrap_or_default();
                 let will = match will {
                     Some(w) => {
-                        let (user_properties, content_type, payload_format) = match w.properties {
-                            Some(wp) => (
-                                wp.user_properties,
-                                wp.content_type,
-                                wp.payload_format_indicator,
-                            ),
-                            None => (Vec::new(), None, None),
-                        };
+                        let wp = w.properties.unwrap_or(m5::LastWillProperties {
+                            delay_interval: None,
+                            payload_format_indicator: None,
+                            message_expiry_interval: None,
+                            content_type: None,
+                            response_topic: None,
+                            correlation_data: None,
+                            user_properties: Vec::new(),
+                        });
                         Some(Will {
                             topic: String::from_utf8(w.topic.to_vec())
                                 .map_err(|_| malformed("will topic is not UTF-8"))?,
                             payload: w.message,
                             qos: qos5_u8(w.qos),
                             retain: w.retain,
-                            user_properties,
-                            content_type,
-                            payload_format,
+                            user_properties: wp.user_properties,
+                            content_type: wp.content_type,
+                            payload_format: wp.payload_format_indicator,
+                            message_expiry: wp.message_expiry_interval,
+                            response_topic: wp.response_topic,
+                            correlation_data: wp.correlation_data,
                         })
                     }
                     None => None,
@@ -440,6 +521,7 @@ fn decode_connect(
                     auth_method: props.authentication_method,
                     client_receive_maximum: props.receive_maximum,
                     session_expiry: props.session_expiry_interval,
+                    request_problem_info: props.request_problem_info != Some(0),
                 }))))
             }
             Ok(_) => Err(DecodeError::Malformed("expected CONNECT".into())),
@@ -462,6 +544,9 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
             content_type: None,
             payload_format: None,
             topic_alias: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
         }),
         m4::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
         m4::Packet::Subscribe(s) => Inbound::Subscribe {
@@ -475,6 +560,7 @@ fn decode_v4(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                     no_local: false,
                     retain_as_published: false,
                     retain_handling: 0,
+                    subscription_id: None,
                 })
                 .collect(),
         },
@@ -509,23 +595,36 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
                 content_type: props.content_type,
                 payload_format: props.payload_format_indicator,
                 topic_alias: props.topic_alias,
+                message_expiry: props.message_expiry_interval,
+                response_topic: props.response_topic,
+                correlation_data: props.correlation_data,
             })
         }
         m5::Packet::PubRel(r) => Inbound::PubRel { pkid: r.pkid },
-        m5::Packet::Subscribe(s) => Inbound::Subscribe {
-            pkid: s.pkid,
-            filters: s
-                .filters
-                .into_iter()
-                .map(|f| Subscription {
-                    filter: f.path,
-                    qos: qos5_u8(f.qos),
-                    no_local: f.nolocal,
-                    retain_as_published: f.preserve_retain,
-                    retain_handling: f.retain_forward_rule as u8,
-                })
-                .collect(),
-        },
+        m5::Packet::Subscribe(s) => {
+            // The codec reads a variable byte integer of at most 4 bytes (so at most
+            // 268,435,455, the property's maximum) and keeps the last of repeated ones.
+            let subscription_id = s
+                .properties
+                .and_then(|p| p.id)
+                .map(|id| u32::try_from(id).map_err(|_| malformed("subscription identifier")))
+                .transpose()?;
+            Inbound::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| Subscription {
+                        filter: f.path,
+                        qos: qos5_u8(f.qos),
+                        no_local: f.nolocal,
+                        retain_as_published: f.preserve_retain,
+                        retain_handling: f.retain_forward_rule as u8,
+                        subscription_id,
+                    })
+                    .collect(),
+            }
+        }
         m5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
             filters: u.filters,
@@ -557,6 +656,7 @@ pub fn encode(p: &Outbound, version: Version, out: &mut BytesMut) {
 
 fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
     match p {
+        Outbound::WithReason { packet, .. } => encode_v4(packet, out),
         Outbound::ConnAck {
             code,
             session_present,
@@ -598,6 +698,7 @@ fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
 
 fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
     match p {
+        Outbound::WithReason { packet, text } => encode_v5_with_reason(packet, text, out),
         Outbound::ConnAck {
             code,
             session_present,
@@ -614,7 +715,8 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
                 reason_string: c.reason.clone(),
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
-                subscription_identifiers_available: Some(0),
+                // Absent: available (subscription identifiers are sent with each PUBLISH).
+                subscription_identifiers_available: None,
                 shared_subscription_available: Some(0),
                 server_keep_alive: c.server_keep_alive,
                 response_information: None,
@@ -667,7 +769,11 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
                 response_topic: p.response_topic.clone(),
                 correlation_data: p.correlation_data.clone(),
                 user_properties: p.user_properties.clone(),
-                subscription_identifiers: Vec::new(),
+                subscription_identifiers: p
+                    .subscription_ids
+                    .iter()
+                    .map(|&id| id as usize)
+                    .collect(),
                 content_type: p.content_type.clone(),
             };
             let mut m = m5::Publish::new(
@@ -699,6 +805,68 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
         }
         .write(out),
     }
+}
+
+/// `p` with `text` as its Reason String (the packets that have one; others as they are).
+fn encode_v5_with_reason(
+    p: &Outbound,
+    text: &str,
+    out: &mut BytesMut,
+) -> Result<usize, mb5::Error> {
+    let reason_string = Some(text.to_string());
+    match p {
+        Outbound::PubAck { pkid, reason } => m5::PubAck {
+            pkid: *pkid,
+            reason: puback_reason(*reason),
+            properties: Some(m5::PubAckProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::PubRec { pkid, reason } => m5::PubRec {
+            pkid: *pkid,
+            reason: pubrec_reason(*reason),
+            properties: Some(m5::PubRecProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::SubAck { pkid, codes } => m5::SubAck {
+            pkid: *pkid,
+            return_codes: codes.iter().map(|&c| suback_reason(c)).collect(),
+            properties: Some(m5::SubAckProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::UnsubAck { pkid, codes } => m5::UnsubAck {
+            pkid: *pkid,
+            reasons: codes.iter().map(|&c| unsuback_reason(c)).collect(),
+            properties: Some(m5::UnsubAckProperties {
+                reason_string,
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(out),
+        Outbound::Disconnect { reason, .. } => encode_v5(
+            &Outbound::Disconnect {
+                reason: *reason,
+                text: reason_string,
+            },
+            out,
+        ),
+        other => encode_v5(other, out),
+    }
+}
+
+/// The size of `p` encoded for `version` (to keep within a client's maximum packet size).
+pub fn encoded_len(p: &Outbound, version: Version) -> usize {
+    let mut b = BytesMut::new();
+    encode(p, version, &mut b);
+    b.len()
 }
 
 fn connect_return_code(code: u8) -> m5::ConnectReturnCode {
@@ -851,7 +1019,10 @@ mod tests {
                 preserve_retain: true,
                 retain_forward_rule: m5::RetainForwardRule::Never,
             }],
-            properties: None,
+            properties: Some(m5::SubscribeProperties {
+                id: Some(268_435_455),
+                user_properties: Vec::new(),
+            }),
         };
         let b = bytes_of(|b| {
             s.write(b).expect("encodes");
@@ -868,8 +1039,54 @@ mod tests {
                 no_local: true,
                 retain_as_published: true,
                 retain_handling: 2,
+                subscription_id: Some(268_435_455),
             }]
         );
+    }
+
+    #[test]
+    fn a_v5_publish_keeps_expiry_response_topic_and_correlation_data() {
+        let props = m5::PublishProperties {
+            message_expiry_interval: Some(90),
+            response_topic: Some("devices/d1/replies".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00\x01")),
+            ..Default::default()
+        };
+        let mut p = m5::Publish::new("devices/d1/req", QoS5::AtLeastOnce, "x", Some(props));
+        p.pkid = 4;
+        let b = bytes_of(|b| {
+            p.write(b).expect("encodes");
+        });
+        let Inbound::Publish(p) = decode_one(b, Version::V5) else {
+            panic!("not a PUBLISH")
+        };
+        assert_eq!(p.message_expiry, Some(90));
+        assert_eq!(p.response_topic.as_deref(), Some("devices/d1/replies"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00\x01"[..]));
+    }
+
+    #[test]
+    fn a_subscription_identifier_given_twice_does_not_decode() {
+        // pkid 1; properties: user property ("k", "v"), id 5, id 6; filter "a", QoS 1.
+        let body = [
+            0, 1, 11, 0x26, 0, 1, b'k', 0, 1, b'v', 0x0B, 5, 0x0B, 6, 0, 1, b'a', 1,
+        ];
+        let mut b = BytesMut::from(&[0x82, body.len() as u8][..]);
+        b.extend_from_slice(&body);
+        assert!(matches!(
+            decode(&mut b, Some(Version::V5), 1 << 16),
+            Err(DecodeError::Malformed(_))
+        ));
+        // Once is fine.
+        let body = [0, 1, 2, 0x0B, 5, 0, 1, b'a', 1];
+        let mut b = BytesMut::from(&[0x82, body.len() as u8][..]);
+        b.extend_from_slice(&body);
+        let Ok(Some(Inbound::Subscribe { filters, .. })) =
+            decode(&mut b, Some(Version::V5), 1 << 16)
+        else {
+            panic!("not a SUBSCRIBE")
+        };
+        assert_eq!(filters[0].subscription_id, Some(5));
     }
 
     #[test]
@@ -916,6 +1133,7 @@ mod tests {
             response_topic: Some("r/t".into()),
             correlation_data: Some(Bytes::from_static(b"c1")),
             message_expiry: Some(30),
+            subscription_ids: vec![1, 300],
         }
     }
 
@@ -943,6 +1161,7 @@ mod tests {
         assert_eq!(props.message_expiry_interval, Some(30));
         assert_eq!(props.content_type.as_deref(), Some("text/plain"));
         assert_eq!(props.user_properties, vec![("k".into(), "v".into())]);
+        assert_eq!(props.subscription_identifiers, [1, 300]);
     }
 
     #[test]
@@ -963,6 +1182,53 @@ mod tests {
             assert_eq!(p.pkid, if qos > 0 { 42 } else { 0 });
             assert_eq!(&p.payload[..], b"now");
         }
+    }
+
+    #[test]
+    fn a_reason_string_goes_with_v5_acks_and_not_with_v311() {
+        let text = "not authorized".to_string();
+        let with = |packet| Outbound::WithReason {
+            packet: Box::new(packet),
+            text: text.clone(),
+        };
+        let mut b = BytesMut::new();
+        encode(
+            &with(Outbound::PubAck {
+                pkid: 3,
+                reason: reason::QUOTA_EXCEEDED,
+            }),
+            Version::V5,
+            &mut b,
+        );
+        let len = b.len();
+        let Ok(m5::Packet::PubAck(a)) = m5::Packet::read(&mut b, Some(len as u32)) else {
+            panic!("not a PUBACK")
+        };
+        assert_eq!(a.reason, m5::PubAckReason::QuotaExceeded);
+        assert_eq!(
+            a.properties.and_then(|p| p.reason_string).as_deref(),
+            Some("not authorized")
+        );
+        let mut b = BytesMut::new();
+        let suback = Outbound::SubAck {
+            pkid: 4,
+            codes: vec![reason::NOT_AUTHORIZED],
+        };
+        encode(&with(suback.clone()), Version::V5, &mut b);
+        let len = b.len();
+        let Ok(m5::Packet::SubAck(a)) = m5::Packet::read(&mut b, Some(len as u32)) else {
+            panic!("not a SUBACK")
+        };
+        assert_eq!(
+            a.properties.and_then(|p| p.reason_string).as_deref(),
+            Some("not authorized")
+        );
+        assert_eq!(encoded_len(&with(suback.clone()), Version::V5), len);
+        // 3.1.1: the packet as it is.
+        let (mut plain, mut wrapped) = (BytesMut::new(), BytesMut::new());
+        encode(&suback, Version::V311, &mut plain);
+        encode(&with(suback), Version::V311, &mut wrapped);
+        assert_eq!(plain, wrapped);
     }
 
     #[test]

@@ -290,6 +290,7 @@ impl Conn {
                                 qos: s.qos,
                                 no_local: s.no_local,
                                 retain_as_published: s.retain_as_published,
+                                id: s.subscription_id,
                             };
                             let (existed, p) =
                                 self.shared.sessions.subscribe(slot, &s.filter, options);
@@ -520,6 +521,11 @@ impl Conn {
             Some(Outbound::PubRec { pkid, .. }) => Outbound::PubRec { pkid, reason: code },
             Some(other) => other,
         };
+        let why = match code {
+            reason::QUOTA_EXCEEDED => "queue full",
+            _ => "could not store the message",
+        };
+        let refusal = self.session.with_reason(refusal, why);
         if self.session.version() == Some(Version::V5) {
             if self.send(Out::Packet(refusal)).await {
                 Step::Continue
@@ -608,7 +614,8 @@ pub(super) fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
             payload_format: message.payload_format,
             response_topic: message.response_topic.clone(),
             correlation_data: message.correlation_data.clone(),
-            message_expiry: None,
+            message_expiry: message.remaining_expiry(std::time::SystemTime::now()),
+            subscription_ids: message.subscription_ids.clone(),
         })),
         Delivery::PubRel { pkid } => Outbound::PubRel { pkid },
     };
@@ -626,6 +633,9 @@ fn record_of(m: &Message) -> NewRecord<'_> {
         user_properties: &m.user_properties,
         content_type: m.content_type.as_deref(),
         payload_format: m.payload_format,
+        message_expiry: m.message_expiry,
+        response_topic: m.response_topic.as_deref(),
+        correlation_data: m.correlation_data.as_deref(),
         payload: &m.payload,
     }
 }

@@ -160,6 +160,8 @@ fn message_for(filter: &str) -> Arc<Message> {
         payload_format: None,
         response_topic: None,
         correlation_data: None,
+        subscription_ids: Vec::new(),
+        expires_at: None,
     })
 }
 
@@ -223,9 +225,17 @@ fn perform(
                 let v = session.version().unwrap_or(Version::V311);
                 for s in subs {
                     assert!(crate::topic::check_filter(&s.filter).is_ok() && s.qos <= 2);
-                    // As the router would: a message for the new subscription (a full outbox
-                    // refuses it, which is fine).
-                    let _ = outbox.push(message_for(&s.filter), s.qos);
+                    // A granted subscription's identifier is within 1..=268,435,455.
+                    assert!(s
+                        .subscription_id
+                        .is_none_or(|id| (1..=268_435_455).contains(&id)));
+                    // As the router would: a message for the new subscription, carrying its
+                    // identifier (a full outbox refuses it, which is fine).
+                    let mut m = message_for(&s.filter);
+                    if let Some(id) = s.subscription_id {
+                        Arc::make_mut(&mut m).subscription_ids.push(id);
+                    }
+                    let _ = outbox.push(m, s.qos);
                     reached.subscribed += 1;
                 }
                 drain(outbox, v, out, reached);
@@ -343,15 +353,15 @@ mod tests {
     }
 
     /// SUBSCRIBE (two filters, QoS 1 and 2), the subscriber's PUBACK 1, PUBREC 2 (PUBREL goes
-    /// out), PUBCOMP 2, UNSUBSCRIBE, DISCONNECT: 3.1.1 and MQTT 5 (no-local, retain handling 1),
-    /// one byte at a time and whole. Also in `fuzz/corpus/session/` for the coverage-guided run.
+    /// out), PUBCOMP 2, UNSUBSCRIBE, DISCONNECT: 3.1.1 and MQTT 5 (no-local, retain handling 1,
+    /// subscription identifier 42), one byte at a time and whole. Also in `fuzz/corpus/session/` for the coverage-guided run.
     fn subscriber_seeds() -> Vec<Vec<u8>> {
         let acks = [0x40, 2, 0, 1, 0x50, 2, 0, 2, 0x70, 2, 0, 2];
         let mut v311 = vec![1, 0x82, 12, 0, 1, 0, 3, b'a', b'/', b'#', 1, 0, 1, b'b', 2];
         v311.extend_from_slice(&acks);
         v311.extend_from_slice(&[0xa2, 5, 0, 3, 0, 1, b'b', 0xe0, 0]);
         let mut v5 = vec![
-            2, 0x82, 13, 0, 1, 0, 0, 3, b'a', b'/', b'#', 0x15, 0, 1, b'b', 2,
+            2, 0x82, 15, 0, 1, 2, 0x0b, 42, 0, 3, b'a', b'/', b'#', 0x15, 0, 1, b'b', 2,
         ];
         v5.extend_from_slice(&acks);
         v5.extend_from_slice(&[0xa2, 6, 0, 3, 0, 0, 1, b'b', 0xe0, 0]);

@@ -54,6 +54,10 @@ pub struct Message {
     pub user_properties: Vec<(String, String)>,
     pub content_type: Option<String>,
     pub payload_format: Option<u8>,
+    /// MQTT 5: seconds after `received_at` when the message expires.
+    pub message_expiry: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
 }
 
 /// Who a connected device is, as decided by authentication.
@@ -172,6 +176,10 @@ pub struct Session {
     /// the difference is what the device has in flight (MQTT 5 receive maximum).
     acks_requested: u64,
     acks_sent: u64,
+    /// MQTT 5 Request Problem Information: reason strings on acks only while this holds.
+    problem_info: bool,
+    /// MQTT 5: the largest packet the client accepts (no reason string makes a packet larger).
+    client_max_packet: Option<u32>,
 }
 
 impl Session {
@@ -186,6 +194,52 @@ impl Session {
             will_owner: None,
             acks_requested: 0,
             acks_sent: 0,
+            problem_info: true,
+            client_max_packet: None,
+        }
+    }
+
+    /// Whether `p` fits the client's maximum packet size.
+    fn fits(&self, p: &Outbound) -> bool {
+        let v = self.version.unwrap_or(Version::V311);
+        self.client_max_packet
+            .is_none_or(|max| super::codec::encoded_len(p, v) <= max as usize)
+    }
+
+    /// `packet` (a refusing PUBACK, PUBREC, SUBACK or UNSUBACK) with `text` as its MQTT 5
+    /// reason string, unless the client asked for none (Request Problem Information 0) or it
+    /// would pass the client's maximum packet size; then `packet` alone.
+    pub fn with_reason(&self, packet: Outbound, text: &str) -> Outbound {
+        if self.version != Some(Version::V5) || !self.problem_info {
+            return packet;
+        }
+        let with = Outbound::WithReason {
+            packet: Box::new(packet),
+            text: text.to_string(),
+        };
+        if self.fits(&with) {
+            return with;
+        }
+        match with {
+            Outbound::WithReason { packet, .. } => *packet,
+            other => other,
+        }
+    }
+
+    /// An MQTT 5 DISCONNECT with `code` and `text` as its reason string (DISCONNECT may carry
+    /// one whatever Request Problem Information says), without it if it would not fit.
+    fn disconnect(&self, code: u8, text: &str) -> Outbound {
+        let with = Outbound::Disconnect {
+            reason: code,
+            text: Some(text.to_string()),
+        };
+        if self.fits(&with) {
+            with
+        } else {
+            Outbound::Disconnect {
+                reason: code,
+                text: None,
+            }
         }
     }
 
@@ -230,16 +284,16 @@ impl Session {
             user_properties: will.user_properties,
             content_type: will.content_type,
             payload_format: will.payload_format,
+            message_expiry: will.message_expiry,
+            response_topic: will.response_topic,
+            correlation_data: will.correlation_data,
         })
     }
 
     fn close_with(&mut self, code: u8, text: &str, why: Refusal) -> Vec<Action> {
         let mut out = vec![Action::Refused(why)];
         if self.version == Some(Version::V5) {
-            out.push(Action::Send(Outbound::Disconnect {
-                reason: code,
-                text: Some(text.to_string()),
-            }));
+            out.push(Action::Send(self.disconnect(code, text)));
         }
         let publish_will = self.is_connected();
         self.state = State::Closed;
@@ -269,10 +323,10 @@ impl Session {
     pub fn on_taken_over(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         if self.version == Some(Version::V5) {
-            out.push(Action::Send(Outbound::Disconnect {
-                reason: reason::SESSION_TAKEN_OVER,
-                text: Some("another connection with this client id".into()),
-            }));
+            out.push(Action::Send(self.disconnect(
+                reason::SESSION_TAKEN_OVER,
+                "another connection with this client id",
+            )));
         }
         // The device is alive (it just reconnected): its will is not published.
         self.will = None;
@@ -287,10 +341,10 @@ impl Session {
     pub fn on_shutdown(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         if self.version == Some(Version::V5) {
-            out.push(Action::Send(Outbound::Disconnect {
-                reason: reason::SERVER_SHUTTING_DOWN,
-                text: None,
-            }));
+            out.push(Action::Send(self.disconnect(
+                reason::SERVER_SHUTTING_DOWN,
+                "server shutting down",
+            )));
         }
         self.will = None;
         self.state = State::Closed;
@@ -428,9 +482,17 @@ impl Session {
         filters: Vec<Subscription>,
         acl: &dyn PublishAcl,
     ) -> Vec<Action> {
+        if filters.iter().any(|f| f.subscription_id == Some(0)) {
+            return self.close_with(
+                reason::PROTOCOL_ERROR,
+                "subscription identifier 0",
+                Refusal::Malformed,
+            );
+        }
         let State::Connected(c) = &self.state else {
             return Vec::new();
         };
+        let (identity, client_id) = (c.identity.clone(), c.client_id.clone());
         let mut out = Vec::new();
         let mut granted = Vec::new();
         let mut codes = Vec::with_capacity(filters.len());
@@ -442,7 +504,7 @@ impl Session {
             {
                 out.push(Action::Refused(Refusal::Malformed));
                 reason::TOPIC_FILTER_INVALID
-            } else if !acl.may_subscribe(&c.identity, &c.client_id, &s.filter) {
+            } else if !acl.may_subscribe(&identity, &client_id, &s.filter) {
                 out.push(Action::Refused(Refusal::Acl));
                 reason::NOT_AUTHORIZED
             } else {
@@ -456,13 +518,34 @@ impl Session {
         if !granted.is_empty() {
             out.push(Action::Subscribe(granted));
         }
-        out.push(Action::Send(Outbound::SubAck { pkid, codes }));
+        let mut why: Vec<&str> = Vec::new();
+        for &c in &codes {
+            let text = match c {
+                reason::NOT_AUTHORIZED => "not allowed by the subscribe ACL",
+                reason::TOPIC_FILTER_INVALID => "invalid topic filter",
+                reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED => {
+                    "shared subscriptions are not supported"
+                }
+                _ => continue,
+            };
+            if !why.contains(&text) {
+                why.push(text);
+            }
+        }
+        let ack = Outbound::SubAck { pkid, codes };
+        out.push(Action::Send(if why.is_empty() {
+            ack
+        } else {
+            self.with_reason(ack, &why.join("; "))
+        }));
         out
     }
 
     fn on_connect(&mut self, mut c: Box<Connect>, acl: &dyn PublishAcl) -> Vec<Action> {
         let v = c.version;
         self.version = Some(v);
+        self.problem_info = c.request_problem_info;
+        self.client_max_packet = c.client_max_packet;
         if c.auth_method.is_some() {
             return self.refuse_connect(
                 v,
@@ -622,21 +705,28 @@ impl Session {
             return Vec::new();
         };
         if !acl.may_publish(&c.identity, &c.client_id, &p.topic) {
+            const WHY: &str = "not allowed by the publish ACL";
             return match (v, p.qos) {
                 (Version::V5, 0) => vec![Action::Refused(Refusal::Acl)],
                 (Version::V5, 1) => vec![
                     Action::Refused(Refusal::Acl),
-                    Action::Send(Outbound::PubAck {
-                        pkid: p.pkid,
-                        reason: reason::NOT_AUTHORIZED,
-                    }),
+                    Action::Send(self.with_reason(
+                        Outbound::PubAck {
+                            pkid: p.pkid,
+                            reason: reason::NOT_AUTHORIZED,
+                        },
+                        WHY,
+                    )),
                 ],
                 (Version::V5, _) => vec![
                     Action::Refused(Refusal::Acl),
-                    Action::Send(Outbound::PubRec {
-                        pkid: p.pkid,
-                        reason: reason::NOT_AUTHORIZED,
-                    }),
+                    Action::Send(self.with_reason(
+                        Outbound::PubRec {
+                            pkid: p.pkid,
+                            reason: reason::NOT_AUTHORIZED,
+                        },
+                        WHY,
+                    )),
                 ],
                 // 3.1.1 has no way to refuse a publish: close the connection.
                 (Version::V311, _) => {
@@ -686,6 +776,9 @@ impl Session {
             user_properties: p.user_properties,
             content_type: p.content_type,
             payload_format: p.payload_format,
+            message_expiry: p.message_expiry,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
         };
         vec![Action::Append {
             message: Box::new(message),
@@ -731,6 +824,7 @@ mod tests {
             auth_method: None,
             client_receive_maximum: None,
             session_expiry: None,
+            request_problem_info: true,
         })
     }
 
@@ -741,6 +835,7 @@ mod tests {
             no_local: false,
             retain_as_published: false,
             retain_handling: 0,
+            subscription_id: None,
         }
     }
 
@@ -756,6 +851,9 @@ mod tests {
             content_type: None,
             payload_format: None,
             topic_alias: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
         })
     }
 
@@ -822,9 +920,12 @@ mod tests {
             a,
             vec![
                 Action::Refused(Refusal::Acl),
-                Action::Send(Outbound::PubAck {
-                    pkid: 3,
-                    reason: 0x87
+                Action::Send(Outbound::WithReason {
+                    packet: Box::new(Outbound::PubAck {
+                        pkid: 3,
+                        reason: 0x87
+                    }),
+                    text: "not allowed by the publish ACL".into()
                 })
             ]
         );
@@ -917,19 +1018,111 @@ mod tests {
                 Action::Refused(Refusal::Acl),
                 Action::Refused(Refusal::Malformed),
                 Action::Subscribe(vec![two, plus]),
-                Action::Send(Outbound::SubAck {
-                    pkid: 4,
-                    codes: vec![
-                        2,
-                        reason::NOT_AUTHORIZED,
-                        reason::TOPIC_FILTER_INVALID,
-                        reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
-                        1
-                    ]
+                Action::Send(Outbound::WithReason {
+                    packet: Box::new(Outbound::SubAck {
+                        pkid: 4,
+                        codes: vec![
+                            2,
+                            reason::NOT_AUTHORIZED,
+                            reason::TOPIC_FILTER_INVALID,
+                            reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+                            1
+                        ]
+                    }),
+                    text: "not allowed by the subscribe ACL; invalid topic filter; shared subscriptions are not supported".into()
                 })
             ]
         );
         assert!(s.is_connected());
+    }
+
+    #[test]
+    fn a_subscription_identifier_of_0_closes_with_a_protocol_error() {
+        let mut s = connected(Version::V5, "d1");
+        let mut f = sub("devices/d1/commands/#");
+        f.subscription_id = Some(0);
+        let a = s.on_packet(
+            Inbound::Subscribe {
+                pkid: 1,
+                filters: vec![f],
+            },
+            &DevicesOwnTree,
+        );
+        assert!(a.contains(&Action::Send(Outbound::Disconnect {
+            reason: reason::PROTOCOL_ERROR,
+            text: Some("subscription identifier 0".into())
+        })));
+        assert!(matches!(a.last(), Some(Action::Close { .. })));
+        // Any other id is kept with the subscription.
+        let mut s = connected(Version::V5, "d1");
+        let mut f = sub("devices/d1/commands/#");
+        f.subscription_id = Some(9);
+        let a = s.on_packet(
+            Inbound::Subscribe {
+                pkid: 1,
+                filters: vec![f.clone()],
+            },
+            &DevicesOwnTree,
+        );
+        assert_eq!(a[0], Action::Subscribe(vec![f]));
+    }
+
+    /// A v5 session whose CONNECT set these properties.
+    fn connected_with(problem_info: bool, max_packet: Option<u32>) -> Session {
+        let mut s = Session::new(SessionLimits::default());
+        let mut c = connect(Version::V5, "d1");
+        c.request_problem_info = problem_info;
+        c.client_max_packet = max_packet;
+        s.on_packet(Inbound::Connect(c), &DevicesOwnTree);
+        s.authenticated(
+            Ok(Identity {
+                name: "d1".into(),
+                username: None,
+            }),
+            &DevicesOwnTree,
+        );
+        s
+    }
+
+    #[test]
+    fn reason_strings_follow_request_problem_information_and_the_clients_maximum_packet_size() {
+        let denied = || Inbound::Subscribe {
+            pkid: 1,
+            filters: vec![sub("devices/d2/commands/#")],
+        };
+        let plain = Outbound::SubAck {
+            pkid: 1,
+            codes: vec![reason::NOT_AUTHORIZED],
+        };
+        let mut s = connected_with(true, None);
+        assert!(matches!(
+            &s.on_packet(denied(), &DevicesOwnTree)[1],
+            Action::Send(Outbound::WithReason { .. })
+        ));
+        // Request Problem Information 0: no reason string on acks; DISCONNECT keeps its own.
+        let mut s = connected_with(false, None);
+        assert_eq!(
+            s.on_packet(denied(), &DevicesOwnTree)[1],
+            Action::Send(plain.clone())
+        );
+        assert!(s
+            .on_keep_alive_expired()
+            .contains(&Action::Send(Outbound::Disconnect {
+                reason: reason::KEEP_ALIVE_TIMEOUT,
+                text: Some("keep alive timeout".into())
+            })));
+        // A maximum packet size the reason string would pass: the packet without it.
+        let mut s = connected_with(true, Some(8));
+        assert_eq!(
+            s.on_packet(denied(), &DevicesOwnTree)[1],
+            Action::Send(plain)
+        );
+        assert!(s
+            .on_keep_alive_expired()
+            .contains(&Action::Send(Outbound::Disconnect {
+                reason: reason::KEEP_ALIVE_TIMEOUT,
+                text: None
+            })));
     }
 
     #[test]
@@ -965,6 +1158,9 @@ mod tests {
             user_properties: vec![],
             content_type: None,
             payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
         });
         let mut s = Session::new(SessionLimits::default());
         s.on_packet(Inbound::Connect(c.clone()), &DevicesOwnTree);

@@ -26,9 +26,15 @@
 //!                 [content_type:str]  if flags & 0x10
 //!                 [payload_format:u8] if flags & 0x20
 //!                 [n:varint (key:str value:str){n}] if flags & 0x40   (MQTT 5 user properties)
+//!                 [extras]            if flags & 0x80
 //!                 payload             (the rest of the body)
 //! flags        := qos (bits 0-1) | retain 0x04 | the optional fields above
 //! str          := len:varint(LEB128) utf8-bytes
+//! extras       := version:u8 n:varint tlv*           (the tlvs fill exactly n bytes)
+//! tlv          := type:u8 len:varint value[len]
+//!                 type 1: message expiry interval, u32be seconds as received (expires at
+//!                         time_us + it); 2: response topic, utf8; 3: correlation data, bytes
+//!                 (MQTT 5 properties kept for subscribers)
 //! meta         := "EGWQMET1" base last_seq records bytes first_time_us last_time_us (u64le each)
 //!                 crc:u32le
 //! cursor       := slot slot
@@ -37,6 +43,13 @@
 //!
 //! A record with a 64-byte payload, an 8-byte device id and topic `t` costs 8 + 17 + 9 + 2 + 64
 //! bytes on disk: the fixed overhead is 25 bytes plus one length byte per string.
+//!
+//! Extras (flag 0x80, added after the first release; records without them are laid out exactly
+//! as before, so older segments read unchanged): `version` is 1. A reader skips TLV types it
+//! does not know (each is length-prefixed) and a block of another version whole; a new version
+//! is only for a changed meaning of an existing type. A block that runs past the body, a TLV
+//! that runs past the block, an expiry that is not 4 bytes or a response topic that is not
+//! UTF-8 make the record undecodable: it is damage, quarantined like a bad CRC.
 //!
 //! # Invariants
 //!
@@ -101,7 +114,7 @@ pub(crate) fn freeable_through<'a>(
     }
     cursors.map(|(_, acked)| acked).min()
 }
-pub use record::{EncodeError, NewRecord, Record};
+pub use record::{micros_since_epoch, EncodeError, NewRecord, Record};
 pub use segment::SegmentMeta;
 
 use std::collections::{BTreeMap, VecDeque};

@@ -18,7 +18,17 @@ const FLAG_USERNAME: u8 = 1 << 3;
 const FLAG_CONTENT_TYPE: u8 = 1 << 4;
 const FLAG_PAYLOAD_FORMAT: u8 = 1 << 5;
 const FLAG_USER_PROPERTIES: u8 = 1 << 6;
-const FLAG_KNOWN: u8 = 0b0111_1111;
+/// An extras block (MQTT 5 message expiry, response topic, correlation data) follows the user
+/// properties.
+const FLAG_EXTRAS: u8 = 1 << 7;
+
+/// The extras block's version. A reader skips a block of another version whole (it is length
+/// prefixed); a new version is only for a change to the meaning of an existing type.
+const EXTRAS_VERSION: u8 = 1;
+/// Extras types (TLV). A reader skips types it does not know.
+const EXTRA_MESSAGE_EXPIRY: u8 = 1;
+const EXTRA_RESPONSE_TOPIC: u8 = 2;
+const EXTRA_CORRELATION_DATA: u8 = 3;
 
 /// A record as handed to [`crate::queue::Queue::append`]: borrowed, so that encoding is the only copy.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +44,12 @@ pub struct NewRecord<'a> {
     pub user_properties: &'a [(String, String)],
     pub content_type: Option<&'a str>,
     pub payload_format: Option<u8>,
+    /// MQTT 5 Message Expiry Interval as received, in seconds: the message expires that long
+    /// after `received_at`.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5 request/response: where the receiver should answer, and what to answer with.
+    pub response_topic: Option<&'a str>,
+    pub correlation_data: Option<&'a [u8]>,
     pub payload: &'a [u8],
 }
 
@@ -50,8 +66,17 @@ impl<'a> NewRecord<'a> {
             user_properties: &[],
             content_type: None,
             payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
             payload,
         }
+    }
+
+    fn has_extras(&self) -> bool {
+        self.message_expiry.is_some()
+            || self.response_topic.is_some()
+            || self.correlation_data.is_some()
     }
 }
 
@@ -70,12 +95,22 @@ pub struct Record {
     pub user_properties: Vec<(String, String)>,
     pub content_type: Option<String>,
     pub payload_format: Option<u8>,
+    /// MQTT 5 Message Expiry Interval as received, in seconds after the receive time.
+    pub message_expiry: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
     pub payload: Vec<u8>,
 }
 
 impl Record {
     pub fn received_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_micros(self.received_at_us)
+    }
+
+    /// When the message expires (receive time + message expiry interval), if it does.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.message_expiry
+            .map(|secs| self.received_at() + Duration::from_secs(u64::from(secs)))
     }
 
     /// This record, to append again (dead letters, replay), with other user properties.
@@ -90,6 +125,9 @@ impl Record {
             user_properties,
             content_type: self.content_type.as_deref(),
             payload_format: self.payload_format,
+            message_expiry: self.message_expiry,
+            response_topic: self.response_topic.as_deref(),
+            correlation_data: self.correlation_data.as_deref(),
             payload: &self.payload,
         }
     }
@@ -106,7 +144,8 @@ pub enum EncodeError {
     BadQos(u8),
 }
 
-pub(crate) fn micros_since_epoch(t: SystemTime) -> u64 {
+/// `t` in microseconds since the Unix epoch (0 before it), as records store times.
+pub fn micros_since_epoch(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)
@@ -134,6 +173,14 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// The bytes of the extras' TLVs (without the version and length in front of them).
+fn extras_tlv_len(r: &NewRecord<'_>) -> usize {
+    let tlv = |n: usize| 1 + varint_len(n) + n;
+    r.message_expiry.map_or(0, |_| tlv(4))
+        + r.response_topic.map_or(0, |t| tlv(t.len()))
+        + r.correlation_data.map_or(0, |c| tlv(c.len()))
+}
+
 /// The size of the whole frame (header included) that [`encode_frame`] writes.
 pub(crate) fn frame_len(r: &NewRecord<'_>) -> usize {
     let s = |x: &str| varint_len(x.len()) + x.len();
@@ -152,6 +199,10 @@ pub(crate) fn frame_len(r: &NewRecord<'_>) -> usize {
         for (k, v) in r.user_properties {
             n += s(k) + s(v);
         }
+    }
+    if r.has_extras() {
+        let tlvs = extras_tlv_len(r);
+        n += 1 + varint_len(tlvs) + tlvs;
     }
     n + r.payload.len()
 }
@@ -197,6 +248,9 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, r: &NewRecord<'_>, seq: u64, len: 
     if !r.user_properties.is_empty() {
         flags |= FLAG_USER_PROPERTIES;
     }
+    if r.has_extras() {
+        flags |= FLAG_EXTRAS;
+    }
     out.push(flags);
     put_str(out, r.device_id);
     put_str(out, r.topic);
@@ -214,6 +268,24 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, r: &NewRecord<'_>, seq: u64, len: 
         for (k, v) in r.user_properties {
             put_str(out, k);
             put_str(out, v);
+        }
+    }
+    if r.has_extras() {
+        out.push(EXTRAS_VERSION);
+        put_varint(out, extras_tlv_len(r));
+        let mut tlv = |t: u8, value: &[u8]| {
+            out.push(t);
+            put_varint(out, value.len());
+            out.extend_from_slice(value);
+        };
+        if let Some(e) = r.message_expiry {
+            tlv(EXTRA_MESSAGE_EXPIRY, &e.to_be_bytes());
+        }
+        if let Some(t) = r.response_topic {
+            tlv(EXTRA_RESPONSE_TOPIC, t.as_bytes());
+        }
+        if let Some(c) = r.correlation_data {
+            tlv(EXTRA_CORRELATION_DATA, c);
         }
     }
     out.extend_from_slice(r.payload);
@@ -310,9 +382,6 @@ pub(crate) fn decode_frame(frame: &[u8]) -> Option<Record> {
     let seq = u64::from_le_bytes(c.take(8)?.try_into().ok()?);
     let received_at_us = u64::from_le_bytes(c.take(8)?.try_into().ok()?);
     let flags = c.byte()?;
-    if flags & !FLAG_KNOWN != 0 {
-        return None;
-    }
     let qos = flags & FLAG_QOS_MASK;
     if qos > 2 {
         return None;
@@ -343,6 +412,18 @@ pub(crate) fn decode_frame(frame: &[u8]) -> Option<Record> {
             user_properties.push((k, v));
         }
     }
+    let extras = if flags & FLAG_EXTRAS != 0 {
+        let version = c.byte()?;
+        let n = c.varint()?;
+        let block = c.take(n)?;
+        if version == EXTRAS_VERSION {
+            decode_extras(block)?
+        } else {
+            Extras::default()
+        }
+    } else {
+        Extras::default()
+    };
     let payload = body.get(c.at..)?.to_vec();
     Some(Record {
         seq,
@@ -355,8 +436,41 @@ pub(crate) fn decode_frame(frame: &[u8]) -> Option<Record> {
         user_properties,
         content_type,
         payload_format,
+        message_expiry: extras.message_expiry,
+        response_topic: extras.response_topic,
+        correlation_data: extras.correlation_data,
         payload,
     })
+}
+
+#[derive(Default)]
+struct Extras {
+    message_expiry: Option<u32>,
+    response_topic: Option<String>,
+    correlation_data: Option<Vec<u8>>,
+}
+
+/// The TLVs of a version 1 extras block. `None`: malformed (a TLV past the block's end, a
+/// value of the wrong size or not UTF-8 where text is due). Unknown types are skipped.
+fn decode_extras(block: &[u8]) -> Option<Extras> {
+    let mut c = Cursor { b: block, at: 0 };
+    let mut e = Extras::default();
+    while c.at < block.len() {
+        let t = c.byte()?;
+        let n = c.varint()?;
+        let value = c.take(n)?;
+        match t {
+            EXTRA_MESSAGE_EXPIRY => {
+                e.message_expiry = Some(u32::from_be_bytes(value.try_into().ok()?));
+            }
+            EXTRA_RESPONSE_TOPIC => {
+                e.response_topic = Some(String::from_utf8(value.to_vec()).ok()?);
+            }
+            EXTRA_CORRELATION_DATA => e.correlation_data = Some(value.to_vec()),
+            _ => {}
+        }
+    }
+    Some(e)
 }
 
 #[cfg(test)]
@@ -375,6 +489,9 @@ mod tests {
             user_properties: props,
             content_type: Some("application/cbor"),
             payload_format: Some(0),
+            message_expiry: Some(3600),
+            response_topic: Some("site/a/replies/17"),
+            correlation_data: Some(b"\x00req-1"),
             payload: b"\x01\x02\x03 hello",
         }
     }
@@ -408,6 +525,13 @@ mod tests {
         assert_eq!(d.user_properties, props);
         assert_eq!(d.content_type.as_deref(), Some("application/cbor"));
         assert_eq!(d.payload_format, Some(0));
+        assert_eq!(d.message_expiry, Some(3600));
+        assert_eq!(d.response_topic.as_deref(), Some("site/a/replies/17"));
+        assert_eq!(d.correlation_data.as_deref(), Some(&b"\x00req-1"[..]));
+        assert_eq!(
+            d.expires_at(),
+            Some(UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456 + 3_600_000_000))
+        );
         assert_eq!(d.payload, b"\x01\x02\x03 hello");
         assert_eq!(d.received_at_us, 1_700_000_000_123_456);
     }
@@ -454,6 +578,121 @@ mod tests {
             }
             let _ = check_frame(&buf);
             let _ = decode_frame(&buf);
+        }
+    }
+
+    /// A frame around `body` (length and CRC as the writer makes them).
+    fn frame_of(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        let crc = frame_crc(&out, body);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// seq 5, time 9, QoS 1 with the extras flag, device "d", topic "t", then `extras` and the
+    /// payload "p".
+    fn body_with_extras(extras: &[u8]) -> Vec<u8> {
+        let mut b = 5u64.to_le_bytes().to_vec();
+        b.extend_from_slice(&9u64.to_le_bytes());
+        b.extend_from_slice(&[0x81, 1, b'd', 1, b't']);
+        b.extend_from_slice(extras);
+        b.push(b'p');
+        b
+    }
+
+    #[test]
+    fn a_record_without_extras_is_laid_out_as_before() {
+        let r = NewRecord::new("d", "t", b"p");
+        let mut out = Vec::new();
+        encode_frame(&mut out, &r, 5, frame_len(&r));
+        let mut old = 5u64.to_le_bytes().to_vec();
+        old.extend_from_slice(&micros_since_epoch(r.received_at).to_le_bytes());
+        old.extend_from_slice(&[0x01, 1, b'd', 1, b't', b'p']);
+        assert_eq!(out, frame_of(&old), "flag bit 7 clear, no extras block");
+        let d = decode_frame(&out).unwrap();
+        assert_eq!(
+            (d.message_expiry, d.response_topic, d.correlation_data),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn unknown_extras_types_and_versions_are_skipped() {
+        // Version 1: an unknown type 9 between known ones.
+        let block = [9, 2, b'x', b'y', 1, 4, 0, 0, 1, 0, 3, 1, 0xff];
+        let mut extras = vec![1, block.len() as u8];
+        extras.extend_from_slice(&block);
+        let d = decode_frame(&frame_of(&body_with_extras(&extras))).unwrap();
+        assert_eq!(d.message_expiry, Some(256));
+        assert_eq!(d.correlation_data.as_deref(), Some(&[0xff][..]));
+        assert_eq!(d.payload, b"p");
+        // Version 2: the whole block is skipped, the rest of the record reads.
+        extras[0] = 2;
+        let d = decode_frame(&frame_of(&body_with_extras(&extras))).unwrap();
+        assert_eq!((d.message_expiry, d.correlation_data), (None, None));
+        assert_eq!((d.topic.as_str(), d.payload.as_slice()), ("t", &b"p"[..]));
+    }
+
+    #[test]
+    fn malformed_extras_do_not_decode() {
+        for (why, extras) in [
+            ("a TLV past the block", vec![1, 3, 1, 4, 0]),
+            ("an expiry of 3 bytes", vec![1, 5, 1, 3, 0, 0, 1]),
+            ("a response topic that is not UTF-8", vec![1, 3, 2, 1, 0xff]),
+            ("a block past the body", vec![1, 40, 1, 4, 0, 0, 0, 1]),
+            ("no block at all", vec![]),
+        ] {
+            let frame = frame_of(&body_with_extras(&extras));
+            assert!(matches!(check_frame(&frame), Frame::Valid { .. }), "{why}");
+            assert_eq!(decode_frame(&frame), None, "{why}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any record, with or without each optional field, reads back as written, in exactly
+        /// `frame_len` bytes.
+        #[test]
+        fn every_field_round_trips(
+            username in proptest::option::of(".{0,8}"),
+            content_type in proptest::option::of(".{0,8}"),
+            payload_format in proptest::option::of(0u8..2),
+            props in proptest::collection::vec((".{0,4}", ".{0,4}"), 0..3),
+            message_expiry in proptest::option::of(proptest::num::u32::ANY),
+            response_topic in proptest::option::of(".{0,12}"),
+            correlation_data in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..200)),
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            qos in 0u8..3,
+        ) {
+            let r = NewRecord {
+                received_at: UNIX_EPOCH + Duration::from_micros(1_234_567),
+                device_id: "dev",
+                username: username.as_deref(),
+                topic: "a/b",
+                qos,
+                retain: qos == 1,
+                user_properties: &props,
+                content_type: content_type.as_deref(),
+                payload_format,
+                message_expiry,
+                response_topic: response_topic.as_deref(),
+                correlation_data: correlation_data.as_deref(),
+                payload: &payload,
+            };
+            let len = frame_len(&r);
+            let mut out = Vec::new();
+            encode_frame(&mut out, &r, 3, len);
+            proptest::prop_assert_eq!(out.len(), len);
+            let d = decode_frame(&out).expect("decodes");
+            proptest::prop_assert_eq!(d.username, username);
+            proptest::prop_assert_eq!(d.content_type, content_type);
+            proptest::prop_assert_eq!(d.payload_format, payload_format);
+            proptest::prop_assert_eq!(d.user_properties, props);
+            proptest::prop_assert_eq!(d.message_expiry, message_expiry);
+            proptest::prop_assert_eq!(d.response_topic, response_topic);
+            proptest::prop_assert_eq!(d.correlation_data, correlation_data);
+            proptest::prop_assert_eq!(d.payload, payload);
+            proptest::prop_assert_eq!((d.qos, d.retain), (qos, qos == 1));
         }
     }
 

@@ -7,8 +7,9 @@
 //!
 //! Built so far: the subscription index ([`index`]), one session's delivery state with no I/O
 //! ([`outbox`]), the live sessions of connected clients ([`registry`]) and the router
-//! ([`router`]). Sessions last as long as their connection. Still to come: sessions kept across
-//! disconnects and crashes (a durable session store), retained messages, wills to subscribers.
+//! ([`router`]), persistent sessions in a durable store ([`store`]), retained messages, and the
+//! MQTT 5 extras: subscription identifiers, message expiry while queued, response topic and
+//! correlation data.
 
 pub mod index;
 pub mod outbox;

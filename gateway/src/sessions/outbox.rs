@@ -9,9 +9,16 @@
 //! Bounds: at most `max_messages` and `max_bytes` waiting (in flight counts). When a push would
 //! pass a bound, the oldest waiting QoS 0 messages make room first; if that is not enough, the new
 //! message is refused and counted. Nothing here grows without a bound.
+//!
+//! MQTT 5 message expiry (§3.3.2.3.3): a waiting message whose deadline has passed is never sent;
+//! it is dropped (counted, and its packet id reported for the store) when it reaches the front,
+//! or earlier by [`Outbox::drop_expired`]. A message already sent is in onward delivery and is
+//! completed whatever its expiry (MQTT-3.3.2-5 lets the server delete only a copy whose delivery
+//! has not started): [`Outbox::resume`] sends it again after a reconnect.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -26,12 +33,40 @@ pub struct Message {
     pub payload_format: Option<u8>,
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
+    /// MQTT 5 Subscription Identifiers of the receiving session's matching subscriptions
+    /// (empty in the message shared by every session; set in a session's own copy).
+    pub subscription_ids: Vec<u32>,
+    /// MQTT 5: when the message expires (receive time + its message expiry interval).
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Message {
-    /// The bytes this message is counted as against a session's bound.
+    /// The bytes this message is counted as against a session's bound (an MQTT 5 response
+    /// topic and correlation data count too: they may be as large as a payload).
     pub fn cost(&self) -> usize {
-        self.topic.len() + self.payload.len() + 32
+        self.topic.len()
+            + self.payload.len()
+            + self.response_topic.as_ref().map_or(0, String::len)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + 32
+    }
+
+    /// Whether the message's deadline has passed at `now`.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// The Message Expiry Interval to send at `now` (MQTT 5 §3.3.2.3.3: what was received minus
+    /// the time it waited here), in whole seconds rounded up. At least 1: a message sent after
+    /// its deadline is one whose delivery had started before (a resend), and 0 would read as
+    /// already gone.
+    pub fn remaining_expiry(&self, now: SystemTime) -> Option<u32> {
+        let left = self
+            .expires_at?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO);
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        Some(u32::try_from(secs).unwrap_or(u32::MAX).max(1))
     }
 }
 
@@ -98,6 +133,8 @@ pub struct Counts {
     pub dropped_qos0: u64,
     /// QoS 1/2 messages refused by a full session.
     pub refused_full: u64,
+    /// Messages dropped unsent because their MQTT 5 message expiry passed while they waited.
+    pub expired: u64,
 }
 
 #[derive(Debug)]
@@ -112,6 +149,11 @@ pub struct Outbox {
     max_bytes: usize,
     bytes: usize,
     counts: Counts,
+    /// A message with an expiry was queued since the outbox was last empty (so a scan for
+    /// expired ones can find something).
+    any_expiry: bool,
+    /// Packet ids of QoS 1/2 messages dropped as expired, until [`Outbox::take_expired`].
+    expired_pkids: Vec<u16>,
 }
 
 impl Outbox {
@@ -128,6 +170,8 @@ impl Outbox {
             max_bytes,
             bytes: 0,
             counts: Counts::default(),
+            any_expiry: false,
+            expired_pkids: Vec::new(),
         }
     }
 
@@ -181,6 +225,7 @@ impl Outbox {
             return Err(Refused::Full);
         }
         self.bytes += cost;
+        self.any_expiry |= message.expires_at.is_some();
         let pkid = if qos > 0 { self.allocate_pkid() } else { 0 };
         self.waiting.push_back(Waiting {
             qos,
@@ -200,6 +245,7 @@ impl Outbox {
             return;
         }
         self.bytes += message.cost();
+        self.any_expiry |= message.expires_at.is_some();
         if released {
             self.in_flight.push_back(InFlight {
                 pkid,
@@ -233,8 +279,22 @@ impl Outbox {
     }
 
     /// The next PUBLISH to send now, if the receive maximum allows one (QoS 0 is never held
-    /// back by it). Messages leave in the order they were pushed.
+    /// back by it). Messages leave in the order they were pushed; expired ones are dropped.
     pub fn next_publish(&mut self) -> Option<Send> {
+        self.next_publish_at(SystemTime::now())
+    }
+
+    /// [`Outbox::next_publish`] at `now`.
+    pub fn next_publish_at(&mut self, now: SystemTime) -> Option<Send> {
+        while self
+            .waiting
+            .front()
+            .is_some_and(|w| w.message.is_expired(now))
+        {
+            if let Some(w) = self.waiting.pop_front() {
+                self.drop_waiting(w);
+            }
+        }
         let front = self.waiting.front()?;
         if front.qos > 0 && self.in_flight.len() >= self.receive_maximum {
             return None;
@@ -263,6 +323,39 @@ impl Outbox {
             pkid: w.pkid,
             dup: w.dup,
         })
+    }
+
+    /// Drops every waiting message whose deadline has passed at `now` (an offline session's, or
+    /// one behind the receive maximum); returns how many.
+    pub fn drop_expired(&mut self, now: SystemTime) -> usize {
+        if !self.any_expiry {
+            return 0;
+        }
+        let (expired, keep): (VecDeque<Waiting>, VecDeque<Waiting>) =
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|w| w.message.is_expired(now));
+        self.waiting = keep;
+        let n = expired.len();
+        expired.into_iter().for_each(|w| self.drop_waiting(w));
+        self.any_expiry = self.waiting.iter().any(|w| w.message.expires_at.is_some());
+        n
+    }
+
+    /// Forgets a waiting message that expired: its bytes, its packet id, counted.
+    fn drop_waiting(&mut self, w: Waiting) {
+        self.bytes -= w.message.cost();
+        self.counts.expired += 1;
+        if w.qos > 0 {
+            self.used.remove(&w.pkid);
+            self.expired_pkids.push(w.pkid);
+        }
+    }
+
+    /// Packet ids of QoS 1/2 messages dropped as expired since the last call (a durable
+    /// session stores that they are done).
+    pub fn take_expired(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.expired_pkids)
     }
 
     /// A packet id no held message has. Bounds keep far fewer than 65,535 messages held, so
@@ -369,6 +462,8 @@ mod tests {
             payload_format: None,
             response_topic: None,
             correlation_data: None,
+            subscription_ids: Vec::new(),
+            expires_at: None,
         })
     }
 
@@ -447,6 +542,90 @@ mod tests {
         o.on_pubcomp(2).expect("released");
         assert!(o.is_empty());
         assert_eq!(o.bytes(), 0);
+    }
+
+    fn expiring(n: u32, at: SystemTime) -> Arc<Message> {
+        let mut m = (*msg(n)).clone();
+        m.expires_at = Some(at);
+        Arc::new(m)
+    }
+
+    fn sent_id(s: Option<Send>) -> (u32, u16) {
+        match s {
+            Some(Send::Publish { message, pkid, .. }) => (id(&message), pkid),
+            other => panic!("expected a PUBLISH, got {other:?}"),
+        }
+    }
+
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn at(secs: u64) -> SystemTime {
+        T0 + Duration::from_secs(1_000_000 + secs)
+    }
+
+    #[test]
+    fn a_message_that_expires_while_waiting_is_dropped_unsent_and_counted() {
+        let mut o = Outbox::new(1, 100, 1 << 20);
+        o.push(expiring(1, at(10)), 1).expect("room");
+        let behind = o.push(expiring(2, at(5)), 1).expect("room");
+        o.push(msg(3), 1).expect("room");
+        o.push(expiring(4, at(5)), 0).expect("room");
+        let (first, p1) = sent_id(o.next_publish_at(at(0)));
+        assert_eq!(first, 1);
+        assert_eq!(o.next_publish_at(at(0)), None, "behind the receive maximum");
+        o.on_puback(p1).expect("in flight");
+        // Message 2 expired while it waited behind the receive maximum: never sent.
+        let (third, p3) = sent_id(o.next_publish_at(at(6)));
+        assert_eq!(third, 3);
+        assert_eq!(o.counts().expired, 1);
+        assert_eq!(o.take_expired(), [behind], "its packet id, for the store");
+        o.on_puback(p3).expect("in flight");
+        // QoS 0 expires too; it had no packet id.
+        assert_eq!(o.next_publish_at(at(6)), None);
+        assert_eq!(o.counts().expired, 2);
+        assert!(o.take_expired().is_empty());
+        assert!(o.is_empty());
+        assert_eq!(o.bytes(), 0);
+        assert_eq!(o.counts().sent, 2);
+    }
+
+    #[test]
+    fn an_offline_sessions_expired_messages_go_but_what_was_in_flight_is_resent_regardless() {
+        let mut o = Outbox::new(10, 100, 1 << 20);
+        o.push(expiring(1, at(5)), 1).expect("room");
+        let (_, p1) = sent_id(o.next_publish_at(at(0)));
+        o.push(expiring(2, at(5)), 1).expect("room");
+        o.push(expiring(3, at(50)), 1).expect("room");
+        o.on_disconnect();
+        assert_eq!(o.drop_expired(at(6)), 1);
+        assert_eq!(o.len(), 2);
+        // Delivery of message 1 had started: it goes again, past its deadline, with an
+        // expiry interval of 1 (never 0).
+        let again = o.resume();
+        assert!(matches!(
+            &again[..],
+            [Send::Publish { message, pkid, dup: true, .. }]
+                if *pkid == p1 && message.remaining_expiry(at(6)) == Some(1)
+        ));
+        let (next, _) = sent_id(o.next_publish_at(at(6)));
+        assert_eq!(next, 3);
+    }
+
+    #[test]
+    fn the_remaining_expiry_is_rounded_up_and_absent_without_an_expiry() {
+        let m = expiring(1, at(10));
+        assert_eq!(m.remaining_expiry(at(0)), Some(10));
+        assert_eq!(
+            m.remaining_expiry(at(0) + Duration::from_millis(500)),
+            Some(10)
+        );
+        assert_eq!(
+            m.remaining_expiry(at(9) + Duration::from_millis(1)),
+            Some(1)
+        );
+        assert_eq!(m.remaining_expiry(at(20)), Some(1));
+        assert!(m.is_expired(at(10)) && !m.is_expired(at(9)));
+        assert_eq!(msg(1).remaining_expiry(at(0)), None);
     }
 
     #[derive(Debug, Clone)]

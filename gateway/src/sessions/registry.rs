@@ -10,8 +10,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::index::FilterIndex;
@@ -30,7 +31,7 @@ pub struct SessionBounds {
     pub max_bytes: usize,
     /// Sessions kept at once.
     pub max_sessions: usize,
-    /// Retained messages kept, by count and by bytes (topic + payload + 32 each).
+    /// Retained messages kept, by count and by bytes (topic + payload + 32 each, plus a response topic and correlation data).
     pub max_retained_messages: usize,
     pub max_retained_bytes: usize,
 }
@@ -69,6 +70,9 @@ pub struct SubOptions {
     pub qos: u8,
     pub no_local: bool,
     pub retain_as_published: bool,
+    /// MQTT 5 Subscription Identifier (1..=268,435,455), sent with what this subscription
+    /// delivers.
+    pub id: Option<u32>,
 }
 
 /// One client's session: its outbox, kept while the client is connected and, for a persistent
@@ -110,7 +114,25 @@ impl Slot {
         follow(&self.total_bytes, bytes, outbox.bytes());
         follow(&self.total_messages, len, outbox.len());
         // An ended session's outbox is replaced (its counts start again): no sends then.
+        let expired = outbox.take_expired();
+        if !expired.is_empty() {
+            // Under the outbox's lock, so that the Done is stored before the packet id can be
+            // given to another message.
+            if let Some(st) = self.stored() {
+                for pkid in expired {
+                    st.append(&Event::Done {
+                        id: self.client_id.to_string(),
+                        pkid,
+                    });
+                }
+            }
+        }
         let after = outbox.counts();
+        if after.expired > counts.expired {
+            self.stats
+                .messages_expired
+                .fetch_add(after.expired - counts.expired, Ordering::Relaxed);
+        }
         if after.sent > counts.sent {
             self.stats
                 .delivered
@@ -222,6 +244,9 @@ pub struct DeliveryStats {
     pub evicted: AtomicU64,
     /// Retained messages refused by the `max_retained_*` bounds (a new topic when full).
     pub retained_refused: AtomicU64,
+    /// Messages not sent because their MQTT 5 message expiry passed first (routed after it,
+    /// or waiting in a session's outbox).
+    pub messages_expired: AtomicU64,
     /// Retained messages sent to new subscriptions.
     pub retained_sent: AtomicU64,
 }
@@ -483,6 +508,7 @@ impl Sessions {
                 qos: o.qos,
                 no_local: o.no_local,
                 retain_as_published: o.retain_as_published,
+                sub_id: o.id,
             })?;
         }
         // Under the outbox's lock: an ack made after this is written after these events.
@@ -550,9 +576,15 @@ impl Sessions {
             .fetch_add(dropped, Ordering::Relaxed);
     }
 
-    /// Ends offline sessions whose expiry has passed at `now`; returns how many.
-    pub fn sweep(&self, now: Instant) -> usize {
+    /// Ends offline sessions whose expiry has passed at `now`; returns how many. Also drops
+    /// the messages whose MQTT 5 expiry has passed at `wall`: queued ones (counted) and
+    /// retained ones.
+    pub fn sweep(&self, now: Instant, wall: SystemTime) -> usize {
         let mut inner = self.lock();
+        let _ = self.drop_expired_retained(&mut inner, wall);
+        for slot in inner.slots.values() {
+            slot.with_outbox(|o| o.drop_expired(wall));
+        }
         let expired: Vec<Arc<Slot>> = inner
             .slots
             .values()
@@ -698,9 +730,9 @@ impl Sessions {
         if retain_handling == 2 || (retain_handling == 1 && !is_new) {
             return None;
         }
-        let inner = self.lock();
+        let mut inner = self.lock();
+        let mut last = self.drop_expired_retained(&mut inner, SystemTime::now());
         let store = slot.stored();
-        let mut last = None;
         let mut sent = 0u64;
         // `$` topics are matched only by filters that name them (topic::matches).
         for (topic, (qos, m)) in &inner.retained {
@@ -708,6 +740,7 @@ impl Sessions {
                 continue;
             }
             let qos = (*qos).min(options.qos);
+            let m = with_subscription_ids(m, options.id.into_iter().collect());
             slot.with_outbox(|o| {
                 if let Ok(pkid) = o.push(m.clone(), qos) {
                     sent += 1;
@@ -717,7 +750,7 @@ impl Sessions {
                             seq: 0,
                             qos,
                             pkid,
-                            message: StoredMessage::of(m),
+                            message: StoredMessage::of(&m),
                         });
                         if p.is_some() {
                             last = p;
@@ -727,6 +760,27 @@ impl Sessions {
             });
         }
         self.stats.retained_sent.fetch_add(sent, Ordering::Relaxed);
+        last
+    }
+
+    /// Removes the retained messages whose MQTT 5 expiry has passed at `now` (they are never
+    /// sent again); returns the store append of their removal.
+    fn drop_expired_retained(&self, inner: &mut Inner, now: SystemTime) -> Option<PendingAppend> {
+        let expired: Vec<String> = inner
+            .retained
+            .iter()
+            .filter(|(_, (_, m))| m.is_expired(now))
+            .map(|(t, _)| t.clone())
+            .collect();
+        let mut last = None;
+        for topic in expired {
+            if let Some((_, old)) = inner.retained.remove(&topic) {
+                inner.retained_bytes -= old.cost();
+            }
+            if let Some(st) = &self.store {
+                last = st.append(&Event::Unretain { topic }).or(last);
+            }
+        }
         last
     }
 
@@ -746,6 +800,7 @@ impl Sessions {
                 qos: options.qos,
                 no_local: options.no_local,
                 retain_as_published: options.retain_as_published,
+                sub_id: options.id,
             })
         });
         let existed = inner
@@ -795,8 +850,10 @@ impl Sessions {
         let mut woken: Vec<Arc<Slot>> = Vec::new();
         let mut after_durable: Vec<Arc<Slot>> = Vec::new();
         let mut last_append: Option<PendingAppend> = None;
-        let mut targets: Vec<(Arc<str>, SubOptions)> = Vec::new();
+        // Each matching session once: its options merged, and every matching subscription's id.
+        let mut targets: Vec<(Arc<str>, SubOptions, Vec<u32>)> = Vec::new();
         let b = self.bounds();
+        let now = SystemTime::now();
         let mut inner = self.lock();
         for rec in records {
             self.stats.routed.fetch_add(1, Ordering::Relaxed);
@@ -810,12 +867,13 @@ impl Sessions {
                 if o.no_local && **client == *rec.device_id {
                     return;
                 }
-                match targets.iter_mut().find(|(c, _)| c == client) {
-                    Some((_, t)) => {
+                match targets.iter_mut().find(|(c, _, _)| c == client) {
+                    Some((_, t, ids)) => {
                         t.qos = t.qos.max(o.qos);
                         t.retain_as_published |= o.retain_as_published;
+                        ids.extend(o.id);
                     }
-                    None => targets.push((client.clone(), *o)),
+                    None => targets.push((client.clone(), *o, o.id.into_iter().collect())),
                 }
             });
             if targets.is_empty() {
@@ -830,7 +888,7 @@ impl Sessions {
                 m.retain = true;
                 Arc::new(m)
             });
-            for (client, o) in &targets {
+            for (client, o, ids) in &mut targets {
                 let Some(slot) = inner.slots.get(client) else {
                     continue;
                 };
@@ -839,6 +897,11 @@ impl Sessions {
                     continue;
                 }
                 self.stats.matched.fetch_add(1, Ordering::Relaxed);
+                if message.is_expired(now) {
+                    // Its expiry passed before it was routed (the router caught up late).
+                    self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let qos = o.qos.min(published_qos);
                 let over_total =
                     self.total_bytes.load(Ordering::Acquire) + message.cost() > max_bytes;
@@ -854,6 +917,8 @@ impl Sessions {
                     (Some(r), true) => r.clone(),
                     _ => message.clone(),
                 };
+                ids.sort_unstable();
+                let m = with_subscription_ids(&m, std::mem::take(ids));
                 let (pushed, before, after) = slot.with_outbox(|ob| {
                     let before = ob.counts();
                     let pushed = match ob.push(m.clone(), qos) {
@@ -904,10 +969,22 @@ impl Sessions {
     }
 }
 
+/// `m` as sent for subscriptions with these identifiers: `m` itself (shared) when there are
+/// none, else a copy that carries them.
+fn with_subscription_ids(m: &Arc<Message>, ids: Vec<u32>) -> Arc<Message> {
+    if ids.is_empty() {
+        return m.clone();
+    }
+    let mut own = (**m).clone();
+    own.subscription_ids = ids;
+    Arc::new(own)
+}
+
 impl Message {
     /// The message a queue record becomes for subscribers. `retain`: the flag to send it with
     /// (live delivery clears it unless the subscription keeps it as published).
     pub fn from_record(rec: Record, retain: bool) -> Message {
+        let expires_at = rec.expires_at();
         Message {
             topic: rec.topic.into(),
             payload: rec.payload.into(),
@@ -915,8 +992,10 @@ impl Message {
             user_properties: rec.user_properties,
             content_type: rec.content_type,
             payload_format: rec.payload_format,
-            response_topic: None,
-            correlation_data: None,
+            response_topic: rec.response_topic,
+            correlation_data: rec.correlation_data.map(Bytes::from),
+            subscription_ids: Vec::new(),
+            expires_at,
         }
     }
 }

@@ -137,7 +137,7 @@ pub async fn expire(sessions: Arc<Sessions>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                sessions.sweep(Instant::now());
+                sessions.sweep(Instant::now(), std::time::SystemTime::now());
                 compact_if_due(&sessions).await;
             }
             _ = shutdown.cancelled() => return,

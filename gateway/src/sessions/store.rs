@@ -53,6 +53,9 @@ pub enum Event {
         qos: u8,
         no_local: bool,
         retain_as_published: bool,
+        /// MQTT 5 Subscription Identifier (absent in events written before it was kept).
+        #[serde(default)]
+        sub_id: Option<u32>,
     },
     Unsub {
         id: String,
@@ -96,6 +99,13 @@ pub struct StoredMessage {
     pub payload_format: Option<u8>,
     pub response_topic: Option<String>,
     pub correlation_data: Option<Vec<u8>>,
+    /// The session's matching subscriptions' identifiers (absent in older events: none).
+    #[serde(default)]
+    pub subscription_ids: Vec<u32>,
+    /// MQTT 5 deadline, microseconds since the Unix epoch: absolute, so that it holds across a
+    /// restart (absent in older events: none).
+    #[serde(default)]
+    pub expires_at_us: Option<u64>,
 }
 
 impl StoredMessage {
@@ -109,6 +119,8 @@ impl StoredMessage {
             payload_format: m.payload_format,
             response_topic: m.response_topic.clone(),
             correlation_data: m.correlation_data.as_ref().map(|b| b.to_vec()),
+            subscription_ids: m.subscription_ids.clone(),
+            expires_at_us: m.expires_at.map(crate::queue::micros_since_epoch),
         }
     }
 
@@ -122,6 +134,10 @@ impl StoredMessage {
             payload_format: self.payload_format,
             response_topic: self.response_topic,
             correlation_data: self.correlation_data.map(Bytes::from),
+            subscription_ids: self.subscription_ids,
+            expires_at: self
+                .expires_at_us
+                .map(|us| SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us)),
         }
     }
 }
@@ -185,6 +201,7 @@ pub fn replay(state: &mut Recovered, events: impl IntoIterator<Item = Event>) {
                 qos,
                 no_local,
                 retain_as_published,
+                sub_id,
             } => {
                 if let Some(s) = sessions.get_mut(&id) {
                     s.subs.insert(
@@ -193,6 +210,7 @@ pub fn replay(state: &mut Recovered, events: impl IntoIterator<Item = Event>) {
                             qos,
                             no_local,
                             retain_as_published,
+                            id: sub_id,
                         },
                     );
                 }
@@ -365,6 +383,9 @@ impl Store {
             user_properties: &[],
             content_type: None,
             payload_format: None,
+            message_expiry: None,
+            response_topic: None,
+            correlation_data: None,
             payload: &payload,
         };
         match self.queue.try_append(&rec) {
@@ -439,6 +460,8 @@ mod tests {
             payload_format: None,
             response_topic: Some("r".into()),
             correlation_data: Some(b"c".to_vec()),
+            subscription_ids: vec![3],
+            expires_at_us: Some(1_700_000_000_123_456),
         }
     }
 
@@ -457,6 +480,7 @@ mod tests {
                 qos: 2,
                 no_local: false,
                 retain_as_published: true,
+                sub_id: Some(7),
             },
             Event::Sub {
                 id: id(),
@@ -464,6 +488,7 @@ mod tests {
                 qos: 1,
                 no_local: false,
                 retain_as_published: false,
+                sub_id: None,
             },
             Event::Unsub {
                 id: id(),
@@ -499,6 +524,7 @@ mod tests {
                 qos: 0,
                 no_local: false,
                 retain_as_published: false,
+                sub_id: None,
             },
         ];
         let mut state = Recovered::default();
@@ -541,6 +567,86 @@ mod tests {
             ],
         );
         assert_eq!(state.retained.keys().collect::<Vec<_>>(), ["a/c"]);
+    }
+
+    /// Events as written before subscription identifiers (and message deadlines) were kept.
+    #[derive(Serialize)]
+    enum OldEvent {
+        Sub {
+            id: String,
+            filter: String,
+            qos: u8,
+            no_local: bool,
+            retain_as_published: bool,
+        },
+        Msg {
+            id: String,
+            seq: u64,
+            qos: u8,
+            pkid: u16,
+            message: OldMessage,
+        },
+    }
+
+    #[derive(Serialize)]
+    struct OldMessage {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        user_properties: Vec<(String, String)>,
+        content_type: Option<String>,
+        payload_format: Option<u8>,
+        response_topic: Option<String>,
+        correlation_data: Option<Vec<u8>>,
+    }
+
+    fn roundtrip_old(old: &OldEvent) -> Event {
+        let mut b = Vec::new();
+        ciborium::into_writer(old, &mut b).expect("encodes");
+        ciborium::from_reader::<Event, _>(&b[..]).expect("an old event still decodes")
+    }
+
+    #[test]
+    fn events_written_before_the_new_fields_read_as_none() {
+        let e = roundtrip_old(&OldEvent::Sub {
+            id: "d1".into(),
+            filter: "a/#".into(),
+            qos: 1,
+            no_local: false,
+            retain_as_published: true,
+        });
+        assert_eq!(
+            e,
+            Event::Sub {
+                id: "d1".into(),
+                filter: "a/#".into(),
+                qos: 1,
+                no_local: false,
+                retain_as_published: true,
+                sub_id: None,
+            }
+        );
+        let e = roundtrip_old(&OldEvent::Msg {
+            id: "d1".into(),
+            seq: 3,
+            qos: 1,
+            pkid: 2,
+            message: OldMessage {
+                topic: "t".into(),
+                payload: b"p".to_vec(),
+                retain: false,
+                user_properties: vec![],
+                content_type: None,
+                payload_format: None,
+                response_topic: None,
+                correlation_data: None,
+            },
+        });
+        let Event::Msg { message, .. } = e else {
+            panic!("not a Msg: {e:?}")
+        };
+        assert!(message.subscription_ids.is_empty());
+        assert_eq!(message.expires_at_us, None);
     }
 
     #[test]

@@ -9,8 +9,10 @@ certificate sub-id.pem/key in --devices), the publisher --pub-id, a third client
 Scenario (each step waits for its acknowledgement):
   1. the publisher publishes a retained QoS 1 message to .../state ("retained-<label>");
   2. the subscriber subscribes to devices/<pub-id>/paho-<label>/# at QoS 2 and receives it
-     (retain flag set);
+     (retain flag set); MQTT 5: with Subscription Identifier 11;
   3. the publisher publishes "q1-<label>" at QoS 1 and "q2-<label>" at QoS 2 to .../data;
+     MQTT 5: q1 with Message Expiry Interval 3600, Response Topic .../reply and Correlation
+     Data "c-1";
   4. the subscriber receives both and leaves; the publisher clears the retained message.
   MQTT 5 only, then:
   5. the publisher subscribes to devices/+/paho-<label>-nl with no-local and retain handling 2
@@ -20,7 +22,8 @@ Scenario (each step waits for its acknowledgement):
      had no-local not held it back.
 
 Prints one JSON object per line for each message a subscriber received:
-{"to": <client>, "topic", "payload", "qos", "retain"} and {"suback": [codes]} per SUBACK, then
+{"to": <client>, "topic", "payload", "qos", "retain"} (MQTT 5 adds "sub_ids", "expiry",
+"response_topic", "correlation" where the PUBLISH had them) and {"suback": [codes]} per SUBACK, then
 "DONE". Exit status 0 only when every step completed within its time.
 Works with paho-mqtt 2.x.
 """
@@ -34,6 +37,8 @@ import sys
 import threading
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 TIMEOUT = 10.0
@@ -87,6 +92,16 @@ class Client:
             "qos": msg.qos,
             "retain": bool(msg.retain),
         }
+        props = getattr(msg, "properties", None)
+        for key, name in [
+            ("sub_ids", "SubscriptionIdentifier"),
+            ("expiry", "MessageExpiryInterval"),
+            ("response_topic", "ResponseTopic"),
+            ("correlation", "CorrelationData"),
+        ]:
+            value = getattr(props, name, None) if props is not None else None
+            if value is not None:
+                m[key] = value.decode() if isinstance(value, bytes) else value
         emit(m)
         self.messages.put(m)
 
@@ -95,9 +110,13 @@ class Client:
         emit({"suback": codes, "by": self.id})
         self.subacks.put(codes)
 
-    def subscribe(self, topic, options):
+    def subscribe(self, topic, options, sub_id=None):
         if self.protocol == mqtt.MQTTv5:
-            self.c.subscribe(topic, options=options)
+            props = None
+            if sub_id is not None:
+                props = Properties(PacketTypes.SUBSCRIBE)
+                props.SubscriptionIdentifier = sub_id
+            self.c.subscribe(topic, options=options, properties=props)
         else:
             self.c.subscribe(topic, qos=options.QoS)
         try:
@@ -105,8 +124,10 @@ class Client:
         except queue.Empty:
             raise RuntimeError(f"{self.id}: no SUBACK for {topic}") from None
 
-    def publish(self, topic, payload, qos, retain=False):
-        info = self.c.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic, payload, qos, retain=False, properties=None):
+        info = self.c.publish(
+            topic, payload, qos=qos, retain=retain, properties=properties
+        )
         info.wait_for_publish(timeout=TIMEOUT)
         if not info.is_published():
             raise RuntimeError(f"{self.id}: {topic} QoS {qos} not acknowledged")
@@ -149,9 +170,15 @@ def main():
     pub = Client(args, args.pub_id, protocol)
     pub.publish(f"{base}/state", f"retained-{label}", 1, retain=True)
     sub = Client(args, args.sub_id, protocol)
-    sub.subscribe(f"{base}/#", SubscribeOptions(qos=2))
+    sub.subscribe(f"{base}/#", SubscribeOptions(qos=2), sub_id=11 if v5 else None)
     sub.expect(f"retained-{label}")
-    pub.publish(f"{base}/data", f"q1-{label}", 1)
+    q1_props = None
+    if v5:
+        q1_props = Properties(PacketTypes.PUBLISH)
+        q1_props.MessageExpiryInterval = 3600
+        q1_props.ResponseTopic = f"{base}/reply"
+        q1_props.CorrelationData = b"c-1"
+    pub.publish(f"{base}/data", f"q1-{label}", 1, properties=q1_props)
     pub.publish(f"{base}/data", f"q2-{label}", 2)
     sub.expect(f"q2-{label}")
     sub.close()

@@ -333,6 +333,8 @@ pub struct Connect {
     pub password: Option<String>,
     /// MQTT 5 session expiry interval property, in seconds.
     pub session_expiry: Option<u32>,
+    /// More MQTT 5 CONNECT properties, already encoded (identifier and value).
+    pub properties: Vec<u8>,
 }
 
 impl Connect {
@@ -348,7 +350,15 @@ impl Connect {
             username: None,
             password: None,
             session_expiry: None,
+            properties: Vec::new(),
         }
+    }
+
+    /// Adds an encoded MQTT 5 CONNECT property (identifier and value bytes).
+    pub fn property(mut self, id: u8, value: &[u8]) -> Connect {
+        self.properties.push(id);
+        self.properties.extend_from_slice(value);
+        self
     }
 
     /// Keeps the session (3.1.1 clean session = 0; MQTT 5 clean start = 0 with this expiry).
@@ -432,14 +442,14 @@ impl Connect {
         b.push(flags);
         b.extend_from_slice(&self.keep_alive.to_be_bytes());
         if v5 {
-            match self.session_expiry {
-                Some(e) => {
-                    b.push(5);
-                    b.push(0x11);
-                    b.extend_from_slice(&e.to_be_bytes());
-                }
-                None => b.push(0), // no CONNECT properties
+            let mut props = Vec::new();
+            if let Some(e) = self.session_expiry {
+                props.push(0x11);
+                props.extend_from_slice(&e.to_be_bytes());
             }
+            props.extend_from_slice(&self.properties);
+            varint(props.len(), &mut b);
+            b.extend_from_slice(&props);
         }
         string(self.client_id.as_bytes(), &mut b);
         if let Some(w) = &self.will {
@@ -642,4 +652,62 @@ pub const DISCONNECT: [u8; 2] = [0xE0, 0x00];
 /// MQTT 5 DISCONNECT with a reason code and no properties.
 pub fn disconnect_v5(reason: u8) -> Vec<u8> {
     packet(0xE0, &[reason, 0])
+}
+
+/// MQTT 5 SUBSCRIBE with encoded `properties` (without their length) for `(filter, options)`.
+pub fn subscribe_v5_props(pkid: u16, properties: &[u8], filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut b = pkid.to_be_bytes().to_vec();
+    varint(properties.len(), &mut b);
+    b.extend_from_slice(properties);
+    for (f, o) in filters {
+        string(f.as_bytes(), &mut b);
+        b.push(*o);
+    }
+    packet(0x82, &b)
+}
+
+/// A Subscription Identifier property (0x0B, variable byte integer).
+pub fn subscription_id(id: usize) -> Vec<u8> {
+    let mut b = vec![0x0B];
+    varint(id, &mut b);
+    b
+}
+
+impl Packet {
+    /// The properties of an MQTT 5 ack with a packet id and a reason code (PUBACK, PUBREC,
+    /// SUBACK, UNSUBACK) as (identifier, value bytes); empty when the packet has none.
+    pub fn ack_properties(&self) -> Vec<(u8, Vec<u8>)> {
+        let at = match self.kind {
+            kind::SUBACK | kind::UNSUBACK => 2,
+            _ => 3,
+        };
+        if self.body.len() <= at {
+            return Vec::new();
+        }
+        let (len, n) = read_varint(&self.body[at..]);
+        parse_properties(&self.body[at + n..at + n + len])
+    }
+
+    /// The properties of an MQTT 5 DISCONNECT (empty when it has none).
+    pub fn disconnect_properties(&self) -> Vec<(u8, Vec<u8>)> {
+        assert_eq!(
+            self.kind,
+            kind::DISCONNECT,
+            "expected DISCONNECT, got {self:?}"
+        );
+        if self.body.len() <= 1 {
+            return Vec::new();
+        }
+        let (len, n) = read_varint(&self.body[1..]);
+        parse_properties(&self.body[1 + n..1 + n + len])
+    }
+}
+
+/// The values of property `id` in `props`, in order.
+pub fn property_values(props: &[(u8, Vec<u8>)], id: u8) -> Vec<Vec<u8>> {
+    props
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, v)| v.clone())
+        .collect()
 }
