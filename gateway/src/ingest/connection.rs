@@ -7,7 +7,7 @@
 //! between them is bounded: when a device has `receive_maximum` publishes waiting for the disk,
 //! the reader stops reading its socket (TCP flow control slows the device down).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,9 @@ use crate::sessions::{Slot, SubOptions};
 /// The connection's session and its registration id, set once the CONNACK is queued (the writer
 /// sends deliveries from it while the connection owns it).
 type SlotCell = Arc<std::sync::OnceLock<(Arc<Slot>, u64)>>;
+
+/// The reason string of a refusal because the message could not be stored.
+const STORE_FAILED: &str = "could not store the message";
 
 /// What the reader hands the writer.
 enum Out {
@@ -54,12 +57,14 @@ pub(crate) async fn serve<S>(
     let policy = shared.policy();
     let (tx, rx) = mpsc::channel(usize::from(policy.limits().receive_maximum) + 8);
     let version = Arc::new(std::sync::OnceLock::new());
+    let reason_strings = Arc::new(AtomicBool::new(false));
     let acks_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let slot = SlotCell::default();
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
         version.clone(),
+        reason_strings.clone(),
         shared.clone(),
         acks_sent.clone(),
         slot.clone(),
@@ -71,6 +76,7 @@ pub(crate) async fn serve<S>(
         shared: shared.clone(),
         tx,
         version,
+        reason_strings,
         cert_identity,
         registered: None,
         taken_over: Arc::new(Notify::new()),
@@ -103,6 +109,9 @@ struct Conn {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Out>,
     version: Arc<std::sync::OnceLock<Version>>,
+    /// Whether refusals may carry a reason string (MQTT 5, the client did not ask for none and
+    /// one fits its maximum packet size); set with the CONNACK, read by the writer.
+    reason_strings: Arc<AtomicBool>,
     cert_identity: Option<String>,
     /// (client id, registration id) once connected.
     registered: Option<(String, u64)>,
@@ -223,6 +232,17 @@ impl Conn {
                 Action::Send(mut p) => {
                     if let Some(v) = self.session.version() {
                         let _ = self.version.set(v);
+                    }
+                    if matches!(p, Outbound::ConnAck { code: 0, .. }) {
+                        let probe = Outbound::PubAck {
+                            pkid: 1,
+                            reason: reason::UNSPECIFIED,
+                        };
+                        let with = self.session.with_reason(probe, STORE_FAILED);
+                        self.reason_strings.store(
+                            matches!(with, Outbound::WithReason { .. }),
+                            Ordering::Relaxed,
+                        );
                     }
                     let starting = match &mut p {
                         Outbound::ConnAck {
@@ -523,7 +543,7 @@ impl Conn {
         };
         let why = match code {
             reason::QUOTA_EXCEEDED => "queue full",
-            _ => "could not store the message",
+            _ => STORE_FAILED,
         };
         let refusal = self.session.with_reason(refusal, why);
         if self.session.version() == Some(Version::V5) {
@@ -644,6 +664,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Out>,
     version: Arc<std::sync::OnceLock<Version>>,
+    reason_strings: Arc<AtomicBool>,
     shared: Arc<Shared>,
     acks_sent: Arc<std::sync::atomic::AtomicU64>,
     slot: SlotCell,
@@ -691,30 +712,33 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                                 "append failed after it was queued; no acknowledgement",
                             );
                             shared.stats.refused(error.as_label());
-                            match (v, ack) {
+                            let refusal = match (v, ack) {
                                 (Version::V5, Some(Outbound::PubAck { pkid, .. })) => {
-                                    codec::encode(
-                                        &Outbound::PubAck {
-                                            pkid,
-                                            reason: reason::UNSPECIFIED,
-                                        },
-                                        v,
-                                        &mut buf,
-                                    )
+                                    Some(Outbound::PubAck {
+                                        pkid,
+                                        reason: reason::UNSPECIFIED,
+                                    })
                                 }
                                 (Version::V5, Some(Outbound::PubRec { pkid, .. })) => {
-                                    codec::encode(
-                                        &Outbound::PubRec {
-                                            pkid,
-                                            reason: reason::UNSPECIFIED,
-                                        },
-                                        v,
-                                        &mut buf,
-                                    )
+                                    Some(Outbound::PubRec {
+                                        pkid,
+                                        reason: reason::UNSPECIFIED,
+                                    })
                                 }
-                                (_, None) => {}
+                                (_, None) => None,
                                 // 3.1.1: no negative ack exists; close, the device resends.
                                 _ => break 'outer,
+                            };
+                            if let Some(refusal) = refusal {
+                                let refusal = if reason_strings.load(Ordering::Relaxed) {
+                                    Outbound::WithReason {
+                                        packet: Box::new(refusal),
+                                        text: STORE_FAILED.into(),
+                                    }
+                                } else {
+                                    refusal
+                                };
+                                codec::encode(&refusal, v, &mut buf);
                             }
                         }
                     }
