@@ -9,7 +9,7 @@
 //!
 //! Every decode takes untrusted bytes and returns an error, never panics.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4 as m4;
 use rumqttc::mqttbytes::{self as mb, QoS};
 use rumqttc::v5::mqttbytes::v5 as m5;
@@ -99,26 +99,28 @@ pub struct Subscription {
     pub subscription_id: Option<u32>,
 }
 
-/// PUBLISH from the gateway to a subscriber.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutPublish {
-    pub topic: String,
+/// PUBLISH from the gateway to a subscriber, borrowed from the message it delivers:
+/// [`encode_publish`] writes it straight into the connection's buffer, so a delivery copies
+/// nothing but the bytes on their way out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutPublish<'a> {
+    pub topic: &'a str,
     pub qos: u8,
     pub retain: bool,
     pub dup: bool,
     /// 0 for QoS 0.
     pub pkid: u16,
-    pub payload: Bytes,
+    pub payload: &'a [u8],
     /// MQTT 5 properties (dropped when encoding for 3.1.1).
-    pub user_properties: Vec<(String, String)>,
-    pub content_type: Option<String>,
+    pub user_properties: &'a [(String, String)],
+    pub content_type: Option<&'a str>,
     pub payload_format: Option<u8>,
-    pub response_topic: Option<String>,
-    pub correlation_data: Option<Bytes>,
+    pub response_topic: Option<&'a str>,
+    pub correlation_data: Option<&'a [u8]>,
     /// Seconds left of the message's expiry, when it has one.
     pub message_expiry: Option<u32>,
     /// MQTT 5: the identifiers of every subscription of the receiver that matched.
-    pub subscription_ids: Vec<u32>,
+    pub subscription_ids: &'a [u32],
 }
 
 /// What a device may send.
@@ -201,7 +203,6 @@ pub enum Outbound {
         pkid: u16,
         codes: Vec<u8>,
     },
-    Publish(Box<OutPublish>),
     PubRel {
         pkid: u16,
     },
@@ -274,22 +275,6 @@ fn qos_u8(q: QoS) -> u8 {
 
 fn qos5_u8(q: QoS5) -> u8 {
     q as u8
-}
-
-fn qos_from_u8(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
-fn qos5_from_u8(q: u8) -> QoS5 {
-    match q {
-        0 => QoS5::AtMostOnce,
-        1 => QoS5::AtLeastOnce,
-        _ => QoS5::ExactlyOnce,
-    }
 }
 
 fn malformed(e: impl std::fmt::Debug) -> DecodeError {
@@ -642,6 +627,129 @@ fn decode_v5(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, DecodeEr
     }))
 }
 
+/// Appends the PUBLISH `p` to `out`, for a client of `version` (3.1.1 gets no properties).
+/// Strings and binary fields longer than MQTT's 65,535 bytes, or a packet beyond its 256 MiB,
+/// cannot be encoded: logged, nothing appended (messages that came in as MQTT never are).
+pub fn encode_publish(p: &OutPublish<'_>, version: Version, out: &mut BytesMut) {
+    let v5 = version == Version::V5;
+    let too_long = [Some(p.topic), p.content_type, p.response_topic]
+        .into_iter()
+        .flatten()
+        .map(str::len)
+        .chain(p.correlation_data.map(<[u8]>::len))
+        .chain(
+            p.user_properties
+                .iter()
+                .flat_map(|(k, v)| [k.len(), v.len()]),
+        )
+        .any(|n| n > usize::from(u16::MAX));
+    let mut props = 0usize;
+    if v5 {
+        props += p.payload_format.map_or(0, |_| 2);
+        props += p.message_expiry.map_or(0, |_| 5);
+        props += p.content_type.map_or(0, |t| 3 + t.len());
+        props += p.response_topic.map_or(0, |t| 3 + t.len());
+        props += p.correlation_data.map_or(0, |c| 3 + c.len());
+        props += p
+            .user_properties
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.len())
+            .sum::<usize>();
+        props += p
+            .subscription_ids
+            .iter()
+            .map(|&id| 1 + varint_len(id as usize))
+            .sum::<usize>();
+    }
+    let remaining = 2
+        + p.topic.len()
+        + if p.qos > 0 { 2 } else { 0 }
+        + if v5 { varint_len(props) + props } else { 0 }
+        + p.payload.len();
+    if too_long || remaining > MAX_REMAINING_LENGTH {
+        tracing::error!(
+            topic = p.topic,
+            remaining,
+            "a message too large for an MQTT PUBLISH was not sent"
+        );
+        return;
+    }
+    out.reserve(5 + remaining);
+    let qos = p.qos.min(2);
+    out.put_u8(0x30 | (u8::from(p.dup && qos > 0) << 3) | (qos << 1) | u8::from(p.retain));
+    put_varint(remaining, out);
+    put_str(p.topic, out);
+    if qos > 0 {
+        out.put_u16(p.pkid);
+    }
+    if v5 {
+        put_varint(props, out);
+        if let Some(f) = p.payload_format {
+            out.put_u8(0x01);
+            out.put_u8(f);
+        }
+        if let Some(e) = p.message_expiry {
+            out.put_u8(0x02);
+            out.put_u32(e);
+        }
+        if let Some(t) = p.content_type {
+            out.put_u8(0x03);
+            put_str(t, out);
+        }
+        if let Some(t) = p.response_topic {
+            out.put_u8(0x08);
+            put_str(t, out);
+        }
+        if let Some(c) = p.correlation_data {
+            out.put_u8(0x09);
+            out.put_u16(c.len() as u16);
+            out.put_slice(c);
+        }
+        for &id in p.subscription_ids {
+            out.put_u8(0x0B);
+            put_varint(id as usize, out);
+        }
+        for (k, v) in p.user_properties {
+            out.put_u8(0x26);
+            put_str(k, out);
+            put_str(v, out);
+        }
+    }
+    out.put_slice(p.payload);
+}
+
+/// The largest remaining length MQTT's variable byte integer can say.
+const MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+fn put_varint(mut n: usize, out: &mut BytesMut) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.put_u8(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// A length-prefixed string (its length checked by the caller).
+fn put_str(s: &str, out: &mut BytesMut) {
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
 /// Appends the encoding of `p` to `out`.
 pub fn encode(p: &Outbound, version: Version, out: &mut BytesMut) {
     let r = match version {
@@ -682,13 +790,6 @@ fn encode_v4(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb::Error> {
             m4::SubAck::new(*pkid, codes).write(out)
         }
         Outbound::UnsubAck { pkid, .. } => m4::UnsubAck::new(*pkid).write(out),
-        Outbound::Publish(p) => {
-            let mut m = m4::Publish::from_bytes(&p.topic, qos_from_u8(p.qos), p.payload.clone());
-            m.retain = p.retain;
-            m.dup = p.dup;
-            m.pkid = p.pkid;
-            m.write(out)
-        }
         Outbound::PubRel { pkid } => m4::PubRel::new(*pkid).write(out),
         Outbound::PingResp => m4::PingResp.write(out),
         // 3.1.1 has no server DISCONNECT: the connection is just closed.
@@ -761,32 +862,6 @@ fn encode_v5(p: &Outbound, out: &mut BytesMut) -> Result<usize, mb5::Error> {
             properties: None,
         }
         .write(out),
-        Outbound::Publish(p) => {
-            let props = m5::PublishProperties {
-                payload_format_indicator: p.payload_format,
-                message_expiry_interval: p.message_expiry,
-                topic_alias: None,
-                response_topic: p.response_topic.clone(),
-                correlation_data: p.correlation_data.clone(),
-                user_properties: p.user_properties.clone(),
-                subscription_identifiers: p
-                    .subscription_ids
-                    .iter()
-                    .map(|&id| id as usize)
-                    .collect(),
-                content_type: p.content_type.clone(),
-            };
-            let mut m = m5::Publish::new(
-                p.topic.as_str(),
-                qos5_from_u8(p.qos),
-                p.payload.clone(),
-                Some(props).filter(|x| *x != m5::PublishProperties::default()),
-            );
-            m.retain = p.retain;
-            m.dup = p.dup;
-            m.pkid = p.pkid;
-            m.write(out)
-        }
         Outbound::PubRel { pkid } => m5::PubRel {
             pkid: *pkid,
             reason: m5::PubRelReason::Success,
@@ -1119,32 +1194,32 @@ mod tests {
         assert_eq!(decode_one(b, Version::V5), Inbound::PubComp { pkid: 13 });
     }
 
-    fn out_publish(qos: u8) -> OutPublish {
+    fn out_publish(qos: u8, user_properties: &[(String, String)]) -> OutPublish<'_> {
         OutPublish {
-            topic: "devices/d1/commands/reboot".into(),
+            topic: "devices/d1/commands/reboot",
             qos,
             retain: true,
             dup: qos > 0,
             pkid: if qos > 0 { 42 } else { 0 },
-            payload: Bytes::from_static(b"now"),
-            user_properties: vec![("k".into(), "v".into())],
-            content_type: Some("text/plain".into()),
+            payload: b"now",
+            user_properties,
+            content_type: Some("text/plain"),
             payload_format: Some(1),
-            response_topic: Some("r/t".into()),
-            correlation_data: Some(Bytes::from_static(b"c1")),
+            response_topic: Some("r/t"),
+            correlation_data: Some(b"c1"),
             message_expiry: Some(30),
-            subscription_ids: vec![1, 300],
+            subscription_ids: &[1, 300],
         }
+    }
+
+    fn props() -> Vec<(String, String)> {
+        vec![("k".into(), "v".into())]
     }
 
     #[test]
     fn publish_to_a_v5_subscriber_carries_its_properties() {
         let mut b = BytesMut::new();
-        encode(
-            &Outbound::Publish(Box::new(out_publish(1))),
-            Version::V5,
-            &mut b,
-        );
+        encode_publish(&out_publish(1, &props()), Version::V5, &mut b);
         let len = b.len();
         let Ok(m5::Packet::Publish(p)) = m5::Packet::read(&mut b, Some(len as u32)) else {
             panic!("not a PUBLISH")
@@ -1165,14 +1240,81 @@ mod tests {
     }
 
     #[test]
+    fn publish_edge_cases_encode_as_the_spec_says() {
+        // The largest subscription identifier, no properties but it, QoS 0 without DUP.
+        let none: Vec<(String, String)> = Vec::new();
+        let p = OutPublish {
+            topic: "t",
+            qos: 0,
+            retain: false,
+            dup: true,
+            pkid: 0,
+            payload: &[],
+            user_properties: &none,
+            content_type: None,
+            payload_format: None,
+            response_topic: None,
+            correlation_data: None,
+            message_expiry: None,
+            subscription_ids: &[268_435_455],
+        };
+        let mut b = BytesMut::new();
+        encode_publish(&p, Version::V5, &mut b);
+        assert_eq!(b[0], 0x30, "QoS 0 never carries DUP");
+        let len = b.len();
+        let Ok(m5::Packet::Publish(got)) = m5::Packet::read(&mut b, Some(len as u32)) else {
+            panic!("not a PUBLISH")
+        };
+        assert_eq!(
+            got.properties.expect("properties").subscription_identifiers,
+            [268_435_455]
+        );
+        // A payload whose remaining length needs 3 bytes, as 3.1.1 and 5.
+        let big = vec![7u8; 20_000];
+        for v in [Version::V311, Version::V5] {
+            let mut b = BytesMut::new();
+            encode_publish(
+                &OutPublish {
+                    payload: &big,
+                    qos: 2,
+                    pkid: 7,
+                    ..p
+                },
+                v,
+                &mut b,
+            );
+            let len = b.len();
+            let payload = match v {
+                Version::V311 => match m4::Packet::read(&mut b, len) {
+                    Ok(m4::Packet::Publish(got)) => got.payload,
+                    other => panic!("{other:?}"),
+                },
+                Version::V5 => match m5::Packet::read(&mut b, Some(len as u32)) {
+                    Ok(m5::Packet::Publish(got)) => got.payload,
+                    other => panic!("{other:?}"),
+                },
+            };
+            assert_eq!(payload.len(), 20_000);
+        }
+        // A string MQTT cannot carry: nothing is appended.
+        let long = "x".repeat(70_000);
+        let mut b = BytesMut::new();
+        encode_publish(
+            &OutPublish {
+                response_topic: Some(&long),
+                ..p
+            },
+            Version::V5,
+            &mut b,
+        );
+        assert!(b.is_empty());
+    }
+
+    #[test]
     fn publish_to_a_v311_subscriber_drops_the_v5_properties() {
         for qos in [0, 2] {
             let mut b = BytesMut::new();
-            encode(
-                &Outbound::Publish(Box::new(out_publish(qos))),
-                Version::V311,
-                &mut b,
-            );
+            encode_publish(&out_publish(qos, &props()), Version::V311, &mut b);
             let len = b.len();
             let Ok(m4::Packet::Publish(p)) = m4::Packet::read(&mut b, len) else {
                 panic!("not a PUBLISH")

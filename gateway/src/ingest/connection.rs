@@ -616,30 +616,33 @@ async fn woken(slot: &SlotCell) {
 
 /// Encodes what a session's outbox says to send (the writer, and the fuzz harness).
 pub(super) fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
-    let p = match d {
+    match d {
         Delivery::Publish {
             message,
             qos,
             pkid,
             dup,
-        } => Outbound::Publish(Box::new(OutPublish {
-            topic: message.topic.to_string(),
-            qos,
-            retain: message.retain,
-            dup,
-            pkid,
-            payload: message.payload.clone(),
-            user_properties: message.user_properties.clone(),
-            content_type: message.content_type.clone(),
-            payload_format: message.payload_format,
-            response_topic: message.response_topic.clone(),
-            correlation_data: message.correlation_data.clone(),
-            message_expiry: message.remaining_expiry(std::time::SystemTime::now()),
-            subscription_ids: message.subscription_ids.clone(),
-        })),
-        Delivery::PubRel { pkid } => Outbound::PubRel { pkid },
-    };
-    codec::encode(&p, v, buf);
+        } => codec::encode_publish(
+            &OutPublish {
+                topic: &message.topic,
+                qos,
+                retain: message.retain,
+                dup,
+                pkid,
+                payload: &message.payload,
+                user_properties: &message.user_properties,
+                content_type: message.content_type.as_deref(),
+                payload_format: message.payload_format,
+                response_topic: message.response_topic.as_deref(),
+                correlation_data: message.correlation_data.as_deref(),
+                message_expiry: message.remaining_expiry(std::time::SystemTime::now()),
+                subscription_ids: &message.subscription_ids,
+            },
+            v,
+            buf,
+        ),
+        Delivery::PubRel { pkid } => codec::encode(&Outbound::PubRel { pkid }, v, buf),
+    }
 }
 
 fn record_of(m: &Message) -> NewRecord<'_> {
