@@ -12,6 +12,7 @@
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --idle 1000
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --subscribers 2 --sub-qos 1
 //! cargo run --release -p gateway-tests --bin ingest-bench -- --mosquitto mosquitto
+//! cargo run --release -p gateway-tests --bin ingest-bench -- --offline-sessions 10000 --seconds 5
 //! ```
 //!
 //! Every connection is mutual TLS with a device certificate (`dev-00001`...). It also prints the
@@ -19,7 +20,9 @@
 //! installed; write-type calls from `/proc/PID/io` always). `--subscribers M` runs M raw local
 //! subscribers to every publisher's topic during the load. `--mosquitto PATH` then runs the same
 //! load against a Mosquitto process of its own (free port, `persistence false`, same
-//! certificates) and prints the ratios.
+//! certificates) and prints the ratios. `--offline-sessions N` first leaves N persistent sessions
+//! subscribed and offline, then runs the load and prints the gateway's RSS and session figures
+//! (what piled up in them is bounded by `[sessions]`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use gateway_tests::bench::{
-    cpu_seconds, generate_certs, mqtt_connect, pct, publish_packet, rss_kib, rw_syscalls,
-    start_mosquitto, subscriber, wait_listening, Child, Deliveries, SyscallCount,
+    cpu_seconds, generate_certs, mqtt_connect, packet, pct, publish_packet, read_more, rss_kib,
+    rw_syscalls, start_mosquitto, str16, subscriber, take_packet, wait_listening, Child,
+    Deliveries, SyscallCount,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,6 +48,11 @@ struct Args {
     seconds: u64,
     rate: u64,
     idle: usize,
+    /// Persistent sessions (subscribed to every publisher's telemetry at QoS 1) that go offline
+    /// before the load: what is published piles up in them, up to the session bounds.
+    offline_sessions: usize,
+    /// The gateway's admin endpoint (for `/metrics`).
+    admin_port: u16,
     /// Run the same load against a Mosquitto of our own too (this binary).
     mosquitto: Option<String>,
     /// Local subscribers to every publisher's telemetry (`devices/+/telemetry`).
@@ -56,7 +65,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ingest-bench [--gateway PATH] [--connections N] [--inflight W] [--payload BYTES] \
          [--seconds S] [--rate MSGS_PER_S (0 = flat out)] [--idle N] [--subscribers M] \
-         [--sub-qos 0|1] [--mosquitto PATH] [--json]"
+         [--sub-qos 0|1] [--offline-sessions N] [--mosquitto PATH] [--json]"
     );
     std::process::exit(2)
 }
@@ -74,6 +83,8 @@ fn parse_args() -> Args {
         seconds: 10,
         rate: 0,
         idle: 0,
+        offline_sessions: 0,
+        admin_port: gateway_tests::free_port(),
         mosquitto: None,
         subscribers: 0,
         sub_qos: 0,
@@ -93,6 +104,7 @@ fn parse_args() -> Args {
             "--idle" => a.idle = num(val()) as usize,
             "--subscribers" => a.subscribers = num(val()).min(1000) as usize,
             "--sub-qos" => a.sub_qos = num(val()).min(1) as u8,
+            "--offline-sessions" => a.offline_sessions = num(val()) as usize,
             "--mosquitto" => a.mosquitto = Some(val()),
             "--json" => a.json = true,
             _ => usage(),
@@ -222,7 +234,8 @@ async fn start_gateway(a: &Args, dir: &Path, certs: &Path) -> Result<(Child, Soc
         &cfg,
         format!(
             r#"[admin]
-enabled = false
+enabled = true
+listen = "127.0.0.1:{admin}"
 
 [queue]
 data_dir = "{data}"
@@ -246,6 +259,7 @@ receive_maximum = {rm}
             data = dir.join("data").display(),
             c = certs.display(),
             rm = a.inflight.clamp(64, 65_535),
+            admin = a.admin_port,
         ),
     )?;
     let mut child = Child(
@@ -448,6 +462,119 @@ async fn run_load(a: &Args, addr: SocketAddr, pid: u32, certs: &Path) -> Result<
     })
 }
 
+/// One persistent session: CONNECT with clean session 0, SUBSCRIBE at QoS 1, SUBACK,
+/// DISCONNECT (the session stays, offline).
+async fn leave_session(addr: SocketAddr, certs: &Path, id: &str) -> Result<()> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let tls = TlsConnector::from(gateway_tests::device_tls(certs, Some(id)));
+    let mut s = tls
+        .connect(ServerName::try_from("localhost")?.to_owned(), tcp)
+        .await?;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 60];
+    str16(id, &mut body);
+    s.write_all(&packet(0x10, &body)).await?;
+    let mut sub = vec![0, 1];
+    str16("devices/+/telemetry", &mut sub);
+    sub.push(1);
+    s.write_all(&packet(0x82, &sub)).await?;
+    let mut buf = Vec::new();
+    let mut acked = false;
+    while !acked {
+        while let Some((first, body, total)) = take_packet(&buf)? {
+            match first >> 4 {
+                2 if buf[body.clone()][1] != 0 => bail!("{id}: CONNACK refused"),
+                9 if buf[body.clone()].get(2).is_none_or(|&c| c >= 0x80) => {
+                    bail!("{id}: SUBSCRIBE refused")
+                }
+                9 => acked = true,
+                _ => {}
+            }
+            buf.drain(..total);
+        }
+        if !acked {
+            read_more(&mut s, &mut buf).await?;
+        }
+    }
+    s.write_all(&[0xE0, 0]).await?;
+    let _ = s.shutdown().await;
+    Ok(())
+}
+
+/// The gateway's `/metrics` (admin endpoint on loopback).
+async fn metrics(port: u16) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// The value of the series `name` (with its labels as written) in a metrics page.
+fn series(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// `--offline-sessions N`: N persistent sessions go offline, then the load runs; the gateway's
+/// RSS and its session figures before and after.
+async fn offline(a: &Args, addr: SocketAddr, pid: u32, certs: &Path) -> Result<()> {
+    let rss0 = rss_kib(pid);
+    let start = Instant::now();
+    let ids: Vec<String> = (0..a.offline_sessions)
+        .map(|i| device(a.connections + a.subscribers + i))
+        .collect();
+    for chunk in ids.chunks(64) {
+        let mut set = tokio::task::JoinSet::new();
+        for id in chunk {
+            let (id, certs) = (id.clone(), certs.to_path_buf());
+            set.spawn(async move { leave_session(addr, &certs, &id).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.context("session task")??;
+        }
+    }
+    let made = start.elapsed().as_secs_f64();
+    // Wait until every session is offline (the gateway sees each DISCONNECT).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut page = metrics(a.admin_port).await?;
+    while series(&page, "gateway_sessions{state=\"offline\"}") < a.offline_sessions as f64 {
+        if Instant::now() > deadline {
+            bail!("not all {} sessions offline after 30 s", a.offline_sessions);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        page = metrics(a.admin_port).await?;
+    }
+    let rss1 = rss_kib(pid);
+    let g = run_load(a, addr, pid, certs).await?;
+    // Let the router finish routing what was published.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let page = metrics(a.admin_port).await?;
+    let rss2 = rss_kib(pid);
+    let figures = serde_json::json!({
+        "offline_sessions": a.offline_sessions,
+        "seconds_to_make_them": made,
+        "rss_start_kib": rss0,
+        "rss_with_offline_sessions_kib": rss1,
+        "rss_after_load_kib": rss2,
+        "rss_peak_during_load_kib": g.peak_rss_kib,
+        "acked": g.lat.len(),
+        "acked_per_s": g.acked() / g.secs,
+        "session_queued_messages": series(&page, "gateway_session_queued_messages"),
+        "session_queued_bytes": series(&page, "gateway_session_queued_bytes"),
+        "dropped_refused_full": series(&page, "gateway_session_messages_dropped_total{reason=\"refused_full\"}"),
+        "routed": series(&page, "gateway_session_messages_routed_total"),
+    });
+    if a.json {
+        println!("{figures}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+    }
+    Ok(())
+}
+
 /// `--idle N`: the gateway's RSS per idle TLS connection.
 async fn idle(a: &Args, addr: SocketAddr, pid: u32, certs: &Path) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -492,10 +619,13 @@ async fn main() -> Result<()> {
     let devices = if a.idle > 0 {
         a.idle
     } else {
-        a.connections + a.subscribers
+        a.connections + a.subscribers + a.offline_sessions
     };
     generate_certs(&a.gateway, devices, &certs)?;
     let (child, addr) = start_gateway(&a, dir.path(), &certs).await?;
+    if a.offline_sessions > 0 {
+        return offline(&a, addr, child.0.id(), &certs).await;
+    }
     if a.idle > 0 {
         return idle(&a, addr, child.0.id(), &certs).await;
     }
