@@ -9,7 +9,7 @@
 //! and has not seen PUBREL for) must outlive its connections and the gateway's restarts, as a
 //! real client's persistent session must, and rumqttc keeps it in the client instance.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,6 +111,11 @@ pub struct Delivery {
     pub n: u64,
     /// The QoS it came at.
     pub qos: u8,
+    /// Its packet id and DUP flag, and which connection of the subscriber it came on (0: the
+    /// first), for a failing run's dump.
+    pub pkid: u16,
+    pub dup: bool,
+    pub connection: usize,
 }
 
 /// What a subscriber received, over all its connections, and the state a real client keeps with
@@ -136,7 +141,8 @@ pub struct Received {
     /// Protocol surprises from the gateway (a QoS 2 PUBLISH with an id awaiting PUBREL but no
     /// DUP, a packet a subscriber never gets, a refused CONNECT or SUBSCRIBE).
     pub anomalies: Vec<String>,
-    awaiting_rel: HashSet<u16>,
+    /// Packet id to the (publisher, number) delivered with it.
+    awaiting_rel: HashMap<u16, (u32, u64)>,
 }
 
 impl Received {
@@ -307,7 +313,7 @@ impl Subscriber {
                 kind::PUBREL => {
                     let pkid = p.pkid();
                     let mut g = self.log();
-                    if !g.awaiting_rel.remove(&pkid) {
+                    if g.awaiting_rel.remove(&pkid).is_none() {
                         g.pubrels_unknown += 1;
                     }
                     Some(raw::pubcomp(pkid))
@@ -353,27 +359,34 @@ impl Subscriber {
             return None;
         };
         let deliver = match m.qos {
-            2 if g.awaiting_rel.contains(&m.pkid) => {
+            2 if g.awaiting_rel.contains_key(&m.pkid) => {
                 if !m.dup {
+                    let held = g.awaiting_rel.get(&m.pkid).copied();
+                    let connection = g.session_present.len().saturating_sub(1);
                     g.anomalies.push(format!(
-                        "{}: QoS 2 PUBLISH id {} without DUP while that id awaits PUBREL ({m:?})",
-                        self.device, m.pkid
+                        "{}: QoS 2 PUBLISH id {} without DUP (publisher {from}, number {n}) while \
+                         that id awaits PUBREL (for publisher, number {held:?}), connection {}",
+                        self.device, m.pkid, connection
                     ));
                 }
                 g.qos2_resends_ignored += 1;
                 false
             }
             2 => {
-                g.awaiting_rel.insert(m.pkid);
+                g.awaiting_rel.insert(m.pkid, (from, n));
                 true
             }
             _ => true,
         };
         if deliver {
+            let connection = g.session_present.len().saturating_sub(1);
             g.deliveries.push(Delivery {
                 from,
                 n,
                 qos: m.qos,
+                pkid: m.pkid,
+                dup: m.dup,
+                connection,
             });
         }
         match m.qos {
@@ -392,7 +405,14 @@ mod tests {
         Received {
             deliveries: ds
                 .iter()
-                .map(|&(from, n, qos)| Delivery { from, n, qos })
+                .map(|&(from, n, qos)| Delivery {
+                    from,
+                    n,
+                    qos,
+                    pkid: 0,
+                    dup: false,
+                    connection: 0,
+                })
                 .collect(),
             ..Received::default()
         }

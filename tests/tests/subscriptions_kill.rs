@@ -133,6 +133,42 @@ async fn visit(s: Subscriber, plan: Plan, killed: Arc<AtomicBool>) -> Option<boo
     present
 }
 
+/// A failing run's evidence, kept in the temporary directory: each subscriber's deliveries in
+/// order (publisher, number, QoS, packet id, DUP, connection, trial) and a copy of the gateway's
+/// directory (its logs and data: `gateway sessions inspect` reads the session store). Returns
+/// where.
+fn keep_evidence(
+    gw: &Gateway,
+    subs: &[(Subscriber, u8); 2],
+    trial_starts: &[[usize; 2]],
+    seed: u64,
+) -> String {
+    let dir = std::env::temp_dir().join(format!("subs-kill-{seed}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (s, _)) in subs.iter().enumerate() {
+        let g = s.log.lock().unwrap();
+        let mut text = String::new();
+        for d in &g.deliveries {
+            let trial = trial_starts
+                .iter()
+                .rposition(|t| t[i] <= d.connection)
+                .map_or(-1, |t| t as i64);
+            text += &format!(
+                "from={} n={} qos={} pkid={} dup={} connection={} trial={trial}\n",
+                d.from, d.n, d.qos, d.pkid, d.dup, d.connection
+            );
+        }
+        std::fs::write(dir.join(format!("{}.deliveries", s.device)), text).unwrap();
+    }
+    let _ = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(gw.dir.path())
+        .arg(dir.join("gateway"))
+        .status();
+    format!("evidence kept in {}", dir.display())
+}
+
 fn leave(rng: &mut Rng) -> Leave {
     if rng.range(0, 2) == 0 {
         Leave::Disconnect
@@ -181,7 +217,13 @@ async fn persistent_subscribers_get_every_accepted_message_in_order_qos2_exactly
     // (trial, subscriber, CONNACK session present of its first connection after the restart)
     let mut presents = Vec::new();
     let mut away_at_kill = [0u32; 2];
+    // Each subscriber's connection count when each trial started (for a failing run's dump).
+    let mut trial_starts: Vec<[usize; 2]> = Vec::new();
     for trial in 0..trials {
+        trial_starts.push(
+            subs.each_ref()
+                .map(|(s, _)| s.log.lock().unwrap().session_present.len()),
+        );
         let killed = Arc::new(AtomicBool::new(false));
         let kill_at = rng.range(300, 1200);
         let mut visits = Vec::new();
@@ -235,6 +277,10 @@ async fn persistent_subscribers_get_every_accepted_message_in_order_qos2_exactly
     // Both come back once more and stay until the gateway holds nothing more for them (every
     // QoS 2 message released too) and every accepted message arrived.
     let acked: Vec<BTreeSet<u64>> = pubs.iter().map(Publisher::acked).collect();
+    trial_starts.push(
+        subs.each_ref()
+            .map(|(s, _)| s.log.lock().unwrap().session_present.len()),
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let last: Vec<_> = subs
         .iter()
@@ -395,9 +441,14 @@ async fn persistent_subscribers_get_every_accepted_message_in_order_qos2_exactly
             a.len()
         );
     }
+    let evidence = if failures.is_empty() {
+        String::new()
+    } else {
+        keep_evidence(&gw, &subs, &trial_starts, seed)
+    };
     assert!(
         failures.is_empty(),
-        "SUBS_KILL_SEED={seed}\n{}\n{}",
+        "SUBS_KILL_SEED={seed}\n{}\n{evidence}\n{}",
         failures.join("\n"),
         tail(&logs, 40)
     );
