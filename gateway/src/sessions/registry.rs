@@ -185,6 +185,12 @@ impl Slot {
         })
     }
 
+    /// The session store is durable through `seq`: the messages held until their events were
+    /// stored may be sent.
+    pub fn stored_through(&self, seq: u64) {
+        self.with_outbox(|o| o.stored_through(seq));
+    }
+
     /// A PUBREC for `pkid`: the PUBREL to send, once the returned append (if any) is durable.
     pub fn on_pubrec(
         &self,
@@ -218,6 +224,9 @@ fn follow(total: &AtomicUsize, before: usize, after: usize) {
 pub struct Routed {
     pub last_append: Option<PendingAppend>,
     pub wake: Vec<Arc<Slot>>,
+    /// Sessions (online or not) holding new messages until `last_append` is durable: call
+    /// [`Slot::stored_through`] with its seq then.
+    pub held: Vec<Arc<Slot>>,
 }
 
 /// Counters of local delivery (exact; exported as metrics).
@@ -849,6 +858,7 @@ impl Sessions {
         let max_bytes = self.bounds().max_bytes;
         let mut woken: Vec<Arc<Slot>> = Vec::new();
         let mut after_durable: Vec<Arc<Slot>> = Vec::new();
+        let mut held: Vec<Arc<Slot>> = Vec::new();
         let mut last_append: Option<PendingAppend> = None;
         // Each matching session once: its options merged, and every matching subscription's id.
         let mut targets: Vec<(Arc<str>, SubOptions, Vec<u32>)> = Vec::new();
@@ -932,8 +942,13 @@ impl Sessions {
                                     pkid,
                                     message: StoredMessage::of(&m),
                                 });
-                                if p.is_some() {
-                                    last_append = p;
+                                if let Some(p) = p {
+                                    // Not sent before it is stored (see `Outbox::hold_until_stored`).
+                                    ob.hold_until_stored(pkid, p.seq());
+                                    if !held.iter().any(|s| Arc::ptr_eq(s, slot)) {
+                                        held.push(slot.clone());
+                                    }
+                                    last_append = Some(p);
                                 }
                             }
                             true
@@ -965,6 +980,7 @@ impl Sessions {
         Routed {
             last_append,
             wake: after_durable,
+            held,
         }
     }
 }
