@@ -727,7 +727,8 @@ impl Sessions {
     /// After the SUBACK of a new or renewed subscription: the retained messages its filter
     /// matches go into `slot`'s outbox (retain flag set, at the lower of both QoS), unless
     /// the subscription's retain handling says not to (1: only for a new subscription, 2:
-    /// never). Returns the store append to await for a persistent session, then wake it.
+    /// never). Returns the store append to await for a persistent session; the messages are
+    /// held until then: call [`Slot::stored_through`] with its seq, then wake the session.
     pub fn send_retained(
         &self,
         slot: &Slot,
@@ -761,8 +762,10 @@ impl Sessions {
                             pkid,
                             message: StoredMessage::of(&m),
                         });
-                        if p.is_some() {
-                            last = p;
+                        if let Some(p) = p {
+                            // Sent once stored: the caller calls `Slot::stored_through`.
+                            o.hold_until_stored(pkid, p.seq());
+                            last = Some(p);
                         }
                     }
                 }
