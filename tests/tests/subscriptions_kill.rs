@@ -29,7 +29,20 @@
 //! repeated delivery of a number already delivered, a QoS 1 resend after a reconnect, is allowed
 //! and is not a first delivery); at QoS 2 every message exactly once (no repeated delivery at
 //! all); each message came at min(subscription, publish) QoS; every CONNACK said session present;
-//! no protocol surprise (e.g. a QoS 2 PUBLISH reusing an id awaiting PUBREL without DUP).
+//! every QoS 2 id was released (PUBREL came) and the gateway holds nothing more at the end; no
+//! protocol surprise (e.g. a QoS 2 PUBLISH without DUP for an id the subscriber holds awaiting
+//! PUBREL: the gateway forgot that id, and a compliant receiver would not deliver that message).
+//! A failing run keeps its evidence in `$TMPDIR/subs-kill-<seed>`: each subscriber's deliveries
+//! (publisher, number, QoS, packet id, DUP, connection, trial) and a copy of the gateway's logs
+//! and data directory (`gateway sessions inspect --data-dir` reads the session store).
+//!
+//! The session store compacts (a snapshot) every 20,000 events, a few times in 20 trials; a kill
+//! during a big snapshot is likelier with `SUBS_KILL_TRIALS=100` (about 2 minutes), where the
+//! subscribers' backlogs grow. That found two gateway bugs, both fixed: a snapshot cut off by the
+//! kill reordered a session's messages at the next start (thousands of messages delivered after
+//! higher numbers), and a message sent before its event was stored came back after the restart
+//! as a new message with another packet id (a QoS 2 message delivered twice and, its old id still
+//! held by the subscriber, the next one lost).
 //!
 //! One line gives the figures: `acked_q1` / `acked_q2` the accepted messages of the QoS 1 / QoS 2
 //! publisher; `received_q1` the distinct messages delivered at QoS 1, summed over the subscribers
