@@ -92,6 +92,11 @@ impl Rng {
         Rng(seed)
     }
 
+    /// A given seed (a test with a seed variable of its own).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;

@@ -1,10 +1,16 @@
 //! Helpers shared by the cross-process tests: locating (and if needed building) the workspace's
-//! binaries, free loopback ports, the fault suite's scaffolding ([`faults`]) and the power-cut
-//! rig ([`power_cut`]).
+//! binaries, free loopback ports, the fault suite's scaffolding ([`faults`]), the power-cut
+//! rig ([`power_cut`]), the persistent-session clients ([`subscribers`]) and the raw MQTT client
+//! they use ([`raw`]).
 
 pub mod bench;
 pub mod faults;
 pub mod power_cut;
+/// The raw MQTT client of the gateway's own tests (hand-written packets from the specifications,
+/// independent of the codec under test), compiled here too rather than copied.
+#[path = "../../gateway/tests/ingest_support/raw.rs"]
+#[allow(clippy::unwrap_used)]
+pub mod raw;
 pub mod subscribers;
 
 use std::path::{Path, PathBuf};

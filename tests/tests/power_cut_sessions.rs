@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use gateway_tests::faults::{pick, tail, GatewaySpec, Rng};
 use gateway_tests::power_cut::PowerCutRig;
 use gateway_tests::subscribers::{
-    acl, options, publish_until_gone, subscribe_until_gone, Received, FILTER, PUBLISHER, SUBSCRIBER,
+    acl, alternate_qos, options, publish_until_gone, Leave, Subscriber, FILTER, PUBLISHER,
+    SUBSCRIBER,
 };
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
 
@@ -117,7 +118,7 @@ async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_o
     .await;
     assert!(rig.gw.stop(Duration::from_secs(10)).await);
 
-    let got: Arc<Mutex<Received>> = Arc::default();
+    let sub = Subscriber::new(&rig.gw, SUBSCRIBER);
     let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
     let next = Arc::new(Mutex::new(0u64));
     let done = Arc::new(AtomicBool::new(false));
@@ -131,14 +132,21 @@ async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_o
         );
         tokio::spawn(async move {
             while !done.load(Ordering::SeqCst) {
-                publish_until_gone(o.clone(), next.clone(), acked.clone(), done.clone()).await;
+                publish_until_gone(
+                    o.clone(),
+                    alternate_qos,
+                    next.clone(),
+                    acked.clone(),
+                    done.clone(),
+                )
+                .await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
     // Subscriber: connected for a while, away for a while, again and again.
     let subscriber = {
-        let (o, got, done) = (options(&rig.gw, SUBSCRIBER), got.clone(), done.clone());
+        let (sub, done) = (sub.clone(), done.clone());
         let mut rng = Rng::from_env("power-cut-sessions-subscriber");
         tokio::spawn(async move {
             while !done.load(Ordering::SeqCst) {
@@ -151,7 +159,7 @@ async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_o
                         leave.store(true, Ordering::SeqCst);
                     })
                 };
-                subscribe_until_gone(o.clone(), got.clone(), leave).await;
+                sub.run(leave, Leave::Disconnect).await;
                 timer.abort();
                 tokio::time::sleep(rng.millis(100, 900)).await;
             }
@@ -177,10 +185,10 @@ async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_o
                 left.store(true, Ordering::SeqCst);
             })
         };
-        subscribe_until_gone(options(&rig.gw, SUBSCRIBER), got.clone(), left).await;
+        sub.run(left, Leave::Disconnect).await;
         timer.abort();
         let missing: Vec<u64> = acked_all
-            .difference(&got.lock().unwrap().numbers())
+            .difference(&sub.log.lock().unwrap().numbers())
             .copied()
             .collect();
         if missing.is_empty() || tokio::time::Instant::now() > deadline {
@@ -206,7 +214,7 @@ async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_o
         t.at_change,
         t.torn,
         acked_all.len(),
-        got.lock().unwrap().count.len(),
+        sub.log.lock().unwrap().numbers().len(),
         missing.len(),
         retained.contains(&(RETAINED, true)),
         t.ops,

@@ -392,9 +392,12 @@ impl Conn {
             last = p.or(last);
         }
         if let Some(p) = last {
+            let seq = p.seq();
             if let Err(error) = p.durable().await {
                 tracing::warn!(%error, "could not store retained messages for a persistent session");
             }
+            // Held until stored (delivered from memory if storing failed).
+            slot.stored_through(seq);
         }
         slot.wake.notify_one();
     }

@@ -4,7 +4,9 @@
 //! allows, and feeds the subscriber's acks back in. On a reconnect [`Outbox::resume`] gives what
 //! must be sent again, in the order first sent: PUBLISH with DUP set for what was not acknowledged,
 //! PUBREL for QoS 2 messages whose PUBREC came back (so a QoS 2 message reaches the subscriber
-//! exactly once across reconnects: after PUBREC it is never published again).
+//! exactly once across reconnects: after PUBREC it is never published again). A message of a
+//! persistent session is held back until its event in the session store is durable
+//! ([`Outbox::hold_until_stored`]): only a stored message can be sent again after a crash.
 //!
 //! Bounds: at most `max_messages` and `max_bytes` waiting (in flight counts). When a push would
 //! pass a bound, the oldest waiting QoS 0 messages make room first; if that is not enough, the new
@@ -120,6 +122,10 @@ struct Waiting {
     pkid: u16,
     /// Sent before (restored after a restart): DUP on its first send from here.
     dup: bool,
+    /// The session store's seq of its `Msg` event while that may not be durable yet (0: it
+    /// may be sent). Sent before it is stored, a crash would have the router route it again,
+    /// as a new message with another packet id: a QoS 2 message delivered twice.
+    stored_at: u64,
     message: Arc<Message>,
 }
 
@@ -143,6 +149,8 @@ pub struct Outbox {
     in_flight: VecDeque<InFlight>,
     /// Packet ids held by waiting and in-flight messages.
     used: std::collections::HashSet<u16>,
+    /// Waiting messages whose `stored_at` is not 0.
+    unstored: usize,
     next_pkid: u16,
     receive_maximum: usize,
     max_messages: usize,
@@ -164,6 +172,7 @@ impl Outbox {
             waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
             used: std::collections::HashSet::new(),
+            unstored: 0,
             next_pkid: 1,
             receive_maximum: usize::from(receive_maximum.max(1)),
             max_messages: max_messages.clamp(1, 60_000),
@@ -231,9 +240,40 @@ impl Outbox {
             qos,
             pkid,
             dup: false,
+            stored_at: 0,
             message,
         });
         Ok(pkid)
+    }
+
+    /// The message just pushed with `pkid` is not sent before the session store's event `seq`
+    /// is durable ([`Outbox::stored_through`]). Messages leave in order: the ones after it wait
+    /// too.
+    pub fn hold_until_stored(&mut self, pkid: u16, seq: u64) {
+        if let Some(w) = self.waiting.iter_mut().rev().find(|w| w.pkid == pkid) {
+            if w.stored_at == 0 && seq > 0 {
+                self.unstored += 1;
+            }
+            w.stored_at = seq;
+        }
+    }
+
+    /// The session store is durable through `seq`: the messages held for it may be sent.
+    pub fn stored_through(&mut self, seq: u64) {
+        // Held messages are the newest ones: look from the back until all are seen.
+        let mut left = self.unstored;
+        for w in self.waiting.iter_mut().rev() {
+            if left == 0 {
+                break;
+            }
+            if w.stored_at != 0 {
+                left -= 1;
+                if w.stored_at <= seq {
+                    w.stored_at = 0;
+                    self.unstored -= 1;
+                }
+            }
+        }
     }
 
     /// Puts back a message a durable session stored (after a restart), with the packet id it
@@ -258,6 +298,7 @@ impl Outbox {
                 qos,
                 pkid,
                 dup: true,
+                stored_at: 0,
                 message,
             });
         }
@@ -279,7 +320,8 @@ impl Outbox {
     }
 
     /// The next PUBLISH to send now, if the receive maximum allows one (QoS 0 is never held
-    /// back by it). Messages leave in the order they were pushed; expired ones are dropped.
+    /// back by it) and the message is not held until stored. Messages leave in the order they
+    /// were pushed; expired ones are dropped.
     pub fn next_publish(&mut self) -> Option<Send> {
         self.next_publish_at(SystemTime::now())
     }
@@ -296,6 +338,9 @@ impl Outbox {
             }
         }
         let front = self.waiting.front()?;
+        if front.stored_at != 0 {
+            return None;
+        }
         if front.qos > 0 && self.in_flight.len() >= self.receive_maximum {
             return None;
         }
@@ -344,6 +389,9 @@ impl Outbox {
 
     /// Forgets a waiting message that expired: its bytes, its packet id, counted.
     fn drop_waiting(&mut self, w: Waiting) {
+        if w.stored_at != 0 {
+            self.unstored -= 1;
+        }
         self.bytes -= w.message.cost();
         self.counts.expired += 1;
         if w.qos > 0 {
@@ -489,6 +537,40 @@ mod tests {
             Some(Send::Publish { qos: 1, .. })
         ));
         assert_eq!(o.on_puback(1), Err(UnknownPacketId(1)), "acked twice");
+    }
+
+    #[test]
+    fn a_message_held_until_stored_waits_and_so_do_the_ones_after_it() {
+        let mut o = Outbox::new(10, 100, 1 << 20);
+        o.push(msg(1), 1).expect("room");
+        let p2 = o.push(msg(2), 2).expect("room");
+        o.hold_until_stored(p2, 7);
+        let p3 = o.push(msg(3), 1).expect("room");
+        o.hold_until_stored(p3, 9);
+        o.push(msg(4), 0).expect("room");
+        let next = |o: &mut Outbox| match o.next_publish() {
+            Some(Send::Publish { message, .. }) => Some(id(&message)),
+            _ => None,
+        };
+        assert_eq!(next(&mut o), Some(1));
+        assert_eq!(next(&mut o), None, "2 is not stored yet");
+        o.stored_through(6);
+        assert_eq!(next(&mut o), None);
+        o.stored_through(7);
+        assert_eq!(next(&mut o), Some(2));
+        assert_eq!(
+            next(&mut o),
+            None,
+            "3 is not stored yet, and QoS 0 4 waits behind it"
+        );
+        o.on_disconnect();
+        o.stored_through(9);
+        assert_eq!(next(&mut o), Some(3));
+        assert_eq!(
+            next(&mut o),
+            None,
+            "the QoS 0 message went with the connection"
+        );
     }
 
     #[test]

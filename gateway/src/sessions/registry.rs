@@ -185,6 +185,12 @@ impl Slot {
         })
     }
 
+    /// The session store is durable through `seq`: the messages held until their events were
+    /// stored may be sent.
+    pub fn stored_through(&self, seq: u64) {
+        self.with_outbox(|o| o.stored_through(seq));
+    }
+
     /// A PUBREC for `pkid`: the PUBREL to send, once the returned append (if any) is durable.
     pub fn on_pubrec(
         &self,
@@ -218,6 +224,9 @@ fn follow(total: &AtomicUsize, before: usize, after: usize) {
 pub struct Routed {
     pub last_append: Option<PendingAppend>,
     pub wake: Vec<Arc<Slot>>,
+    /// Sessions (online or not) holding new messages until `last_append` is durable: call
+    /// [`Slot::stored_through`] with its seq then.
+    pub held: Vec<Arc<Slot>>,
 }
 
 /// Counters of local delivery (exact; exported as metrics).
@@ -718,7 +727,8 @@ impl Sessions {
     /// After the SUBACK of a new or renewed subscription: the retained messages its filter
     /// matches go into `slot`'s outbox (retain flag set, at the lower of both QoS), unless
     /// the subscription's retain handling says not to (1: only for a new subscription, 2:
-    /// never). Returns the store append to await for a persistent session, then wake it.
+    /// never). Returns the store append to await for a persistent session; the messages are
+    /// held until then: call [`Slot::stored_through`] with its seq, then wake the session.
     pub fn send_retained(
         &self,
         slot: &Slot,
@@ -752,8 +762,10 @@ impl Sessions {
                             pkid,
                             message: StoredMessage::of(&m),
                         });
-                        if p.is_some() {
-                            last = p;
+                        if let Some(p) = p {
+                            // Sent once stored: the caller calls `Slot::stored_through`.
+                            o.hold_until_stored(pkid, p.seq());
+                            last = Some(p);
                         }
                     }
                 }
@@ -849,6 +861,7 @@ impl Sessions {
         let max_bytes = self.bounds().max_bytes;
         let mut woken: Vec<Arc<Slot>> = Vec::new();
         let mut after_durable: Vec<Arc<Slot>> = Vec::new();
+        let mut held: Vec<Arc<Slot>> = Vec::new();
         let mut last_append: Option<PendingAppend> = None;
         // Each matching session once: its options merged, and every matching subscription's id.
         let mut targets: Vec<(Arc<str>, SubOptions, Vec<u32>)> = Vec::new();
@@ -932,8 +945,13 @@ impl Sessions {
                                     pkid,
                                     message: StoredMessage::of(&m),
                                 });
-                                if p.is_some() {
-                                    last_append = p;
+                                if let Some(p) = p {
+                                    // Not sent before it is stored (see `Outbox::hold_until_stored`).
+                                    ob.hold_until_stored(pkid, p.seq());
+                                    if !held.iter().any(|s| Arc::ptr_eq(s, slot)) {
+                                        held.push(slot.clone());
+                                    }
+                                    last_append = Some(p);
                                 }
                             }
                             true
@@ -965,6 +983,7 @@ impl Sessions {
         Routed {
             last_append,
             wake: after_durable,
+            held,
         }
     }
 }

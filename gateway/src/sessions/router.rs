@@ -113,7 +113,14 @@ async fn step(reader: &mut Reader, sessions: &Sessions) -> Result<Option<u64>, Q
     };
     let routed = sessions.route(batch);
     if let Some(p) = routed.last_append {
-        if let Err(error) = p.durable().await {
+        let seq = p.seq();
+        let durable = p.durable().await;
+        // The messages held until stored may go now; also when storing failed: delivered from
+        // memory then, as a session kept in memory only would be.
+        for s in &routed.held {
+            s.stored_through(seq);
+        }
+        if let Err(error) = durable {
             // Not durable: do not move the cursor past these records (a restart routes them
             // again); the sessions have them in memory meanwhile.
             tracing::warn!(%error, "local router: messages for persistent sessions could not be stored");

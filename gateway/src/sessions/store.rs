@@ -229,8 +229,19 @@ pub fn replay(state: &mut Recovered, events: impl IntoIterator<Item = Event>) {
             } => {
                 if let Some(s) = sessions.get_mut(&id) {
                     s.routed_through = s.routed_through.max(seq);
+                    // A packet id still held is a snapshot restating the message (a new message
+                    // gets an id only after the old one's `Done`, written before it). Replayed
+                    // over the old events, which happens when the gateway stopped before the
+                    // whole snapshot was durable, it keeps the message's place and stage: taking
+                    // the snapshot's place would move it behind messages the cut-off rest of the
+                    // snapshot did not restate (delivered out of order), and a `Rec` cut off after
+                    // it would send the PUBLISH again instead of PUBREL (a QoS 2 duplicate).
+                    let (order, released) = s
+                        .msgs
+                        .get(&pkid)
+                        .map_or((order, false), |(o, _, _, r)| (*o, *r));
                     s.msgs
-                        .insert(pkid, (order, qos, message.into_message(), false));
+                        .insert(pkid, (order, qos, message.into_message(), released));
                 }
             }
             Event::Rec { id, pkid } => {
@@ -647,6 +658,39 @@ mod tests {
         };
         assert!(message.subscription_ids.is_empty());
         assert_eq!(message.expires_at_us, None);
+    }
+
+    /// A kill before a whole snapshot is durable: the next start replays the old events and
+    /// then the part of the snapshot that made it. The messages keep their order and stage.
+    #[test]
+    fn a_snapshot_cut_off_halfway_keeps_the_order_and_stage_of_messages() {
+        let id = || "d1".to_string();
+        let m = |pkid: u16, qos: u8| Event::Msg {
+            id: id(),
+            seq: 0,
+            qos,
+            pkid,
+            message: msg(&format!("a/{pkid}")),
+        };
+        let session = Event::Session {
+            id: id(),
+            expiry_secs: 60,
+            routed_through: 30,
+        };
+        // Before the snapshot: 1 (QoS 2, PUBREC came), 2, 3, 4, queued in that order.
+        let mut old = vec![session.clone(), m(1, 2), m(2, 1), m(3, 1), m(4, 1)];
+        old.push(Event::Rec { id: id(), pkid: 1 });
+        // The snapshot restates all four; the kill leaves its first two Msg events, without
+        // the Rec that follows message 1 in it.
+        let partial = vec![session, m(1, 2), m(2, 1)];
+        let mut state = Recovered::default();
+        replay(&mut state, old.into_iter().chain(partial));
+        let got: Vec<_> = state.sessions["d1"]
+            .msgs_in_order()
+            .into_iter()
+            .map(|(p, _, _, r)| (p, r))
+            .collect();
+        assert_eq!(got, [(1, true), (2, false), (3, false), (4, false)]);
     }
 
     #[test]
