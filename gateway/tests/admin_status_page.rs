@@ -429,6 +429,7 @@ uplinks = ["lost"]
             "gateway_session_messages_dropped_total{reason=\"expired\"}",
             0.0,
         ),
+        ("gateway_session_router_records_skipped_total", 0.0),
         ("gateway_sessions_ended_total{reason=\"expired\"}", 0.0),
         ("gateway_sessions_ended_total{reason=\"evicted\"}", 0.0),
     ] {

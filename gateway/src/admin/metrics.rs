@@ -192,6 +192,11 @@ impl Snapshot {
                 ]),
             ),
             (
+                "session_router_records_skipped",
+                "Queue records the local router could not read and skipped (at most this many: sequence numbers may have gaps); their messages reached no subscriber.",
+                one(load(&d.router_skipped)),
+            ),
+            (
                 "sessions_ended",
                 "Sessions ended by their expiry, or early by the max_sessions bound.",
                 by_reason(&[("expired", load(&d.expired)), ("evicted", load(&d.evicted))]),

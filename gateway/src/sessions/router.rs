@@ -77,8 +77,13 @@ pub async fn run(queue: Queue, sessions: Arc<Sessions>, shutdown: CancellationTo
             Err(error) => {
                 // A record that cannot be read is the uplinks' concern (quarantine); local
                 // delivery skips past it rather than stopping.
-                tracing::warn!(%error, "local router could not read the queue; skipping to its end");
                 if let Ok(last) = reader.wait_readable().await {
+                    let skipped = (last + 1).saturating_sub(reader.position());
+                    tracing::warn!(%error, skipped, "local router could not read the queue; subscribers miss the records up to its end");
+                    sessions
+                        .stats
+                        .router_skipped
+                        .fetch_add(skipped, std::sync::atomic::Ordering::Relaxed);
                     reader.skip_through(last);
                     routed_through = last;
                 }
