@@ -147,7 +147,8 @@ pub fn free_port() -> u16 {
 
 /// The real gateway binary, started for one test: certificates for `dev-00001..` in `certs`, the
 /// queue in a temporary directory, MQTT with mutual TLS on a free loopback port, and the given
-/// extra TOML (uplinks, routes). Stopped (SIGTERM) when dropped.
+/// extra TOML (uplinks, routes); its log (info) in `gateway.log` there, see
+/// [`GatewayProcess::log`]. Stopped (SIGTERM) when dropped.
 pub struct GatewayProcess {
     pub port: u16,
     /// The admin endpoint (`/metrics`, `/readyz`, `POST /reload`) on 127.0.0.1.
@@ -204,13 +205,16 @@ listen = "127.0.0.1:{admin_port}"
         ),
     )
     .expect("write the gateway config");
+    let log = std::fs::File::create(dir.path().join("gateway.log")).expect("create gateway.log");
     let running = Running(
         Command::new(&gateway)
             .arg("run")
             .arg("--config")
             .arg(&cfg)
-            .env("RUST_LOG", "warn")
+            // Info: the uplink's connects, topic creation and state changes, a few dozen lines.
+            .env("RUST_LOG", "info,rustls=error")
             .stdout(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start the gateway"),
     );
@@ -231,6 +235,13 @@ listen = "127.0.0.1:{admin_port}"
         certs,
         dir,
         _running: running,
+    }
+}
+
+impl GatewayProcess {
+    /// What the gateway logged so far (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 }
 

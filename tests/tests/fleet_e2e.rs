@@ -85,8 +85,9 @@ uplinks = ["rabbit"]
     eprintln!("fleet: {summary}\nverifier: {report}");
     assert!(
         verify.status.success(),
-        "verifier found problems: {report}\n{}",
-        String::from_utf8_lossy(&verify.stderr)
+        "verifier found problems: {report}\n{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&verify.stderr),
+        gw.log()
     );
     let v: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     let total = &v["total"];
