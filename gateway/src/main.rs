@@ -343,6 +343,19 @@ fn reload(config: &Path, release: &[String]) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let token = match cfg.admin.token() {
+        Ok(t) => t,
+        Err(p) => {
+            eprintln!("{p}");
+            eprintln!(
+                "(the running gateway was not asked to reload: its admin endpoint needs the token)"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let auth = token.map_or(String::new(), |t| {
+        format!("Authorization: Bearer {}\r\n", t.secret())
+    });
     let Some(addr) = cfg.admin.addr() else {
         anyhow::bail!("admin.enabled = false in {}: send SIGHUP to the gateway instead (systemctl reload gateway)", config.display());
     };
@@ -360,7 +373,7 @@ fn reload(config: &Path, release: &[String]) -> Result<ExitCode> {
     };
     write!(
         tcp,
-        "POST /reload{query} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST /reload{query} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     tcp.read_to_string(&mut response)

@@ -85,6 +85,11 @@ impl Service {
     /// Starts everything `config` describes and begins accepting devices.
     pub async fn start(config: Config, config_path: PathBuf) -> Result<Service> {
         ensure_dev_certs(&config)?;
+        // Read once, here: a reload does not change [admin].
+        let admin_token = match config.admin.enabled {
+            true => config.admin.token().map_err(|p| anyhow::anyhow!("{p}"))?,
+            false => None,
+        };
         let opts = config.queue.to_options();
         let (queue, report) = tokio::task::spawn_blocking(move || Queue::open(opts))
             .await
@@ -173,8 +178,8 @@ impl Service {
         // Nothing after the tasks above are spawned may fail: the caller would see a failed
         // start while devices are being acknowledged.
         if let Some((listener, bound)) = admin_listener {
-            tracing::info!(addr = %bound, "admin endpoint: /metrics /healthz /readyz, status page at /");
-            service.admin = Some(crate::admin::serve(listener, status.clone()));
+            tracing::info!(addr = %bound, token = admin_token.is_some(), "admin endpoint: /metrics /healthz /readyz, status page at /");
+            service.admin = Some(crate::admin::serve(listener, status.clone(), admin_token));
         }
         Ok(service)
     }

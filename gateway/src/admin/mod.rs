@@ -8,6 +8,14 @@
 //! - `GET /`: the status page (one self-contained HTML file), fed by `GET /api/status`.
 //! - `POST /reload[?release=NAME,...]`: re-read the config, like SIGHUP; loopback peers only.
 //!
+//! With a token (`admin.token_file` or `admin.token_env`, required for a non-loopback `listen`),
+//! every request but `GET /healthz` must carry it: `Authorization: Bearer TOKEN`, or Basic
+//! credentials whose password is the token (any user name), which is what a browser sends after
+//! it asked for them, so the status page and its `/api/status` requests work in a browser too.
+//! Without it the answer is 401 with `WWW-Authenticate` offering both. `/healthz` stays open
+//! for load balancers and supervisors that cannot send a header, and it says nothing but
+//! "ok" or why not; `/readyz` names the uplinks' targets and needs the token.
+//!
 //! The endpoint only reads counters and the queue's stats; it never touches the data path.
 
 pub mod metrics;
@@ -23,6 +31,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::config::AdminToken;
 use crate::status::{age_seconds, ReloadRequest, Status};
 
 const STATUS_PAGE: &str = include_str!("status.html");
@@ -31,7 +40,13 @@ const STATUS_PAGE: &str = include_str!("status.html");
 /// early (a taken port fails the start before anything runs) and serves it last: requests wait
 /// in the listen backlog until the uplinks are published, so the first scrape never sees a
 /// half-started gateway.
-pub fn serve(listener: TcpListener, status: Arc<Status>) -> tokio::task::JoinHandle<()> {
+/// `token`: see the module's header; `None` serves everyone (a loopback `listen`).
+pub fn serve(
+    listener: TcpListener,
+    status: Arc<Status>,
+    token: Option<AdminToken>,
+) -> tokio::task::JoinHandle<()> {
+    let token = token.map(Arc::new);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -43,10 +58,21 @@ pub fn serve(listener: TcpListener, status: Arc<Status>) -> tokio::task::JoinHan
                 }
             };
             let status = status.clone();
+            let token = token.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let status = status.clone();
-                    async move { Ok::<_, Infallible>(route(req, peer, &status).await) }
+                    let token = token.clone();
+                    async move {
+                        let allowed = match &token {
+                            Some(t) => is_open(&req) || authorized(&req, t),
+                            None => true,
+                        };
+                        if !allowed {
+                            return Ok::<_, Infallible>(unauthorized(&req));
+                        }
+                        Ok::<_, Infallible>(route(req, peer, &status).await)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -71,6 +97,100 @@ fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respon
         hyper::header::HeaderValue::from_static("no-store"),
     );
     r
+}
+
+/// What answers without the token: `GET /healthz` only.
+fn is_open(req: &Request<Incoming>) -> bool {
+    req.method() == Method::GET && req.uri().path() == "/healthz"
+}
+
+/// Whether `req` carries `token`: `Authorization: Bearer TOKEN`, or `Basic` with the token as
+/// the password.
+fn authorized(req: &Request<Incoming>, token: &AdminToken) -> bool {
+    let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some(space) = value.iter().position(|&b| b == b' ') else {
+        return false;
+    };
+    let (scheme, rest) = (&value[..space], value[space..].trim_ascii());
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        token.matches(rest)
+    } else if scheme.eq_ignore_ascii_case(b"basic") {
+        let Some(decoded) = base64_decode(rest) else {
+            return false;
+        };
+        match decoded.iter().position(|&b| b == b':') {
+            Some(colon) => token.matches(&decoded[colon + 1..]),
+            None => false,
+        }
+    } else {
+        false
+    }
+}
+
+/// 401 with the two schemes the endpoint takes. Bearer first (for API clients); a browser
+/// skips it and asks its user for the Basic credentials.
+fn unauthorized(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let had_credentials = req.headers().contains_key(hyper::header::AUTHORIZATION);
+    let mut r = reply(
+        StatusCode::UNAUTHORIZED,
+        "text/plain",
+        if had_credentials {
+            "wrong token\n"
+        } else {
+            "this endpoint needs the admin token: send `Authorization: Bearer TOKEN` (only /healthz is open)\n"
+        },
+    );
+    let bearer = if had_credentials {
+        r#"Bearer realm="gateway admin", error="invalid_token""#
+    } else {
+        r#"Bearer realm="gateway admin""#
+    };
+    let h = r.headers_mut();
+    h.append(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static(bearer),
+    );
+    h.append(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static(r#"Basic realm="gateway admin", charset="UTF-8""#),
+    );
+    r
+}
+
+/// Standard base64 with padding (RFC 4648), as Basic credentials use; `None` if malformed.
+fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    if !text.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let chunks = text.len() / 4;
+    for (i, chunk) in text.chunks(4).enumerate() {
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && i + 1 != chunks) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..4 - pad]);
+    }
+    Some(out)
 }
 
 fn json(code: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -293,4 +413,22 @@ pub fn status_json(status: &Status) -> serde_json::Value {
             "recent": status.dead.recent(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64_decode;
+
+    #[test]
+    fn base64_decodes_basic_credentials_and_refuses_garbage() {
+        assert_eq!(base64_decode(b"dTpwYXNz").as_deref(), Some(&b"u:pass"[..]));
+        assert_eq!(base64_decode(b"OnRva2Vu").as_deref(), Some(&b":token"[..]));
+        assert_eq!(base64_decode(b"YQ==").as_deref(), Some(&b"a"[..]));
+        assert_eq!(base64_decode(b"YWI=").as_deref(), Some(&b"ab"[..]));
+        assert_eq!(base64_decode(b"").as_deref(), Some(&b""[..]));
+        assert_eq!(base64_decode(b"YQ="), None);
+        assert_eq!(base64_decode(b"Y===").as_deref(), None);
+        assert_eq!(base64_decode(b"YQ==YWJj"), None);
+        assert_eq!(base64_decode(b"a!bc"), None);
+    }
 }

@@ -306,10 +306,11 @@ impl Config {
         }
     }
 
-    /// Checks the files the config names (TLS certificates and keys, the password file): each
-    /// must be readable. Separate from [`Config::validate`] so that a config can be checked
-    /// on another machine; `gateway check-config` and `run` call both. The default config's
-    /// development certificates may be missing (the gateway makes them).
+    /// Checks the files the config names (TLS certificates and keys, the password file, the
+    /// admin token's file or environment variable): each must be readable. Separate from
+    /// [`Config::validate`] so that a config can be checked on another machine; `gateway
+    /// check-config` and `run` call both. The default config's development certificates may be
+    /// missing (the gateway makes them).
     pub fn check_files(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let mut readable = |key: String, path: &Path| {
@@ -334,6 +335,11 @@ impl Config {
         }
         if let Some(p) = &self.auth.password_file {
             readable("auth.password_file".into(), p);
+        }
+        if self.admin.enabled {
+            if let Err(p) = self.admin.token() {
+                problems.push(p);
+            }
         }
         if problems.is_empty() {
             Ok(())
