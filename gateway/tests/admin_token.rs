@@ -2,7 +2,8 @@
 //! loopback HTTP: a non-loopback `admin.listen` without a token is a config error; with a token
 //! (from a file or an environment variable) every request but `GET /healthz` gets 401 without it
 //! or with a wrong one and 200 with it, by `Authorization: Bearer` or by Basic credentials (what
-//! a browser sends for the status page); `gateway reload` sends it.
+//! a browser sends for the status page, checked in headless Chromium too); `gateway reload`
+//! sends it.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -410,4 +411,101 @@ fn token_from_an_environment_variable_guards_every_request_but_healthz() {
     gw.wait_healthy(addr);
     assert_guarded(addr);
     assert!(!gw.log().contains(TOKEN), "the log shows the token");
+}
+
+/// Debian's `chromium`, found on PATH (`./run-tests` installs it).
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("chromium"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "this test loads the status page in headless Chromium, and `chromium` is not on \
+                 PATH: run the suite with `./run-tests`, which installs Debian's `chromium` package"
+            )
+        })
+}
+
+/// Headless Chromium's DOM of `url` after the page's first polls, bounded by [`WAIT`] x 4.
+fn dump_dom(dir: &Path, url: &str) -> String {
+    let out_path = dir.join("chromium.stdout");
+    let err_path = dir.join("chromium.stderr");
+    let mut child = Command::new(chromium())
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--virtual-time-budget=6000",
+            "--dump-dom",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium-profile").display()
+        ))
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT * 4;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within {:?}", WAIT * 4);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "chromium failed ({status}); stderr:\n{}",
+        std::fs::read_to_string(&err_path).unwrap_or_default()
+    );
+    std::fs::read_to_string(&out_path).unwrap()
+}
+
+/// The text of the element with `id` in serialized HTML, for elements that hold only text.
+fn text_of(dom: &str, id: &str) -> String {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no element with id {id:?} in the page:\n{dom}"));
+    let start = at + dom[at..].find('>').unwrap() + 1;
+    let end = start + dom[start..].find('<').unwrap();
+    dom[start..end].trim().to_string()
+}
+
+#[test]
+fn status_page_works_in_a_browser_with_the_token_as_basic_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let port = free_port();
+    let config = write_config(
+        dir.path(),
+        &format!("listen = \"127.0.0.1:{port}\"\ntoken_file = {token_file:?}"),
+    );
+    let mut gw = Gateway::start(dir.path(), &config, &[]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    gw.wait_healthy(addr);
+    let status = get(addr, "/api/status", Some(&format!("Bearer {TOKEN}")));
+    let v: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let id = v["gateway_id"].as_str().unwrap().to_string();
+    assert!(!id.is_empty(), "{v}");
+
+    // What a browser sends after its user typed the credentials it was asked for: the page, and
+    // then its own requests for /api/status, carry them.
+    let dom = dump_dom(dir.path(), &format!("http://ops:{TOKEN}@{addr}/"));
+    assert_eq!(
+        text_of(&dom, "gateway-id"),
+        id,
+        "the page did not get /api/status"
+    );
+    assert_ne!(text_of(&dom, "updated"), "never", "the page never updated");
 }
