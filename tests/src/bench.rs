@@ -12,20 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// MQTT's variable byte integer.
-pub fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
+pub use crate::raw::varint;
 
 /// A whole packet: first byte, remaining length, body.
 pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {

@@ -163,22 +163,7 @@ pub fn start_gateway(devices: usize, extra_toml: &str) -> GatewayProcess {
     let gateway = workspace_binary("gateway", "gateway");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let certs = dir.path().join("certs");
-    let st = Command::new(&gateway)
-        .args([
-            "certs",
-            "generate",
-            "--devices",
-            &devices.to_string(),
-            "--out",
-        ])
-        .arg(&certs)
-        .output()
-        .expect("gateway certs generate runs");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    bench::generate_certs(&gateway, devices, &certs).expect("gateway certs generate");
     let port = free_port();
     let admin_port = free_port();
     let cfg = dir.path().join("gateway.toml");

@@ -39,22 +39,12 @@ impl Gw {
     fn new(devices: usize) -> Gw {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        let st = Command::new(workspace_binary("gateway", "gateway"))
-            .args([
-                "certs",
-                "generate",
-                "--devices",
-                &devices.to_string(),
-                "--out",
-            ])
-            .arg(&certs)
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        gateway_tests::bench::generate_certs(
+            &workspace_binary("gateway", "gateway"),
+            devices,
+            &certs,
+        )
+        .unwrap();
         let config = dir.path().join("gateway.toml");
         Gw {
             config,

@@ -126,19 +126,7 @@ fn main() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
-    let st = Command::new(&gateway)
-        .args([
-            "certs",
-            "generate",
-            "--devices",
-            &devices.to_string(),
-            "--out",
-        ])
-        .arg(&certs)
-        .output()?;
-    if !st.status.success() {
-        bail!("certs: {}", String::from_utf8_lossy(&st.stderr));
-    }
+    gateway_tests::bench::generate_certs(&gateway, usize::try_from(devices)?, &certs)?;
     let n = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_nanos();
