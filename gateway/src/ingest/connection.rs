@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -617,8 +617,9 @@ async fn woken(slot: &SlotCell) {
     }
 }
 
-/// Encodes what a session's outbox says to send (the writer, and the fuzz harness).
-pub(super) fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
+/// Encodes what a session's outbox says to send (the writer, and the fuzz harness); `now`
+/// gives a PUBLISH with an expiry its time left.
+pub(super) fn encode_delivery(d: Delivery, v: Version, now: SystemTime, buf: &mut BytesMut) {
     match d {
         Delivery::Publish {
             message,
@@ -638,7 +639,7 @@ pub(super) fn encode_delivery(d: Delivery, v: Version, buf: &mut BytesMut) {
                 payload_format: message.payload_format,
                 response_topic: message.response_topic.as_deref(),
                 correlation_data: message.correlation_data.as_deref(),
-                message_expiry: message.remaining_expiry(std::time::SystemTime::now()),
+                message_expiry: message.remaining_expiry(now),
                 subscription_ids: &message.subscription_ids,
             },
             v,
@@ -759,16 +760,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if let Some((slot, reg)) = slot.get() {
             if slot.owned_by(*reg) {
                 let v = version.get().copied().unwrap_or(Version::V311);
+                // One clock read for everything this pass sends (expiry checks and time left).
+                let now = SystemTime::now();
                 slot.with_outbox(|o| {
                     if !resumed {
                         // What was in flight when the session's last connection ended, again.
                         resumed = true;
                         for d in o.resume() {
-                            encode_delivery(d, v, &mut buf);
+                            encode_delivery(d, v, now, &mut buf);
                         }
                     }
-                    while let Some(d) = o.next_publish() {
-                        encode_delivery(d, v, &mut buf);
+                    while let Some(d) = o.next_publish_at(now) {
+                        encode_delivery(d, v, now, &mut buf);
                     }
                 });
             }

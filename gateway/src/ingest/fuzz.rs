@@ -146,7 +146,7 @@ fn encode_send(send: Send, v: Version, out: &mut BytesMut) {
             "a packet id exactly for QoS 1/2"
         );
     }
-    super::connection::encode_delivery(send, v, out);
+    super::connection::encode_delivery(send, v, std::time::SystemTime::now(), out);
 }
 
 /// A message for a granted filter (its text as the topic, wildcards replaced).

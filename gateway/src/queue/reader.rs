@@ -291,10 +291,7 @@ impl Reader {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, QueueError> {
-        let mut state = self
-            .state
-            .take()
-            .unwrap_or_else(|| ReadState::new(self.acked + 1));
+        let mut state = self.take_state();
         let r = read_with(&self.shared, &mut state, max_records, max_bytes);
         self.state = Some(state);
         r
@@ -379,6 +376,13 @@ impl Reader {
         result
     }
 
+    /// The read state, taken out for a read (a fresh one after the confirmed position if none).
+    fn take_state(&mut self) -> ReadState {
+        self.state
+            .take()
+            .unwrap_or_else(|| ReadState::new(self.acked + 1))
+    }
+
     /// One read from the current position on a blocking thread. Not cancel-safe (the read
     /// state is away meanwhile).
     async fn read_blocking(
@@ -386,10 +390,7 @@ impl Reader {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, QueueError> {
-        let mut state = self
-            .state
-            .take()
-            .unwrap_or_else(|| ReadState::new(self.acked + 1));
+        let mut state = self.take_state();
         let shared = self.shared.clone();
         let (state, result) = tokio::task::spawn_blocking(move || {
             let r = read_with(&shared, &mut state, max_records, max_bytes);
