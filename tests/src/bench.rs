@@ -413,3 +413,66 @@ pub async fn start_mosquitto(
     wait_listening(addr, &mut child, "mosquitto").await?;
     Ok((child, addr))
 }
+
+/// The benchmarks' gateway (binary `bin`, config and data in `dir`): `fsync = "always"`, mutual
+/// TLS with the certificates in `certs`, every device may publish its own tree and subscribe to
+/// everyone's telemetry; `receive_maximum` per device; the admin endpoint on `admin_port` if
+/// given. Returns it once it listens.
+pub async fn start_gateway(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+    receive_maximum: usize,
+    admin_port: Option<u16>,
+) -> Result<(Child, SocketAddr)> {
+    let port = crate::free_port();
+    let cfg = dir.join("gateway.toml");
+    let admin = match admin_port {
+        Some(p) => format!("enabled = true\nlisten = \"127.0.0.1:{p}\""),
+        None => "enabled = false".into(),
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[admin]
+{admin}
+
+[queue]
+data_dir = "{data}"
+max_bytes = "8 GiB"
+segment_bytes = "64 MiB"
+fsync = "always"
+
+[[listeners]]
+bind = "127.0.0.1:{port}"
+tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
+
+[[acl]]
+identity = "*"
+publish = ["devices/%c/#"]
+subscribe = ["devices/+/telemetry"]
+
+[limits]
+max_connections = 20000
+receive_maximum = {rm}
+"#,
+            data = dir.join("gateway-data").display(),
+            c = certs.display(),
+            rm = receive_maximum.clamp(64, 65_535),
+        ),
+    )?;
+    let mut child = Child(
+        std::process::Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?,
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_listening(addr, &mut child, "the gateway").await?;
+    Ok((child, addr))
+}

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use gateway_tests::bench::{
-    generate_certs, mqtt_connect, nanos, pct, read_more, start_mosquitto, str16, subscriber,
-    take_packet, varint, wait_listening, Child, Deliveries,
+    generate_certs, mqtt_connect, nanos, pct, read_more, start_gateway, start_mosquitto, str16,
+    subscriber, take_packet, varint, Deliveries,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
@@ -288,53 +288,6 @@ async fn run_load(a: &Arc<Args>, addr: SocketAddr, certs: &Path) -> Result<Figur
     })
 }
 
-/// The gateway: mutual TLS, every device may publish its own telemetry and subscribe to all.
-async fn start_gateway(a: &Args, dir: &Path, certs: &Path) -> Result<(Child, SocketAddr)> {
-    let port = gateway_tests::free_port();
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[admin]
-enabled = false
-
-[queue]
-data_dir = "{data}"
-max_bytes = "4 GiB"
-segment_bytes = "64 MiB"
-
-[[listeners]]
-bind = "127.0.0.1:{port}"
-tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
-
-[[acl]]
-identity = "*"
-publish = ["devices/%c/telemetry"]
-subscribe = ["devices/+/telemetry"]
-
-[limits]
-receive_maximum = {rm}
-"#,
-            data = dir.join("gateway-data").display(),
-            c = certs.display(),
-            rm = a.inflight.clamp(64, 65_535),
-        ),
-    )?;
-    let mut child = Child(
-        std::process::Command::new(&a.gateway)
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("start the gateway")?,
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    wait_listening(addr, &mut child, "the gateway").await?;
-    Ok((child, addr))
-}
-
 fn print(a: &Args, name: &str, f: &Figures) {
     let expected = f.published * a.subscribers as u64;
     println!(
@@ -390,7 +343,7 @@ async fn main() -> Result<()> {
     let mut out = serde_json::Map::new();
     let mut results = Vec::new();
     if !a.skip_gateway {
-        let (child, addr) = start_gateway(&a, dir.path(), &certs).await?;
+        let (child, addr) = start_gateway(&a.gateway, dir.path(), &certs, a.inflight, None).await?;
         let f = run_load(&a, addr, &certs).await?;
         drop(child);
         if !a.json {

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use gateway_tests::bench::{
     cpu_seconds, generate_certs, mqtt_connect, packet, pct, publish_packet, read_more, rss_kib,
-    rw_syscalls, start_mosquitto, str16, subscriber, take_packet, wait_listening, Child,
-    Deliveries, SyscallCount,
+    rw_syscalls, start_gateway, start_mosquitto, str16, subscriber, take_packet, Deliveries,
+    SyscallCount,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -223,59 +223,6 @@ async fn drive(
 /// Publisher `i`'s device (and client id); subscribers come after the publishers.
 fn device(i: usize) -> String {
     format!("dev-{:05}", i + 1)
-}
-
-/// The gateway: `fsync = "always"`, mutual TLS, every device may publish its own telemetry and
-/// subscribe to everyone's.
-async fn start_gateway(a: &Args, dir: &Path, certs: &Path) -> Result<(Child, SocketAddr)> {
-    let port = gateway_tests::free_port();
-    let cfg = dir.join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[admin]
-enabled = true
-listen = "127.0.0.1:{admin}"
-
-[queue]
-data_dir = "{data}"
-max_bytes = "8 GiB"
-segment_bytes = "64 MiB"
-fsync = "always"
-
-[[listeners]]
-bind = "127.0.0.1:{port}"
-tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
-
-[[acl]]
-identity = "*"
-publish = ["devices/%c/#"]
-subscribe = ["devices/+/telemetry"]
-
-[limits]
-max_connections = 20000
-receive_maximum = {rm}
-"#,
-            data = dir.join("data").display(),
-            c = certs.display(),
-            rm = a.inflight.clamp(64, 65_535),
-            admin = a.admin_port,
-        ),
-    )?;
-    let mut child = Child(
-        std::process::Command::new(&a.gateway)
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("start the gateway")?,
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    wait_listening(addr, &mut child, "the gateway").await?;
-    Ok((child, addr))
 }
 
 /// What one run against one broker measured.
@@ -622,7 +569,14 @@ async fn main() -> Result<()> {
         a.connections + a.subscribers + a.offline_sessions
     };
     generate_certs(&a.gateway, devices, &certs)?;
-    let (child, addr) = start_gateway(&a, dir.path(), &certs).await?;
+    let (child, addr) = start_gateway(
+        &a.gateway,
+        dir.path(),
+        &certs,
+        a.inflight,
+        Some(a.admin_port),
+    )
+    .await?;
     if a.offline_sessions > 0 {
         return offline(&a, addr, child.0.id(), &certs).await;
     }
