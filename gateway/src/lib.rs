@@ -28,6 +28,7 @@ pub mod admin;
 #[cfg(any(test, feature = "dev-certs"))]
 pub mod certs;
 pub mod config;
+pub mod downlink;
 pub mod forwarder;
 pub mod ingest;
 pub mod notify;

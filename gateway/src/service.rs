@@ -24,7 +24,9 @@ use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, TlsSetting, UplinkConfig, DEV_CERT_DIR};
+use crate::config::{Config, DownlinkConfig, TlsSetting, UplinkConfig, DEV_CERT_DIR};
+use crate::downlink::router::{Holds, RouterStats};
+use crate::downlink::DownlinkStats;
 use crate::forwarder::Routes;
 use crate::forwarder::{self, DeadLetters, ForwarderStats};
 use crate::ingest::{Ingest, IngestHandle};
@@ -32,6 +34,21 @@ use crate::notify;
 use crate::queue::Queue;
 use crate::status::{age_seconds, ReloadOutcome, ReloadRequest, Status, UplinkView, HISTORY_EVERY};
 use crate::uplink::describe;
+
+struct RunningDownlink {
+    cfg: DownlinkConfig,
+    stats: Arc<DownlinkStats>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The command store and its router.
+struct Commands {
+    store: Queue,
+    holds: Holds,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
 
 struct Running {
     cfg: UplinkConfig,
@@ -49,6 +66,8 @@ pub struct Service {
     dead: DeadLetters,
     routes: watch::Sender<Arc<Routes>>,
     forwarders: HashMap<String, Running>,
+    downlinks: HashMap<String, RunningDownlink>,
+    commands: Option<Commands>,
     unrouted: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     status: Arc<Status>,
     control: mpsc::Receiver<ReloadRequest>,
@@ -117,6 +136,23 @@ impl Service {
         let dead = tokio::task::spawn_blocking(move || DeadLetters::open(&opts))
             .await
             .context("dead-letter store open task")??;
+        // The command store: opened when a downlink is configured, or when it holds commands
+        // from an earlier config (they are still delivered).
+        let commands_store = {
+            let opts = config.queue.to_options();
+            let max = config.downlink.max_bytes;
+            let wanted =
+                !config.downlinks.is_empty() || crate::downlink::store_dir(&opts.data_dir).exists();
+            match wanted {
+                true => Some(
+                    tokio::task::spawn_blocking(move || crate::downlink::open_store(&opts, max))
+                        .await
+                        .context("command store open task")?
+                        .context("cannot open the command store (data_dir/downlink)")?,
+                ),
+                false => None,
+            }
+        };
         let (routes, _) = watch::channel(Arc::new(Routes::new(config.routes.clone())));
         let (control_tx, control) = mpsc::channel(4);
         let status = Arc::new(Status {
@@ -127,6 +163,8 @@ impl Service {
             sessions: ingest.handle().sessions(),
             listeners,
             uplinks: RwLock::new(Vec::new()),
+            downlinks: RwLock::new(Vec::new()),
+            commands: RwLock::new(None),
             dead: dead.clone(),
             history: Mutex::new(VecDeque::new()),
             accepting: AtomicBool::new(false),
@@ -155,6 +193,8 @@ impl Service {
             dead,
             routes,
             forwarders: HashMap::new(),
+            downlinks: HashMap::new(),
+            commands: None,
             unrouted: None,
             status: status.clone(),
             control,
@@ -173,6 +213,9 @@ impl Service {
         }
         service.sync_unrouted();
         service.publish_uplinks();
+        if let Some(store) = commands_store {
+            service.start_commands(store);
+        }
         status.accepting.store(true, Ordering::Relaxed);
         status.sample();
         // Nothing after the tasks above are spawned may fail: the caller would see a failed
@@ -209,6 +252,178 @@ impl Service {
                 task,
             },
         );
+    }
+
+    /// Starts the downlink router on the command store, and the configured downlinks.
+    fn start_commands(&mut self, store: Queue) {
+        let holds: Holds = Arc::new(RwLock::new(
+            self.config
+                .downlinks
+                .iter()
+                .map(|d| (crate::downlink::origin(d.name()), d.common().hold))
+                .collect(),
+        ));
+        let stats = Arc::new(RouterStats::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(crate::downlink::router::run(
+            store.clone(),
+            self.ingest.sessions(),
+            self.dead.clone(),
+            holds.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        *self
+            .status
+            .commands
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(crate::status::CommandsView {
+            store: store.clone(),
+            router: stats.clone(),
+        });
+        self.commands = Some(Commands {
+            store,
+            holds,
+            stop,
+            task,
+        });
+        for d in self.config.downlinks.clone() {
+            self.start_downlink(d);
+        }
+        self.publish_downlinks();
+    }
+
+    fn start_downlink(&mut self, cfg: DownlinkConfig) {
+        let Some(commands) = &self.commands else {
+            tracing::warn!(downlink = cfg.name(), "no command store (it could not be opened at start); downlink not started until a restart");
+            return;
+        };
+        let stats = Arc::new(DownlinkStats::default());
+        let stop = CancellationToken::new();
+        let task = match &cfg {
+            DownlinkConfig::Amqp(a) => {
+                tracing::info!(downlink = %a.name, node = %crate::uplink::amqp::masked_url(a.urls()[0]), queue = %a.queue, "downlink configured");
+                tokio::spawn(crate::downlink::amqp::run(
+                    a.clone(),
+                    commands.store.clone(),
+                    self.dead.clone(),
+                    stats.clone(),
+                    stop.clone(),
+                ))
+            }
+        };
+        self.downlinks.insert(
+            cfg.name().to_string(),
+            RunningDownlink {
+                cfg,
+                stats,
+                stop,
+                task,
+            },
+        );
+    }
+
+    async fn stop_downlink(r: RunningDownlink) {
+        r.stop.cancel();
+        let mut task = r.task;
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(downlink = r.cfg.name(), "downlink did not stop within 5 s; aborted (the broker delivers its unacked commands again)");
+            task.abort();
+        }
+    }
+
+    /// Downlinks after a reload: the removed and changed ones stop (what they were storing is
+    /// acked; the rest stays at the broker), the new and changed ones start. Holds apply to
+    /// the commands already held too.
+    async fn reload_downlinks(&mut self, changes: &mut Vec<String>) {
+        if self.commands.is_none() && !self.config.downlinks.is_empty() {
+            let opts = self.config.queue.to_options();
+            let max = self.config.downlink.max_bytes;
+            match tokio::task::spawn_blocking(move || crate::downlink::open_store(&opts, max)).await
+            {
+                Ok(Ok(store)) => {
+                    self.start_commands(store);
+                    changes.push("downlinks: command store opened; downlinks started".into());
+                    return;
+                }
+                Ok(Err(e)) => changes.push(format!(
+                    "downlinks: cannot open the command store: {e}; not started"
+                )),
+                Err(e) => changes.push(format!("downlinks: command store open task: {e}")),
+            }
+            return;
+        }
+        let Some(commands) = &self.commands else {
+            return;
+        };
+        *commands.holds.write().unwrap_or_else(|e| e.into_inner()) = self
+            .config
+            .downlinks
+            .iter()
+            .map(|d| (crate::downlink::origin(d.name()), d.common().hold))
+            .collect();
+        let mut stopping = Vec::new();
+        let mut starting = Vec::new();
+        for (name, r) in std::mem::take(&mut self.downlinks) {
+            match self.config.downlinks.iter().find(|d| d.name() == name) {
+                Some(d) if *d == r.cfg => {
+                    self.downlinks.insert(name, r);
+                }
+                Some(d) => {
+                    changes.push(format!("downlink {name}: changed; restarted"));
+                    starting.push(d.clone());
+                    stopping.push(Self::stop_downlink(r));
+                }
+                None => {
+                    changes.push(format!(
+                        "downlink {name}: removed (its stored commands are still delivered)"
+                    ));
+                    stopping.push(Self::stop_downlink(r));
+                }
+            }
+        }
+        for d in &self.config.downlinks {
+            if !self.downlinks.contains_key(d.name())
+                && !starting.iter().any(|s| s.name() == d.name())
+            {
+                changes.push(format!("downlink {}: added", d.name()));
+                starting.push(d.clone());
+            }
+        }
+        futures_util::future::join_all(stopping).await;
+        for d in starting {
+            self.start_downlink(d);
+        }
+        self.publish_downlinks();
+    }
+
+    fn publish_downlinks(&self) {
+        let mut views: Vec<crate::status::DownlinkView> = self
+            .downlinks
+            .values()
+            .map(|r| {
+                let DownlinkConfig::Amqp(a) = &r.cfg;
+                crate::status::DownlinkView {
+                    name: a.name.clone(),
+                    kind: "amqp",
+                    source: format!(
+                        "{} queue {}",
+                        crate::uplink::amqp::masked_url(a.urls()[r.stats.node() % a.urls().len()]),
+                        a.queue
+                    ),
+                    stats: r.stats.clone(),
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        *self
+            .status
+            .downlinks
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = views;
     }
 
     /// Stops a forwarder: it finishes the send in flight (bounded by its confirm timeout) and
@@ -342,6 +557,18 @@ impl Service {
             "shutting down: closing device connections (in-flight acks finish), then forwarders drain for the grace period, then the queue closes"
         );
         self.status.accepting.store(false, Ordering::Relaxed);
+        // Downlinks first: what they are storing is acked upstream, the rest stays there.
+        let stops: Vec<_> = self
+            .downlinks
+            .drain()
+            .map(|(_, r)| Self::stop_downlink(r))
+            .collect();
+        futures_util::future::join_all(stops).await;
+        // Then the command router, while the session store is still open.
+        if let Some(c) = self.commands.as_mut() {
+            c.stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut c.task).await;
+        }
         self.ingest_stop.cancel();
         if let Some(s) = self.serving.take() {
             let _ = s.await;
@@ -389,8 +616,12 @@ impl Service {
         if let Some(a) = self.admin.take() {
             a.abort();
         }
+        let commands = self.commands.take().map(|c| c.store);
         let (queue, dead) = (self.queue.clone(), self.dead.clone());
         tokio::task::spawn_blocking(move || {
+            if let Some(c) = commands {
+                c.close();
+            }
             dead.close();
             queue.close();
         })
@@ -538,6 +769,7 @@ impl Service {
         }
         self.sync_unrouted();
         self.publish_uplinks();
+        self.reload_downlinks(&mut changes).await;
         // Cursors of removed uplinks: released only when asked, since that lets the queue
         // delete records nobody else needed.
         for name in old

@@ -42,6 +42,24 @@ pub struct UplinkView {
     pub stats: Arc<ForwarderStats>,
 }
 
+/// A downlink as the operator sees it.
+#[derive(Debug, Clone)]
+pub struct DownlinkView {
+    pub name: String,
+    /// `amqp`.
+    pub kind: &'static str,
+    /// Where it consumes from, credentials masked.
+    pub source: String,
+    pub stats: Arc<crate::downlink::DownlinkStats>,
+}
+
+/// The command store and its router, while there is one.
+#[derive(Clone)]
+pub struct CommandsView {
+    pub store: Queue,
+    pub router: Arc<crate::downlink::router::RouterStats>,
+}
+
 /// What the admin endpoint reads: shared, read-mostly, never blocks the data path.
 pub struct Status {
     pub gateway_id: RwLock<String>,
@@ -52,6 +70,8 @@ pub struct Status {
     pub sessions: Arc<Sessions>,
     pub listeners: Vec<(SocketAddr, bool)>,
     pub uplinks: RwLock<Vec<UplinkView>>,
+    pub downlinks: RwLock<Vec<DownlinkView>>,
+    pub commands: RwLock<Option<CommandsView>>,
     pub dead: DeadLetters,
     pub history: Mutex<VecDeque<HistoryPoint>>,
     /// Listeners accept connections (false once shutdown began).
@@ -63,6 +83,20 @@ pub struct Status {
 }
 
 impl Status {
+    pub fn downlinks(&self) -> Vec<DownlinkView> {
+        self.downlinks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn commands(&self) -> Option<CommandsView> {
+        self.commands
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn uplinks(&self) -> Vec<UplinkView> {
         self.uplinks
             .read()

@@ -82,7 +82,18 @@ impl Snapshot {
         let counter_of = |f: fn(&crate::forwarder::ForwarderStats) -> u64| {
             per_uplink(uplinks.iter().map(|u| (u.name.clone(), f(&u.stats))))
         };
-        let counters = vec![
+        let downlinks = status.downlinks();
+        let commands = status.commands();
+        let per_downlink = |f: fn(&crate::downlink::DownlinkStats) -> u64| -> Vec<(Labels, u64)> {
+            downlinks
+                .iter()
+                .map(|d| (vec![("downlink", d.name.clone())], f(&d.stats)))
+                .collect()
+        };
+        let router = |f: fn(&crate::downlink::router::RouterStats) -> u64| -> u64 {
+            commands.as_ref().map_or(0, |c| f(&c.router))
+        };
+        let mut counters = vec![
             (
                 "connections",
                 "Device connections accepted (TCP).",
@@ -213,6 +224,67 @@ impl Snapshot {
                 ],
             ),
         ];
+        counters.extend([
+            (
+                "downlink_consumed",
+                "Messages received from the downlink's upstream.",
+                per_downlink(|s| s.consumed.load(Ordering::Relaxed)),
+            ),
+            (
+                "downlink_stored",
+                "Commands stored durably (then acked upstream).",
+                per_downlink(|s| s.stored.load(Ordering::Relaxed)),
+            ),
+            (
+                "downlink_acked",
+                "Messages acked upstream (stored, dead-lettered or duplicate).",
+                per_downlink(|s| s.acked.load(Ordering::Relaxed)),
+            ),
+            (
+                "downlink_duplicates",
+                "Redeliveries of a message id already stored (acked, not stored again).",
+                per_downlink(|s| s.duplicates.load(Ordering::Relaxed)),
+            ),
+            (
+                "downlink_dead_lettered",
+                "Upstream messages that could not be commands (bad topic, size, header): dead letters.",
+                per_downlink(|s| s.dead_lettered.load(Ordering::Relaxed)),
+            ),
+            (
+                "downlink_backpressure",
+                "Times the downlink stopped consuming because the command store was full.",
+                per_downlink(|s| s.backpressure.load(Ordering::Relaxed)),
+            ),
+            (
+                "downlink_connects",
+                "Connections the downlink made.",
+                per_downlink(|s| s.connects.load(Ordering::Relaxed)),
+            ),
+            (
+                "commands_routed",
+                "Commands put into their subscribed sessions (all downlinks).",
+                one(router(|r| r.routed.load(Ordering::Relaxed))),
+            ),
+            (
+                "commands_delivered_acked",
+                "Commands their devices acknowledged (PUBACK or PUBCOMP).",
+                one(d.commands_done.load(Ordering::Relaxed)),
+            ),
+            (
+                "commands_blocked",
+                "Times command routing waited for a full session (backpressure).",
+                one(router(|r| r.blocked.load(Ordering::Relaxed))),
+            ),
+            (
+                "commands_dead_lettered",
+                "Commands moved to the dead letters by the router, by reason.",
+                by_reason(&[
+                    ("unmatched", router(|r| r.dead_unmatched.load(Ordering::Relaxed))),
+                    ("expired", router(|r| r.dead_expired.load(Ordering::Relaxed))),
+                    ("too_large", router(|r| r.dead_too_large.load(Ordering::Relaxed))),
+                ]),
+            ),
+        ]);
         let states = [
             UplinkState::Connecting,
             UplinkState::Connected,
@@ -235,7 +307,25 @@ impl Snapshot {
                 ));
             }
         }
-        let gauges = vec![
+        let mut downlink_states = Vec::new();
+        for d in &downlinks {
+            let now = d.stats.state();
+            for s in [
+                crate::downlink::DownlinkState::Connecting,
+                crate::downlink::DownlinkState::Consuming,
+                crate::downlink::DownlinkState::Paused,
+                crate::downlink::DownlinkState::Down,
+            ] {
+                downlink_states.push((
+                    vec![
+                        ("downlink", d.name.clone()),
+                        ("state", s.as_str().to_string()),
+                    ],
+                    if s == now { 1.0 } else { 0.0 },
+                ));
+            }
+        }
+        let mut gauges = vec![
             (
                 "devices_connected",
                 "Devices connected now.",
@@ -369,6 +459,28 @@ impl Snapshot {
                 one(status.started.elapsed().as_secs_f64()),
             ),
         ];
+        gauges.extend([
+            (
+                "downlink_state",
+                "1 for the downlink's current state (connecting, consuming, paused, down).",
+                downlink_states,
+            ),
+            (
+                "commands_pending",
+                "Commands in the command store not yet in their sessions (held ones included).",
+                one(router(|r| r.pending.load(Ordering::Relaxed)) as f64),
+            ),
+            (
+                "commands_held",
+                "Commands waiting for a device to subscribe (dead-lettered after the downlink's hold).",
+                one(router(|r| r.held.load(Ordering::Relaxed)) as f64),
+            ),
+            (
+                "command_store_bytes",
+                "Bytes in the command store (bounded by [downlink] max_bytes).",
+                one(commands.as_ref().map_or(0, |c| c.store.stats().bytes) as f64),
+            ),
+        ]);
         let histograms = vec![
             (
                 "queue_fsync_seconds",

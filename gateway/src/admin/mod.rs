@@ -315,6 +315,53 @@ fn uplinks_json(status: &Status) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The downlinks and the command store (empty / null without them).
+fn downlinks_json(status: &Status) -> serde_json::Value {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let downlinks: Vec<serde_json::Value> = status
+        .downlinks()
+        .iter()
+        .map(|d| {
+            let s = &d.stats;
+            serde_json::json!({
+                "name": d.name,
+                "type": d.kind,
+                "source": d.source,
+                "state": s.state().as_str(),
+                "node": s.node(),
+                "consumed": load(&s.consumed),
+                "stored": load(&s.stored),
+                "acked_upstream": load(&s.acked),
+                "duplicates": load(&s.duplicates),
+                "dead_lettered": load(&s.dead_lettered),
+                "backpressure": load(&s.backpressure),
+                "last_error": s.last_error(),
+            })
+        })
+        .collect();
+    let commands = status.commands().map(|c| {
+        let q = c.store.stats();
+        let r = &c.router;
+        serde_json::json!({
+            "store_records": q.records,
+            "store_bytes": q.bytes,
+            "store_max_bytes": q.max_bytes,
+            "store_full": c.store.is_full(),
+            "routed": load(&r.routed),
+            "pending": load(&r.pending),
+            "held": load(&r.held),
+            "blocked": load(&r.blocked),
+            "acked_by_devices": load(&status.sessions.stats.commands_done),
+            "dead_lettered": {
+                "unmatched": load(&r.dead_unmatched),
+                "expired": load(&r.dead_expired),
+                "too_large": load(&r.dead_too_large),
+            },
+        })
+    });
+    serde_json::json!({ "downlinks": downlinks, "commands": commands })
+}
+
 fn listeners_json(status: &Status) -> Vec<serde_json::Value> {
     status
         .listeners
@@ -360,6 +407,7 @@ pub fn readiness(status: &Status) -> serde_json::Value {
             "max_bytes": q.max_bytes,
         },
         "uplinks": uplinks_json(status),
+        "downlinks": downlinks_json(status),
     })
 }
 
@@ -406,6 +454,7 @@ pub fn status_json(status: &Status) -> serde_json::Value {
             "full": status.queue.is_full(),
         },
         "uplinks": uplinks_json(status),
+        "downlinks": downlinks_json(status),
         "sessions": sessions_json(status),
         "history": history,
         "dead_letters": {

@@ -25,10 +25,12 @@ use serde::Deserialize;
 use crate::queue::{self, FsyncPolicy, QueueOptions};
 
 mod admin;
+mod downlink;
 mod ingest;
 mod sessions;
 mod uplink;
 pub use admin::*;
+pub use downlink::*;
 pub use ingest::*;
 pub use sessions::*;
 pub use uplink::*;
@@ -109,6 +111,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[admin]`: metrics, health, the status page and reload.
     pub admin: AdminConfig,
+    /// `[downlink]`: the store that holds commands until devices acknowledge them.
+    pub downlink: DownlinkStoreConfig,
+    /// `[[downlinks]]`: where commands for devices come from. None: nothing flows down.
+    pub downlinks: Vec<DownlinkConfig>,
 }
 
 impl Default for Config {
@@ -124,6 +130,8 @@ impl Default for Config {
             uplinks: Vec::new(),
             routes: Vec::new(),
             admin: AdminConfig::default(),
+            downlink: DownlinkStoreConfig::default(),
+            downlinks: Vec::new(),
         }
     }
 }
@@ -299,6 +307,14 @@ impl Config {
         uplink::check(&self.uplinks, &self.routes, &mut problems);
         self.admin.check(&mut problems);
         self.gateway.check(&mut problems);
+        downlink::check(&self.downlinks, &mut problems);
+        if self.downlink.max_bytes < 1 << 20 {
+            problems.push(Problem {
+                key: "downlink.max_bytes".into(),
+                value: self.downlink.max_bytes.to_string(),
+                reason: "use at least 1 MiB".into(),
+            });
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -671,11 +687,27 @@ mod tests {
     #[test]
     fn default_config_file_parses_and_equals_default() {
         let mut config = Config::from_toml_str(DEFAULT_CONFIG).unwrap();
-        // The file adds one thing that a missing key does not: the AMQP uplink to a local
-        // RabbitMQ, with its route, so that a first run delivers somewhere.
+        // The file adds what a missing key does not: the AMQP uplink to a local RabbitMQ, with
+        // its route, so that a first run delivers somewhere, and the AMQP downlink from it.
         let uplinks = std::mem::take(&mut config.uplinks);
         let routes = std::mem::take(&mut config.routes);
+        let downlinks = std::mem::take(&mut config.downlinks);
         assert_eq!(config, Config::default());
+        match &downlinks[..] {
+            [DownlinkConfig::Amqp(a)] => {
+                assert_eq!(
+                    (a.queue.as_str(), a.exchange.as_deref()),
+                    ("commands", Some("commands"))
+                );
+                assert!(a.declare && a.binding_key == "#");
+                assert_eq!(
+                    a.command.allowed_topics,
+                    vec![DEFAULT_ALLOWED_TOPICS.to_string()]
+                );
+                assert_eq!(a.command.hold, DEFAULT_HOLD);
+            }
+            other => panic!("the default downlink is not one AMQP downlink: {other:?}"),
+        }
         assert_eq!(uplinks.len(), 1);
         assert_eq!(uplinks[0].name(), "rabbit");
         match &uplinks[0] {

@@ -255,7 +255,7 @@ impl Pace {
 }
 
 /// Exponential backoff with full jitter between `min` and `max`.
-fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+pub(crate) fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     let exp = min.saturating_mul(1u32 << attempt.min(16)).min(max);
     let jitter = rand::random::<f64>();
     min + (exp.saturating_sub(min)).mul_f64(jitter)

@@ -40,6 +40,9 @@ pub struct Message {
     pub subscription_ids: Vec<u32>,
     /// MQTT 5: when the message expires (receive time + its message expiry interval).
     pub expires_at: Option<SystemTime>,
+    /// A command from a downlink: its acknowledgement and expiry are counted, and an expired
+    /// one becomes a dead letter.
+    pub command: bool,
 }
 
 impl Message {
@@ -141,6 +144,8 @@ pub struct Counts {
     pub refused_full: u64,
     /// Messages dropped unsent because their MQTT 5 message expiry passed while they waited.
     pub expired: u64,
+    /// Commands (from downlinks) the subscriber acknowledged (PUBACK or PUBCOMP).
+    pub commands_done: u64,
 }
 
 #[derive(Debug)]
@@ -162,6 +167,8 @@ pub struct Outbox {
     any_expiry: bool,
     /// Packet ids of QoS 1/2 messages dropped as expired, until [`Outbox::take_expired`].
     expired_pkids: Vec<u16>,
+    /// Commands dropped as expired, until [`Outbox::take_expired_commands`] (dead letters).
+    expired_commands: Vec<Arc<Message>>,
 }
 
 impl Outbox {
@@ -181,6 +188,7 @@ impl Outbox {
             counts: Counts::default(),
             any_expiry: false,
             expired_pkids: Vec::new(),
+            expired_commands: Vec::new(),
         }
     }
 
@@ -199,6 +207,22 @@ impl Outbox {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Whether a QoS 1/2 message of `cost` bytes would be taken now (waiting QoS 0 messages
+    /// make room, as in [`Outbox::push`]).
+    pub fn has_room(&self, cost: usize) -> bool {
+        let (n0, b0) = self
+            .waiting
+            .iter()
+            .filter(|w| w.qos == 0)
+            .fold((0, 0), |(n, b), w| (n + 1, b + w.message.cost()));
+        self.len() - n0 < self.max_messages && self.bytes - b0 + cost <= self.max_bytes
+    }
+
+    /// Whether a message of `cost` bytes fits this outbox at all (when empty).
+    pub fn fits(&self, cost: usize) -> bool {
+        self.max_messages > 0 && cost <= self.max_bytes
     }
 
     pub fn in_flight(&self) -> usize {
@@ -394,6 +418,9 @@ impl Outbox {
         }
         self.bytes -= w.message.cost();
         self.counts.expired += 1;
+        if w.message.command {
+            self.expired_commands.push(w.message.clone());
+        }
         if w.qos > 0 {
             self.used.remove(&w.pkid);
             self.expired_pkids.push(w.pkid);
@@ -404,6 +431,11 @@ impl Outbox {
     /// session stores that they are done).
     pub fn take_expired(&mut self) -> Vec<u16> {
         std::mem::take(&mut self.expired_pkids)
+    }
+
+    /// Commands dropped as expired since the last call.
+    pub fn take_expired_commands(&mut self) -> Vec<Arc<Message>> {
+        std::mem::take(&mut self.expired_commands)
     }
 
     /// A packet id no held message has. Bounds keep far fewer than 65,535 messages held, so
@@ -430,6 +462,7 @@ impl Outbox {
             self.bytes -= done.message.cost();
             self.used.remove(&done.pkid);
             self.counts.completed += 1;
+            self.counts.commands_done += u64::from(done.message.command);
         }
     }
 
@@ -512,6 +545,7 @@ mod tests {
             correlation_data: None,
             subscription_ids: Vec::new(),
             expires_at: None,
+            command: false,
         })
     }
 

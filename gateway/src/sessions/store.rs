@@ -86,7 +86,17 @@ pub enum Event {
     Unretain {
         topic: String,
     },
+    /// The newest command-store seq routed into session `id` (written with its `Session`
+    /// event; a `Msg` whose seq has [`DOWNLINK_SEQ`] set moves it too).
+    Downlink {
+        id: String,
+        through: u64,
+    },
 }
+
+/// Set in a `Msg` event's seq when the message came from the command store (the downlinks),
+/// whose seqs are counted apart from the main queue's.
+pub const DOWNLINK_SEQ: u64 = 1 << 63;
 
 /// A [`Message`] as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +116,9 @@ pub struct StoredMessage {
     /// restart (absent in older events: none).
     #[serde(default)]
     pub expires_at_us: Option<u64>,
+    /// A command from a downlink (absent in older events: no).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub command: bool,
 }
 
 impl StoredMessage {
@@ -121,6 +134,7 @@ impl StoredMessage {
             correlation_data: m.correlation_data.as_ref().map(|b| b.to_vec()),
             subscription_ids: m.subscription_ids.clone(),
             expires_at_us: m.expires_at.map(crate::queue::micros_since_epoch),
+            command: m.command,
         }
     }
 
@@ -138,6 +152,7 @@ impl StoredMessage {
             expires_at: self
                 .expires_at_us
                 .map(|us| SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us)),
+            command: self.command,
         }
     }
 }
@@ -148,6 +163,8 @@ pub struct StoredSession {
     pub expiry_secs: u32,
     /// The newest main-queue seq routed into this session: the router skips records up to it.
     pub routed_through: u64,
+    /// The same for the command store (the downlink router).
+    pub downlink_through: u64,
     pub subs: BTreeMap<String, SubOptions>,
     /// By packet id, with the order they were queued in: (order, qos, message, released).
     pub msgs: BTreeMap<u16, (u64, u8, Message, bool)>,
@@ -228,7 +245,11 @@ pub fn replay(state: &mut Recovered, events: impl IntoIterator<Item = Event>) {
                 message,
             } => {
                 if let Some(s) = sessions.get_mut(&id) {
-                    s.routed_through = s.routed_through.max(seq);
+                    if seq & DOWNLINK_SEQ != 0 {
+                        s.downlink_through = s.downlink_through.max(seq & !DOWNLINK_SEQ);
+                    } else {
+                        s.routed_through = s.routed_through.max(seq);
+                    }
                     // A packet id still held is a snapshot restating the message (a new message
                     // gets an id only after the old one's `Done`, written before it). Replayed
                     // over the old events, which happens when the gateway stopped before the
@@ -265,6 +286,11 @@ pub fn replay(state: &mut Recovered, events: impl IntoIterator<Item = Event>) {
             }
             Event::Unretain { topic } => {
                 state.retained.remove(&topic);
+            }
+            Event::Downlink { id, through } => {
+                if let Some(s) = sessions.get_mut(&id) {
+                    s.downlink_through = s.downlink_through.max(through);
+                }
             }
         }
     }
@@ -381,7 +407,8 @@ impl Store {
             | Event::Unsub { id, .. }
             | Event::Msg { id, .. }
             | Event::Rec { id, .. }
-            | Event::Done { id, .. } => id.as_str(),
+            | Event::Done { id, .. }
+            | Event::Downlink { id, .. } => id.as_str(),
             Event::Retain { .. } | Event::Unretain { .. } => "",
         };
         let rec = NewRecord {
@@ -473,6 +500,7 @@ mod tests {
             correlation_data: Some(b"c".to_vec()),
             subscription_ids: vec![3],
             expires_at_us: Some(1_700_000_000_123_456),
+            command: false,
         }
     }
 

@@ -36,8 +36,8 @@ pub struct AmqpUplink {
 }
 
 /// Node `url` with the password from `password_env` (if configured) put in.
-fn url_with_password(cfg: &AmqpConfig, url: &str) -> Result<String, String> {
-    let Some(var) = &cfg.password_env else {
+fn url_with_password(password_env: Option<&str>, url: &str) -> Result<String, String> {
+    let Some(var) = password_env else {
         return Ok(url.to_string());
     };
     let password = std::env::var(var)
@@ -73,6 +73,32 @@ pub fn masked_url(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Opens a connection to node `url`, with the password from `password_env` and, for amqps,
+/// the CAs of `ca_file` trusted besides the system's (read at each connect, so a renewed file is
+/// picked up without a restart). Errors do not name the url (the caller does, masked).
+pub(crate) async fn open_connection(
+    url: &str,
+    password_env: Option<&str>,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Connection, String> {
+    let url = url_with_password(password_env, url)?;
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: match ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?,
+            ),
+            None => None,
+        },
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    url.as_str()
+        .connect_with_config(ConnectionProperties::default(), tls, runtime)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 impl AmqpUplink {
@@ -112,24 +138,9 @@ impl AmqpUplink {
             uplink: cfg.name.clone(),
             why: format!("{}: {why}", masked_url(url)),
         };
-        let url = url_with_password(cfg, url).map_err(err)?;
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: match &cfg.ca_file {
-                // Read at each connect, so a renewed CA file is picked up without a restart.
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .map_err(|e| err(format!("ca_file {}: {e}", path.display())))?,
-                ),
-                None => None,
-            },
-        };
-        let runtime = lapin::runtime::default_runtime().map_err(|e| err(e.to_string()))?;
-        let connection = url
-            .as_str()
-            .connect_with_config(ConnectionProperties::default(), tls, runtime)
+        let connection = open_connection(url, cfg.password_env.as_deref(), cfg.ca_file.as_deref())
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         let channel = connection
             .create_channel()
             .await
@@ -205,6 +216,15 @@ impl AmqpUplink {
             "gateway_seq".into(),
             AMQPValue::LongLongInt(i64::try_from(r.seq).unwrap_or(i64::MAX)),
         );
+        if let Some(cd) = &r.correlation_data {
+            headers.insert(
+                "mqtt_correlation_data".into(),
+                AMQPValue::LongString(LongString::from(cd.as_slice())),
+            );
+        }
+        if let Some(rt) = &r.response_topic {
+            headers.insert("mqtt_response_topic".into(), s(rt));
+        }
         let mut p = BasicProperties::default()
             .with_delivery_mode(2)
             .with_message_id(format!("{}-{}", self.gateway_id, r.seq).as_str().into())
@@ -213,6 +233,13 @@ impl AmqpUplink {
             .with_headers(headers);
         if let Some(ct) = &m.content_type {
             p = p.with_content_type(ct.as_str().into());
+        }
+        // MQTT 5 request/response: a device's reply carries the command's correlation data
+        // (as `correlation_id` too when it is short text) and any response topic.
+        if let Some(cd) = &r.correlation_data {
+            if let Some(text) = std::str::from_utf8(cd).ok().filter(|t| t.len() <= 255) {
+                p = p.with_correlation_id(text.into());
+            }
         }
         p
     }

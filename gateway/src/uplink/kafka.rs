@@ -249,6 +249,12 @@ impl KafkaUplink {
         if let Some(ct) = &m.content_type {
             headers.insert("content_type".into(), ct.clone().into_bytes());
         }
+        if let Some(cd) = &r.correlation_data {
+            headers.insert("mqtt_correlation_data".into(), cd.clone());
+        }
+        if let Some(rt) = &r.response_topic {
+            headers.insert("mqtt_response_topic".into(), rt.clone().into_bytes());
+        }
         let timestamp = i64::try_from(r.received_at_us)
             .ok()
             .and_then(DateTime::<Utc>::from_timestamp_micros)

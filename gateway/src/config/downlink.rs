@@ -1,0 +1,352 @@
+//! The command sections: `[downlink]` (the command store) and `[[downlinks]]` (where commands
+//! come from).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{de, duration_value, quoted, Problem};
+
+/// Commands kept for a device that has not subscribed yet, before they are dead-lettered.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(3600);
+/// Unacknowledged AMQP deliveries per downlink: the commands on their way into the store.
+pub const DEFAULT_PREFETCH: u16 = 64;
+/// The largest command payload accepted (bigger ones are dead letters).
+pub const DEFAULT_MAX_COMMAND_BYTES: u64 = 256 << 10;
+/// The command store's bound on disk: when it is full, the downlinks stop consuming.
+pub const DEFAULT_DOWNLINK_MAX_BYTES: u64 = 64 << 20;
+/// Where a downlink may write, unless configured: the devices' command topics.
+pub const DEFAULT_ALLOWED_TOPICS: &str = "devices/+/commands/#";
+
+/// `[downlink]`: the durable store that holds commands between the upstream ack and the
+/// device's acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownlinkStoreConfig {
+    /// Bytes of commands stored at most, all downlinks together (the total bound).
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_bytes: u64,
+}
+
+impl Default for DownlinkStoreConfig {
+    fn default() -> Self {
+        DownlinkStoreConfig {
+            max_bytes: DEFAULT_DOWNLINK_MAX_BYTES,
+        }
+    }
+}
+
+/// One `[[downlinks]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum DownlinkConfig {
+    Amqp(AmqpDownlinkConfig),
+}
+
+impl DownlinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            DownlinkConfig::Amqp(a) => &a.name,
+        }
+    }
+
+    pub fn common(&self) -> &CommandOptions {
+        match self {
+            DownlinkConfig::Amqp(a) => &a.command,
+        }
+    }
+}
+
+/// How upstream messages become MQTT commands: the same keys for every downlink type.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandOptions {
+    /// The MQTT topic when the message has no `mqtt_topic` header: `{routing_key}` (AMQP, with
+    /// `.` as `/`), `{key}` (Kafka), `{routing_key[N]}` / `{key}` parts. Default `{routing_key}`.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// QoS when the message has no `mqtt_qos` header (1 or 2).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Commands expire this long after they arrive when the message sets no expiry of its own.
+    #[serde(default, deserialize_with = "de::optional_duration")]
+    pub ttl: Option<Duration>,
+    /// A command that matches no subscribed session waits this long for one, then is a dead
+    /// letter.
+    #[serde(default = "default_hold", deserialize_with = "de::duration")]
+    pub hold: Duration,
+    /// MQTT topic filters this downlink may write to.
+    #[serde(default = "default_allowed_topics")]
+    pub allowed_topics: Vec<String>,
+    /// Largest payload accepted, in bytes.
+    #[serde(
+        default = "default_max_command_bytes",
+        deserialize_with = "de::byte_size"
+    )]
+    pub max_payload: u64,
+}
+
+fn default_topic() -> String {
+    "{routing_key}".into()
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_hold() -> Duration {
+    DEFAULT_HOLD
+}
+fn default_allowed_topics() -> Vec<String> {
+    vec![DEFAULT_ALLOWED_TOPICS.into()]
+}
+fn default_max_command_bytes() -> u64 {
+    DEFAULT_MAX_COMMAND_BYTES
+}
+fn default_prefetch() -> u16 {
+    DEFAULT_PREFETCH
+}
+fn default_backoff_min() -> Duration {
+    super::DEFAULT_BACKOFF_MIN
+}
+fn default_backoff_max() -> Duration {
+    super::DEFAULT_BACKOFF_MAX
+}
+
+/// An AMQP 0-9-1 downlink: a queue consumed with manual acks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpDownlinkConfig {
+    pub name: String,
+    /// One node (`amqp://` or `amqps://`); for a cluster use `urls`.
+    #[serde(default)]
+    pub url: String,
+    /// Nodes tried in turn.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The queue consumed.
+    pub queue: String,
+    /// Declare the queue (durable) at connect, and with `exchange` the exchange (topic,
+    /// durable) and the binding.
+    #[serde(default)]
+    pub declare: bool,
+    /// Bind the queue to this exchange (with `declare`).
+    #[serde(default)]
+    pub exchange: Option<String>,
+    /// The binding key (default `#`).
+    #[serde(default = "default_binding_key")]
+    pub binding_key: String,
+    /// Unacknowledged deliveries at most.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    #[serde(default = "default_backoff_min", deserialize_with = "de::duration")]
+    pub backoff_min: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "de::duration")]
+    pub backoff_max: Duration,
+    #[serde(flatten)]
+    pub command: CommandOptions,
+}
+
+fn default_binding_key() -> String {
+    "#".into()
+}
+
+impl AmqpDownlinkConfig {
+    /// The configured nodes: `urls`, or `url` alone.
+    pub fn urls(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
+}
+
+/// Placeholders a downlink's `topic` template may use.
+pub fn check_command_template(t: &str) -> Result<(), String> {
+    let mut rest = t;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            return Err("a '{' without its '}'".into());
+        };
+        let name = &after[..close];
+        let indexed = |p: &str| {
+            name.strip_prefix(p)
+                .and_then(|n| n.strip_prefix('['))
+                .and_then(|n| n.strip_suffix(']'))
+                .is_some_and(|n| n.parse::<usize>().is_ok())
+        };
+        if !(matches!(name, "routing_key" | "key") || indexed("routing_key") || indexed("key")) {
+            return Err(format!(
+                "unknown placeholder {{{name}}}; use {{routing_key}}, {{key}}, {{routing_key[N]}} or {{key[N]}}"
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    if rest.contains('}') {
+        return Err("a '}' without its '{'".into());
+    }
+    Ok(())
+}
+
+pub(super) fn check(downlinks: &[DownlinkConfig], problems: &mut Vec<Problem>) {
+    let mut names = HashSet::new();
+    for (i, d) in downlinks.iter().enumerate() {
+        let key = |k: &str| format!("downlinks[{i}].{k}");
+        let name = d.name();
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            problems.push(Problem {
+                key: key("name"),
+                value: quoted(name),
+                reason: "use 1 to 64 of A-Z a-z 0-9 - _".into(),
+            });
+        } else if !names.insert(name) {
+            problems.push(Problem {
+                key: key("name"),
+                value: quoted(name),
+                reason: "another downlink has this name; names must be unique".into(),
+            });
+        }
+        let c = d.common();
+        if let Err(why) = check_command_template(&c.topic) {
+            problems.push(Problem {
+                key: key("topic"),
+                value: quoted(&c.topic),
+                reason: why,
+            });
+        }
+        if !(1..=2).contains(&c.qos) {
+            problems.push(Problem {
+                key: key("qos"),
+                value: c.qos.to_string(),
+                reason: "commands go at QoS 1 or 2 (acknowledged by the device)".into(),
+            });
+        }
+        if c.allowed_topics.is_empty() {
+            problems.push(Problem {
+                key: key("allowed_topics"),
+                value: "[]".into(),
+                reason: format!(
+                    "give at least one topic filter (the default is [\"{DEFAULT_ALLOWED_TOPICS}\"])"
+                ),
+            });
+        }
+        for (j, f) in c.allowed_topics.iter().enumerate() {
+            if let Err(e) = crate::topic::check_filter(f) {
+                problems.push(Problem {
+                    key: key(&format!("allowed_topics[{j}]")),
+                    value: quoted(f),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        if c.max_payload == 0 || c.max_payload > 256 << 20 {
+            problems.push(Problem {
+                key: key("max_payload"),
+                value: c.max_payload.to_string(),
+                reason: "use 1 byte to 256 MiB".into(),
+            });
+        }
+        if c.hold.is_zero() {
+            problems.push(Problem {
+                key: key("hold"),
+                value: duration_value(c.hold),
+                reason: "use at least 1s (commands that match no session wait this long)".into(),
+            });
+        }
+        if c.ttl.is_some_and(|t| t.is_zero()) {
+            problems.push(Problem {
+                key: key("ttl"),
+                value: "0s".into(),
+                reason: "leave ttl out for no expiry, or give at least 1s".into(),
+            });
+        }
+        match d {
+            DownlinkConfig::Amqp(a) => check_amqp(a, &key, problems),
+        }
+    }
+}
+
+fn check_amqp(a: &AmqpDownlinkConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    match (a.url.is_empty(), a.urls.is_empty()) {
+        (true, true) => problems.push(Problem {
+            key: key("url"),
+            value: "(missing)".into(),
+            reason: "give the broker's url (or urls = [...] for a cluster)".into(),
+        }),
+        (false, false) => problems.push(Problem {
+            key: key("urls"),
+            value: "(hidden)".into(),
+            reason: "give either url or urls, not both".into(),
+        }),
+        _ => {}
+    }
+    for (j, u) in a.urls().iter().enumerate() {
+        if u.is_empty() && a.urls.is_empty() {
+            continue;
+        }
+        if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
+            problems.push(Problem {
+                key: if a.urls.is_empty() {
+                    key("url")
+                } else {
+                    key(&format!("urls[{j}]"))
+                },
+                value: "(hidden)".into(),
+                reason: "must start with amqp:// or amqps://".into(),
+            });
+        }
+    }
+    if a.queue.is_empty() {
+        problems.push(Problem {
+            key: key("queue"),
+            value: "\"\"".into(),
+            reason: "name the queue to consume".into(),
+        });
+    }
+    if a.exchange.is_some() && !a.declare {
+        problems.push(Problem {
+            key: key("exchange"),
+            value: quoted(a.exchange.as_deref().unwrap_or("")),
+            reason: "the binding is made only with declare = true; set it, or bind the queue yourself and leave exchange out".into(),
+        });
+    }
+    if a.prefetch == 0 {
+        problems.push(Problem {
+            key: key("prefetch"),
+            value: "0".into(),
+            reason: "0 would mean no limit; use 1 to 65535".into(),
+        });
+    }
+    if a.backoff_min > a.backoff_max || a.backoff_min.is_zero() {
+        problems.push(Problem {
+            key: key("backoff_min"),
+            value: duration_value(a.backoff_min),
+            reason: "must be more than 0 and at most backoff_max".into(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates() {
+        assert!(check_command_template("{routing_key}").is_ok());
+        assert!(check_command_template("devices/{key}/commands").is_ok());
+        assert!(check_command_template("a/{routing_key[2]}").is_ok());
+        assert!(check_command_template("{topic}").is_err());
+        assert!(check_command_template("{key").is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! Downlinks: commands from upstream (RabbitMQ, Kafka) to devices, with the uplink's chain of
+//! custody mirrored.
+//!
+//! ```text
+//! AMQP queue --consume (manual ack)--> amqp.rs --map()--> command store (a queue in
+//!     data_dir/downlink: write + fdatasync) --durable--> basic.ack
+//!   command store --router.rs (its own cursor)--> Sessions::route_command --> each subscribed
+//!     session's outbox (persistent sessions: the session store) --> PUBLISH QoS 1/2 --> device
+//!     PUBACK/PUBCOMP --> done
+//! ```
+//!
+//! - **Upstream ack means durable**: a command is acked upstream only once it is in the command
+//!   store under `fsync = "always"` (the store syncs every append, whatever `[queue] fsync`
+//!   says: commands are few and each is someone's intent). A crash before that makes the broker
+//!   deliver it again.
+//! - **The router's cursor moves only past commands that are settled**: in every matching
+//!   session's outbox (durable in the session store for persistent sessions), dead-lettered, or
+//!   expired. A command that matches no session is held (for the downlink's `hold`), and the
+//!   cursor waits behind it; after a restart the router reads from the cursor again and each
+//!   session skips the commands it already has (`downlink_through`).
+//! - **Bounds**: each session's `[sessions] max_queued_*` per device, `[downlink] max_bytes`
+//!   in total. A command for a full session waits there (the router routes nothing after it
+//!   until the session has room: each device's commands stay in order), the store fills, and
+//!   the downlinks stop consuming: the broker keeps the rest. Counted, never dropped.
+//! - **Bad input** (no usable topic, a topic outside `allowed_topics`, an oversized payload, a
+//!   bad header) goes to the dead letters with the reason and is acked upstream.
+//! - **Duplicates**: a message id seen within the last [`RECENT_IDS`] commands of a downlink
+//!   (upstream redelivery after a lost ack) is acked and not stored again.
+
+pub mod amqp;
+pub mod map;
+pub mod router;
+
+use std::collections::{HashSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use crate::queue::{FsyncPolicy, FullPolicy, Queue, QueueError, QueueOptions};
+
+/// Message ids remembered per downlink to drop upstream redeliveries.
+pub const RECENT_IDS: usize = 65_536;
+
+/// The `device_id` of a command record: which downlink it came from.
+pub fn origin(downlink: &str) -> String {
+    format!("downlink:{downlink}")
+}
+
+/// The command store: a queue of its own under the main queue's data directory.
+pub fn open_store(main: &QueueOptions, max_bytes: u64) -> Result<Queue, QueueError> {
+    let mut o = QueueOptions::new(main.data_dir.join("downlink"));
+    o.segment_bytes = (1 << 20).min(max_bytes / 8).max(64 << 10);
+    o.max_bytes = max_bytes;
+    o.fsync = FsyncPolicy::Always;
+    o.full_policy = FullPolicy::Backpressure;
+    o.preallocate = false;
+    Queue::open(o).map(|(q, _)| q)
+}
+
+/// Whether the command store exists under `data_dir` (for the tools).
+pub fn store_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("downlink")
+}
+
+/// A downlink's connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownlinkState {
+    Connecting = 0,
+    Consuming = 1,
+    Down = 2,
+    /// Not consuming because the command store is full.
+    Paused = 3,
+}
+
+impl DownlinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DownlinkState::Connecting => "connecting",
+            DownlinkState::Consuming => "consuming",
+            DownlinkState::Down => "down",
+            DownlinkState::Paused => "paused",
+        }
+    }
+}
+
+/// Counters of one downlink (exact; exported as metrics).
+#[derive(Debug, Default)]
+pub struct DownlinkStats {
+    /// Messages received from upstream.
+    pub consumed: AtomicU64,
+    /// Commands stored durably (and then acked upstream).
+    pub stored: AtomicU64,
+    /// Messages acked upstream (stored, dead-lettered or duplicates).
+    pub acked: AtomicU64,
+    /// Redeliveries of a message id already stored, acked and not stored again.
+    pub duplicates: AtomicU64,
+    /// Bad messages moved to the dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Times consuming paused because the command store was full.
+    pub backpressure: AtomicU64,
+    /// Connections made.
+    pub connects: AtomicU64,
+    state: AtomicU8,
+    node: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl DownlinkStats {
+    pub fn state(&self) -> DownlinkState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => DownlinkState::Consuming,
+            2 => DownlinkState::Down,
+            3 => DownlinkState::Paused,
+            _ => DownlinkState::Connecting,
+        }
+    }
+
+    pub fn set_state(&self, s: DownlinkState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// Which of the configured nodes is in use (index into `urls`).
+    pub fn node(&self) -> usize {
+        self.node.load(Ordering::Relaxed) as usize
+    }
+
+    pub fn set_node(&self, n: usize) {
+        self.node.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+}
+
+/// The newest message ids of one downlink (bounded), to recognise a redelivery.
+#[derive(Debug, Default)]
+pub struct RecentIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl RecentIds {
+    /// Whether `id` was seen; remembers it (forgetting the oldest beyond [`RECENT_IDS`]).
+    pub fn seen(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return true;
+        }
+        if self.order.len() == RECENT_IDS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.set.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        false
+    }
+
+    /// Forgets `id` (its command could not be stored: a redelivery must be taken).
+    pub fn forget(&mut self, id: &str) {
+        if self.set.remove(id) {
+            self.order.retain(|x| x != id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_ids_are_bounded_and_recognised() {
+        let mut r = RecentIds::default();
+        assert!(!r.seen("a"));
+        assert!(r.seen("a"));
+        r.forget("a");
+        assert!(!r.seen("a"));
+        for i in 0..RECENT_IDS {
+            r.seen(&i.to_string());
+        }
+        assert_eq!(r.order.len(), RECENT_IDS);
+        assert!(!r.seen("a"), "the oldest id is forgotten first");
+    }
+}

@@ -1,0 +1,384 @@
+//! The downlink router: follows the command store and hands each command to
+//! [`Sessions::route_command`], in store order.
+//!
+//! Each command read is an entry until it is settled: routed (durable in the persistent
+//! sessions' store), dead-lettered, or expired. The router's cursor moves over the settled
+//! prefix only, so a restart reads the unsettled ones again (and each session skips what it has
+//! by its `downlink_through`). A command that matches no session is *held*: routed again when a
+//! subscription is made, dead-lettered after its downlink's `hold`. A command that meets a full
+//! session *blocks*: nothing after it is routed until that session has room (retried every
+//! [`BLOCKED_RETRY`]), so a device's commands keep their order and none is dropped; the store
+//! then fills and the downlinks stop consuming.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::forwarder::DeadLetters;
+use crate::queue::{Queue, QueueError, Reader, Record};
+use crate::sessions::outbox::Message;
+use crate::sessions::registry::{CommandOutcome, Routed};
+use crate::sessions::Sessions;
+
+/// The router's cursor on the command store.
+pub const CURSOR: &str = "router";
+/// How often a command blocked by a full session is tried again.
+pub const BLOCKED_RETRY: Duration = Duration::from_millis(50);
+/// Commands per read.
+const BATCH_RECORDS: usize = 256;
+const BATCH_BYTES: usize = 1 << 20;
+/// How often the cursor is written while commands flow.
+const PERSIST_EVERY: Duration = Duration::from_millis(200);
+
+/// Counters of the router (all downlinks together; exact, exported as metrics).
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    /// Commands put into the matching sessions.
+    pub routed: AtomicU64,
+    /// Commands held now for a session that has not subscribed (gauge).
+    pub held: AtomicU64,
+    /// Commands read and not yet settled, held ones included (gauge).
+    pub pending: AtomicU64,
+    /// Times routing stopped at a full session (backpressure).
+    pub blocked: AtomicU64,
+    /// Dead letters: held past `hold`, expired (before routing or in a session), too large for
+    /// a session's bound.
+    pub dead_unmatched: AtomicU64,
+    pub dead_expired: AtomicU64,
+    pub dead_too_large: AtomicU64,
+}
+
+/// Each downlink's `hold`, by origin ([`super::origin`]); changed by a reload.
+pub type Holds = Arc<RwLock<HashMap<String, Duration>>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    New,
+    Held,
+    Done,
+}
+
+struct Entry {
+    rec: Record,
+    stage: Stage,
+}
+
+pub struct Router {
+    sessions: Arc<Sessions>,
+    dead: DeadLetters,
+    holds: Holds,
+    stats: Arc<RouterStats>,
+    entries: VecDeque<Entry>,
+    blocked: bool,
+}
+
+pub async fn run(
+    store: Queue,
+    sessions: Arc<Sessions>,
+    dead: DeadLetters,
+    holds: Holds,
+    stats: Arc<RouterStats>,
+    shutdown: CancellationToken,
+) {
+    let q = store.clone();
+    let mut reader = match tokio::task::spawn_blocking(move || q.reader(CURSOR)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "downlink router: cannot open its cursor on the command store; commands are not delivered until a restart");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut router = Router {
+        sessions,
+        dead,
+        holds,
+        stats,
+        entries: VecDeque::new(),
+        blocked: false,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut persisted = Instant::now();
+    let mut settled_through = reader.acked();
+    loop {
+        let retry = tokio::time::sleep(BLOCKED_RETRY);
+        let mut retry_held = false;
+        tokio::select! {
+            r = reader.wait_readable() => match r {
+                Ok(_) => match read(&mut reader).await {
+                    Ok(batch) => router.entries.extend(batch.into_iter().map(|rec| Entry { rec, stage: Stage::New })),
+                    Err(QueueError::Closed) => break,
+                    Err(error) => {
+                        // A command that cannot be read is lost to the devices: say so loudly
+                        // and go on with the next (the quarantine keeps the bytes).
+                        if let Ok(last) = reader.wait_readable().await {
+                            tracing::error!(%error, through = last, "downlink router could not read the command store; skipping to its end");
+                            reader.skip_through(last);
+                        }
+                    }
+                },
+                Err(_) => break,
+            },
+            _ = router.sessions.subscribed.notified() => retry_held = true,
+            _ = tick.tick() => router.sweep().await,
+            _ = retry, if router.blocked => {}
+            _ = shutdown.cancelled() => break,
+        }
+        if retry_held {
+            router.retry_held().await;
+        }
+        router.route_new().await;
+        if let Some(seq) = router.settled_prefix() {
+            settled_through = seq;
+        }
+        if settled_through > reader.acked() && persisted.elapsed() >= PERSIST_EVERY {
+            persisted = Instant::now();
+            if let Err(error) = reader.ack_through(settled_through).await {
+                tracing::warn!(%error, "downlink router could not write its cursor");
+            }
+        }
+        router.publish_gauges();
+    }
+    if settled_through > reader.acked() {
+        let _ = reader.ack_through(settled_through).await;
+    }
+}
+
+async fn read(reader: &mut Reader) -> Result<Vec<Record>, QueueError> {
+    reader.next_batch(BATCH_RECORDS, BATCH_BYTES).await
+}
+
+impl Router {
+    fn hold_of(&self, rec: &Record) -> Duration {
+        self.holds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&rec.device_id)
+            .copied()
+            .unwrap_or(crate::config::DEFAULT_HOLD)
+    }
+
+    /// Routes the new entries in order, stopping at one that blocks; marks them settled once
+    /// what went to persistent sessions is durable.
+    async fn route_new(&mut self) {
+        let mut acc = Routed {
+            last_append: None,
+            wake: Vec::new(),
+            held: Vec::new(),
+        };
+        let mut routed = Vec::new();
+        let was_blocked = self.blocked;
+        self.blocked = false;
+        let now = SystemTime::now();
+        for i in 0..self.entries.len() {
+            if self.entries[i].stage != Stage::New {
+                continue;
+            }
+            let rec = &self.entries[i].rec;
+            if rec.expires_at().is_some_and(|t| t <= now) {
+                if self
+                    .dead_letter(i, "expired before any session took it")
+                    .await
+                {
+                    self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let (r, outcome) = self.sessions.route_command(rec.clone(), false);
+            acc.merge(r);
+            match outcome {
+                CommandOutcome::Routed => routed.push(i),
+                CommandOutcome::Unmatched => self.entries[i].stage = Stage::Held,
+                CommandOutcome::Blocked => {
+                    if !was_blocked {
+                        self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.blocked = true;
+                    break;
+                }
+                CommandOutcome::Expired => {
+                    if self
+                        .dead_letter(i, "expired before any session took it")
+                        .await
+                    {
+                        self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                CommandOutcome::TooLarge => {
+                    let why =
+                        "larger than a subscribed session's bound ([sessions] max_queued_bytes)";
+                    if self.dead_letter(i, why).await {
+                        self.stats.dead_too_large.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if self.settle(acc).await {
+            self.stats
+                .routed
+                .fetch_add(routed.len() as u64, Ordering::Relaxed);
+            for i in routed {
+                self.entries[i].stage = Stage::Done;
+            }
+        }
+    }
+
+    /// Waits until what went to persistent sessions is durable, then lets those sessions send
+    /// and wakes them. False when storing failed (the entries are routed again: the sessions
+    /// that have them skip them).
+    async fn settle(&self, acc: Routed) -> bool {
+        let mut ok = true;
+        if let Some(p) = acc.last_append {
+            let seq = p.seq();
+            let durable = p.durable().await;
+            for s in &acc.held {
+                s.stored_through(seq);
+            }
+            if let Err(error) = durable {
+                tracing::warn!(%error, "downlink router: commands for persistent sessions could not be stored");
+                ok = false;
+            }
+        }
+        for s in acc.wake {
+            s.wake.notify_one();
+        }
+        ok
+    }
+
+    /// A subscription was made: held commands that match a session now go there.
+    async fn retry_held(&mut self) {
+        let mut acc = Routed {
+            last_append: None,
+            wake: Vec::new(),
+            held: Vec::new(),
+        };
+        let mut routed = Vec::new();
+        for i in 0..self.entries.len() {
+            if self.entries[i].stage != Stage::Held {
+                continue;
+            }
+            let (r, outcome) = self
+                .sessions
+                .route_command(self.entries[i].rec.clone(), true);
+            acc.merge(r);
+            if matches!(outcome, CommandOutcome::Routed) {
+                routed.push(i);
+            }
+        }
+        if self.settle(acc).await {
+            self.stats
+                .routed
+                .fetch_add(routed.len() as u64, Ordering::Relaxed);
+            for i in routed {
+                self.entries[i].stage = Stage::Done;
+            }
+        }
+    }
+
+    /// Once a second: held commands past their hold or expiry, and commands that expired in
+    /// sessions, go to the dead letters.
+    async fn sweep(&mut self) {
+        let now = SystemTime::now();
+        for i in 0..self.entries.len() {
+            if self.entries[i].stage != Stage::Held {
+                continue;
+            }
+            let rec = &self.entries[i].rec;
+            if rec.expires_at().is_some_and(|t| t <= now) {
+                if self
+                    .dead_letter(i, "expired while no session subscribed to its topic")
+                    .await
+                {
+                    self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let hold = self.hold_of(rec);
+            if rec.received_at() + hold <= now {
+                let why = format!(
+                    "no session subscribed to its topic within hold ({})",
+                    humantime::format_duration(hold)
+                );
+                if self.dead_letter(i, &why).await {
+                    self.stats.dead_unmatched.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        for (client, m) in self.sessions.take_expired_commands() {
+            let rec = record_of(&client, &m);
+            let why = format!("expired in the session of {client} before it was sent");
+            match self.dead.put(&rec, "downlink", &why).await {
+                Ok(()) => {
+                    self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::error!(%error, client = %client, topic = %m.topic, "an expired command could not be stored in the dead letters; it is lost");
+                }
+            }
+        }
+    }
+
+    /// Moves entry `i` to the dead letters; true when stored (else it stays, tried again).
+    async fn dead_letter(&mut self, i: usize, why: &str) -> bool {
+        let rec = &self.entries[i].rec;
+        let origin = rec.device_id.clone();
+        match self.dead.put(rec, &origin, why).await {
+            Ok(()) => {
+                self.entries[i].stage = Stage::Done;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, seq = rec.seq, "downlink router: could not store a dead letter; trying again");
+                false
+            }
+        }
+    }
+
+    /// Drops the settled entries at the front; returns the last seq dropped.
+    fn settled_prefix(&mut self) -> Option<u64> {
+        let mut last = None;
+        while self.entries.front().is_some_and(|e| e.stage == Stage::Done) {
+            last = self.entries.pop_front().map(|e| e.rec.seq);
+        }
+        last
+    }
+
+    fn publish_gauges(&self) {
+        let held = self
+            .entries
+            .iter()
+            .filter(|e| e.stage == Stage::Held)
+            .count();
+        let pending = self
+            .entries
+            .iter()
+            .filter(|e| e.stage != Stage::Done)
+            .count();
+        self.stats.held.store(held as u64, Ordering::Relaxed);
+        self.stats.pending.store(pending as u64, Ordering::Relaxed);
+    }
+}
+
+/// A command that expired in `client`'s session, as a record for the dead letters.
+fn record_of(client: &str, m: &Message) -> Record {
+    Record {
+        seq: 0,
+        received_at_us: crate::queue::micros_since_epoch(SystemTime::now()),
+        device_id: client.to_string(),
+        username: None,
+        topic: m.topic.to_string(),
+        qos: 1,
+        retain: false,
+        user_properties: m.user_properties.clone(),
+        content_type: m.content_type.clone(),
+        payload_format: m.payload_format,
+        message_expiry: None,
+        response_topic: m.response_topic.clone(),
+        correlation_data: m.correlation_data.as_ref().map(|b| b.to_vec()),
+        payload: m.payload.to_vec(),
+    }
+}

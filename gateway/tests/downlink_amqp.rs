@@ -1,0 +1,450 @@
+//! The AMQP downlink against the real RabbitMQ (127.0.0.1:5672): commands published to an
+//! exchange reach subscribed devices over TLS, in order, with their MQTT 5 request/response
+//! properties; offline persistent sessions get theirs when they come back (also after a gateway
+//! restart); commands for nobody are held, then dead-lettered; bad messages are dead letters,
+//! acked, and do not stop the consumer; a redelivered message id is delivered once.
+
+#![allow(clippy::unwrap_used)]
+
+mod ingest_support;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::config::Config;
+use gateway::service::Service;
+use gateway::status::Status;
+use ingest_support::raw::{self, property_values, Connect, Received};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+const RESPONSE_TOPIC: u8 = 0x08;
+const CORRELATION_DATA: u8 = 0x09;
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn unique(prefix: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    certs: PathBuf,
+    path: PathBuf,
+    exchange: String,
+    queue: String,
+    amqp: Connection,
+}
+
+impl Rig {
+    async fn new(extra: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        gateway::certs::generate(&certs, 6).unwrap();
+        let (exchange, queue) = (unique("cmd-x"), unique("cmd-q"));
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+[queue]
+data_dir = "{data}"
+segment_bytes = "1 MiB"
+max_bytes = "64 MiB"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pem", require_client_cert = true }}
+
+[admin]
+enabled = false
+
+[[downlinks]]
+name = "cmds"
+type = "amqp"
+url = "{URL}"
+queue = "{queue}"
+declare = true
+exchange = "{exchange}"
+backoff_max = "1s"
+{extra}
+"#,
+                data = dir.path().join("data").display(),
+                c = certs.display(),
+            ),
+        )
+        .unwrap();
+        let amqp = Connection::connect(URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        Rig {
+            dir,
+            certs,
+            path,
+            exchange,
+            queue,
+            amqp,
+        }
+    }
+
+    async fn start(&self) -> Service {
+        Service::start(Config::load(&self.path).unwrap(), self.path.clone())
+            .await
+            .unwrap()
+    }
+
+    /// Publishes with confirms; `props` on top of the defaults (persistent).
+    async fn publish(&self, routing_key: &str, payload: &[u8], props: BasicProperties) {
+        let ch = self.amqp.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        ch.basic_publish(
+            self.exchange.as_str().into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            payload,
+            props.with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let _ = ch.close(200, "bye".into()).await;
+    }
+
+    async fn device(&self, status: &Status, id: &str, connect: &Connect) -> raw::TlsRaw {
+        let addr = status.listeners[0].0;
+        let tls = ingest_support::client_tls(&self.certs, Some(id));
+        let mut c = raw::tls_connect(addr, tls).await.unwrap();
+        let ack = c.connect(connect).await;
+        assert_eq!(ack.connack_code(), 0, "CONNACK for {id}: {ack:?}");
+        c
+    }
+
+    async fn cleanup(self) {
+        let ch = self.amqp.create_channel().await.unwrap();
+        let _ = ch
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        drop(self.dir);
+    }
+}
+
+fn dev(n: u32) -> String {
+    format!("dev-{n:05}")
+}
+
+async fn subscribe(c: &mut raw::TlsRaw, v5: bool, device: &str) {
+    let filter = format!("devices/{device}/commands/#");
+    c.send(&raw::subscribe_with(v5, 1, &[(filter.as_str(), 1)]))
+        .await
+        .unwrap();
+    let ack = c.recv().await;
+    assert_eq!(ack.suback_codes(v5), vec![1], "SUBACK for {device}");
+}
+
+/// Receives `n` PUBLISHes, acking each.
+async fn receive(c: &mut raw::TlsRaw, v5: bool, n: usize) -> Vec<Received> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let p = c.recv_within(Duration::from_secs(15)).await.unwrap();
+        let r = p.publish(v5);
+        if r.qos == 1 {
+            c.send(&raw::puback(r.pkid)).await.unwrap();
+        }
+        got.push(r);
+    }
+    got
+}
+
+async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn downlink(status: &Status) -> Arc<gateway::downlink::DownlinkStats> {
+    status.downlinks()[0].stats.clone()
+}
+
+fn payloads(got: &[Received]) -> Vec<String> {
+    got.iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .collect()
+}
+
+fn text(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+#[tokio::test]
+async fn commands_reach_online_and_offline_devices_in_order_with_request_response_properties() {
+    let rig = Rig::new("").await;
+    let service = rig.start().await;
+    let status = service.status();
+    let (online, offline) = (dev(1), dev(2));
+    let mut a = rig
+        .device(&status, &online, &Connect::v5(&online).persistent(600))
+        .await;
+    subscribe(&mut a, true, &online).await;
+    // The second device subscribes with a persistent session, then goes away.
+    let mut b = rig
+        .device(&status, &offline, &Connect::v4(&offline).persistent(0))
+        .await;
+    subscribe(&mut b, false, &offline).await;
+    drop(b);
+    wait_for("the offline session", || status.sessions.counts().1 == 1).await;
+    wait_for("the downlink to consume", || {
+        downlink(&status).state() == gateway::downlink::DownlinkState::Consuming
+    })
+    .await;
+
+    for i in 0..5 {
+        for d in [&online, &offline] {
+            rig.publish(
+                &format!("devices.{d}.commands.ping"),
+                format!("{d}:{i}").as_bytes(),
+                BasicProperties::default()
+                    .with_message_id(format!("{d}-{i}").as_str().into())
+                    .with_correlation_id(format!("corr-{i}").as_str().into())
+                    .with_reply_to(format!("devices/{d}/replies").as_str().into()),
+            )
+            .await;
+        }
+    }
+    let got = receive(&mut a, true, 5).await;
+    assert_eq!(
+        payloads(&got),
+        (0..5).map(|i| format!("{online}:{i}")).collect::<Vec<_>>()
+    );
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.topic, format!("devices/{online}/commands/ping"));
+        assert_eq!(r.qos, 1);
+        assert_eq!(
+            property_values(&r.properties, CORRELATION_DATA),
+            vec![text(&format!("corr-{i}"))]
+        );
+        assert_eq!(
+            property_values(&r.properties, RESPONSE_TOPIC),
+            vec![text(&format!("devices/{online}/replies"))]
+        );
+    }
+    // Every message was acked upstream once it was stored.
+    let s = downlink(&status);
+    wait_for("10 upstream acks", || s.acked.load(Ordering::Relaxed) == 10).await;
+    assert_eq!(s.stored.load(Ordering::Relaxed), 10);
+
+    // The offline device comes back and gets its five, in order.
+    let mut b = rig
+        .device(&status, &offline, &Connect::v4(&offline).persistent(0))
+        .await;
+    let got = receive(&mut b, false, 5).await;
+    assert_eq!(
+        payloads(&got),
+        (0..5).map(|i| format!("{offline}:{i}")).collect::<Vec<_>>()
+    );
+    wait_for("10 device acks", || {
+        status.sessions.stats.commands_done.load(Ordering::Relaxed) == 10
+    })
+    .await;
+    assert!(
+        a.recv_within(Duration::from_millis(300)).await.is_err(),
+        "nothing more for the online device"
+    );
+    service.shutdown().await.unwrap();
+    rig.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_messages_are_dead_letters_acked_upstream_and_the_consumer_goes_on() {
+    let rig = Rig::new("max_payload = \"1 KiB\"").await;
+    let service = rig.start().await;
+    let status = service.status();
+    let d = dev(1);
+    let mut a = rig.device(&status, &d, &Connect::v4(&d)).await;
+    subscribe(&mut a, false, &d).await;
+    wait_for("the downlink to consume", || {
+        downlink(&status).state() == gateway::downlink::DownlinkState::Consuming
+    })
+    .await;
+    // Outside allowed_topics; too large; a bad QoS header; a bad expiry header (RabbitMQ
+    // itself refuses a bad AMQP expiration).
+    rig.publish("telemetry.dev-00001", b"x", BasicProperties::default())
+        .await;
+    rig.publish(
+        &format!("devices.{d}.commands.big"),
+        &vec![b'x'; 2048],
+        BasicProperties::default(),
+    )
+    .await;
+    let mut h = FieldTable::default();
+    h.insert("mqtt_qos".into(), AMQPValue::LongString("7".into()));
+    rig.publish(
+        &format!("devices.{d}.commands.q"),
+        b"x",
+        BasicProperties::default().with_headers(h),
+    )
+    .await;
+    let mut h = FieldTable::default();
+    h.insert(
+        "mqtt_message_expiry".into(),
+        AMQPValue::LongString("soon".into()),
+    );
+    rig.publish(
+        &format!("devices.{d}.commands.e"),
+        b"x",
+        BasicProperties::default().with_headers(h),
+    )
+    .await;
+    // A good one after them still arrives.
+    rig.publish(
+        &format!("devices.{d}.commands.ok"),
+        b"fine",
+        BasicProperties::default(),
+    )
+    .await;
+    let got = receive(&mut a, false, 1).await;
+    assert_eq!(payloads(&got), ["fine"]);
+    let s = downlink(&status);
+    wait_for("5 upstream acks", || s.acked.load(Ordering::Relaxed) == 5).await;
+    assert_eq!(s.dead_lettered.load(Ordering::Relaxed), 4);
+    let reasons: Vec<String> = status.dead.recent().into_iter().map(|d| d.reason).collect();
+    for want in [
+        "outside allowed_topics",
+        "max_payload",
+        "mqtt_qos",
+        "mqtt_message_expiry",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "a dead letter mentions {want:?}: {reasons:?}"
+        );
+    }
+    service.shutdown().await.unwrap();
+    rig.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_command_for_nobody_waits_for_a_subscriber_then_goes_to_the_dead_letters() {
+    let rig = Rig::new("hold = \"2s\"").await;
+    let service = rig.start().await;
+    let status = service.status();
+    wait_for("the downlink to consume", || {
+        downlink(&status).state() == gateway::downlink::DownlinkState::Consuming
+    })
+    .await;
+    let (late, never) = (dev(3), dev(4));
+    rig.publish(
+        &format!("devices.{late}.commands.x"),
+        b"for-late",
+        BasicProperties::default(),
+    )
+    .await;
+    rig.publish(
+        &format!("devices.{never}.commands.x"),
+        b"for-never",
+        BasicProperties::default(),
+    )
+    .await;
+    let commands = status.commands().unwrap();
+    wait_for("two held commands", || {
+        commands.router.held.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    let mut c = rig.device(&status, &late, &Connect::v4(&late)).await;
+    subscribe(&mut c, false, &late).await;
+    let got = receive(&mut c, false, 1).await;
+    assert_eq!(payloads(&got), ["for-late"]);
+    wait_for("the unclaimed command to be dead-lettered", || {
+        commands.router.dead_unmatched.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let dl = status.dead.recent();
+    assert!(
+        dl.iter()
+            .any(|d| d.topic == format!("devices/{never}/commands/x") && d.reason.contains("hold")),
+        "{dl:?}"
+    );
+    wait_for("no held command", || commands.router.held.load(Ordering::Relaxed) == 0).await;
+    service.shutdown().await.unwrap();
+    rig.cleanup().await;
+}
+
+#[tokio::test]
+async fn commands_for_an_offline_device_survive_a_gateway_restart_and_a_redelivery_is_not_sent_twice(
+) {
+    let rig = Rig::new("").await;
+    let service = rig.start().await;
+    let status = service.status();
+    let d = dev(5);
+    let mut c = rig
+        .device(&status, &d, &Connect::v4(&d).persistent(0))
+        .await;
+    subscribe(&mut c, false, &d).await;
+    drop(c);
+    wait_for("the offline session", || status.sessions.counts().1 == 1).await;
+    wait_for("the downlink to consume", || {
+        downlink(&status).state() == gateway::downlink::DownlinkState::Consuming
+    })
+    .await;
+    for i in 0..3 {
+        rig.publish(
+            &format!("devices.{d}.commands.set"),
+            format!("c{i}").as_bytes(),
+            BasicProperties::default().with_message_id(format!("id-{i}").as_str().into()),
+        )
+        .await;
+    }
+    // The same message id again (as the broker sends after a lost ack): not stored twice.
+    rig.publish(
+        &format!("devices.{d}.commands.set"),
+        b"c1-again",
+        BasicProperties::default().with_message_id("id-1".into()),
+    )
+    .await;
+    let s = downlink(&status);
+    wait_for("4 upstream acks", || s.acked.load(Ordering::Relaxed) == 4).await;
+    assert_eq!(s.duplicates.load(Ordering::Relaxed), 1);
+    let commands = status.commands().unwrap();
+    wait_for("3 routed", || {
+        commands.router.routed.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    service.shutdown().await.unwrap();
+
+    let service = rig.start().await;
+    let status = service.status();
+    let mut c = rig
+        .device(&status, &d, &Connect::v4(&d).persistent(0))
+        .await;
+    let got = receive(&mut c, false, 3).await;
+    assert_eq!(payloads(&got), ["c0", "c1", "c2"]);
+    assert!(
+        c.recv_within(Duration::from_millis(500)).await.is_err(),
+        "each command once: the restarted router skips what the session already has"
+    );
+    service.shutdown().await.unwrap();
+    rig.cleanup().await;
+}
