@@ -476,8 +476,11 @@ fn dead_letters(data_dir: &Path, limit: usize, replay: bool) -> Result<ExitCode>
         o.segment_bytes = 1 << 20;
         o.max_bytes = 64 << 20;
         let dl = Queue::open(o)?.0;
+        // Commands go back to the command store (delivered to devices again, with their time
+        // and expiry counted from now), records to the main queue (for the uplinks).
+        let mut commands: Option<Queue> = None;
         let mut reader = dl.reader(REPLAY_CURSOR)?;
-        let mut n = 0u64;
+        let (mut n, mut n_commands) = (0u64, 0u64);
         loop {
             let batch = reader.read_now(1000, 8 << 20)?;
             let Some(last) = batch.last().map(|r| r.seq) else {
@@ -490,19 +493,48 @@ fn dead_letters(data_dir: &Path, limit: usize, replay: bool) -> Result<ExitCode>
                     .filter(|(k, _)| !k.starts_with("x-dead-letter-") && k != "x-original-seq")
                     .cloned()
                     .collect();
-                main.append(&r.to_new(&props)).await?;
-                n += 1;
+                let from_downlink = r
+                    .user_properties
+                    .iter()
+                    .any(|(k, v)| k == "x-dead-letter-uplink" && v.starts_with("downlink"));
+                if from_downlink {
+                    if commands.is_none() {
+                        // Its bound as configured does not matter here: replay waits for none.
+                        let store = gateway::downlink::open_store(
+                            &gateway::queue::QueueOptions::new(data_dir),
+                            gateway::config::DEFAULT_DOWNLINK_MAX_BYTES,
+                        )?;
+                        commands = Some(store);
+                    }
+                    let mut rec = r.to_new(&props);
+                    rec.received_at = std::time::SystemTime::now();
+                    if let Some(c) = &commands {
+                        c.append(&rec).await?;
+                    }
+                    n_commands += 1;
+                } else {
+                    main.append(&r.to_new(&props)).await?;
+                    n += 1;
+                }
             }
             reader.ack_through(last).await?;
         }
         tokio::task::spawn_blocking(move || {
             dl.close();
             main.close();
+            if let Some(c) = commands {
+                c.close();
+            }
         })
         .await?;
         println!(
             "replayed {n} dead letter(s) into the queue; the uplinks send them on the next start"
         );
+        if n_commands > 0 {
+            println!(
+                "replayed {n_commands} command(s) into the command store; they go to their devices on the next start"
+            );
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -387,7 +387,10 @@ async fn a_command_for_nobody_waits_for_a_subscriber_then_goes_to_the_dead_lette
             .any(|d| d.topic == format!("devices/{never}/commands/x") && d.reason.contains("hold")),
         "{dl:?}"
     );
-    wait_for("no held command", || commands.router.held.load(Ordering::Relaxed) == 0).await;
+    wait_for("no held command", || {
+        commands.router.held.load(Ordering::Relaxed) == 0
+    })
+    .await;
     service.shutdown().await.unwrap();
     rig.cleanup().await;
 }
