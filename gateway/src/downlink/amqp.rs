@@ -38,7 +38,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let origin = super::origin(&cfg.name);
-    let mut recent = RecentIds::default();
+    let mut recent = {
+        let (store, origin) = (store.clone(), origin.clone());
+        tokio::task::spawn_blocking(move || RecentIds::from_store(&store, &origin))
+            .await
+            .unwrap_or_default()
+    };
     let urls: Vec<String> = cfg.urls().into_iter().map(String::from).collect();
     let mut node = 0usize;
     let mut failures = 0u32;

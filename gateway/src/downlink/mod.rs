@@ -163,6 +163,29 @@ impl RecentIds {
         false
     }
 
+    /// The message ids of downlink `origin`'s commands still in the command store (read-only,
+    /// while the store is open): after a crash between storing a command and acking it, the
+    /// broker's redelivery is then recognised too. Blocking.
+    pub fn from_store(store: &Queue, origin: &str) -> RecentIds {
+        let mut r = RecentIds::default();
+        let Ok(insp) = crate::queue::inspect::Inspector::open(store.data_dir()) else {
+            return r;
+        };
+        let mut from = 0;
+        while let Ok(batch) = insp.records(from, 1024) {
+            let Some(last) = batch.last().map(|x| x.seq) else {
+                break;
+            };
+            for rec in batch.iter().filter(|x| x.device_id == origin) {
+                if let Some((_, id)) = rec.user_properties.iter().find(|(k, _)| k == "message_id") {
+                    r.seen(id);
+                }
+            }
+            from = last + 1;
+        }
+        r
+    }
+
     /// Forgets `id` (its command could not be stored: a redelivery must be taken).
     pub fn forget(&mut self, id: &str) {
         if self.set.remove(id) {
