@@ -103,7 +103,7 @@ async fn every_confirmed_command_reaches_its_device_in_order_across_kill_9() {
         .or_else(|_| std::env::var("FAULT_SEED"))
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| gateway_tests::faults::now_ms());
+        .unwrap_or_else(gateway_tests::faults::now_ms);
     let mut rng = Rng::new(seed);
     let (exchange, queue) = (unique("dl-kill-x"), unique("dl-kill-q"));
     // The exchange exists before the first publish (the gateway's downlink binds its queue to it).

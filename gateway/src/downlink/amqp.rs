@@ -167,6 +167,37 @@ type Storing = std::pin::Pin<
     >,
 >;
 
+type Acking = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// How long an ack may take before the connection counts as broken.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a pending ack is polled again. lapin's ack future was seen (one run in five of the
+/// outage test) to stay pending after its frame went out, on a healthy connection: polled again,
+/// it completes. So each ack is polled on this period as well as when woken.
+const ACK_REPOLL: Duration = Duration::from_millis(100);
+
+/// Acks `delivery`, within [`ACK_TIMEOUT`].
+fn ack(delivery: Delivery) -> Acking {
+    Box::pin(async move {
+        let fut = delivery.acker.ack(BasicAckOptions::default());
+        tokio::pin!(fut);
+        let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+        loop {
+            match tokio::time::timeout(ACK_REPOLL, &mut fut).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => return Err(format!("basic.ack: {e}")),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!(
+                        "basic.ack not done within {} s",
+                        ACK_TIMEOUT.as_secs()
+                    ))
+                }
+                Err(_) => {}
+            }
+        }
+    })
+}
+
 /// Consumes on `channel` until it fails (the reason) or `shutdown` (None).
 #[allow(clippy::too_many_arguments)]
 async fn consume(
@@ -192,16 +223,22 @@ async fn consume(
         Err(e) => return Some(format!("basic.consume {}: {e}", cfg.queue)),
     };
     let mut storing: FuturesUnordered<Storing> = FuturesUnordered::new();
+    let mut acking: FuturesUnordered<Acking> = FuturesUnordered::new();
     loop {
         tokio::select! {
+            Some(done) = acking.next(), if !acking.is_empty() => match done {
+                Ok(()) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                // The broker delivers it again on the next connection (and the message id,
+                // if any, keeps it from being stored twice).
+                Err(why) => return Some(why),
+            },
             Some((delivery, id, durable)) = storing.next(), if !storing.is_empty() => {
                 match durable {
                     Ok(_) => {
                         stats.stored.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                            return Some(format!("basic.ack: {e}"));
-                        }
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                        acking.push(ack(delivery));
                     }
                     Err(error) => {
                         // Not stored: the broker keeps it (requeued) and delivers it again.
@@ -231,10 +268,7 @@ async fn consume(
                             continue;
                         }
                         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                            return Some(format!("basic.ack: {e}"));
-                        }
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                        acking.push(ack(delivery));
                         continue;
                     }
                 };
@@ -242,10 +276,7 @@ async fn consume(
                     if recent.seen(id) {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(downlink = %cfg.name, message_id = %id, "redelivered command already stored; acked");
-                        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                            return Some(format!("basic.ack: {e}"));
-                        }
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                        acking.push(ack(delivery));
                         continue;
                     }
                 }
@@ -288,9 +319,12 @@ async fn consume(
                 while let Some((delivery, _, durable)) = storing.next().await {
                     if durable.is_ok() {
                         stats.stored.fetch_add(1, Ordering::Relaxed);
-                        if delivery.ack(BasicAckOptions::default()).await.is_ok() {
-                            stats.acked.fetch_add(1, Ordering::Relaxed);
-                        }
+                        acking.push(ack(delivery));
+                    }
+                }
+                while let Some(done) = acking.next().await {
+                    if done.is_ok() {
+                        stats.acked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 return None;
