@@ -15,6 +15,7 @@
 //! ```
 //!
 //! - [`device`]: the device state machine (fixed-size `heapless` buffers, as on firmware).
+//! - [`command`]: downlink commands and replies (JSON): ids, parsing, encoding, the send plan.
 //! - [`payload`]: the CBOR payload; the only module that uses `serde_cbor` (unmaintained,
 //!   RUSTSEC-2021-0127). Also decodes the same fields as JSON.
 //! - [`fleet`]: the runner (`run`, `bench`): connections, reconnects, progress, summary.
@@ -24,6 +25,7 @@
 //! - [`cli`]: the command line (flags over `fleet.toml` over defaults).
 
 pub mod cli;
+pub mod command;
 pub mod device;
 pub mod fleet;
 pub mod manifest;
