@@ -137,6 +137,22 @@ pub struct RunArgs {
     /// Progress on stderr [default: auto: a bar on a terminal, plain lines otherwise]
     #[arg(long, value_enum)]
     pub progress: Option<ProgressMode>,
+    /// Take commands: subscribe to COMMAND_TOPIC/# (persistent session, QoS 1) and answer
+    /// ping / set_rate / reboot; devices stay online until the run ends.
+    #[arg(long)]
+    pub commands: bool,
+    /// Command topic; {id} is the device id [default: devices/{id}/commands]
+    #[arg(long, value_name = "T")]
+    pub command_topic: Option<String>,
+    /// Reply topic for commands without an MQTT 5 response topic [default: devices/{id}/replies]
+    #[arg(long, value_name = "T")]
+    pub reply_topic: Option<String>,
+    /// MQTT 5 session expiry of devices taking commands [default: 1h]
+    #[arg(long, value_name = "S")]
+    pub session_expiry: Option<String>,
+    /// With --commands: a device finishes after taking N distinct commands (and its readings).
+    #[arg(long, value_name = "N")]
+    pub expect_commands: Option<u64>,
 }
 
 /// `fleet.toml`: the same settings as the flags, snake_case.
@@ -169,6 +185,11 @@ pub struct FleetFile {
     pub reconnect_max: Option<String>,
     pub drain_timeout: Option<String>,
     pub manifest: Option<PathBuf>,
+    pub commands: Option<bool>,
+    pub command_topic: Option<String>,
+    pub reply_topic: Option<String>,
+    pub session_expiry: Option<String>,
+    pub expect_commands: Option<u64>,
 }
 
 impl FleetFile {
@@ -321,6 +342,18 @@ pub fn fleet_config(args: RunArgs, bench: bool) -> Result<(FleetConfig, bool)> {
             .unwrap_or(d.drain_timeout),
         manifest: args.manifest.or(file.manifest),
         progress: args.progress.unwrap_or(d.progress),
+        commands: args.commands || file.commands.unwrap_or(d.commands),
+        command_topic: args
+            .command_topic
+            .or(file.command_topic)
+            .unwrap_or(d.command_topic),
+        reply_topic: args
+            .reply_topic
+            .or(file.reply_topic)
+            .unwrap_or(d.reply_topic),
+        session_expiry: dur("session_expiry", args.session_expiry, file.session_expiry)?
+            .unwrap_or(d.session_expiry),
+        expect_commands: args.expect_commands.or(file.expect_commands),
     };
     Ok((cfg, args.json))
 }

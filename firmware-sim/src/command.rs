@@ -244,7 +244,7 @@ pub fn parse_reply(payload: &[u8]) -> Result<Reply, CommandError> {
 /// else a set_rate every `set_rate_every`-th, else a ping (0 = never). Deterministic, so a run
 /// can be repeated.
 pub fn planned_kind(n: u64, set_rate_every: u64, reboot_every: u64) -> CommandKind {
-    let every = |k: u64| k > 0 && (n + 1) % k == 0;
+    let every = |k: u64| k > 0 && (n + 1).is_multiple_of(k);
     if every(reboot_every) {
         CommandKind::Reboot
     } else if every(set_rate_every) {

@@ -10,6 +10,10 @@
 //!                 every device finished (count reached, all acknowledged) ends the run early
 //! ```
 //!
+//! With `commands` on, every device also subscribes (persistent session) to its command topic,
+//! answers what arrives there, and stays online until the run ends (duration, Ctrl-C) or it
+//! took `expect_commands` distinct commands.
+//!
 //! At the end the runner collects every device's record into a [`Manifest`] and a
 //! [`FleetReport`].
 
@@ -27,13 +31,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::device::{Device, DeviceConfig, DeviceError, FullPolicy, LARGE_MSG, OUTBOX, SMALL_MSG};
+use crate::device::{
+    Device, DeviceConfig, DeviceError, FullPolicy, LARGE_MSG, OUTBOX, REPLIES, SMALL_MSG,
+};
 use crate::manifest::{Manifest, ManifestError, RunInfo, VERSION};
 use crate::tls::{TlsError, TlsSettings};
 pub use device_task::BackoffConfig;
-use device_task::{DeviceCtx, DeviceOutcome};
+use device_task::{CommandCtx, DeviceCtx, DeviceOutcome};
 pub use link::MqttVersion;
-pub use report::{peak_rss_bytes, rss_bytes, FleetReport, Latency, ProgressMode};
+pub use report::{peak_rss_bytes, rss_bytes, CommandCounts, FleetReport, Latency, ProgressMode};
 
 /// Default in-flight window and outbox per device: enough to keep a LAN link busy, small enough
 /// for a microcontroller (16 x 256 B = 4 KiB).
@@ -45,6 +51,9 @@ pub const DEFAULT_CONNECT_RATE: f64 = 1000.0;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// MQTT keep-alive: long enough not to add traffic, short enough to notice a dead gateway.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// MQTT 5 session expiry of devices that take commands: an hour keeps commands for a device that
+/// is offline through a test or a restart, without leaving sessions on a broker for ever.
+pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(3600);
 
 /// A fully resolved fleet run (the CLI merges `fleet.toml` and flags into this).
 #[derive(Debug, Clone)]
@@ -83,6 +92,17 @@ pub struct FleetConfig {
     /// Write the manifest here at the end.
     pub manifest: Option<PathBuf>,
     pub progress: ProgressMode,
+    /// Take commands: subscribe to `command_topic/#` with a persistent session and answer.
+    pub commands: bool,
+    /// Command topic; `{id}` as above. A command is published on `<command_topic>/<name>`.
+    pub command_topic: String,
+    /// Where replies go when a command has no MQTT 5 response topic; `{id}` as above.
+    pub reply_topic: String,
+    /// MQTT 5 session expiry with `commands` (MQTT 3.1.1 sessions do not expire).
+    pub session_expiry: Duration,
+    /// With `commands`: a device finishes once it took this many distinct commands (and its
+    /// readings are done); otherwise it stays online until the run ends.
+    pub expect_commands: Option<u64>,
 }
 
 impl Default for FleetConfig {
@@ -113,6 +133,11 @@ impl Default for FleetConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             manifest: None,
             progress: ProgressMode::Auto,
+            commands: false,
+            command_topic: "devices/{id}/commands".into(),
+            reply_topic: "devices/{id}/replies".into(),
+            session_expiry: DEFAULT_SESSION_EXPIRY,
+            expect_commands: None,
         }
     }
 }
@@ -197,6 +222,12 @@ pub(crate) struct Counters {
     pub online: AtomicU64,
     /// Microseconds from the start of the run to the latest acknowledgement.
     pub last_ack_us: AtomicU64,
+    /// Commands received (PUBLISHes on a command topic), bad and duplicates included.
+    pub commands: AtomicU64,
+    pub commands_bad: AtomicU64,
+    pub commands_duplicate: AtomicU64,
+    pub replies_acked: AtomicU64,
+    pub reboots: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -298,6 +329,23 @@ impl FleetConfig {
         if !self.topic.contains("{id}") {
             // Allowed, but then the upstream cannot tell devices apart by topic.
             warn!(topic = %self.topic, "topic has no {{id}}: all devices publish to one topic");
+        }
+        if self.commands {
+            for (key, topic) in [
+                ("command-topic", &self.command_topic),
+                ("reply-topic", &self.reply_topic),
+            ] {
+                if topic.is_empty() || topic.contains(['#', '+']) {
+                    return Err(invalid(key, topic, "a topic name without wildcards"));
+                }
+            }
+            if self.command_topic.ends_with('/') {
+                return Err(invalid(
+                    "command-topic",
+                    &self.command_topic,
+                    "no trailing '/': commands arrive on <command-topic>/<name>",
+                ));
+            }
         }
         if self.id_prefix.len() + 5 > crate::device::MAX_ID {
             return Err(invalid(
@@ -403,12 +451,19 @@ pub async fn run(
                         .to_string()
                         .into_bytes(),
                 ),
-                inflight: cfg.outbox as u16,
+                // Replies ride beside readings, so they get their own share of the window.
+                inflight: (cfg.outbox + if cfg.commands { REPLIES } else { 0 }) as u16,
                 max_packet,
+                session_expiry: cfg.commands.then_some(cfg.session_expiry),
             },
             start_at: shared.started + connect_gap * i as u32,
             backoff: cfg.backoff,
             jitter_seed: cfg.seed ^ crate::device::fnv1a(id.as_bytes()) ^ 0x6a09_e667_f3bc_c908,
+            commands: cfg.commands.then(|| CommandCtx {
+                prefix: format!("{}/", cfg.command_topic.replace("{id}", id)),
+                reply_topic: cfg.reply_topic.replace("{id}", id),
+                expect: cfg.expect_commands,
+            }),
         };
         let device_error = |error| FleetError::Device {
             id: id.clone(),
@@ -547,6 +602,11 @@ mod tests {
         assert!(bad(|c| c.payload_bytes = 100_000).contains("payload-bytes"));
         assert!(bad(|c| c.rate = -1.0).contains("rate"));
         assert!(bad(|c| c.devices = 0).contains("devices"));
+        assert!(bad(|c| {
+            c.commands = true;
+            c.command_topic = "devices/{id}/commands/#".into()
+        })
+        .contains("command-topic"));
     }
 
     #[test]
