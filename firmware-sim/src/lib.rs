@@ -20,6 +20,7 @@
 //!   RUSTSEC-2021-0127). Also decodes the same fields as JSON.
 //! - [`fleet`]: the runner (`run`, `bench`): connections, reconnects, progress, summary.
 //! - [`manifest`]: what a run acknowledged, per device; [`ranges`] compresses it.
+//! - [`sender`]: `firmware-sim command`: commands upstream (AMQP or Kafka) and their manifest.
 //! - [`verify`]: the delivery verifier (`verify --amqp` or `verify --kafka`).
 //! - [`tls`]: rustls client configs (ring provider) from the `gateway certs generate` layout.
 //! - [`cli`]: the command line (flags over `fleet.toml` over defaults).
@@ -31,5 +32,6 @@ pub mod fleet;
 pub mod manifest;
 pub mod payload;
 pub mod ranges;
+pub mod sender;
 pub mod tls;
 pub mod verify;
