@@ -70,24 +70,6 @@ async fn client(
     Ok((client, rx))
 }
 
-/// Creates each device's persistent session with its command subscription, as if the device had
-/// been online before: Mosquitto then keeps QoS 1 commands for it.
-async fn precreate_sessions(ids: &[String]) -> anyhow::Result<()> {
-    for id in ids {
-        let (c, _rx) = client(id, false, Some(&format!("devices/{id}/commands/#"))).await?;
-        c.disconnect().await?;
-        // The DISCONNECT is written by the event loop task; wait until it has gone.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while c.try_publish("x", QoS::AtMostOnce, false, "").is_ok() {
-            if tokio::time::Instant::now() > deadline {
-                bail!("{id}: pre-created session did not disconnect");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    Ok(())
-}
-
 /// Publishes command `n` of `device` as the gateway would deliver it.
 async fn send(
     publisher: &AsyncClient,
@@ -137,6 +119,15 @@ async fn collect(
     Ok(())
 }
 
+/// The command numbers in the order of their first answer.
+fn first_answers(got: &[Seen]) -> Vec<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    got.iter()
+        .map(|r| r.1.n)
+        .filter(|n| seen.insert(*n))
+        .collect()
+}
+
 fn commands_of(report: &FleetReport) -> anyhow::Result<fleet::CommandCounts> {
     report.commands.context("report has command counts")
 }
@@ -161,7 +152,7 @@ async fn mqtt5_devices_answer_every_command_in_order_with_correlation_data_acros
         ..FleetConfig::default()
     };
     let ids = cfg.device_ids();
-    precreate_sessions(&ids).await?;
+    common::precreate_sessions(&ids, "devices/{id}/commands/#").await?;
     let (publisher, mut replies) = client(
         &format!("{run}-pub"),
         true,
@@ -179,7 +170,7 @@ async fn mqtt5_devices_answer_every_command_in_order_with_correlation_data_acros
     let fleet = tokio::spawn(fleet::run(cfg, std::future::pending()));
     let mut seen = BTreeMap::new();
     collect(&mut replies, &mut seen, |s| {
-        s.len() == ids.len() && s.values().all(|v| v.len() >= 4)
+        s.len() == ids.len() && s.values().all(|v| first_answers(v).len() >= 4)
     })
     .await?;
     // The second half reaches devices that are online (or reconnecting after the reboot).
@@ -198,21 +189,28 @@ async fn mqtt5_devices_answer_every_command_in_order_with_correlation_data_acros
 
     for id in &ids {
         let got = &seen[id];
-        let ns: Vec<u64> = got.iter().map(|r| r.1.n).collect();
-        assert_eq!(ns, (0..8).collect::<Vec<_>>(), "{id}: replies in order");
-        for (n, (topic, reply, corr)) in got.iter().enumerate() {
+        assert_eq!(
+            first_answers(got),
+            (0..8).collect::<Vec<_>>(),
+            "{id}: replies in order"
+        );
+        for (topic, reply, corr) in got {
+            let n = reply.n;
             assert_eq!(topic, &format!("{run}/replies/{id}"));
             assert_eq!(reply.id, format!("{id}:{n}"));
-            assert_eq!(reply.cmd, kind(n as u64).name());
+            assert_eq!(reply.cmd, kind(n).name());
             assert_eq!(corr.as_deref(), Some(format!("corr-{id}:{n}").as_bytes()));
         }
     }
     let k = commands_of(&report)?;
-    // Per device: n = 2 and 5 set_rate, 3 and 7 reboot, the rest ping.
-    assert_eq!((k.ping, k.set_rate, k.reboot), (12, 6, 6), "{report}");
-    assert_eq!((k.bad, k.duplicates), (0, 0), "{report}");
+    // Per device: n = 2 and 5 set_rate, 3 and 7 reboot, the rest ping. A reboot closes a
+    // socket that may hold unread commands, which the broker then sends again: duplicates
+    // (answered again, not acted on again) are allowed.
+    assert_eq!(k.taken() - k.duplicates, 24, "{report}");
+    assert_eq!(k.bad, 0, "{report}");
+    assert!(k.set_rate >= 6 && k.reboot >= 6, "{report}");
     assert_eq!(k.reboots, 6, "{report}");
-    assert_eq!(k.replies_acked, 24, "{report}");
+    assert_eq!(k.replies_acked, k.taken(), "{report}");
     assert!(report.all_delivered(), "{report}");
     assert!(report.reconnects >= 6, "a reboot is a reconnect: {report}");
     Ok(())
@@ -238,7 +236,7 @@ async fn mqtt311_devices_reply_on_their_reply_topic_count_bad_and_duplicate_comm
     };
     let ids = cfg.device_ids();
     // MQTT 3.1.1 devices get the MQTT 5 sessions pre-created; Mosquitto keeps them either way.
-    precreate_sessions(&ids).await?;
+    common::precreate_sessions(&ids, "devices/{id}/commands/#").await?;
     let (publisher, mut replies) = client(&format!("{run}-pub"), true, None).await?;
     for id in &ids {
         publisher
