@@ -135,6 +135,9 @@ pub struct RunArgs {
     /// Device ids are PREFIX00001, PREFIX00002, ... [default: dev-]
     #[arg(long, value_name = "PREFIX")]
     pub id_prefix: Option<String>,
+    /// Index of the first device: 51 runs PREFIX00051 onwards [default: 1]
+    #[arg(long, value_name = "K")]
+    pub first_device: Option<usize>,
     /// Readings per second per device; 0 = flat out [default: 1; bench: 0]
     #[arg(long, value_name = "MSGS_PER_S_PER_DEVICE")]
     pub rate: Option<f64>,
@@ -232,6 +235,7 @@ pub struct FleetFile {
     pub mqtt_version: Option<String>,
     pub devices: Option<usize>,
     pub id_prefix: Option<String>,
+    pub first_device: Option<usize>,
     pub rate: Option<f64>,
     pub payload_bytes: Option<usize>,
     pub qos: Option<u8>,
@@ -379,6 +383,10 @@ pub fn fleet_config(args: RunArgs, bench: bool) -> Result<(FleetConfig, bool)> {
         version,
         devices: args.devices.or(file.devices).unwrap_or(d.devices),
         id_prefix: args.id_prefix.or(file.id_prefix).unwrap_or(d.id_prefix),
+        first_device: args
+            .first_device
+            .or(file.first_device)
+            .unwrap_or(d.first_device),
         rate: args
             .rate
             .or(file.rate)

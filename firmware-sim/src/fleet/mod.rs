@@ -62,8 +62,11 @@ pub struct FleetConfig {
     pub broker: String,
     pub version: MqttVersion,
     pub devices: usize,
-    /// Device ids are `<id_prefix><5-digit index>`, from 1: `dev-00001`.
+    /// Device ids are `<id_prefix><5-digit index>`, from `first_device`: `dev-00001`.
     pub id_prefix: String,
+    /// Index of the first device (1): a second fleet process can run `dev-00051` onwards, so a
+    /// test can bring part of the fleet online later (commands wait for it meanwhile).
+    pub first_device: usize,
     /// Readings per second per device; 0 = flat out (sample whenever the outbox has room).
     pub rate: f64,
     /// Pad each payload to at least this many bytes (0: no padding).
@@ -112,6 +115,7 @@ impl Default for FleetConfig {
             version: MqttVersion::V311,
             devices: 10,
             id_prefix: "dev-".into(),
+            first_device: 1,
             rate: 1.0,
             payload_bytes: 0,
             qos: 1,
@@ -281,6 +285,13 @@ impl FleetConfig {
         if self.devices == 0 || self.devices > 99_999 {
             return Err(invalid("devices", self.devices, "must be 1..=99999"));
         }
+        if self.first_device == 0 || self.first_device + self.devices - 1 > 99_999 {
+            return Err(invalid(
+                "first-device",
+                self.first_device,
+                "must be at least 1, and the last device at most 99999",
+            ));
+        }
         if self.qos > 2 {
             return Err(invalid("qos", self.qos, "must be 0, 1 or 2"));
         }
@@ -359,7 +370,7 @@ impl FleetConfig {
 
     /// The device ids of this fleet, in order.
     pub fn device_ids(&self) -> Vec<String> {
-        (1..=self.devices)
+        (self.first_device..self.first_device + self.devices)
             .map(|i| format!("{}{i:05}", self.id_prefix))
             .collect()
     }
@@ -616,5 +627,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.device_ids(), ["dev-00001", "dev-00002", "dev-00003"]);
+        let c = FleetConfig {
+            devices: 2,
+            first_device: 51,
+            ..Default::default()
+        };
+        assert_eq!(c.device_ids(), ["dev-00051", "dev-00052"]);
+        assert!(c.validate().is_ok());
+        let c = FleetConfig {
+            devices: 2,
+            first_device: 99_999,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("first-device"));
     }
 }

@@ -424,7 +424,7 @@ impl Progress {
                 } else {
                     c.acked.load(Relaxed)
                 };
-                let msg = format!(
+                let mut msg = format!(
                     "online {}/{}  sent {}  acked {}  dropped {}  reconnects {}  errors {}",
                     c.online.load(Relaxed),
                     devices,
@@ -434,6 +434,14 @@ impl Progress {
                     c.connection_losses.load(Relaxed),
                     c.connect_errors.load(Relaxed),
                 );
+                let commands = c.commands.load(Relaxed);
+                if commands > 0 {
+                    msg.push_str(&format!(
+                        "  commands {commands}  replies acked {}  reboots {}",
+                        c.replies_acked.load(Relaxed),
+                        c.reboots.load(Relaxed)
+                    ));
+                }
                 match &pb {
                     Some(pb) => {
                         pb.set_position(match expected {
