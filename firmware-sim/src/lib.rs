@@ -14,6 +14,11 @@
 //!                       verify/: consume (AMQP: lapin; Kafka: rskafka) -> tally -> report <── RabbitMQ / Kafka
 //! ```
 //!
+//! Commands run the other way: `sender/` publishes them to RabbitMQ or Kafka (and writes a
+//! command manifest), the gateway's downlink delivers them to the devices' command topics, the
+//! device state machine answers (`command.rs` is the wire format), the replies go up like
+//! telemetry, and `verify/commands.rs` checks every confirmed command was answered, in order.
+//!
 //! - [`device`]: the device state machine (fixed-size `heapless` buffers, as on firmware).
 //! - [`command`]: downlink commands and replies (JSON): ids, parsing, encoding, the send plan.
 //! - [`payload`]: the CBOR payload; the only module that uses `serde_cbor` (unmaintained,

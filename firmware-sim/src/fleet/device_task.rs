@@ -11,6 +11,8 @@
 //! again is harmless and covers a broker that lost the session). A command the device cannot take
 //! yet (reply outbox full) waits in a backlog, in arrival order, until a reply is acknowledged.
 //! A reboot sends DISCONNECT, drops the connection and connects again after [`REBOOT_DELAY`].
+//! Commands rumqttc had read (and acknowledged) but the loop had not yet polled when a
+//! connection ends join the backlog rather than being dropped with the connection.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -186,6 +188,17 @@ pub async fn run_device<const N: usize, const Q: usize>(
         if hold_until.is_some_and(|t| now >= t) {
             hold_until = None;
         }
+        // Received commands go to the device until its reply outbox is full; the rest wait for
+        // an acknowledged reply.
+        while let Some(m) = backlog.front() {
+            match offer(&ctx, device.as_mut(), now_us, m, &shared) {
+                CommandOutcome::Busy => break,
+                outcome => {
+                    commands_taken += taken(&outcome);
+                    backlog.pop_front();
+                }
+            }
+        }
         if device.take_reboot() && device.is_connected() && disconnect_deadline.is_none() {
             debug!(device = %ctx.id, "rebooting");
             rebooting = client.disconnect().is_ok();
@@ -295,16 +308,6 @@ pub async fn run_device<const N: usize, const Q: usize>(
                             refused_backoff.reset();
                             device.reply_acked(key);
                             c.replies_acked.fetch_add(1, Relaxed);
-                            let now_us = shared.clock.micros_at(Instant::now());
-                            while let Some(m) = backlog.front() {
-                                match offer(&ctx, device.as_mut(), now_us, m, &shared) {
-                                    CommandOutcome::Busy => break,
-                                    outcome => {
-                                        commands_taken += taken(&outcome);
-                                        backlog.pop_front();
-                                    }
-                                }
-                            }
                         } else if let Some((_, Sent::Reading(seq), at)) = found {
                             refused_backoff.reset();
                             if let Some(outcome) = device.acked(seq) {
@@ -332,24 +335,18 @@ pub async fn run_device<const N: usize, const Q: usize>(
                         }
                     }
                     LinkEvent::Message(m) => {
+                        // Handed to the device at the top of the loop, in arrival order.
                         if ctx.commands.is_some() {
                             c.commands.fetch_add(1, Relaxed);
-                            if backlog.is_empty() {
-                                let now_us = shared.clock.micros_at(Instant::now());
-                                match offer(&ctx, device.as_mut(), now_us, &m, &shared) {
-                                    CommandOutcome::Busy => backlog.push_back(m),
-                                    outcome => commands_taken += taken(&outcome),
-                                }
-                            } else {
-                                backlog.push_back(m);
-                            }
+                            backlog.push_back(m);
                         }
                     }
                     LinkEvent::DisconnectSent if rebooting && disconnect_deadline.is_none() => {
                         // The reboot: the session stays on the broker, the connection goes.
                         rebooting = false;
                         keep_polling = false;
-                        lp.reset_connection();
+                        let unread = lp.reset_connection();
+                        take_unread(&ctx, &mut backlog, unread, c);
                         if device.is_connected() {
                             c.online.fetch_sub(1, Relaxed);
                         }
@@ -374,7 +371,8 @@ pub async fn run_device<const N: usize, const Q: usize>(
                         device.disconnected();
                         submitted.clear();
                         awaiting.clear();
-                        lp.forget_pending();
+                        let unread = lp.forget_pending();
+                        take_unread(&ctx, &mut backlog, unread, c);
                         if disconnect_deadline.is_some() {
                             break;
                         }
@@ -462,6 +460,22 @@ fn offer<const N: usize, const Q: usize>(
         _ => {}
     }
     outcome
+}
+
+/// Commands received on a connection that is gone, not yet handed to the device: they join the
+/// backlog (in order, after what waits there) and are offered on the next ack or connection.
+fn take_unread(
+    ctx: &DeviceCtx,
+    backlog: &mut VecDeque<Box<Incoming>>,
+    unread: Vec<Incoming>,
+    c: &super::Counters,
+) {
+    if ctx.commands.is_some() {
+        for m in unread {
+            c.commands.fetch_add(1, Relaxed);
+            backlog.push_back(Box::new(m));
+        }
+    }
 }
 
 /// 1 for a command taken for the first time.

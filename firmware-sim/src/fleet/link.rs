@@ -190,31 +190,46 @@ impl Loop {
     /// publish, shifting every later pairing by one (a reading marked acknowledged by its
     /// predecessor's ack, another waiting for ever on a packet id of the dead connection).
     /// A collision kept across the reconnect would stop the new connection taking requests.
-    pub fn forget_pending(&mut self) {
+    ///
+    /// Returns the PUBLISHes received among those events: rumqttc may already have acknowledged
+    /// them (its acks go out with the read that found them), so the broker will not send them
+    /// again, and dropping them would lose commands.
+    pub fn forget_pending(&mut self) -> Vec<Incoming> {
+        let received = |ev: LinkEvent| match ev {
+            LinkEvent::Message(m) => Some(*m),
+            _ => None,
+        };
         match self {
             Loop::V4(el) => {
                 el.pending.clear();
-                el.state.events.clear();
                 el.state.collision = None;
+                el.state
+                    .events
+                    .drain(..)
+                    .filter_map(|ev| received(translate_v4(Ok(ev))))
+                    .collect()
             }
             Loop::V5(el) => {
                 el.pending.clear();
-                el.state.events.clear();
                 el.state.collision = None;
+                el.state
+                    .events
+                    .drain(..)
+                    .filter_map(|ev| received(translate_v5(Ok(ev))))
+                    .collect()
             }
         }
     }
-}
 
-impl Loop {
     /// Drops the connection (after our DISCONNECT was written, for a reboot) and everything
-    /// rumqttc kept of it; the next poll connects again.
-    pub fn reset_connection(&mut self) {
+    /// rumqttc kept of it; the next poll connects again. Returns what [`Loop::forget_pending`]
+    /// returns.
+    pub fn reset_connection(&mut self) -> Vec<Incoming> {
         match self {
             Loop::V4(el) => el.clean(),
             Loop::V5(el) => el.clean(),
         }
-        self.forget_pending();
+        self.forget_pending()
     }
 }
 
