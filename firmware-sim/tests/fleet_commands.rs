@@ -287,3 +287,69 @@ async fn mqtt311_devices_reply_on_their_reply_topic_count_bad_and_duplicate_comm
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_survive_connection_cuts_and_are_answered_in_order() -> anyhow::Result<()> {
+    let run = common::unique("e");
+    let proxy = common::Proxy::start(common::MOSQUITTO, None).await?;
+    let cfg = FleetConfig {
+        broker: proxy.addr.to_string(),
+        version: MqttVersion::V5,
+        devices: 3,
+        id_prefix: format!("{run}-"),
+        count_per_device: Some(1),
+        qos: 1,
+        topic: format!("{run}/devices/{{id}}/telemetry"),
+        status_topic: format!("{run}/devices/{{id}}/status"),
+        backoff: fleet::BackoffConfig {
+            min: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        progress: ProgressMode::Off,
+        commands: true,
+        expect_commands: Some(30),
+        ..FleetConfig::default()
+    };
+    let ids = cfg.device_ids();
+    common::precreate_sessions(&ids, "devices/{id}/commands/#").await?;
+    let (publisher, mut replies) = client(
+        &format!("{run}-pub"),
+        true,
+        Some(&format!("{run}/replies/#")),
+    )
+    .await?;
+    let fleet = tokio::spawn(fleet::run(cfg, std::future::pending()));
+    let mut seen = BTreeMap::new();
+    for part in 0..3u64 {
+        proxy
+            .wait_active(3, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("before part {part}"))?;
+        for n in part * 10..part * 10 + 10 {
+            for id in &ids {
+                let rt = Some(format!("{run}/replies/{id}"));
+                send(&publisher, id, n, CommandKind::Ping, rt).await?;
+            }
+        }
+        // Cut while those commands are in flight; the sessions keep what is not acknowledged.
+        proxy.cut_all();
+    }
+    collect(&mut replies, &mut seen, |s| {
+        s.len() == ids.len() && s.values().all(|v| first_answers(v).len() >= 30)
+    })
+    .await?;
+    let report = tokio::time::timeout(Duration::from_secs(20), fleet)
+        .await
+        .context("fleet did not finish after its expected commands")???;
+    for id in &ids {
+        assert_eq!(
+            first_answers(&seen[id]),
+            (0..30).collect::<Vec<_>>(),
+            "{id}: every command answered, first answers in order"
+        );
+    }
+    let k = commands_of(&report)?;
+    assert_eq!((k.taken() - k.duplicates, k.bad), (90, 0), "{report}");
+    assert!(report.connection_losses >= 3, "{report}");
+    Ok(())
+}
