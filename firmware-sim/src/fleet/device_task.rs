@@ -199,7 +199,7 @@ pub async fn run_device<const N: usize, const Q: usize>(
                 }
             }
         }
-        if device.take_reboot() && device.is_connected() && disconnect_deadline.is_none() {
+        if device.is_connected() && disconnect_deadline.is_none() && device.take_reboot() {
             debug!(device = %ctx.id, "rebooting");
             rebooting = client.disconnect().is_ok();
         }
@@ -463,7 +463,7 @@ fn offer<const N: usize, const Q: usize>(
 }
 
 /// Commands received on a connection that is gone, not yet handed to the device: they join the
-/// backlog (in order, after what waits there) and are offered on the next ack or connection.
+/// backlog (in order, after what waits there) and go to the device at the top of the next pass.
 fn take_unread(
     ctx: &DeviceCtx,
     backlog: &mut VecDeque<Box<Incoming>>,

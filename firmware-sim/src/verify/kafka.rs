@@ -294,4 +294,55 @@ mod tests {
         assert!(!report.passed);
         assert_eq!(report.total.out_of_order, 1);
     }
+
+    #[test]
+    fn replies_in_a_kafka_topic_are_checked_with_their_correlation_header() {
+        use crate::manifest::{CommandManifest, CommandRecord, CommandRunInfo, COMMANDS_KIND};
+        let m = CommandManifest {
+            version: VERSION,
+            kind: COMMANDS_KIND.into(),
+            run: CommandRunInfo {
+                started_ms: 0,
+                devices: 1,
+                count: 2,
+                target: "t".into(),
+            },
+            devices: [(
+                "a".to_string(),
+                CommandRecord {
+                    confirmed: vec!["a:0".into(), "a:1".into()],
+                    unconfirmed: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let reply = |n: u64, corr: &str| {
+            let mut r = record(Some(
+                format!(r#"{{"id":"a:{n}","cmd":"ping","n":{n}}}"#).into_bytes(),
+            ));
+            r.headers
+                .insert("mqtt_topic".into(), b"devices/a/replies".to_vec());
+            r.headers
+                .insert("mqtt_correlation_data".into(), corr.as_bytes().to_vec());
+            r
+        };
+        let mut t = Checks::new(None, Some(&m));
+        for r in [cbor("a", 0), reply(1, "a:1"), reply(0, "a:7")] {
+            record_kafka(&mut t, &r, 0);
+        }
+        assert!(t.complete());
+        let opts = VerifyOptions::new(super::super::Source::Kafka {
+            brokers: "b:9092".into(),
+            topic: "t".into(),
+        });
+        let report = t.report(&opts, false, 0.1);
+        let c = report.commands.as_ref().unwrap();
+        assert_eq!(
+            (c.answered, c.out_of_order, c.correlation_mismatch),
+            (2, 1, 1)
+        );
+        assert_eq!(report.ignored, 1, "telemetry is not checked here");
+        assert!(!report.passed);
+    }
 }
