@@ -4,9 +4,12 @@
 //! - `run`: 0 when every reading that was sent got acknowledged (QoS 0: written) and none is
 //!   left unsent; 1 when some are still outstanding at the end; 2 on an error.
 //! - `bench`: 0, or 2 on an error.
+//! - `command`: 0 when the broker confirmed every command; 1 when some were nacked, returned or
+//!   unconfirmed; 2 on an error (broker unreachable, bad flags).
 //! - `verify`: 0 when nothing acknowledged is missing and nothing is out of order (and
-//!   duplicates are within `--max-duplicates`); 1 otherwise; 2 on an error (broker unreachable,
-//!   queue or topic missing, bad manifest).
+//!   duplicates are within `--max-duplicates`), and with `--commands` every confirmed command
+//!   was answered, in order, with its own correlation data; 1 otherwise; 2 on an error (broker
+//!   unreachable, queue or topic missing, bad manifest).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,7 +21,8 @@ use serde::Deserialize;
 
 use crate::device::FullPolicy;
 use crate::fleet::{self, BackoffConfig, FleetConfig, FleetReport, MqttVersion, ProgressMode};
-use crate::manifest::Manifest;
+use crate::manifest::{CommandManifest, Manifest};
+use crate::sender::{self, SendConfig, Target};
 use crate::tls::TlsSettings;
 use crate::verify::{self, Source, VerifyOptions};
 
@@ -44,8 +48,73 @@ pub enum Command {
     Run(RunArgs),
     /// Drive a broker flat out (or at --rate) and print acked publishes/s and latency.
     Bench(RunArgs),
-    /// Read what reached the upstream broker and compare it with a run's manifest.
+    /// Read what reached the upstream broker and compare it with a run's manifest (telemetry)
+    /// and/or a `command` run's manifest (replies to commands).
     Verify(VerifyArgs),
+    /// Send commands for the fleet's devices upstream (RabbitMQ or Kafka), for the gateway to
+    /// deliver; write what the broker confirmed.
+    #[command(name = "command")]
+    SendCommands(CommandArgs),
+}
+
+/// Flags of `command`.
+#[derive(Debug, Args)]
+pub struct CommandArgs {
+    /// AMQP URL of the upstream RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with = "kafka",
+        required_unless_present = "kafka"
+    )]
+    pub amqp: Option<String>,
+    /// Topic exchange to publish to (declared durable if missing).
+    #[arg(long, value_name = "X", default_value = "commands")]
+    pub exchange: String,
+    /// Kafka bootstrap brokers, host:port[,host:port...].
+    #[arg(long, value_name = "BROKERS")]
+    pub kafka: Option<String>,
+    /// Kafka topic (created with one partition if missing).
+    #[arg(long, value_name = "T", default_value = "commands")]
+    pub topic: String,
+    /// Devices PREFIX00001 .. PREFIX<N>, as the fleet names them.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub devices: usize,
+    #[arg(long, value_name = "PREFIX", default_value = "dev-")]
+    pub id_prefix: String,
+    /// Commands per device.
+    #[arg(long, value_name = "K", default_value_t = 10)]
+    pub count: u64,
+    /// Every k-th command is a set_rate (0: never).
+    #[arg(long, value_name = "K", default_value_t = sender::DEFAULT_SET_RATE_EVERY)]
+    pub set_rate_every: u64,
+    /// Every k-th command is a reboot (0: never).
+    #[arg(long, value_name = "K", default_value_t = sender::DEFAULT_REBOOT_EVERY)]
+    pub reboot_every: u64,
+    /// The sampling interval a set_rate asks for, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = sender::DEFAULT_RATE_MS)]
+    pub rate_ms: u64,
+    /// Commands per second over all devices [default: as fast as confirms allow]
+    #[arg(long, value_name = "PER_S")]
+    pub rate: Option<f64>,
+    /// Outstanding confirms (AMQP) / records per produce request (Kafka).
+    #[arg(long, value_name = "N", default_value_t = sender::DEFAULT_WINDOW)]
+    pub window: usize,
+    /// Command topic; {id} is the device id. Commands go to <T>/<name>.
+    #[arg(long, value_name = "T", default_value = "devices/{id}/commands")]
+    pub command_topic: String,
+    /// Reply topic the commands name (AMQP reply_to, Kafka mqtt_response_topic).
+    #[arg(long, value_name = "T", default_value = "devices/{id}/replies")]
+    pub reply_topic: String,
+    /// Give up waiting for the broker's confirms after this long.
+    #[arg(long, value_name = "S", default_value = "30s")]
+    pub confirm_timeout: String,
+    /// Write the command manifest (per device, the confirmed command ids in send order).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `run` and `bench`. Unset flags fall back to `--config`, then to the defaults.
@@ -66,6 +135,9 @@ pub struct RunArgs {
     /// Device ids are PREFIX00001, PREFIX00002, ... [default: dev-]
     #[arg(long, value_name = "PREFIX")]
     pub id_prefix: Option<String>,
+    /// Index of the first device: 51 runs PREFIX00051 onwards [default: 1]
+    #[arg(long, value_name = "K")]
+    pub first_device: Option<usize>,
     /// Readings per second per device; 0 = flat out [default: 1; bench: 0]
     #[arg(long, value_name = "MSGS_PER_S_PER_DEVICE")]
     pub rate: Option<f64>,
@@ -137,6 +209,22 @@ pub struct RunArgs {
     /// Progress on stderr [default: auto: a bar on a terminal, plain lines otherwise]
     #[arg(long, value_enum)]
     pub progress: Option<ProgressMode>,
+    /// Take commands: subscribe to COMMAND_TOPIC/# (persistent session, QoS 1) and answer
+    /// ping / set_rate / reboot; devices stay online until the run ends.
+    #[arg(long)]
+    pub commands: bool,
+    /// Command topic; {id} is the device id [default: devices/{id}/commands]
+    #[arg(long, value_name = "T")]
+    pub command_topic: Option<String>,
+    /// Reply topic for commands without an MQTT 5 response topic [default: devices/{id}/replies]
+    #[arg(long, value_name = "T")]
+    pub reply_topic: Option<String>,
+    /// MQTT 5 session expiry of devices taking commands [default: 1h]
+    #[arg(long, value_name = "S")]
+    pub session_expiry: Option<String>,
+    /// With --commands: a device finishes after taking N distinct commands (and its readings).
+    #[arg(long, value_name = "N")]
+    pub expect_commands: Option<u64>,
 }
 
 /// `fleet.toml`: the same settings as the flags, snake_case.
@@ -147,6 +235,7 @@ pub struct FleetFile {
     pub mqtt_version: Option<String>,
     pub devices: Option<usize>,
     pub id_prefix: Option<String>,
+    pub first_device: Option<usize>,
     pub rate: Option<f64>,
     pub payload_bytes: Option<usize>,
     pub qos: Option<u8>,
@@ -169,6 +258,11 @@ pub struct FleetFile {
     pub reconnect_max: Option<String>,
     pub drain_timeout: Option<String>,
     pub manifest: Option<PathBuf>,
+    pub commands: Option<bool>,
+    pub command_topic: Option<String>,
+    pub reply_topic: Option<String>,
+    pub session_expiry: Option<String>,
+    pub expect_commands: Option<u64>,
 }
 
 impl FleetFile {
@@ -193,9 +287,13 @@ pub struct VerifyArgs {
     /// Kafka topic to read (the gateway's Kafka uplink produces into it).
     #[arg(long, value_name = "T")]
     pub topic: Option<String>,
-    /// The manifest written by `run --manifest`.
-    #[arg(long, value_name = "MANIFEST")]
-    pub expect: PathBuf,
+    /// The manifest written by `run --manifest` (telemetry).
+    #[arg(long, value_name = "MANIFEST", required_unless_present = "commands")]
+    pub expect: Option<PathBuf>,
+    /// The manifest written by `command --manifest`: check that every confirmed command was
+    /// answered, in order (replies reach the upstream through the gateway like telemetry).
+    #[arg(long, visible_alias = "commands-manifest", value_name = "MANIFEST")]
+    pub commands: Option<PathBuf>,
     /// Stop waiting for missing messages after this long ("60", "2min").
     #[arg(long, value_name = "S", default_value = "60s")]
     pub timeout: String,
@@ -285,6 +383,10 @@ pub fn fleet_config(args: RunArgs, bench: bool) -> Result<(FleetConfig, bool)> {
         version,
         devices: args.devices.or(file.devices).unwrap_or(d.devices),
         id_prefix: args.id_prefix.or(file.id_prefix).unwrap_or(d.id_prefix),
+        first_device: args
+            .first_device
+            .or(file.first_device)
+            .unwrap_or(d.first_device),
         rate: args
             .rate
             .or(file.rate)
@@ -321,6 +423,18 @@ pub fn fleet_config(args: RunArgs, bench: bool) -> Result<(FleetConfig, bool)> {
             .unwrap_or(d.drain_timeout),
         manifest: args.manifest.or(file.manifest),
         progress: args.progress.unwrap_or(d.progress),
+        commands: args.commands || file.commands.unwrap_or(d.commands),
+        command_topic: args
+            .command_topic
+            .or(file.command_topic)
+            .unwrap_or(d.command_topic),
+        reply_topic: args
+            .reply_topic
+            .or(file.reply_topic)
+            .unwrap_or(d.reply_topic),
+        session_expiry: dur("session_expiry", args.session_expiry, file.session_expiry)?
+            .unwrap_or(d.session_expiry),
+        expect_commands: args.expect_commands.or(file.expect_commands),
     };
     Ok((cfg, args.json))
 }
@@ -370,6 +484,47 @@ pub async fn run_command(args: RunArgs, bench: bool) -> Result<ExitCode> {
     })
 }
 
+/// `command`.
+pub async fn send_command(args: CommandArgs) -> Result<ExitCode> {
+    let target = match (args.amqp, args.kafka) {
+        (Some(url), None) => Target::Amqp {
+            url,
+            exchange: args.exchange,
+        },
+        (None, Some(brokers)) => Target::Kafka {
+            brokers,
+            topic: args.topic,
+        },
+        _ => bail!("command needs --amqp URL or --kafka BROKERS"),
+    };
+    let cfg = SendConfig {
+        devices: args.devices,
+        id_prefix: args.id_prefix,
+        count: args.count,
+        set_rate_every: args.set_rate_every,
+        reboot_every: args.reboot_every,
+        rate_ms: args.rate_ms,
+        rate: args.rate,
+        window: args.window,
+        command_topic: args.command_topic,
+        reply_topic: args.reply_topic,
+        confirm_timeout: parse_duration("confirm-timeout", &args.confirm_timeout)?,
+        manifest: args.manifest,
+        ..SendConfig::new(target)
+    };
+    let report = sender::run(&cfg).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.all_confirmed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PROBLEM)
+    })
+}
+
 /// `verify`.
 pub async fn verify_command(args: VerifyArgs) -> Result<ExitCode> {
     let source = match (args.amqp, args.queue, args.kafka, args.topic) {
@@ -377,7 +532,12 @@ pub async fn verify_command(args: VerifyArgs) -> Result<ExitCode> {
         (None, _, Some(brokers), Some(topic)) => Source::Kafka { brokers, topic },
         _ => bail!("verify needs --amqp URL --queue Q (or --kafka BROKERS --topic T)"),
     };
-    let manifest = Manifest::read(&args.expect)?;
+    let manifest = args.expect.as_deref().map(Manifest::read).transpose()?;
+    let commands = args
+        .commands
+        .as_deref()
+        .map(CommandManifest::read)
+        .transpose()?;
     let opts = VerifyOptions {
         source,
         timeout: parse_duration("timeout", &args.timeout)?,
@@ -386,7 +546,7 @@ pub async fn verify_command(args: VerifyArgs) -> Result<ExitCode> {
         prefetch: args.prefetch.max(1),
         progress: !args.json,
     };
-    let report = verify::verify(&opts, &manifest).await?;
+    let report = verify::verify_all(&opts, manifest.as_ref(), commands.as_ref()).await?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -511,5 +671,61 @@ mod tests {
             panic!("not verify")
         };
         assert_eq!(v.kafka.as_deref(), Some("127.0.0.1:9092"));
+        // A command manifest alone is enough; neither manifest is not.
+        let Command::Verify(v) = parse(&[
+            "verify",
+            "--amqp",
+            "u",
+            "--queue",
+            "q",
+            "--commands-manifest",
+            "c.json",
+        ]) else {
+            panic!("not verify")
+        };
+        assert_eq!(v.commands, Some(PathBuf::from("c.json")));
+        assert!(v.expect.is_none());
+        assert!(
+            Cli::try_parse_from(["firmware-sim", "verify", "--amqp", "u", "--queue", "q"]).is_err()
+        );
+    }
+
+    #[test]
+    fn command_needs_one_broker_and_run_takes_command_flags() {
+        let Command::SendCommands(c) = parse(&[
+            "command",
+            "--amqp",
+            "amqp://x",
+            "--devices",
+            "3",
+            "--count",
+            "7",
+            "--reboot-every",
+            "0",
+        ]) else {
+            panic!("not command")
+        };
+        assert_eq!((c.devices, c.count, c.reboot_every), (3, 7, 0));
+        assert_eq!(c.exchange, "commands");
+        assert!(Cli::try_parse_from(["firmware-sim", "command"]).is_err());
+        assert!(
+            Cli::try_parse_from(["firmware-sim", "command", "--amqp", "u", "--kafka", "h:1"])
+                .is_err()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleet.toml");
+        std::fs::write(
+            &file,
+            "commands = true\nexpect_commands = 4\nsession_expiry = \"10min\"\n",
+        )
+        .unwrap();
+        let Command::Run(args) = parse(&["run", "--config", file.to_str().unwrap()]) else {
+            panic!("not run")
+        };
+        let (cfg, _) = fleet_config(args, false).unwrap();
+        assert!(cfg.commands);
+        assert_eq!(cfg.expect_commands, Some(4));
+        assert_eq!(cfg.session_expiry, Duration::from_secs(600));
+        assert_eq!(cfg.command_topic, "devices/{id}/commands");
     }
 }

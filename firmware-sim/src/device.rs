@@ -14,7 +14,17 @@
 //!   acked(seq)          free the slot          (new readings and, after a reconnect,
 //!   nacked(seq)         send it again           everything not acknowledged, in seq order)
 //!   disconnected()      stop sending       next_wakeup(): when to call tick again
+//!   command(..)         act, queue reply   poll_reply(): ReplyTransmit { key, payload, .. }
+//!   reply_acked(key)    free the slot      take_reboot(): disconnect and reconnect now
 //! ```
+//!
+//! Commands (see [`crate::command`]) arrive on the device's command topic. The device parses the
+//! JSON, acts (`ping`: nothing; `set_rate`: new sampling interval; `reboot`: once its reply is
+//! acknowledged, [`Device::take_reboot`] tells the runner to disconnect and reconnect), and queues
+//! a reply in a fixed reply outbox of [`REPLIES`] slots, kept until acknowledged and resent after a
+//! reconnect like readings. A full reply outbox answers [`CommandOutcome::Busy`]: the runner keeps
+//! the command and offers it again after a reply is acknowledged. Command numbers seen before
+//! (within a window of the last 64) are duplicates: answered again, not acted on again.
 //!
 //! Invariants:
 //! - Sequence numbers start at 0, increase by one per reading taken, and are never reused: not
@@ -24,10 +34,14 @@
 //!   sequence order. After a reconnect all of them are sent again, oldest first (`dup` set on
 //!   those sent before), so per-device order holds on the wire.
 //! - At most `Q` transmissions are unacknowledged on one connection (including ones whose outbox
-//!   entry was since dropped), which is also the MQTT client's in-flight window.
+//!   entry was since dropped), which is also the MQTT client's in-flight window. Replies add at
+//!   most [`REPLIES`] more.
+//! - Replies leave in the order their commands were taken, and a reboot happens only after its
+//!   reply was acknowledged (so the reply is not lost with the connection).
 
 use serde::{Deserialize, Serialize};
 
+use crate::command::{self, CommandError, CommandKind, REPLY_BYTES};
 use crate::payload::{self, Reading};
 
 /// Message buffer for payloads up to this many bytes (the default reading is ~105 bytes).
@@ -39,6 +53,16 @@ pub const LARGE_MSG: usize = 4096;
 pub const OUTBOX: usize = 16;
 /// Longest device id a device can hold.
 pub const MAX_ID: usize = 32;
+/// Reply slots per device (replies kept until acknowledged): commands come one at a time, so a
+/// few slots cover the broker's burst after a reconnect; a full outbox holds further commands
+/// back rather than dropping their replies.
+pub const REPLIES: usize = 8;
+/// Longest MQTT 5 response topic a device stores for its reply.
+pub const MAX_RESPONSE_TOPIC: usize = 128;
+/// Longest MQTT 5 correlation data a device echoes.
+pub const MAX_CORRELATION: usize = 64;
+/// How many of the latest command numbers a device remembers to recognise duplicates.
+const DEDUP_WINDOW: u64 = 64;
 
 /// What a device does when a reading is due and its outbox is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -134,6 +158,102 @@ pub struct DeviceStats {
     pub encode_errors: u64,
     /// Successful connections (the first one included).
     pub connects: u64,
+    /// Commands taken, by kind (duplicates included).
+    pub commands_ping: u64,
+    pub commands_set_rate: u64,
+    pub commands_reboot: u64,
+    /// Commands whose number had been seen before (answered again, not acted on again).
+    pub commands_duplicate: u64,
+    /// Commands that could not be parsed or answered (never acted on, never answered).
+    pub commands_bad: u64,
+    /// First transmissions of replies.
+    pub replies_sent: u64,
+    /// Retransmissions of replies after a reconnect or a refusal.
+    pub replies_resent: u64,
+    pub replies_acked: u64,
+    /// Reboots done (disconnect and reconnect after a `reboot` command's reply was acknowledged).
+    pub reboots: u64,
+}
+
+/// What [`Device::command`] did with a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandOutcome {
+    /// Taken and a reply queued. `duplicate`: its number had been seen before, so it was answered
+    /// again but not acted on again.
+    Accepted {
+        kind: CommandKind,
+        n: u64,
+        duplicate: bool,
+    },
+    /// The reply outbox is full: offer the command again after a reply is acknowledged.
+    Busy,
+    /// Not acted on and not answered (counted as `commands_bad`).
+    Bad(CommandError),
+}
+
+/// A reply the transport should publish now (QoS 1).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReplyTransmit<'a> {
+    /// Names this reply in [`Device::reply_acked`] / [`Device::reply_nacked`].
+    pub key: u64,
+    /// The command's MQTT 5 response topic; `None`: the runner's default reply topic.
+    pub response_topic: Option<&'a str>,
+    /// The command's MQTT 5 correlation data, echoed.
+    pub correlation: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    /// Sent before on an earlier connection.
+    pub dup: bool,
+}
+
+#[derive(Debug)]
+struct ReplyEntry {
+    key: u64,
+    in_flight: bool,
+    sent_before: bool,
+    /// A `reboot` reply: reboot once it is acknowledged.
+    reboot_after: bool,
+    response_topic: Option<heapless::String<MAX_RESPONSE_TOPIC>>,
+    correlation: Option<heapless::Vec<u8, MAX_CORRELATION>>,
+    payload: heapless::Vec<u8, REPLY_BYTES>,
+}
+
+/// Recognises repeated command numbers: the highest number seen and a bitmap of the
+/// [`DEDUP_WINDOW`] numbers below it (as an anti-replay window). A number older than the window
+/// counts as seen.
+#[derive(Debug, Default, Clone, Copy)]
+struct Dedup {
+    max: Option<u64>,
+    /// Bit i: `max - i` was seen.
+    window: u64,
+}
+
+impl Dedup {
+    /// Whether `n` was seen before (and marks it seen).
+    fn seen(&mut self, n: u64) -> bool {
+        let Some(max) = self.max else {
+            self.max = Some(n);
+            self.window = 1;
+            return false;
+        };
+        if n > max {
+            let shift = n - max;
+            self.window = if shift >= DEDUP_WINDOW {
+                0
+            } else {
+                self.window << shift
+            } | 1;
+            self.max = Some(n);
+            return false;
+        }
+        let back = max - n;
+        if back >= DEDUP_WINDOW {
+            return true;
+        }
+        let bit = 1u64 << back;
+        let seen = self.window & bit != 0;
+        self.window |= bit;
+        seen
+    }
 }
 
 #[derive(Debug)]
@@ -234,6 +354,12 @@ pub struct Device<const N: usize, const Q: usize> {
     outbox: heapless::Deque<Entry<N>, Q>,
     /// Readings evicted while in flight on this connection: their acknowledgement may still come.
     dropped_in_flight: heapless::Vec<u64, Q>,
+    /// Replies to commands, oldest first, until acknowledged.
+    replies: heapless::Deque<ReplyEntry, REPLIES>,
+    next_reply_key: u64,
+    dedup: Dedup,
+    /// A reboot reply was acknowledged: the runner should disconnect and reconnect.
+    reboot_due: bool,
     stats: DeviceStats,
 }
 
@@ -275,6 +401,10 @@ impl<const N: usize, const Q: usize> Device<N, Q> {
             in_flight: 0,
             outbox: heapless::Deque::new(),
             dropped_in_flight: heapless::Vec::new(),
+            replies: heapless::Deque::new(),
+            next_reply_key: 0,
+            dedup: Dedup::default(),
+            reboot_due: false,
             stats: DeviceStats::default(),
         })
     }
@@ -311,9 +441,20 @@ impl<const N: usize, const Q: usize> Device<N, Q> {
         self.sampling && self.cfg.count.is_none_or(|n| self.next_seq < n)
     }
 
-    /// Nothing left to do: no more readings to take and nothing waiting for an acknowledgement.
+    /// Nothing left to do: no more readings to take and nothing (reading or reply) waiting for
+    /// an acknowledgement.
     pub fn is_finished(&self) -> bool {
-        !self.is_sampling() && self.outbox.is_empty()
+        !self.is_sampling() && self.outbox.is_empty() && self.replies.is_empty()
+    }
+
+    /// The current sampling interval in microseconds (0: flat out); `set_rate` changes it.
+    pub fn interval_us(&self) -> u64 {
+        self.cfg.interval_us
+    }
+
+    /// Replies waiting for an acknowledgement.
+    pub fn replies_pending(&self) -> usize {
+        self.replies.len()
     }
 
     /// Stop taking readings (end of a timed run); what is in the outbox is still sent.
@@ -462,9 +603,12 @@ impl<const N: usize, const Q: usize> Device<N, Q> {
         for e in self.outbox.iter_mut() {
             e.in_flight = false;
         }
+        for r in self.replies.iter_mut() {
+            r.in_flight = false;
+        }
     }
 
-    /// The connection is gone: nothing is in flight any more; the outbox keeps everything.
+    /// The connection is gone: nothing is in flight any more; the outboxes keep everything.
     pub fn disconnected(&mut self) {
         self.connected = false;
         self.in_flight = 0;
@@ -472,6 +616,160 @@ impl<const N: usize, const Q: usize> Device<N, Q> {
         for e in self.outbox.iter_mut() {
             e.in_flight = false;
         }
+        for r in self.replies.iter_mut() {
+            r.in_flight = false;
+        }
+    }
+
+    /// A command arrived on the command topic level `name` (`ping`, `set_rate`, `reboot`), with
+    /// the MQTT 5 response topic and correlation data if it carried them. Acts on it and queues
+    /// the reply; see [`CommandOutcome`]. Never panics on what the network sent.
+    pub fn command(
+        &mut self,
+        now_us: u64,
+        name: &str,
+        payload: &[u8],
+        response_topic: Option<&str>,
+        correlation: Option<&[u8]>,
+    ) -> CommandOutcome {
+        let cmd = match command::parse_command(name, payload) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                self.stats.commands_bad += 1;
+                return CommandOutcome::Bad(e);
+            }
+        };
+        if self.replies.is_full() {
+            return CommandOutcome::Busy;
+        }
+        let mut entry = ReplyEntry {
+            key: self.next_reply_key,
+            in_flight: false,
+            sent_before: false,
+            reboot_after: false,
+            response_topic: None,
+            correlation: None,
+            payload: heapless::Vec::new(),
+        };
+        let built = (|| {
+            if let Some(t) = response_topic {
+                let t = heapless::String::try_from(t)
+                    .map_err(|_| CommandError::TooLong("response topic"))?;
+                entry.response_topic = Some(t);
+            }
+            if let Some(c) = correlation {
+                let c = heapless::Vec::from_slice(c)
+                    .map_err(|_| CommandError::TooLong("correlation data"))?;
+                entry.correlation = Some(c);
+            }
+            command::encode_reply(&cmd, &mut entry.payload)
+        })();
+        if let Err(e) = built {
+            self.stats.commands_bad += 1;
+            return CommandOutcome::Bad(e);
+        }
+        let duplicate = self.dedup.seen(cmd.n);
+        match cmd.kind {
+            CommandKind::Ping => self.stats.commands_ping += 1,
+            CommandKind::SetRate => self.stats.commands_set_rate += 1,
+            CommandKind::Reboot => self.stats.commands_reboot += 1,
+        }
+        if duplicate {
+            self.stats.commands_duplicate += 1;
+        } else {
+            match cmd.kind {
+                CommandKind::Ping => {}
+                CommandKind::SetRate => {
+                    if let Some(ms) = cmd.rate_ms {
+                        self.set_interval(now_us, ms.saturating_mul(1000));
+                    }
+                }
+                // A repeated reboot is only answered: rebooting again could loop.
+                CommandKind::Reboot => entry.reboot_after = true,
+            }
+        }
+        self.next_reply_key += 1;
+        // Invariant: checked not full above.
+        if self.replies.push_back(entry).is_err() {
+            return CommandOutcome::Busy;
+        }
+        CommandOutcome::Accepted {
+            kind: cmd.kind,
+            n: cmd.n,
+            duplicate,
+        }
+    }
+
+    /// A new sampling interval from `now_us` on: the next reading is due at most one new
+    /// interval from now.
+    fn set_interval(&mut self, now_us: u64, interval_us: u64) {
+        self.cfg.interval_us = interval_us;
+        if let Some(due) = self.next_due_us {
+            self.next_due_us = Some(due.min(now_us.saturating_add(interval_us)));
+        }
+    }
+
+    /// The next reply to publish (oldest first), if connected. Call until `None` after every
+    /// event, before [`poll_transmit`](Self::poll_transmit).
+    pub fn poll_reply(&mut self) -> Option<ReplyTransmit<'_>> {
+        if !self.connected {
+            return None;
+        }
+        let r = self.replies.iter_mut().find(|r| !r.in_flight)?;
+        r.in_flight = true;
+        let dup = r.sent_before;
+        r.sent_before = true;
+        if dup {
+            self.stats.replies_resent += 1;
+        } else {
+            self.stats.replies_sent += 1;
+        }
+        Some(ReplyTransmit {
+            key: r.key,
+            response_topic: r.response_topic.as_deref(),
+            correlation: r.correlation.as_deref(),
+            payload: &r.payload,
+            dup,
+        })
+    }
+
+    /// The reply `key` was acknowledged (PUBACK). A stale or repeated ack is ignored.
+    pub fn reply_acked(&mut self, key: u64) {
+        let Some(reboot) = self
+            .replies
+            .iter()
+            .find(|r| r.key == key && r.in_flight)
+            .map(|r| r.reboot_after)
+        else {
+            return;
+        };
+        self.replies.retain(|r| r.key != key);
+        self.stats.replies_acked += 1;
+        if reboot {
+            self.reboot_due = true;
+        }
+    }
+
+    /// The reply `key` was refused (MQTT 5 error reason): it is sent again.
+    pub fn reply_nacked(&mut self, key: u64) {
+        if let Some(r) = self
+            .replies
+            .iter_mut()
+            .find(|r| r.key == key && r.in_flight)
+        {
+            r.in_flight = false;
+        }
+    }
+
+    /// Whether the runner should reboot now (disconnect, then reconnect); true once per
+    /// acknowledged `reboot` reply.
+    pub fn take_reboot(&mut self) -> bool {
+        let due = self.reboot_due;
+        if due {
+            self.reboot_due = false;
+            self.stats.reboots += 1;
+        }
+        due
     }
 
     /// The transmission of `seq` on this connection was acknowledged (PUBACK for QoS 1,
@@ -769,5 +1067,227 @@ mod tests {
             Dev::new(&"d".repeat(MAX_ID + 1), cfg(FullPolicy::Block, 1)),
             Err(DeviceError::IdTooLong { .. })
         ));
+    }
+
+    fn replies(d: &mut Dev) -> Vec<(u64, String, bool)> {
+        let mut v = Vec::new();
+        while let Some(r) = d.poll_reply() {
+            v.push((r.key, String::from_utf8(r.payload.to_vec()).unwrap(), r.dup));
+        }
+        v
+    }
+
+    fn cmd(d: &mut Dev, name: &str, n: u64) -> CommandOutcome {
+        let payload = crate::command::encode_command(
+            "dev-00001",
+            n,
+            CommandKind::from_name(name).unwrap(),
+            Some(250),
+        );
+        d.command(0, name, &payload, None, None)
+    }
+
+    #[test]
+    fn ping_is_answered_with_its_id_and_correlation_data() {
+        let mut d = Dev::new("dev-00001", cfg(FullPolicy::Block, 8)).unwrap();
+        let payload = br#"{"id":"dev-00001:0","n":0,"cmd":"ping"}"#;
+        let out = d.command(0, "ping", payload, Some("svc/replies/42"), Some(b"corr-1"));
+        assert_eq!(
+            out,
+            CommandOutcome::Accepted {
+                kind: CommandKind::Ping,
+                n: 0,
+                duplicate: false
+            }
+        );
+        assert_eq!(d.poll_reply(), None, "nothing is sent while offline");
+        d.connected();
+        let r = d.poll_reply().unwrap();
+        assert_eq!(r.response_topic, Some("svc/replies/42"));
+        assert_eq!(r.correlation, Some(&b"corr-1"[..]));
+        assert_eq!(r.payload, br#"{"id":"dev-00001:0","cmd":"ping","n":0}"#);
+        assert!(!r.dup);
+        let key = r.key;
+        assert!(!d.is_finished() || d.is_sampling());
+        d.reply_acked(key);
+        assert_eq!(d.replies_pending(), 0);
+        let s = d.stats();
+        assert_eq!(
+            (s.commands_ping, s.replies_sent, s.replies_acked),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn bad_commands_are_counted_and_never_answered() {
+        let mut d = Dev::new("dev-00001", cfg(FullPolicy::Block, 8)).unwrap();
+        d.connected();
+        for (name, payload) in [
+            ("ping", &b"hi"[..]),
+            ("selfdestruct", &br#"{"id":"a:1","n":1}"#[..]),
+            ("set_rate", &br#"{"id":"a:1","n":1}"#[..]),
+            ("ping", &b"\xff"[..]),
+        ] {
+            assert!(matches!(
+                d.command(0, name, payload, None, None),
+                CommandOutcome::Bad(_)
+            ));
+        }
+        let long_topic = "t".repeat(MAX_RESPONSE_TOPIC + 1);
+        let ok = br#"{"id":"a:1","n":1}"#;
+        assert!(matches!(
+            d.command(0, "ping", ok, Some(&long_topic), None),
+            CommandOutcome::Bad(CommandError::TooLong(_))
+        ));
+        assert!(matches!(
+            d.command(0, "ping", ok, None, Some(&[0u8; MAX_CORRELATION + 1])),
+            CommandOutcome::Bad(CommandError::TooLong(_))
+        ));
+        assert_eq!(d.stats().commands_bad, 6);
+        assert_eq!(d.poll_reply(), None);
+        // A bad command does not mark its number seen: the good one is not a duplicate.
+        assert!(matches!(
+            d.command(0, "ping", ok, None, None),
+            CommandOutcome::Accepted {
+                duplicate: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn set_rate_changes_the_sampling_interval() {
+        let mut d = Dev::new("dev-00001", cfg(FullPolicy::Block, 8)).unwrap();
+        let mut now = 0;
+        sample_once(&mut d, &mut now);
+        assert_eq!(d.interval_us(), 1_000);
+        let p = br#"{"id":"dev-00001:9","n":9,"cmd":"set_rate","rate_ms":250}"#;
+        assert!(matches!(
+            d.command(now, "set_rate", p, None, None),
+            CommandOutcome::Accepted {
+                kind: CommandKind::SetRate,
+                ..
+            }
+        ));
+        assert_eq!(d.interval_us(), 250_000);
+        // The next reading is due within one new interval; the one after, a full interval later.
+        let due = d.next_wakeup(now).unwrap();
+        assert!(due <= now + 250_000);
+        assert!(matches!(d.tick(due), TickOutcome::Sampled { .. }));
+        assert_eq!(d.next_wakeup(due), Some(due + 250_000));
+    }
+
+    #[test]
+    fn reboot_is_due_only_after_its_reply_is_acknowledged() {
+        let mut d = Dev::new("dev-00001", cfg(FullPolicy::Block, 8)).unwrap();
+        d.connected();
+        assert!(matches!(
+            cmd(&mut d, "reboot", 0),
+            CommandOutcome::Accepted {
+                kind: CommandKind::Reboot,
+                ..
+            }
+        ));
+        assert!(matches!(
+            cmd(&mut d, "ping", 1),
+            CommandOutcome::Accepted { .. }
+        ));
+        let sent = replies(&mut d);
+        assert_eq!(sent.len(), 2);
+        assert!(!d.take_reboot());
+        // The connection drops before the ack: both replies go again, in order, marked dup.
+        d.disconnected();
+        assert!(!d.take_reboot());
+        d.connected();
+        let again = replies(&mut d);
+        assert_eq!(
+            again.iter().map(|r| (r.0, r.2)).collect::<Vec<_>>(),
+            [(sent[0].0, true), (sent[1].0, true)]
+        );
+        d.reply_acked(sent[0].0);
+        assert!(d.take_reboot());
+        assert!(!d.take_reboot(), "once per reboot command");
+        assert_eq!(d.stats().reboots, 1);
+        // A repeated reboot command is answered but does not reboot again.
+        assert!(matches!(
+            cmd(&mut d, "reboot", 0),
+            CommandOutcome::Accepted {
+                duplicate: true,
+                ..
+            }
+        ));
+        let r = replies(&mut d);
+        d.reply_acked(sent[1].0);
+        d.reply_acked(r[0].0);
+        assert!(!d.take_reboot());
+        assert_eq!(d.replies_pending(), 0);
+    }
+
+    #[test]
+    fn duplicates_are_answered_again_and_counted() {
+        let mut d = Dev::new("dev-00001", cfg(FullPolicy::Block, 8)).unwrap();
+        d.connected();
+        for n in [0, 1, 2, 1, 5, 3, 5] {
+            assert!(matches!(
+                cmd(&mut d, "ping", n),
+                CommandOutcome::Accepted { .. }
+            ));
+            for (key, _, _) in replies(&mut d) {
+                d.reply_acked(key);
+            }
+        }
+        assert_eq!(d.stats().commands_duplicate, 2);
+        assert_eq!(d.stats().replies_acked, 7);
+        // Beyond the window: 100 then 10 (too old to tell) counts as a duplicate.
+        cmd(&mut d, "ping", 100);
+        assert!(matches!(
+            cmd(&mut d, "ping", 10),
+            CommandOutcome::Accepted {
+                duplicate: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            cmd(&mut d, "ping", 99),
+            CommandOutcome::Accepted {
+                duplicate: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_full_reply_outbox_holds_commands_back() {
+        let mut d = Dev::new("dev-00001", cfg(FullPolicy::Block, 8)).unwrap();
+        d.connected();
+        for n in 0..REPLIES as u64 {
+            assert!(matches!(
+                cmd(&mut d, "ping", n),
+                CommandOutcome::Accepted { .. }
+            ));
+        }
+        assert_eq!(cmd(&mut d, "ping", 99), CommandOutcome::Busy);
+        let sent = replies(&mut d);
+        assert_eq!(sent.len(), REPLIES);
+        d.reply_acked(sent[0].0);
+        assert!(matches!(
+            cmd(&mut d, "ping", 99),
+            CommandOutcome::Accepted {
+                duplicate: false,
+                ..
+            }
+        ));
+        // Busy used no number: 99 was new when it was finally taken.
+        assert_eq!(d.stats().commands_duplicate, 0);
+        // Not finished while replies wait.
+        d.stop_sampling();
+        assert!(!d.is_finished());
+        for (key, _, _) in sent.iter().skip(1) {
+            d.reply_acked(*key);
+        }
+        for (key, _, _) in replies(&mut d) {
+            d.reply_acked(key);
+        }
+        assert!(d.is_finished());
     }
 }

@@ -8,8 +8,11 @@ use firmware_sim::cli::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // rskafka warns at every retry of a connect; `verify --kafka` reports the final error itself.
+    // lapin warns at every returned message; `command` counts and reports them.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,firmware_sim=info,rskafka=error")
+        tracing_subscriber::EnvFilter::new(
+            "warn,firmware_sim=info,rskafka=error,lapin::returned_messages=error",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
             Command::Run(args) => cli::run_command(args, false).await,
             Command::Bench(args) => cli::run_command(args, true).await,
             Command::Verify(args) => cli::verify_command(args).await,
+            Command::SendCommands(args) => cli::send_command(args).await,
         }
     });
     match result {

@@ -153,6 +153,121 @@ impl Manifest {
     }
 }
 
+/// What `firmware-sim command --manifest FILE` writes and `verify --commands F` reads: per device,
+/// the commands sent, in the order they were sent.
+///
+/// ```json
+/// {
+///   "version": 1,
+///   "kind": "commands",
+///   "run": { "started_ms": 1700000000000, "devices": 2, "count": 3, "target": "amqp exchange commands" },
+///   "devices": {
+///     "dev-00001": { "confirmed": ["dev-00001:0", "dev-00001:1", "dev-00001:2"], "unconfirmed": [] },
+///     "dev-00002": { "confirmed": ["dev-00002:0", "dev-00002:2"], "unconfirmed": ["dev-00002:1"] }
+///   }
+/// }
+/// ```
+///
+/// - `confirmed`: the upstream broker confirmed the command (AMQP publisher confirm without a
+///   return; Kafka produce with acks=all). Each must be answered, in this order.
+/// - `unconfirmed`: sent, but nacked, returned (unroutable), or the connection failed before the
+///   confirm: it may or may not arrive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandManifest {
+    pub version: u32,
+    /// Always `"commands"`: tells this file from a telemetry manifest.
+    pub kind: String,
+    pub run: CommandRunInfo,
+    pub devices: BTreeMap<String, CommandRecord>,
+}
+
+/// What produced a command manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRunInfo {
+    /// Wall clock at the start of the run, milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    pub devices: usize,
+    /// Commands per device.
+    pub count: u64,
+    /// Where they went, e.g. `amqp exchange commands` (no credentials).
+    pub target: String,
+}
+
+/// One device's commands, each list in send order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub confirmed: Vec<String>,
+    #[serde(default)]
+    pub unconfirmed: Vec<String>,
+}
+
+/// The `kind` of a [`CommandManifest`].
+pub const COMMANDS_KIND: &str = "commands";
+
+impl CommandManifest {
+    pub fn read(path: &Path) -> Result<CommandManifest, ManifestError> {
+        let bytes = std::fs::read(path).map_err(|error| ManifestError::Io {
+            path: path.to_owned(),
+            error,
+        })?;
+        let m: CommandManifest =
+            serde_json::from_slice(&bytes).map_err(|error| ManifestError::Parse {
+                path: path.to_owned(),
+                error,
+            })?;
+        if m.version != VERSION || m.kind != COMMANDS_KIND {
+            return Err(ManifestError::Version {
+                path: path.to_owned(),
+                version: m.version,
+            });
+        }
+        Ok(m)
+    }
+
+    /// Writes the manifest, one line per device, through a temporary file renamed into place.
+    pub fn write(&self, path: &Path) -> Result<(), ManifestError> {
+        use std::fmt::Write;
+        let parse = |error| ManifestError::Parse {
+            path: path.to_owned(),
+            error,
+        };
+        let mut out = String::new();
+        let _ = write!(
+            out,
+            "{{\n  \"version\": {},\n  \"kind\": {},\n  \"run\": {},\n  \"devices\": {{",
+            self.version,
+            serde_json::to_string(&self.kind).map_err(parse)?,
+            serde_json::to_string(&self.run).map_err(parse)?
+        );
+        for (i, (id, record)) in self.devices.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(
+                out,
+                "{sep}\n    {}: {}",
+                serde_json::to_string(id).map_err(parse)?,
+                serde_json::to_string(record).map_err(parse)?
+            );
+        }
+        out.push_str("\n  }\n}\n");
+        let io = |error| ManifestError::Io {
+            path: path.to_owned(),
+            error,
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, out).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Confirmed commands over all devices.
+    pub fn confirmed(&self) -> u64 {
+        self.devices
+            .values()
+            .map(|d| d.confirmed.len() as u64)
+            .sum()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -214,5 +329,48 @@ mod tests {
             Manifest::read(&path),
             Err(ManifestError::Version { version: 2, .. })
         ));
+    }
+
+    #[test]
+    fn a_command_manifest_reads_back_and_is_not_a_telemetry_manifest() {
+        let mut devices = BTreeMap::new();
+        devices.insert(
+            "dev-00001".to_string(),
+            CommandRecord {
+                confirmed: vec!["dev-00001:0".into(), "dev-00001:2".into()],
+                unconfirmed: vec!["dev-00001:1".into()],
+            },
+        );
+        let m = CommandManifest {
+            version: VERSION,
+            kind: COMMANDS_KIND.into(),
+            run: CommandRunInfo {
+                started_ms: 1,
+                devices: 1,
+                count: 3,
+                target: "amqp exchange commands".into(),
+            },
+            devices,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        m.write(&path).unwrap();
+        assert_eq!(CommandManifest::read(&path).unwrap(), m);
+        assert_eq!(m.confirmed(), 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(r#"    "dev-00001": {"confirmed":["dev-00001:0","dev-00001:2"],"unconfirmed":["dev-00001:1"]}"#),
+            "{text}"
+        );
+        // Each kind of manifest refuses the other, naming the file.
+        let err = Manifest::read(&path).unwrap_err().to_string();
+        assert!(err.contains("c.json"), "{err}");
+        let tpath = dir.path().join("t.json");
+        std::fs::write(
+            &tpath,
+            r#"{"version":1,"run":{"started_ms":0,"devices":0,"qos":1,"seed":0,"topic":""},"devices":{}}"#,
+        )
+        .unwrap();
+        assert!(CommandManifest::read(&tpath).is_err());
     }
 }

@@ -6,9 +6,12 @@
 //! poll in progress: [`Loop::next`] moves the event loop into the future and hands it back with
 //! the event, and the device loop keeps that one future alive across its `select!`.
 //!
-//! Retransmission is the device's job, not rumqttc's: sessions are clean, and after a
-//! connection error the requests rumqttc had queued for the next session are discarded
-//! ([`Loop::forget_pending`]); the device then resends its whole outbox in order.
+//! Retransmission is the device's job, not rumqttc's: after a connection error the requests
+//! rumqttc had queued for the next session are discarded ([`Loop::forget_pending`]); the device
+//! then resends its whole outbox (and reply outbox) in order. Sessions are clean unless the
+//! device takes commands: then the session is persistent (MQTT 3.1.1 clean session 0, MQTT 5
+//! clean start 0 with a session expiry), so that the broker keeps its subscription and the
+//! commands that arrive while it is offline.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,10 +45,25 @@ pub struct LinkOptions {
     pub keep_alive: Duration,
     /// Topic and payload of the last will (QoS 1, not retained).
     pub will: (String, Vec<u8>),
-    /// In-flight window (the device's outbox size).
+    /// In-flight window (the device's outbox size, plus its reply slots when it takes
+    /// commands).
     pub inflight: u16,
     /// Largest packet sent or accepted.
     pub max_packet: usize,
+    /// `None`: clean sessions. `Some`: a persistent session; MQTT 5 asks the broker to keep it
+    /// this long after a disconnect.
+    pub session_expiry: Option<Duration>,
+}
+
+/// A PUBLISH the broker sent to the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// MQTT 5 response topic.
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data.
+    pub correlation: Option<Vec<u8>>,
 }
 
 /// What happened on the connection, as the device loop sees it.
@@ -61,6 +79,8 @@ pub enum LinkEvent {
     Refused { pkid: u16, reason: String },
     /// The DISCONNECT we asked for was written.
     DisconnectSent,
+    /// A PUBLISH from the broker (rumqttc has acknowledged it).
+    Message(Box<Incoming>),
     /// The connection attempt failed, or the connection closed.
     Closed { error: String },
     /// Anything else (pings, PUBREC, ...).
@@ -102,6 +122,41 @@ impl Client {
         }
     }
 
+    /// Queues a PUBLISH (QoS 1) of a reply, with MQTT 5 correlation data when given (MQTT
+    /// 3.1.1 has no properties: the id in the payload identifies the command).
+    pub fn publish_reply(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        correlation: Option<&[u8]>,
+    ) -> Result<(), RequestError> {
+        match self {
+            Client::V4(c) => c
+                .try_publish(topic, qos_v4(1), false, payload)
+                .map_err(|e| RequestError(e.to_string())),
+            Client::V5(c) => {
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    correlation_data: correlation.map(|c| c.to_vec().into()),
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(topic, qos_v5(1), false, payload, props)
+                    .map_err(|e| RequestError(e.to_string()))
+            }
+        }
+    }
+
+    /// Queues a SUBSCRIBE at QoS 1.
+    pub fn subscribe(&self, filter: &str) -> Result<(), RequestError> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe(filter, qos_v4(1))
+                .map_err(|e| RequestError(e.to_string())),
+            Client::V5(c) => c
+                .try_subscribe(filter, qos_v5(1))
+                .map_err(|e| RequestError(e.to_string())),
+        }
+    }
+
     /// Queues a DISCONNECT (so the broker does not publish the last will).
     pub fn disconnect(&self) -> Result<(), RequestError> {
         match self {
@@ -135,19 +190,46 @@ impl Loop {
     /// publish, shifting every later pairing by one (a reading marked acknowledged by its
     /// predecessor's ack, another waiting for ever on a packet id of the dead connection).
     /// A collision kept across the reconnect would stop the new connection taking requests.
-    pub fn forget_pending(&mut self) {
+    ///
+    /// Returns the PUBLISHes received among those events: rumqttc may already have acknowledged
+    /// them (its acks go out with the read that found them), so the broker will not send them
+    /// again, and dropping them would lose commands.
+    pub fn forget_pending(&mut self) -> Vec<Incoming> {
+        let received = |ev: LinkEvent| match ev {
+            LinkEvent::Message(m) => Some(*m),
+            _ => None,
+        };
         match self {
             Loop::V4(el) => {
                 el.pending.clear();
-                el.state.events.clear();
                 el.state.collision = None;
+                el.state
+                    .events
+                    .drain(..)
+                    .filter_map(|ev| received(translate_v4(Ok(ev))))
+                    .collect()
             }
             Loop::V5(el) => {
                 el.pending.clear();
-                el.state.events.clear();
                 el.state.collision = None;
+                el.state
+                    .events
+                    .drain(..)
+                    .filter_map(|ev| received(translate_v5(Ok(ev))))
+                    .collect()
             }
         }
+    }
+
+    /// Drops the connection (after our DISCONNECT was written, for a reboot) and everything
+    /// rumqttc kept of it; the next poll connects again. Returns what [`Loop::forget_pending`]
+    /// returns.
+    pub fn reset_connection(&mut self) -> Vec<Incoming> {
+        match self {
+            Loop::V4(el) => el.clean(),
+            Loop::V5(el) => el.clean(),
+        }
+        self.forget_pending()
     }
 }
 
@@ -159,14 +241,14 @@ pub fn open(o: &LinkOptions) -> (Client, Loop) {
         }
         None => Transport::tcp(),
     };
-    // Room for the whole in-flight window plus a DISCONNECT.
+    // Room for the whole in-flight window plus a SUBSCRIBE and a DISCONNECT.
     let cap = usize::from(o.inflight) + 4;
     match o.version {
         MqttVersion::V311 => {
             let mut opts = rumqttc::MqttOptions::new(&o.client_id, &o.host, o.port);
             opts.set_transport(transport)
                 .set_keep_alive(o.keep_alive)
-                .set_clean_session(true)
+                .set_clean_session(o.session_expiry.is_none())
                 .set_inflight(o.inflight)
                 .set_max_packet_size(o.max_packet, o.max_packet)
                 .set_last_will(rumqttc::LastWill::new(
@@ -185,7 +267,11 @@ pub fn open(o: &LinkOptions) -> (Client, Loop) {
             let mut opts = rumqttc::v5::MqttOptions::new(&o.client_id, &o.host, o.port);
             opts.set_transport(transport)
                 .set_keep_alive(o.keep_alive)
-                .set_clean_start(true)
+                .set_clean_start(o.session_expiry.is_none())
+                .set_session_expiry_interval(
+                    o.session_expiry
+                        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+                )
                 .set_outgoing_inflight_upper_limit(o.inflight)
                 .set_max_packet_size(u32::try_from(o.max_packet).ok())
                 .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
@@ -240,6 +326,12 @@ fn translate_v4(ev: Result<rumqttc::Event, rumqttc::ConnectionError>) -> LinkEve
         },
         Ok(Event::Incoming(Packet::PubAck(ack))) => LinkEvent::Acked { pkid: ack.pkid },
         Ok(Event::Incoming(Packet::PubComp(comp))) => LinkEvent::Acked { pkid: comp.pkid },
+        Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message(Box::new(Incoming {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+            response_topic: None,
+            correlation: None,
+        })),
         Ok(Event::Incoming(_)) => LinkEvent::Other,
         Ok(Event::Outgoing(o)) => translate_outgoing(o),
         Err(e) => LinkEvent::Closed {
@@ -275,6 +367,21 @@ fn translate_v5(ev: Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>) ->
             },
         },
         Ok(Event::Incoming(Packet::PubComp(comp))) => LinkEvent::Acked { pkid: comp.pkid },
+        Ok(Event::Incoming(Packet::Publish(p))) => {
+            let (response_topic, correlation) = match p.properties {
+                Some(props) => (
+                    props.response_topic,
+                    props.correlation_data.map(|c| c.to_vec()),
+                ),
+                None => (None, None),
+            };
+            LinkEvent::Message(Box::new(Incoming {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+                response_topic,
+                correlation,
+            }))
+        }
         Ok(Event::Incoming(_)) => LinkEvent::Other,
         Ok(Event::Outgoing(o)) => translate_outgoing(o),
         Err(e) => LinkEvent::Closed {

@@ -10,6 +10,10 @@
 //!                 every device finished (count reached, all acknowledged) ends the run early
 //! ```
 //!
+//! With `commands` on, every device also subscribes (persistent session) to its command topic,
+//! answers what arrives there, and stays online until the run ends (duration, Ctrl-C) or it
+//! took `expect_commands` distinct commands.
+//!
 //! At the end the runner collects every device's record into a [`Manifest`] and a
 //! [`FleetReport`].
 
@@ -27,13 +31,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::device::{Device, DeviceConfig, DeviceError, FullPolicy, LARGE_MSG, OUTBOX, SMALL_MSG};
+use crate::device::{
+    Device, DeviceConfig, DeviceError, FullPolicy, LARGE_MSG, OUTBOX, REPLIES, SMALL_MSG,
+};
 use crate::manifest::{Manifest, ManifestError, RunInfo, VERSION};
 use crate::tls::{TlsError, TlsSettings};
 pub use device_task::BackoffConfig;
-use device_task::{DeviceCtx, DeviceOutcome};
+use device_task::{CommandCtx, DeviceCtx, DeviceOutcome};
 pub use link::MqttVersion;
-pub use report::{peak_rss_bytes, rss_bytes, FleetReport, Latency, ProgressMode};
+pub use report::{peak_rss_bytes, rss_bytes, CommandCounts, FleetReport, Latency, ProgressMode};
 
 /// Default in-flight window and outbox per device: enough to keep a LAN link busy, small enough
 /// for a microcontroller (16 x 256 B = 4 KiB).
@@ -45,6 +51,9 @@ pub const DEFAULT_CONNECT_RATE: f64 = 1000.0;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// MQTT keep-alive: long enough not to add traffic, short enough to notice a dead gateway.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// MQTT 5 session expiry of devices that take commands: an hour keeps commands for a device that
+/// is offline through a test or a restart, without leaving sessions on a broker for ever.
+pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(3600);
 
 /// A fully resolved fleet run (the CLI merges `fleet.toml` and flags into this).
 #[derive(Debug, Clone)]
@@ -53,8 +62,11 @@ pub struct FleetConfig {
     pub broker: String,
     pub version: MqttVersion,
     pub devices: usize,
-    /// Device ids are `<id_prefix><5-digit index>`, from 1: `dev-00001`.
+    /// Device ids are `<id_prefix><5-digit index>`, from `first_device`: `dev-00001`.
     pub id_prefix: String,
+    /// Index of the first device (1): a second fleet process can run `dev-00051` onwards, so a
+    /// test can bring part of the fleet online later (commands wait for it meanwhile).
+    pub first_device: usize,
     /// Readings per second per device; 0 = flat out (sample whenever the outbox has room).
     pub rate: f64,
     /// Pad each payload to at least this many bytes (0: no padding).
@@ -83,6 +95,17 @@ pub struct FleetConfig {
     /// Write the manifest here at the end.
     pub manifest: Option<PathBuf>,
     pub progress: ProgressMode,
+    /// Take commands: subscribe to `command_topic/#` with a persistent session and answer.
+    pub commands: bool,
+    /// Command topic; `{id}` as above. A command is published on `<command_topic>/<name>`.
+    pub command_topic: String,
+    /// Where replies go when a command has no MQTT 5 response topic; `{id}` as above.
+    pub reply_topic: String,
+    /// MQTT 5 session expiry with `commands` (MQTT 3.1.1 sessions do not expire).
+    pub session_expiry: Duration,
+    /// With `commands`: a device finishes once it took this many distinct commands (and its
+    /// readings are done); otherwise it stays online until the run ends.
+    pub expect_commands: Option<u64>,
 }
 
 impl Default for FleetConfig {
@@ -92,6 +115,7 @@ impl Default for FleetConfig {
             version: MqttVersion::V311,
             devices: 10,
             id_prefix: "dev-".into(),
+            first_device: 1,
             rate: 1.0,
             payload_bytes: 0,
             qos: 1,
@@ -113,6 +137,11 @@ impl Default for FleetConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             manifest: None,
             progress: ProgressMode::Auto,
+            commands: false,
+            command_topic: "devices/{id}/commands".into(),
+            reply_topic: "devices/{id}/replies".into(),
+            session_expiry: DEFAULT_SESSION_EXPIRY,
+            expect_commands: None,
         }
     }
 }
@@ -197,6 +226,12 @@ pub(crate) struct Counters {
     pub online: AtomicU64,
     /// Microseconds from the start of the run to the latest acknowledgement.
     pub last_ack_us: AtomicU64,
+    /// Commands received (PUBLISHes on a command topic), bad and duplicates included.
+    pub commands: AtomicU64,
+    pub commands_bad: AtomicU64,
+    pub commands_duplicate: AtomicU64,
+    pub replies_acked: AtomicU64,
+    pub reboots: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -250,6 +285,13 @@ impl FleetConfig {
         if self.devices == 0 || self.devices > 99_999 {
             return Err(invalid("devices", self.devices, "must be 1..=99999"));
         }
+        if self.first_device == 0 || self.first_device + self.devices - 1 > 99_999 {
+            return Err(invalid(
+                "first-device",
+                self.first_device,
+                "must be at least 1, and the last device at most 99999",
+            ));
+        }
         if self.qos > 2 {
             return Err(invalid("qos", self.qos, "must be 0, 1 or 2"));
         }
@@ -299,6 +341,23 @@ impl FleetConfig {
             // Allowed, but then the upstream cannot tell devices apart by topic.
             warn!(topic = %self.topic, "topic has no {{id}}: all devices publish to one topic");
         }
+        if self.commands {
+            for (key, topic) in [
+                ("command-topic", &self.command_topic),
+                ("reply-topic", &self.reply_topic),
+            ] {
+                if topic.is_empty() || topic.contains(['#', '+']) {
+                    return Err(invalid(key, topic, "a topic name without wildcards"));
+                }
+            }
+            if self.command_topic.ends_with('/') {
+                return Err(invalid(
+                    "command-topic",
+                    &self.command_topic,
+                    "no trailing '/': commands arrive on <command-topic>/<name>",
+                ));
+            }
+        }
         if self.id_prefix.len() + 5 > crate::device::MAX_ID {
             return Err(invalid(
                 "id-prefix",
@@ -311,7 +370,7 @@ impl FleetConfig {
 
     /// The device ids of this fleet, in order.
     pub fn device_ids(&self) -> Vec<String> {
-        (1..=self.devices)
+        (self.first_device..self.first_device + self.devices)
             .map(|i| format!("{}{i:05}", self.id_prefix))
             .collect()
     }
@@ -403,12 +462,19 @@ pub async fn run(
                         .to_string()
                         .into_bytes(),
                 ),
-                inflight: cfg.outbox as u16,
+                // Replies ride beside readings, so they get their own share of the window.
+                inflight: (cfg.outbox + if cfg.commands { REPLIES } else { 0 }) as u16,
                 max_packet,
+                session_expiry: cfg.commands.then_some(cfg.session_expiry),
             },
             start_at: shared.started + connect_gap * i as u32,
             backoff: cfg.backoff,
             jitter_seed: cfg.seed ^ crate::device::fnv1a(id.as_bytes()) ^ 0x6a09_e667_f3bc_c908,
+            commands: cfg.commands.then(|| CommandCtx {
+                prefix: format!("{}/", cfg.command_topic.replace("{id}", id)),
+                reply_topic: cfg.reply_topic.replace("{id}", id),
+                expect: cfg.expect_commands,
+            }),
         };
         let device_error = |error| FleetError::Device {
             id: id.clone(),
@@ -547,6 +613,11 @@ mod tests {
         assert!(bad(|c| c.payload_bytes = 100_000).contains("payload-bytes"));
         assert!(bad(|c| c.rate = -1.0).contains("rate"));
         assert!(bad(|c| c.devices = 0).contains("devices"));
+        assert!(bad(|c| {
+            c.commands = true;
+            c.command_topic = "devices/{id}/commands/#".into()
+        })
+        .contains("command-topic"));
     }
 
     #[test]
@@ -556,5 +627,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.device_ids(), ["dev-00001", "dev-00002", "dev-00003"]);
+        let c = FleetConfig {
+            devices: 2,
+            first_device: 51,
+            ..Default::default()
+        };
+        assert_eq!(c.device_ids(), ["dev-00051", "dev-00052"]);
+        assert!(c.validate().is_ok());
+        let c = FleetConfig {
+            devices: 2,
+            first_device: 99_999,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("first-device"));
     }
 }

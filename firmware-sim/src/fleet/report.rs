@@ -98,8 +98,36 @@ pub struct FleetReport {
     /// Peak resident memory of this process (VmHWM), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,
     pub last_error: Option<String>,
+    /// Present when the devices took commands (`--commands`).
+    pub commands: Option<CommandCounts>,
     #[serde(skip)]
     pub manifest: Manifest,
+}
+
+/// What the devices did with commands, summed over the fleet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CommandCounts {
+    /// Taken, by kind (duplicates included).
+    pub ping: u64,
+    pub set_rate: u64,
+    pub reboot: u64,
+    /// Taken again: a command number the device had seen (answered again, not acted on again).
+    pub duplicates: u64,
+    /// Not parsed or not answerable: never acted on, never answered.
+    pub bad: u64,
+    /// Replies sent (first transmissions), resent, and acknowledged by the broker.
+    pub replies_sent: u64,
+    pub replies_resent: u64,
+    pub replies_acked: u64,
+    /// Reboots done.
+    pub reboots: u64,
+}
+
+impl CommandCounts {
+    /// Commands taken (duplicates included, bad ones not).
+    pub fn taken(&self) -> u64 {
+        self.ping + self.set_rate + self.reboot
+    }
 }
 
 impl FleetReport {
@@ -151,6 +179,17 @@ impl FleetReport {
             },
             peak_rss_bytes: peak_rss_bytes(),
             last_error: shared.last_error(),
+            commands: cfg.commands.then(|| CommandCounts {
+                ping: sum(|o| o.stats.commands_ping),
+                set_rate: sum(|o| o.stats.commands_set_rate),
+                reboot: sum(|o| o.stats.commands_reboot),
+                duplicates: sum(|o| o.stats.commands_duplicate),
+                bad: sum(|o| o.stats.commands_bad),
+                replies_sent: sum(|o| o.stats.replies_sent),
+                replies_resent: sum(|o| o.stats.replies_resent),
+                replies_acked: sum(|o| o.stats.replies_acked),
+                reboots: sum(|o| o.stats.reboots),
+            }),
             manifest,
         }
     }
@@ -274,6 +313,24 @@ impl fmt::Display for FleetReport {
                 self.acked_per_s, self.sent_per_s, self.elapsed_s
             ),
         )?;
+        if let Some(k) = &self.commands {
+            row(
+                f,
+                "commands",
+                format!(
+                    "{}  (ping {}, set_rate {}, reboot {}; duplicates {}, bad {}); replies acked {} (+{} resent); reboots {}",
+                    k.taken(),
+                    k.ping,
+                    k.set_rate,
+                    k.reboot,
+                    k.duplicates,
+                    k.bad,
+                    k.replies_acked,
+                    k.replies_resent,
+                    k.reboots
+                ),
+            )?;
+        }
         if self.late > 0 {
             row(
                 f,
@@ -367,7 +424,7 @@ impl Progress {
                 } else {
                     c.acked.load(Relaxed)
                 };
-                let msg = format!(
+                let mut msg = format!(
                     "online {}/{}  sent {}  acked {}  dropped {}  reconnects {}  errors {}",
                     c.online.load(Relaxed),
                     devices,
@@ -377,6 +434,14 @@ impl Progress {
                     c.connection_losses.load(Relaxed),
                     c.connect_errors.load(Relaxed),
                 );
+                let commands = c.commands.load(Relaxed);
+                if commands > 0 {
+                    msg.push_str(&format!(
+                        "  commands {commands}  replies acked {}  reboots {}",
+                        c.replies_acked.load(Relaxed),
+                        c.reboots.load(Relaxed)
+                    ));
+                }
                 match &pb {
                     Some(pb) => {
                         pb.set_position(match expected {

@@ -4,11 +4,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 
-use super::{now_us, print_progress, record_message, StopRule, Tally, VerifyError, VerifyOptions};
-use crate::manifest::Manifest;
+use super::{now_us, print_progress, Checks, StopRule, VerifyError, VerifyOptions};
 
 /// How often consumed messages are acknowledged when fewer than half a prefetch window came in.
 const ACK_EVERY: Duration = Duration::from_millis(100);
@@ -20,8 +19,7 @@ pub(super) async fn consume(
     url: &str,
     queue: &str,
     opts: &VerifyOptions,
-    manifest: &Manifest,
-    tally: &mut Tally,
+    checks: &mut Checks<'_>,
     desc: &str,
 ) -> Result<bool, VerifyError> {
     let err = |operation: &'static str| {
@@ -61,13 +59,16 @@ pub(super) async fn consume(
     let mut stop = StopRule::new(deadline, opts.settle);
 
     let timed_out = loop {
-        let Some(stop_at) = stop.next(tally.complete()) else {
+        let Some(stop_at) = stop.next(checks.complete()) else {
             break false;
         };
         tokio::select! {
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    record_message(tally, manifest, &delivery.data, now_us());
+                    let headers = delivery.properties.headers().as_ref();
+                    let topic = header(headers, "mqtt_topic").and_then(|b| std::str::from_utf8(b).ok());
+                    let correlation = header(headers, "mqtt_correlation_data");
+                    checks.record(&delivery.data, topic, correlation, now_us());
                     last_tag = Some(delivery.delivery_tag);
                     unacked += 1;
                     if unacked >= ack_batch {
@@ -80,7 +81,7 @@ pub(super) async fn consume(
             _ = ack_tick.tick() => {
                 ack_upto(&channel, &mut last_tag, &mut unacked).await.map_err(err("basic.ack"))?;
             }
-            _ = progress_tick.tick(), if opts.progress => print_progress(started, tally),
+            _ = progress_tick.tick(), if opts.progress => print_progress(started, checks),
             _ = tokio::time::sleep_until(stop_at.into()) => break !stop.completed(),
         }
     };
@@ -110,4 +111,13 @@ async fn ack_upto(
         *unacked = 0;
     }
     Ok(())
+}
+
+/// A text or byte header's bytes (the gateway sends its headers as long strings).
+fn header<'h>(headers: Option<&'h FieldTable>, key: &str) -> Option<&'h [u8]> {
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+        _ => None,
+    }
 }

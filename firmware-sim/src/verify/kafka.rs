@@ -16,8 +16,7 @@ use rskafka::client::ClientBuilder;
 use rskafka::record::Record;
 use rskafka::BackoffConfig;
 
-use super::{now_us, print_progress, record_message, StopRule, Tally, VerifyError, VerifyOptions};
-use crate::manifest::Manifest;
+use super::{now_us, print_progress, Checks, StopRule, VerifyError, VerifyOptions};
 
 /// How long one fetch waits on the broker for new records before answering empty. Short, so
 /// the settle and timeout checks stay responsive; long enough not to spin on an idle topic.
@@ -28,7 +27,7 @@ const FETCH_MAX_BYTES: i32 = 1 << 20;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// `"a:9092, b:9092"` -> `["a:9092", "b:9092"]`; each entry must be `host:port`.
-pub(super) fn parse_brokers(s: &str) -> Result<Vec<String>, VerifyError> {
+pub(crate) fn parse_brokers(s: &str) -> Result<Vec<String>, VerifyError> {
     let bad = || VerifyError::KafkaBrokers(s.to_owned());
     let brokers: Vec<String> = s
         .split(',')
@@ -50,12 +49,19 @@ pub(super) fn parse_brokers(s: &str) -> Result<Vec<String>, VerifyError> {
     Ok(brokers)
 }
 
-/// Records one Kafka record: its value is the payload; a record without one is undecodable.
-fn record_kafka(tally: &mut Tally, manifest: &Manifest, record: &Record, now_us: u64) {
-    match &record.value {
-        Some(value) => record_message(tally, manifest, value, now_us),
-        None => tally.record_undecodable(),
-    }
+/// Records one Kafka record: its value is the payload (a record without one is an empty
+/// payload: undecodable), its headers `mqtt_topic` and `mqtt_correlation_data`.
+fn record_kafka(checks: &mut Checks<'_>, record: &Record, now_us: u64) {
+    let topic = record
+        .headers
+        .get("mqtt_topic")
+        .and_then(|b| std::str::from_utf8(b).ok());
+    let correlation = record
+        .headers
+        .get("mqtt_correlation_data")
+        .map(Vec::as_slice);
+    let value = record.value.as_deref().unwrap_or_default();
+    checks.record(value, topic, correlation, now_us);
 }
 
 /// Consumes until complete (+ settle) or the timeout; returns whether it timed out.
@@ -63,8 +69,7 @@ pub(super) async fn consume(
     brokers: &str,
     topic: &str,
     opts: &VerifyOptions,
-    manifest: &Manifest,
-    tally: &mut Tally,
+    checks: &mut Checks<'_>,
     desc: &str,
 ) -> Result<bool, VerifyError> {
     let err = |operation: &'static str| {
@@ -130,13 +135,13 @@ pub(super) async fn consume(
     let mut stop = StopRule::new(deadline, opts.settle);
 
     let timed_out = loop {
-        let Some(stop_at) = stop.next(tally.complete()) else {
+        let Some(stop_at) = stop.next(checks.complete()) else {
             break false;
         };
         tokio::select! {
             next = records.next() => match next {
                 Some((_, Ok((r, _high_watermark)))) => {
-                    record_kafka(tally, manifest, &r.record, now_us());
+                    record_kafka(checks, &r.record, now_us());
                 }
                 Some((p, Err(e))) => {
                     return Err(VerifyError::KafkaFetch {
@@ -148,7 +153,7 @@ pub(super) async fn consume(
                 // A partition stream ends only after the error it reported.
                 None => return Err(VerifyError::Cancelled(desc.to_owned())),
             },
-            _ = progress_tick.tick(), if opts.progress => print_progress(started, tally),
+            _ = progress_tick.tick(), if opts.progress => print_progress(started, checks),
             _ = tokio::time::sleep_until(stop_at.into()) => break !stop.completed(),
         }
     };
@@ -164,7 +169,7 @@ mod tests {
     use rskafka::chrono::DateTime;
 
     use super::*;
-    use crate::manifest::{DeviceRecord, RunInfo, VERSION};
+    use crate::manifest::{DeviceRecord, Manifest, RunInfo, VERSION};
     use crate::payload::{encode, Reading};
 
     fn manifest(devices: &[(&str, u64)]) -> Manifest {
@@ -241,7 +246,7 @@ mod tests {
     fn interleaved_partitions_keep_per_device_order_and_empty_values_are_undecodable() {
         // a lives in one partition, b in another; the merged stream interleaves them.
         let m = manifest(&[("a", 3), ("b", 2)]);
-        let mut t = Tally::new(&m);
+        let mut t = Checks::new(Some(&m), None);
         let arrivals = [
             cbor("b", 0),
             cbor("a", 0),
@@ -253,10 +258,15 @@ mod tests {
         ];
         for r in &arrivals {
             assert!(!t.complete());
-            record_kafka(&mut t, &m, r, 1_700_000_000_500_000);
+            record_kafka(&mut t, r, 1_700_000_000_500_000);
         }
         assert!(t.complete());
-        let report = t.report(&m, Some(0), "kafka".into(), false, 0.1);
+        let mut opts = VerifyOptions::new(super::super::Source::Kafka {
+            brokers: "b:9092".into(),
+            topic: "t".into(),
+        });
+        opts.max_duplicates = Some(0);
+        let report = t.report(&opts, false, 0.1);
         assert!(report.passed, "{report}");
         assert_eq!(
             (
@@ -272,12 +282,67 @@ mod tests {
     #[test]
     fn a_device_read_out_of_partition_order_is_reported() {
         let m = manifest(&[("a", 2)]);
-        let mut t = Tally::new(&m);
+        let mut t = Checks::new(Some(&m), None);
         for r in [cbor("a", 1), cbor("a", 0)] {
-            record_kafka(&mut t, &m, &r, 0);
+            record_kafka(&mut t, &r, 0);
         }
-        let report = t.report(&m, None, "kafka".into(), false, 0.1);
+        let opts = VerifyOptions::new(super::super::Source::Kafka {
+            brokers: "b:9092".into(),
+            topic: "t".into(),
+        });
+        let report = t.report(&opts, false, 0.1);
         assert!(!report.passed);
         assert_eq!(report.total.out_of_order, 1);
+    }
+
+    #[test]
+    fn replies_in_a_kafka_topic_are_checked_with_their_correlation_header() {
+        use crate::manifest::{CommandManifest, CommandRecord, CommandRunInfo, COMMANDS_KIND};
+        let m = CommandManifest {
+            version: VERSION,
+            kind: COMMANDS_KIND.into(),
+            run: CommandRunInfo {
+                started_ms: 0,
+                devices: 1,
+                count: 2,
+                target: "t".into(),
+            },
+            devices: [(
+                "a".to_string(),
+                CommandRecord {
+                    confirmed: vec!["a:0".into(), "a:1".into()],
+                    unconfirmed: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let reply = |n: u64, corr: &str| {
+            let mut r = record(Some(
+                format!(r#"{{"id":"a:{n}","cmd":"ping","n":{n}}}"#).into_bytes(),
+            ));
+            r.headers
+                .insert("mqtt_topic".into(), b"devices/a/replies".to_vec());
+            r.headers
+                .insert("mqtt_correlation_data".into(), corr.as_bytes().to_vec());
+            r
+        };
+        let mut t = Checks::new(None, Some(&m));
+        for r in [cbor("a", 0), reply(1, "a:1"), reply(0, "a:7")] {
+            record_kafka(&mut t, &r, 0);
+        }
+        assert!(t.complete());
+        let opts = VerifyOptions::new(super::super::Source::Kafka {
+            brokers: "b:9092".into(),
+            topic: "t".into(),
+        });
+        let report = t.report(&opts, false, 0.1);
+        let c = report.commands.as_ref().unwrap();
+        assert_eq!(
+            (c.answered, c.out_of_order, c.correlation_mismatch),
+            (2, 1, 1)
+        );
+        assert_eq!(report.ignored, 1, "telemetry is not checked here");
+        assert!(!report.passed);
     }
 }

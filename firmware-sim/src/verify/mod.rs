@@ -10,6 +10,17 @@
 //! Either consumer stops when every acknowledged reading has arrived (plus `settle`, to catch
 //! trailing duplicates) or at the timeout.
 //!
+//! With a command manifest (`command --manifest`), replies to commands are checked too, or only
+//! them. Replies reach the upstream through the gateway's uplink like telemetry; a message is a
+//! reply when its payload is a reply (JSON `id`, `cmd`, `n`), and a bad reply when it is not
+//! but its `mqtt_topic` header ends in `/replies`. Everything else is telemetry.
+//!
+//! ```text
+//! upstream message ─┬─ reply JSON ───────────────> CommandTally (per device: answered, dups, order)
+//!                   ├─ other on .../replies ─────> CommandTally bad
+//!                   └─ anything else ────────────> Tally (telemetry)
+//! ```
+//!
 //! - AMQP (`amqp`): manual acknowledgements (batched with `multiple`) and a prefetch
 //!   window. Messages it consumed are acknowledged, so the queue is drained of them; messages it
 //!   did not get to stay in the queue.
@@ -18,14 +29,16 @@
 //!   topic can be verified again.
 
 mod amqp;
-mod kafka;
+mod commands;
+pub(crate) mod kafka;
 mod tally;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use commands::{CommandReport, CommandTally, DeviceCommandVerdict, ReplyOutOfOrder};
 pub use tally::{DeviceVerdict, OutOfOrder, Tally, Totals, VerifyReport};
 
-use crate::manifest::Manifest;
+use crate::manifest::{CommandManifest, Manifest};
 
 /// Where the verifier reads from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,39 +155,130 @@ pub async fn verify(
     opts: &VerifyOptions,
     manifest: &Manifest,
 ) -> Result<VerifyReport, VerifyError> {
+    verify_all(opts, Some(manifest), None).await
+}
+
+/// Like [`verify`], checking telemetry against `telemetry` and/or command replies against
+/// `commands` (at least one should be given; with neither it stops at once).
+pub async fn verify_all(
+    opts: &VerifyOptions,
+    telemetry: Option<&Manifest>,
+    commands: Option<&CommandManifest>,
+) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let mut tally = Tally::new(manifest);
+    let mut checks = Checks::new(telemetry, commands);
+    let desc = opts.source.to_string();
     let timed_out = match &opts.source {
-        Source::Amqp { url, queue } => {
-            amqp::consume(
-                url,
-                queue,
-                opts,
-                manifest,
-                &mut tally,
-                &opts.source.to_string(),
-            )
-            .await?
-        }
+        Source::Amqp { url, queue } => amqp::consume(url, queue, opts, &mut checks, &desc).await?,
         Source::Kafka { brokers, topic } => {
-            kafka::consume(
-                brokers,
-                topic,
-                opts,
-                manifest,
-                &mut tally,
-                &opts.source.to_string(),
-            )
-            .await?
+            kafka::consume(brokers, topic, opts, &mut checks, &desc).await?
         }
     };
-    Ok(tally.report(
-        manifest,
-        opts.max_duplicates,
-        opts.source.to_string(),
-        timed_out,
-        started.elapsed().as_secs_f64(),
-    ))
+    Ok(checks.report(opts, timed_out, started.elapsed().as_secs_f64()))
+}
+
+/// What one verification checks, and its running counts.
+pub struct Checks<'a> {
+    telemetry: Option<(&'a Manifest, Tally)>,
+    commands: Option<(&'a CommandManifest, CommandTally)>,
+    /// Messages of a kind not being checked (telemetry when only commands are, or replies
+    /// when only telemetry is).
+    ignored: u64,
+}
+
+impl<'a> Checks<'a> {
+    pub fn new(telemetry: Option<&'a Manifest>, commands: Option<&'a CommandManifest>) -> Self {
+        Checks {
+            telemetry: telemetry.map(|m| (m, Tally::new(m))),
+            commands: commands.map(|m| (m, CommandTally::new(m))),
+            ignored: 0,
+        }
+    }
+
+    /// Everything expected has arrived.
+    pub fn complete(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    /// Acknowledged readings and confirmed commands still without an arrival / answer.
+    pub fn remaining(&self) -> u64 {
+        self.telemetry.as_ref().map_or(0, |(_, t)| t.remaining())
+            + self.commands.as_ref().map_or(0, |(_, c)| c.remaining())
+    }
+
+    /// Messages received so far.
+    pub fn received(&self) -> u64 {
+        self.telemetry.as_ref().map_or(0, |(_, t)| t.received())
+            + self.commands.as_ref().map_or(0, |(_, c)| c.received())
+            + self.ignored
+    }
+
+    /// Records one upstream message: its payload, its `mqtt_topic` and `mqtt_correlation_data`
+    /// headers (when it has them), and its arrival time (epoch microseconds).
+    pub fn record(
+        &mut self,
+        payload: &[u8],
+        topic: Option<&str>,
+        correlation: Option<&[u8]>,
+        now_us: u64,
+    ) {
+        if let Ok(reply) = crate::command::parse_reply(payload) {
+            match &mut self.commands {
+                Some((_, c)) => c.record(&reply.id, correlation),
+                None => self.ignored += 1,
+            }
+            return;
+        }
+        if topic.is_some_and(|t| t.ends_with("/replies")) {
+            match &mut self.commands {
+                Some((_, c)) => c.record_bad(),
+                None => self.ignored += 1,
+            }
+            return;
+        }
+        match &mut self.telemetry {
+            Some((m, t)) => record_message(t, m, payload, now_us),
+            None => self.ignored += 1,
+        }
+    }
+
+    pub(crate) fn report(
+        &self,
+        opts: &VerifyOptions,
+        timed_out: bool,
+        elapsed_s: f64,
+    ) -> VerifyReport {
+        let source = opts.source.to_string();
+        let mut report = match &self.telemetry {
+            Some((m, t)) => t.report(m, opts.max_duplicates, source, timed_out, elapsed_s),
+            None => {
+                let empty = Manifest {
+                    version: crate::manifest::VERSION,
+                    run: crate::manifest::RunInfo {
+                        started_ms: 0,
+                        devices: 0,
+                        qos: 1,
+                        seed: 0,
+                        topic: String::new(),
+                    },
+                    devices: Default::default(),
+                };
+                let mut r = Tally::new(&empty).report(&empty, None, source, timed_out, elapsed_s);
+                r.telemetry_checked = false;
+                r
+            }
+        };
+        report.ignored = self.ignored;
+        if let Some((m, c)) = &self.commands {
+            let cr = c.report(m);
+            report
+                .failures
+                .extend(cr.failures(timed_out, opts.max_duplicates));
+            report.commands = Some(cr);
+        }
+        report.passed = report.failures.is_empty();
+        report
+    }
 }
 
 /// Wall clock, epoch microseconds (0 if the clock is before 1970).
@@ -185,12 +289,12 @@ pub(crate) fn now_us() -> u64 {
 }
 
 /// The progress line on stderr.
-pub(crate) fn print_progress(started: Instant, tally: &Tally) {
+pub(crate) fn print_progress(started: Instant, checks: &Checks<'_>) {
     eprintln!(
         "[{:>7.1}s] received {}  still expected {}",
         started.elapsed().as_secs_f64(),
-        tally.received(),
-        tally.remaining()
+        checks.received(),
+        checks.remaining()
     );
 }
 
@@ -255,5 +359,113 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_password("amqp://host"), "amqp://host");
+    }
+
+    fn telemetry(device: &str, seq: u64) -> Vec<u8> {
+        let reading = crate::payload::Reading {
+            device_id: device,
+            seq,
+            sample_time_ms: 1,
+            temp_c: 20.0,
+            humidity_pct: 50.0,
+            battery_v: 3.7,
+        };
+        let mut out = heapless::Vec::<u8, 256>::new();
+        crate::payload::encode(&reading, 0, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    #[test]
+    fn replies_are_told_from_telemetry_and_both_are_checked() {
+        use crate::manifest::{CommandRecord, CommandRunInfo, DeviceRecord, RunInfo};
+        let telemetry_manifest = Manifest {
+            version: crate::manifest::VERSION,
+            run: RunInfo {
+                started_ms: 0,
+                devices: 1,
+                qos: 1,
+                seed: 1,
+                topic: "t".into(),
+            },
+            devices: [(
+                "a".to_string(),
+                DeviceRecord {
+                    next_seq: 2,
+                    acked: (0..2).collect(),
+                    ..Default::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let command_manifest = CommandManifest {
+            version: crate::manifest::VERSION,
+            kind: crate::manifest::COMMANDS_KIND.into(),
+            run: CommandRunInfo {
+                started_ms: 0,
+                devices: 1,
+                count: 2,
+                target: "t".into(),
+            },
+            devices: [(
+                "a".to_string(),
+                CommandRecord {
+                    confirmed: vec!["a:0".into(), "a:1".into()],
+                    unconfirmed: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let reply = |n: u64| format!(r#"{{"id":"a:{n}","cmd":"ping","n":{n}}}"#).into_bytes();
+        let opts = VerifyOptions::new(Source::Amqp {
+            url: "amqp://x".into(),
+            queue: "q".into(),
+        });
+        let stream = |c: &mut Checks<'_>| {
+            c.record(&telemetry("a", 0), Some("devices/a/telemetry"), None, 0);
+            c.record(&reply(0), Some("devices/a/replies"), Some(b"a:0"), 0);
+            c.record(b"garbage", Some("devices/a/replies"), None, 0);
+            // Without headers (another uplink), a reply is still known by its payload.
+            c.record(&reply(1), None, None, 0);
+            c.record(&telemetry("a", 1), None, None, 0);
+        };
+
+        let mut both = Checks::new(Some(&telemetry_manifest), Some(&command_manifest));
+        assert_eq!(both.remaining(), 4);
+        stream(&mut both);
+        assert!(both.complete());
+        let r = both.report(&opts, false, 0.1);
+        assert!(r.passed, "{r}");
+        assert_eq!(
+            (r.total.received, r.total.undecodable, r.ignored),
+            (2, 0, 0)
+        );
+        let c = r.commands.as_ref().unwrap();
+        assert_eq!((c.answered, c.bad, c.missing), (2, 1, 0));
+
+        // Commands only: telemetry is ignored, not undecodable; a missing answer fails.
+        let mut only = Checks::new(None, Some(&command_manifest));
+        only.record(&telemetry("a", 0), None, None, 0);
+        only.record(&reply(1), None, None, 0);
+        assert!(!only.complete());
+        let r = only.report(&opts, true, 0.1);
+        assert!(!r.passed);
+        assert!(!r.telemetry_checked);
+        assert_eq!(r.ignored, 1);
+        let text = r.to_string();
+        assert!(text.contains("telemetry    not checked"), "{text}");
+        assert!(text.contains("missing 1 [a:0]"), "{text}");
+        assert!(
+            text.contains("FAIL: 1 confirmed command(s) never answered at the timeout"),
+            "{text}"
+        );
+
+        // Telemetry only (as before): replies are ignored, telemetry passes.
+        let mut tel = Checks::new(Some(&telemetry_manifest), None);
+        stream(&mut tel);
+        let r = tel.report(&opts, false, 0.1);
+        assert!(r.passed && r.commands.is_none(), "{r}");
+        assert_eq!(r.ignored, 3);
     }
 }

@@ -113,6 +113,13 @@ pub struct VerifyReport {
     /// Sample time (device clock) to arrival at the verifier.
     pub latency_ms: Option<Latency>,
     pub devices: BTreeMap<String, DeviceVerdict>,
+    /// Whether telemetry was checked (a manifest was given); `false` for a commands-only run.
+    pub telemetry_checked: bool,
+    /// Messages of a kind not being checked (telemetry in a commands-only run, replies in a
+    /// telemetry-only run).
+    pub ignored: u64,
+    /// Replies to commands, when a command manifest was given.
+    pub commands: Option<super::CommandReport>,
 }
 
 impl Tally {
@@ -294,6 +301,9 @@ impl Tally {
             total,
             latency_ms: self.latency.as_ref().and_then(Latency::from_histogram),
             devices,
+            telemetry_checked: true,
+            ignored: 0,
+            commands: None,
         }
     }
 }
@@ -303,8 +313,33 @@ const LIST_DEVICES: usize = 50;
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let t = &self.total;
         writeln!(f, "source       {}", self.source)?;
+        if !self.telemetry_checked {
+            writeln!(
+                f,
+                "telemetry    not checked (no --expect){}",
+                if self.timed_out { "  (timed out)" } else { "" }
+            )?;
+        } else {
+            self.fmt_telemetry(f)?;
+        }
+        if let Some(c) = &self.commands {
+            write!(f, "{c}")?;
+        }
+        if self.ignored > 0 {
+            writeln!(f, "ignored      {} (not being checked)", self.ignored)?;
+        }
+        if self.passed {
+            writeln!(f, "PASS")
+        } else {
+            writeln!(f, "FAIL: {}", self.failures.join("; "))
+        }
+    }
+}
+
+impl VerifyReport {
+    fn fmt_telemetry(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.total;
         writeln!(
             f,
             "devices      {}  expected {}  received {} ({} unique)  in {:.2} s{}",
@@ -379,11 +414,7 @@ impl fmt::Display for VerifyReport {
                 problems.len() - LIST_DEVICES
             )?;
         }
-        if self.passed {
-            writeln!(f, "PASS")
-        } else {
-            writeln!(f, "FAIL: {}", self.failures.join("; "))
-        }
+        Ok(())
     }
 }
 

@@ -391,3 +391,194 @@ pub async fn delete_queue(
     conn.close(200, "done".into()).await?;
     Ok(())
 }
+
+/// Creates a persistent MQTT 5 session for each client id with a QoS 1 subscription to
+/// `filter` (`{id}` = the client id), as if the device had been online before: Mosquitto then
+/// keeps QoS 1 messages for it until it connects with clean start 0.
+pub async fn precreate_sessions(ids: &[String], filter: &str) -> anyhow::Result<()> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    for id in ids {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", 1883);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(300));
+        let (client, mut el) = AsyncClient::new(opts, 8);
+        client
+            .subscribe(filter.replace("{id}", id), QoS::AtLeastOnce)
+            .await?;
+        let mut subscribed = false;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                    subscribed = true;
+                    client.disconnect().await?;
+                }
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) if subscribed => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("{id}: {e} (is Mosquitto running on 127.0.0.1:1883?)"),
+                Err(_) => bail!("{id}: no SUBACK / DISCONNECT within 5 s"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the [`Downlink`] stand-in saw of one command on the AMQP side.
+#[derive(Debug, Clone)]
+pub struct SeenCommand {
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub content_type: Option<String>,
+    pub delivery_mode: Option<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// Stands in for the gateway's AMQP downlink: consumes `queue` and publishes every command to
+/// Mosquitto as MQTT 5, QoS 1, on the routing key with `.` as `/`, with `reply_to` as the response
+/// topic and `correlation_id` as the correlation data; acks after Mosquitto's PUBACK.
+pub struct Downlink {
+    pub seen: Arc<Mutex<Vec<SeenCommand>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Downlink {
+    pub async fn start(queue: &str, client_id: &str) -> anyhow::Result<Downlink> {
+        use futures_util::StreamExt;
+        use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::{AsyncClient, MqttOptions};
+
+        let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ at 127.0.0.1:5672")?;
+        let channel = conn.create_channel().await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("{client_id}-consumer").as_str().into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", 1883);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(opts, 256);
+        // The event loop only needs to run; publishes are awaited through the request channel.
+        let pump = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            let _keep = (conn, pump);
+            while let Some(Ok(d)) = consumer.next().await {
+                let p = &d.properties;
+                let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|v| v.to_string());
+                let cmd = SeenCommand {
+                    routing_key: d.routing_key.to_string(),
+                    message_id: s(p.message_id()),
+                    correlation_id: s(p.correlation_id()),
+                    reply_to: s(p.reply_to()),
+                    content_type: s(p.content_type()),
+                    delivery_mode: *p.delivery_mode(),
+                    payload: d.data.clone(),
+                };
+                let props = PublishProperties {
+                    response_topic: cmd.reply_to.clone(),
+                    correlation_data: cmd.correlation_id.clone().map(|c| c.into_bytes().into()),
+                    ..Default::default()
+                };
+                let topic = cmd.routing_key.replace('.', "/");
+                if let Ok(mut l) = log.lock() {
+                    l.push(cmd.clone());
+                }
+                if client
+                    .publish_with_properties(topic, QoS::AtLeastOnce, false, cmd.payload, props)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Ok(Downlink { seen, task })
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// Stands in for the gateway's uplink for replies: subscribes (MQTT 5) to `filter` and publishes
+/// each message to the AMQP queue `queue` with the headers the gateway sets (`mqtt_topic`, and
+/// `mqtt_correlation_data` when the message had correlation data). Returns once subscribed.
+pub struct ReplyBridge {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyBridge {
+    pub async fn start(filter: &str, queue: &str, client_id: &str) -> anyhow::Result<ReplyBridge> {
+        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        use lapin::types::{AMQPValue, FieldTable, LongString};
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+        let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ at 127.0.0.1:5672")?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", 1883);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(opts, 64);
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("reply bridge: {e} (is Mosquitto on 127.0.0.1:1883?)"),
+                Err(_) => bail!("reply bridge: no SUBACK within 5 s"),
+            }
+        }
+        let queue = queue.to_owned();
+        let task = tokio::spawn(async move {
+            let _keep = (client, conn);
+            while let Ok(ev) = el.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    let mut headers = FieldTable::default();
+                    headers.insert(
+                        "mqtt_topic".into(),
+                        AMQPValue::LongString(LongString::from(p.topic.to_vec())),
+                    );
+                    if let Some(cd) = p.properties.and_then(|pr| pr.correlation_data) {
+                        headers.insert(
+                            "mqtt_correlation_data".into(),
+                            AMQPValue::LongString(LongString::from(cd.to_vec())),
+                        );
+                    }
+                    let _ = channel
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &p.payload,
+                            lapin::BasicProperties::default().with_headers(headers),
+                        )
+                        .await;
+                }
+            }
+        });
+        Ok(ReplyBridge { task })
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
