@@ -416,14 +416,16 @@ pub async fn start_mosquitto(
 
 /// The benchmarks' gateway (binary `bin`, config and data in `dir`): `fsync = "always"`, mutual
 /// TLS with the certificates in `certs`, every device may publish its own tree and subscribe to
-/// everyone's telemetry; `receive_maximum` per device; the admin endpoint on `admin_port` if
-/// given. Returns it once it listens.
+/// everyone's telemetry and its own commands; `receive_maximum` per device; the admin endpoint
+/// on `admin_port` if given; `extra` TOML appended (a downlink, say). Returns it once it
+/// listens.
 pub async fn start_gateway(
     bin: &std::path::Path,
     dir: &std::path::Path,
     certs: &std::path::Path,
     receive_maximum: usize,
     admin_port: Option<u16>,
+    extra: &str,
 ) -> Result<(Child, SocketAddr)> {
     let port = crate::free_port();
     let cfg = dir.join("gateway.toml");
@@ -450,11 +452,13 @@ tls = {{ cert = "{c}/server.pem", key = "{c}/server.key", client_ca = "{c}/ca.pe
 [[acl]]
 identity = "*"
 publish = ["devices/%c/#"]
-subscribe = ["devices/+/telemetry"]
+subscribe = ["devices/+/telemetry", "devices/%c/commands/#"]
 
 [limits]
 max_connections = 20000
 receive_maximum = {rm}
+
+{extra}
 "#,
             data = dir.join("gateway-data").display(),
             c = certs.display(),

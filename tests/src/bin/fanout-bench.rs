@@ -343,7 +343,8 @@ async fn main() -> Result<()> {
     let mut out = serde_json::Map::new();
     let mut results = Vec::new();
     if !a.skip_gateway {
-        let (child, addr) = start_gateway(&a.gateway, dir.path(), &certs, a.inflight, None).await?;
+        let (child, addr) =
+            start_gateway(&a.gateway, dir.path(), &certs, a.inflight, None, "").await?;
         let f = run_load(&a, addr, &certs).await?;
         drop(child);
         if !a.json {

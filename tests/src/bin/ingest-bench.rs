@@ -575,6 +575,7 @@ async fn main() -> Result<()> {
         &certs,
         a.inflight,
         Some(a.admin_port),
+        "",
     )
     .await?;
     if a.offline_sessions > 0 {
