@@ -349,4 +349,57 @@ mod tests {
         assert!(check_command_template("{topic}").is_err());
         assert!(check_command_template("{key").is_err());
     }
+
+    fn problems(body: &str) -> String {
+        let text = format!(
+            "[[downlinks]]\nname = \"c\"\ntype = \"amqp\"\nurl = \"amqp://h\"\nqueue = \"q\"\n{body}"
+        );
+        match crate::config::Config::from_toml_str(&text) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bad_downlink_keys_are_named_with_the_reason() {
+        assert_eq!(problems(""), "", "the minimal downlink is valid");
+        for (body, key, why) in [
+            (
+                "topic = \"{topic}\"",
+                "downlinks[0].topic",
+                "unknown placeholder",
+            ),
+            ("qos = 0", "downlinks[0].qos", "QoS 1 or 2"),
+            (
+                "exchange = \"x\"",
+                "downlinks[0].exchange",
+                "declare = true",
+            ),
+            (
+                "allowed_topics = [\"a/#/b\"]",
+                "downlinks[0].allowed_topics[0]",
+                "",
+            ),
+            (
+                "allowed_topics = []",
+                "downlinks[0].allowed_topics",
+                "at least one",
+            ),
+            ("prefetch = 0", "downlinks[0].prefetch", "1 to 65535"),
+            ("hold = \"0s\"", "downlinks[0].hold", "at least 1s"),
+            ("max_payload = \"0\"", "downlinks[0].max_payload", "1 byte"),
+        ] {
+            let e = problems(body);
+            assert!(e.contains(key) && e.contains(why), "{body}: {e}");
+        }
+        let e = crate::config::Config::from_toml_str(
+            "[[downlinks]]\nname = \"c\"\ntype = \"amqp\"\nurl = \"ftp://h\"\nqueue = \"q\"\n",
+        )
+        .expect_err("bad scheme")
+        .to_string();
+        assert!(
+            e.contains("downlinks[0].url") && e.contains("amqp://"),
+            "{e}"
+        );
+    }
 }

@@ -211,4 +211,27 @@ mod tests {
         assert_eq!(r.order.len(), RECENT_IDS);
         assert!(!r.seen("a"), "the oldest id is forgotten first");
     }
+
+    /// After a crash between storing a command and acking it upstream, the broker delivers it
+    /// again: the restarted downlink knows its message id from the command store.
+    #[tokio::test]
+    async fn a_restarted_downlink_recognises_the_ids_of_stored_commands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = QueueOptions::new(dir.path());
+        let store = open_store(&main, 8 << 20).expect("open");
+        let props = vec![("message_id".to_string(), "m-7".to_string())];
+        let mine = origin("cmds");
+        let mut rec = crate::queue::NewRecord::new(&mine, "devices/d1/commands/x", b"p");
+        rec.user_properties = &props;
+        store.append(&rec).await.expect("append");
+        let other = origin("other");
+        let props2 = vec![("message_id".to_string(), "m-8".to_string())];
+        let mut rec = crate::queue::NewRecord::new(&other, "devices/d1/commands/x", b"p");
+        rec.user_properties = &props2;
+        store.append(&rec).await.expect("append");
+        let mut r = RecentIds::from_store(&store, &mine);
+        assert!(r.seen("m-7"), "its own stored id is known");
+        assert!(!r.seen("m-8"), "another downlink's ids are not");
+        store.close();
+    }
 }
