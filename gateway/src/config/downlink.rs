@@ -278,35 +278,7 @@ pub(super) fn check(downlinks: &[DownlinkConfig], problems: &mut Vec<Problem>) {
 }
 
 fn check_amqp(a: &AmqpDownlinkConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
-    match (a.url.is_empty(), a.urls.is_empty()) {
-        (true, true) => problems.push(Problem {
-            key: key("url"),
-            value: "(missing)".into(),
-            reason: "give the broker's url (or urls = [...] for a cluster)".into(),
-        }),
-        (false, false) => problems.push(Problem {
-            key: key("urls"),
-            value: "(hidden)".into(),
-            reason: "give either url or urls, not both".into(),
-        }),
-        _ => {}
-    }
-    for (j, u) in a.urls().iter().enumerate() {
-        if u.is_empty() && a.urls.is_empty() {
-            continue;
-        }
-        if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
-            problems.push(Problem {
-                key: if a.urls.is_empty() {
-                    key("url")
-                } else {
-                    key(&format!("urls[{j}]"))
-                },
-                value: "(hidden)".into(),
-                reason: "must start with amqp:// or amqps://".into(),
-            });
-        }
-    }
+    super::uplink::check_amqp_urls(&a.url, &a.urls, key, problems);
     if a.queue.is_empty() {
         problems.push(Problem {
             key: key("queue"),

@@ -565,8 +565,14 @@ fn check_window(
     }
 }
 
-fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
-    match (a.url.is_empty(), a.urls.is_empty()) {
+/// `url` / `urls` of an AMQP uplink or downlink: one of them, each `amqp://` or `amqps://`.
+pub(super) fn check_amqp_urls(
+    url: &str,
+    urls: &[String],
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Vec<Problem>,
+) {
+    match (url.is_empty(), urls.is_empty()) {
         (true, true) => problems.push(Problem {
             key: key("url"),
             value: "(missing)".into(),
@@ -579,8 +585,13 @@ fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<P
         }),
         _ => {}
     }
-    let single = a.urls.is_empty();
-    for (j, u) in a.urls().iter().enumerate() {
+    let single = urls.is_empty();
+    let all: Vec<&str> = if single {
+        vec![url]
+    } else {
+        urls.iter().map(String::as_str).collect()
+    };
+    for (j, u) in all.iter().enumerate() {
         let scheme_ok = u.starts_with("amqp://") || u.starts_with("amqps://");
         // A missing `url` is reported above.
         let missing = single && u.is_empty();
@@ -596,6 +607,10 @@ fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<P
             });
         }
     }
+}
+
+fn check_amqp(a: &AmqpConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    check_amqp_urls(&a.url, &a.urls, key, problems);
     check_window(a.window, a.window_bytes, key, problems);
     for (k, t) in [("exchange", &a.exchange), ("routing_key", &a.routing_key)] {
         if let Err(why) = check_template(t) {

@@ -165,11 +165,7 @@ impl Router {
     /// Routes the new entries in order, stopping at one that blocks; marks them settled once
     /// what went to persistent sessions is durable.
     async fn route_new(&mut self) {
-        let mut acc = Routed {
-            last_append: None,
-            wake: Vec::new(),
-            held: Vec::new(),
-        };
+        let mut acc = Routed::default();
         let mut routed = Vec::new();
         let was_blocked = self.blocked;
         self.blocked = false;
@@ -217,20 +213,13 @@ impl Router {
                 }
             }
         }
-        if self.settle(acc).await {
-            self.stats
-                .routed
-                .fetch_add(routed.len() as u64, Ordering::Relaxed);
-            for i in routed {
-                self.entries[i].stage = Stage::Done;
-            }
-        }
+        self.settle(acc, routed).await;
     }
 
     /// Waits until what went to persistent sessions is durable, then lets those sessions send
-    /// and wakes them. False when storing failed (the entries are routed again: the sessions
-    /// that have them skip them).
-    async fn settle(&self, acc: Routed) -> bool {
+    /// and wakes them, and marks the entries `routed` settled. When storing failed they stay as
+    /// they were and are routed again (the sessions that have them skip them).
+    async fn settle(&mut self, acc: Routed, routed: Vec<usize>) {
         let mut ok = true;
         if let Some(p) = acc.last_append {
             let seq = p.seq();
@@ -246,16 +235,19 @@ impl Router {
         for s in acc.wake {
             s.wake.notify_one();
         }
-        ok
+        if ok {
+            self.stats
+                .routed
+                .fetch_add(routed.len() as u64, Ordering::Relaxed);
+            for i in routed {
+                self.entries[i].stage = Stage::Done;
+            }
+        }
     }
 
     /// A subscription was made: held commands that match a session now go there.
     async fn retry_held(&mut self) {
-        let mut acc = Routed {
-            last_append: None,
-            wake: Vec::new(),
-            held: Vec::new(),
-        };
+        let mut acc = Routed::default();
         let mut routed = Vec::new();
         for i in 0..self.entries.len() {
             if self.entries[i].stage != Stage::Held {
@@ -269,14 +261,7 @@ impl Router {
                 routed.push(i);
             }
         }
-        if self.settle(acc).await {
-            self.stats
-                .routed
-                .fetch_add(routed.len() as u64, Ordering::Relaxed);
-            for i in routed {
-                self.entries[i].stage = Stage::Done;
-            }
-        }
+        self.settle(acc, routed).await;
     }
 
     /// Once a second: held commands past their hold or expiry, and commands that expired in

@@ -240,6 +240,7 @@ fn follow(total: &AtomicUsize, before: usize, after: usize) {
 
 /// What [`Sessions::route`] leaves to do once its stored messages are durable.
 #[must_use]
+#[derive(Default)]
 pub struct Routed {
     pub last_append: Option<PendingAppend>,
     pub wake: Vec<Arc<Slot>>,
@@ -952,11 +953,7 @@ impl Sessions {
     /// wake are returned with the last append: wake them once it is durable. A record at or
     /// below a session's `routed_through` was routed into it before a restart and is skipped.
     pub fn route(&self, records: Vec<Record>) -> Routed {
-        let mut routed = Routed {
-            last_append: None,
-            wake: Vec::new(),
-            held: Vec::new(),
-        };
+        let mut routed = Routed::default();
         let mut scratch = Scratch {
             bounds: self.bounds(),
             ..Scratch::default()
@@ -986,11 +983,7 @@ impl Sessions {
     /// keeps each device's commands in order and drops none), and each session remembers the
     /// newest command seq it got (`downlink_through`), stored with its persistent sessions.
     pub fn route_command(&self, rec: Record, retry: bool) -> (Routed, CommandOutcome) {
-        let mut routed = Routed {
-            last_append: None,
-            wake: Vec::new(),
-            held: Vec::new(),
-        };
+        let mut routed = Routed::default();
         let mut scratch = Scratch {
             bounds: self.bounds(),
             ..Scratch::default()
