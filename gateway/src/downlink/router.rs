@@ -72,6 +72,11 @@ pub struct Router {
     holds: Holds,
     stats: Arc<RouterStats>,
     entries: VecDeque<Entry>,
+    /// The first entry that may be new (those before it are held or settled).
+    first_new: usize,
+    /// Entries held, and settled, now.
+    held: usize,
+    done: usize,
     blocked: bool,
 }
 
@@ -98,6 +103,9 @@ pub async fn run(
         holds,
         stats,
         entries: VecDeque::new(),
+        first_new: 0,
+        held: 0,
+        done: 0,
         blocked: false,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -110,7 +118,10 @@ pub async fn run(
         tokio::select! {
             r = reader.wait_readable() => match r {
                 Ok(_) => match read(&mut reader).await {
-                    Ok(batch) => router.entries.extend(batch.into_iter().map(|rec| Entry { rec, stage: Stage::New })),
+                    Ok(batch) => router.entries.extend(batch.into_iter().map(|rec| Entry {
+                        rec,
+                        stage: Stage::New,
+                    })),
                     Err(QueueError::Closed) => break,
                     Err(error) => {
                         // A command that cannot be read is lost to the devices: say so loudly
@@ -170,30 +181,30 @@ impl Router {
         let was_blocked = self.blocked;
         self.blocked = false;
         let now = SystemTime::now();
-        for i in 0..self.entries.len() {
+        // Entries before `first_new` are held or settled: not scanned again.
+        let start = self.first_new.min(self.entries.len());
+        let mut stop = self.entries.len();
+        for i in start..self.entries.len() {
             if self.entries[i].stage != Stage::New {
                 continue;
             }
             let rec = &self.entries[i].rec;
-            if rec.expires_at().is_some_and(|t| t <= now) {
-                if self
-                    .dead_letter(i, "expired before any session took it")
-                    .await
-                {
-                    self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
-                }
-                continue;
-            }
-            let (r, outcome) = self.sessions.route_command(rec.clone(), false);
-            acc.merge(r);
+            let outcome = if rec.expires_at().is_some_and(|t| t <= now) {
+                CommandOutcome::Expired
+            } else {
+                let (r, outcome) = self.sessions.route_command(rec.clone(), false);
+                acc.merge(r);
+                outcome
+            };
             match outcome {
                 CommandOutcome::Routed => routed.push(i),
-                CommandOutcome::Unmatched => self.entries[i].stage = Stage::Held,
+                CommandOutcome::Unmatched => self.set_stage(i, Stage::Held),
                 CommandOutcome::Blocked => {
                     if !was_blocked {
                         self.stats.blocked.fetch_add(1, Ordering::Relaxed);
                     }
                     self.blocked = true;
+                    stop = i;
                     break;
                 }
                 CommandOutcome::Expired => {
@@ -214,6 +225,18 @@ impl Router {
             }
         }
         self.settle(acc, routed).await;
+        // What is still new before `stop` (its store or dead letter failed) is tried again.
+        self.first_new = (start..stop)
+            .find(|&j| self.entries[j].stage == Stage::New)
+            .unwrap_or(stop);
+    }
+
+    fn set_stage(&mut self, i: usize, stage: Stage) {
+        let was = std::mem::replace(&mut self.entries[i].stage, stage);
+        self.held -= usize::from(was == Stage::Held);
+        self.held += usize::from(stage == Stage::Held);
+        self.done -= usize::from(was == Stage::Done);
+        self.done += usize::from(stage == Stage::Done);
     }
 
     /// Waits until what went to persistent sessions is durable, then lets those sessions send
@@ -240,7 +263,7 @@ impl Router {
                 .routed
                 .fetch_add(routed.len() as u64, Ordering::Relaxed);
             for i in routed {
-                self.entries[i].stage = Stage::Done;
+                self.set_stage(i, Stage::Done);
             }
         }
     }
@@ -313,7 +336,7 @@ impl Router {
         let origin = rec.device_id.clone();
         match self.dead.put(rec, &origin, why).await {
             Ok(()) => {
-                self.entries[i].stage = Stage::Done;
+                self.set_stage(i, Stage::Done);
                 true
             }
             Err(error) => {
@@ -328,22 +351,15 @@ impl Router {
         let mut last = None;
         while self.entries.front().is_some_and(|e| e.stage == Stage::Done) {
             last = self.entries.pop_front().map(|e| e.rec.seq);
+            self.done -= 1;
+            self.first_new = self.first_new.saturating_sub(1);
         }
         last
     }
 
     fn publish_gauges(&self) {
-        let held = self
-            .entries
-            .iter()
-            .filter(|e| e.stage == Stage::Held)
-            .count();
-        let pending = self
-            .entries
-            .iter()
-            .filter(|e| e.stage != Stage::Done)
-            .count();
-        self.stats.held.store(held as u64, Ordering::Relaxed);
+        let pending = self.entries.len() - self.done;
+        self.stats.held.store(self.held as u64, Ordering::Relaxed);
         self.stats.pending.store(pending as u64, Ordering::Relaxed);
     }
 }
