@@ -63,7 +63,7 @@ impl Snapshot {
             .map(|(r, n)| (vec![("reason", r.to_string())], n))
             .collect();
         // The usual reasons are always present (at 0), so dashboards and alerts have a series.
-        for r in ["auth", "acl", "limit", "malformed", "quota"] {
+        for r in ["auth", "acl", "client_id", "limit", "malformed", "quota"] {
             if !refusals.iter().any(|(l, _)| l[0].1 == r) {
                 refusals.push((vec![("reason", r.to_string())], 0));
             }
@@ -120,6 +120,11 @@ impl Snapshot {
                 "session_takeovers",
                 "Sessions taken over by a new connection with the same client id.",
                 one(load(&i.takeovers)),
+            ),
+            (
+                "session_takeovers_refused",
+                "CONNECTs refused because their client id's session belongs to another identity.",
+                one(load(&i.takeovers_refused)),
             ),
             (
                 "queue_appended_records",

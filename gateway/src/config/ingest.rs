@@ -42,6 +42,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// "quota exceeded".
 pub const DEFAULT_QUOTA_WAIT: Duration = Duration::from_secs(5);
 
+/// A password login's client id is its username: one user, one device, and no user can act
+/// (store records, take over a session) under another device's id. Fleets whose devices share
+/// a login use "%u-*".
+pub const DEFAULT_PASSWORD_CLIENT_ID: &str = "%u";
+
 /// `[[listeners]]`: one bound socket.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +155,10 @@ pub struct AuthConfig {
     pub cert_identity: CertIdentity,
     /// With a client certificate, the MQTT client id must equal the certificate's identity.
     pub client_id_must_match: bool,
+    /// The client ids a password login owns: `%u` is the username, `*` any characters. A
+    /// CONNECT with another client id is refused (identifier rejected / client identifier not
+    /// valid); one with none is given the pattern with `*` as random characters.
+    pub client_id: String,
 }
 
 impl Default for AuthConfig {
@@ -159,6 +168,7 @@ impl Default for AuthConfig {
             allow_anonymous: false,
             cert_identity: CertIdentity::Cn,
             client_id_must_match: true,
+            client_id: DEFAULT_PASSWORD_CLIENT_ID.into(),
         }
     }
 }
@@ -344,6 +354,76 @@ pub(super) fn check_acl(rules: &[AclRule], problems: &mut Vec<Problem>) {
                     });
                 }
             }
+        }
+    }
+}
+
+pub(super) fn check_auth(a: &AuthConfig, problems: &mut Vec<Problem>) {
+    if let Err(why) = check_client_id_pattern(&a.client_id) {
+        problems.push(Problem {
+            key: "auth.client_id".into(),
+            value: quoted(&a.client_id),
+            reason: format!(
+                "{why}; write \"%u\" (the client id is the username) or a pattern such as \"%u-*\""
+            ),
+        });
+    }
+}
+
+/// A client id pattern has exactly one `%u`, no other `%`, and at most one `*` (after `%u`).
+pub fn check_client_id_pattern(p: &str) -> Result<(), &'static str> {
+    if p.matches("%u").count() != 1 {
+        return Err("must contain %u (the username) exactly once");
+    }
+    if p.replace("%u", "").contains('%') {
+        return Err("only %u may be substituted");
+    }
+    if p.matches('*').count() > 1 {
+        return Err("at most one '*'");
+    }
+    if p.find('*')
+        .is_some_and(|star| p.find("%u").is_some_and(|u| star < u))
+    {
+        return Err("'*' must come after %u, so that the username starts where it is expected");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, ConfigError};
+
+    fn auth_problems(client_id: &str) -> Vec<String> {
+        match Config::from_toml_str(&format!("[auth]\nclient_id = {client_id:?}\n")) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems }) => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn client_id_patterns_are_checked_and_the_error_says_what_to_write() {
+        for ok in ["%u", "%u-*", "site1-%u", "%u/*"] {
+            assert_eq!(auth_problems(ok), Vec::<String>::new(), "{ok}");
+        }
+        for (bad, why) in [
+            ("dev-*", "exactly once"),
+            ("%u-%u", "exactly once"),
+            ("%u-%c", "only %u"),
+            ("%u-*-*", "at most one"),
+            ("*-%u", "after %u"),
+        ] {
+            let found = auth_problems(bad);
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert!(
+                found[0].starts_with(&format!("auth.client_id = {bad:?}: "))
+                    && found[0].contains(why)
+                    && found[0].contains("write \"%u\""),
+                "{bad}: {}",
+                found[0]
+            );
         }
     }
 }

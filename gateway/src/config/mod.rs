@@ -303,6 +303,7 @@ impl Config {
         ingest::check_listeners(&self.listeners, &mut problems);
         ingest::check_limits(&self.limits, &mut problems);
         ingest::check_acl(&self.acl, &mut problems);
+        ingest::check_auth(&self.auth, &mut problems);
         self.sessions.check(&mut problems);
         uplink::check(&self.uplinks, &self.routes, &mut problems);
         self.admin.check(&mut problems);

@@ -10,7 +10,7 @@ use argon2::Argon2;
 use rand::rngs::OsRng;
 
 use super::codec::{reason, Connect};
-use super::session::{Identity, PublishAcl};
+use super::session::{Identity, IdentityKind, PublishAcl};
 use crate::config::{AclRule, AuthConfig, CertIdentity};
 
 /// Errors loading or changing the password file.
@@ -40,12 +40,25 @@ pub enum AuthError {
     Hash(String),
 }
 
-/// Decides whether a CONNECT is allowed in, and who it is.
+/// Decides whether a CONNECT is allowed in, who it is, and whether it owns its client id.
+///
+/// Who owns which client ids:
+/// - a certificate identity owns the id equal to it (with `client_id_must_match`, the CA
+///   vouches for it; without, any id that no password user owns);
+/// - a password user owns the ids that match `[auth] client_id` with `%u` = the username
+///   (default `%u`: exactly the username). When two users' patterns match one id (`%u-*` with
+///   users `site` and `site-b`, id `site-b-1`), the longer username owns it;
+/// - an anonymous device owns any id that no password user owns. Certificate identities are
+///   not listed anywhere, so an anonymous device is kept off them by session ownership only
+///   (a live or stored session of a certificate device cannot be taken over; see
+///   `Identity::owner`).
 pub struct Authenticator {
     passwords: HashMap<String, String>,
     allow_anonymous: bool,
     client_id_must_match: bool,
     cert_identity: CertIdentity,
+    /// `[auth] client_id`, split at `%u`: (before, after).
+    client_id_pattern: (String, String),
 }
 
 fn parse_password_file(path: &Path) -> Result<HashMap<String, String>, AuthError> {
@@ -130,12 +143,81 @@ impl Authenticator {
             Some(p) => parse_password_file(p)?,
             None => HashMap::new(),
         };
+        let (before, after) = cfg
+            .client_id
+            .split_once("%u")
+            .unwrap_or((cfg.client_id.as_str(), ""));
         Ok(Authenticator {
             passwords,
             allow_anonymous: cfg.allow_anonymous,
             client_id_must_match: cfg.client_id_must_match,
             cert_identity: cfg.cert_identity,
+            client_id_pattern: (before.to_string(), after.to_string()),
         })
+    }
+
+    /// The password user who owns `client_id`, if any (the longest username whose pattern
+    /// matches it). Costs one map lookup per character of the id, whatever the file's size.
+    pub fn user_owning(&self, client_id: &str) -> Option<&str> {
+        let (before, after) = &self.client_id_pattern;
+        let rest = client_id.strip_prefix(before.as_str())?;
+        (1..=rest.len())
+            .rev()
+            .filter(|&i| rest.is_char_boundary(i))
+            .find_map(|i| {
+                let (user, tail) = rest.split_at(i);
+                (glob(after, tail) && self.passwords.contains_key(user)).then_some(user)
+            })
+            .and_then(|u| self.passwords.get_key_value(u).map(|(k, _)| k.as_str()))
+    }
+
+    /// The client id to assign to a password login that sent none: the pattern with `*` as
+    /// random characters.
+    fn assign_for_user(&self, user: &str) -> String {
+        let (before, after) = &self.client_id_pattern;
+        let after = after.replacen('*', &format!("{:012x}", rand::random::<u64>() >> 16), 1);
+        format!("{before}{user}{after}")
+    }
+
+    /// Whether `identity` may act under `c`'s client id; fills `identity.client_id` (assigning
+    /// one when the CONNECT had none).
+    fn claim(&self, c: &Connect, mut identity: Identity) -> Result<Identity, u8> {
+        let requested = c.client_id.as_str();
+        let owner = |id: &str| self.user_owning(id);
+        identity.client_id = match identity.kind {
+            IdentityKind::Certificate if self.client_id_must_match => {
+                if !requested.is_empty() && requested != identity.name {
+                    return Err(reason::CLIENT_ID_NOT_VALID);
+                }
+                identity.name.clone()
+            }
+            IdentityKind::Password => {
+                let user = identity.name.as_str();
+                if requested.is_empty() {
+                    self.assign_for_user(user)
+                } else if owner(requested) == Some(user) {
+                    requested.to_string()
+                } else {
+                    return Err(reason::CLIENT_ID_NOT_VALID);
+                }
+            }
+            IdentityKind::Certificate | IdentityKind::Anonymous => {
+                if requested.is_empty() {
+                    format!("gw-{:016x}", rand::random::<u64>())
+                } else {
+                    requested.to_string()
+                }
+            }
+        };
+        let checked = identity.kind == IdentityKind::Password
+            || (identity.kind == IdentityKind::Certificate && self.client_id_must_match);
+        if !checked && owner(&identity.client_id).is_some() {
+            return Err(reason::CLIENT_ID_NOT_VALID);
+        }
+        if identity.kind == IdentityKind::Anonymous {
+            identity.name = identity.client_id.clone();
+        }
+        Ok(identity)
     }
 
     pub fn cert_identity_mode(&self) -> CertIdentity {
@@ -144,14 +226,20 @@ impl Authenticator {
 
     /// Checks a CONNECT. `cert_identity` is the identity of a verified client certificate.
     /// CPU-heavy when a password is checked (argon2): call it off the async workers.
+    /// The identity's `client_id` is one it owns; a CONNECT whose client id another identity
+    /// owns is refused with `CLIENT_ID_NOT_VALID`.
     pub fn authenticate(&self, c: &Connect, cert_identity: Option<&str>) -> Result<Identity, u8> {
+        let identity = self.identify(c, cert_identity)?;
+        self.claim(c, identity)
+    }
+
+    fn identify(&self, c: &Connect, cert_identity: Option<&str>) -> Result<Identity, u8> {
         if let Some(id) = cert_identity {
-            if self.client_id_must_match && c.client_id != id {
-                return Err(reason::CLIENT_ID_NOT_VALID);
-            }
             return Ok(Identity {
                 name: id.to_string(),
                 username: c.username.clone(),
+                kind: IdentityKind::Certificate,
+                client_id: String::new(),
             });
         }
         match (&c.username, &c.password) {
@@ -167,12 +255,16 @@ impl Authenticator {
                 Ok(Identity {
                     name: user.clone(),
                     username: Some(user.clone()),
+                    kind: IdentityKind::Password,
+                    client_id: String::new(),
                 })
             }
             (Some(_), None) if !self.allow_anonymous => Err(reason::BAD_USER_OR_PASSWORD),
             _ if self.allow_anonymous => Ok(Identity {
                 name: c.client_id.clone(),
                 username: c.username.clone(),
+                kind: IdentityKind::Anonymous,
+                client_id: String::new(),
             }),
             _ => Err(reason::NOT_AUTHORIZED),
         }
@@ -291,6 +383,8 @@ mod tests {
         Identity {
             name: name.into(),
             username: user.map(str::to_string),
+            kind: IdentityKind::Password,
+            client_id: name.into(),
         }
     }
 
@@ -382,10 +476,15 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            a.authenticate(&connect("c1", Some("alice"), Some("changed")), None)
+            a.authenticate(&connect("alice", Some("alice"), Some("changed")), None)
                 .unwrap()
                 .name,
             "alice"
+        );
+        assert_eq!(
+            a.authenticate(&connect("c1", Some("alice"), Some("changed")), None),
+            Err(reason::CLIENT_ID_NOT_VALID),
+            "a password login owns only its username as client id by default"
         );
         assert_eq!(
             a.authenticate(&connect("c1", Some("alice"), Some("s3cret")), None),
@@ -398,6 +497,98 @@ mod tests {
         assert_eq!(
             a.authenticate(&connect("c1", None, None), None),
             Err(reason::NOT_AUTHORIZED)
+        );
+    }
+
+    fn with_users(pattern: &str, users: &[&str], anonymous: bool) -> Authenticator {
+        let passwords = users
+            .iter()
+            .map(|u| (u.to_string(), String::new()))
+            .collect();
+        let (before, after) = pattern.split_once("%u").unwrap();
+        Authenticator {
+            passwords,
+            allow_anonymous: anonymous,
+            client_id_must_match: true,
+            cert_identity: CertIdentity::Cn,
+            client_id_pattern: (before.into(), after.into()),
+        }
+    }
+
+    fn claim(a: &Authenticator, kind: IdentityKind, name: &str, id: &str) -> Result<String, u8> {
+        let ident = Identity {
+            name: name.into(),
+            username: (kind == IdentityKind::Password).then(|| name.to_string()),
+            kind,
+            client_id: String::new(),
+        };
+        a.claim(&connect(id, None, None), ident)
+            .map(|i| i.client_id)
+    }
+
+    #[test]
+    fn by_default_a_password_login_owns_only_its_username_as_client_id() {
+        let a = with_users("%u", &["alice", "bob"], false);
+        let pw = IdentityKind::Password;
+        assert_eq!(claim(&a, pw, "alice", "alice"), Ok("alice".into()));
+        for spoof in ["bob", "dev-00001", "alice-2", "alic", ""] {
+            if spoof.is_empty() {
+                // None asked for: the username is assigned.
+                assert_eq!(claim(&a, pw, "alice", spoof), Ok("alice".into()));
+            } else {
+                assert_eq!(
+                    claim(&a, pw, "alice", spoof),
+                    Err(reason::CLIENT_ID_NOT_VALID),
+                    "{spoof}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_pattern_gives_each_user_a_namespace_and_the_longer_username_wins() {
+        let a = with_users("%u-*", &["site", "site-b"], false);
+        let pw = IdentityKind::Password;
+        assert_eq!(claim(&a, pw, "site", "site-1"), Ok("site-1".into()));
+        assert_eq!(claim(&a, pw, "site", "site-"), Ok("site-".into()));
+        assert_eq!(
+            claim(&a, pw, "site", "site"),
+            Err(reason::CLIENT_ID_NOT_VALID),
+            "the pattern needs the '-'"
+        );
+        assert_eq!(
+            claim(&a, pw, "site", "site-b-1"),
+            Err(reason::CLIENT_ID_NOT_VALID),
+            "site-b's"
+        );
+        assert_eq!(claim(&a, pw, "site-b", "site-b-1"), Ok("site-b-1".into()));
+        let assigned = claim(&a, pw, "site", "").unwrap();
+        assert!(
+            assigned.starts_with("site-") && assigned.len() > 5,
+            "{assigned}"
+        );
+        assert_eq!(a.user_owning(&assigned), Some("site"));
+        // A username with wildcard characters is matched literally.
+        let a = with_users("%u-*", &["a*"], false);
+        assert_eq!(a.user_owning("a*-1"), Some("a*"));
+        assert_eq!(a.user_owning("ab-1"), None);
+    }
+
+    #[test]
+    fn anonymous_devices_own_nothing_a_password_user_owns() {
+        let a = with_users("%u-*", &["alice"], true);
+        let anon = IdentityKind::Anonymous;
+        assert_eq!(
+            claim(&a, anon, "alice-1", "alice-1"),
+            Err(reason::CLIENT_ID_NOT_VALID)
+        );
+        assert_eq!(claim(&a, anon, "dev-9", "dev-9"), Ok("dev-9".into()));
+        let assigned = claim(&a, anon, "", "").unwrap();
+        assert!(assigned.starts_with("gw-"), "{assigned}");
+        let a = with_users("%u", &["alice"], true);
+        assert_eq!(
+            claim(&a, anon, "alice", "alice"),
+            Err(reason::CLIENT_ID_NOT_VALID)
         );
     }
 

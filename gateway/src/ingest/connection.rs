@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, reason, DecodeError, OutPublish, Outbound, Version};
-use super::session::{Action, Message, Session, SubscriberAck};
+use super::session::{Action, Message, Refusal, Session, SubscriberAck};
 use super::Shared;
 use crate::queue::{NewRecord, PendingAppend, QueueError};
 use crate::sessions::outbox::Send as Delivery;
@@ -80,6 +80,7 @@ pub(crate) async fn serve<S>(
         cert_identity,
         registered: None,
         taken_over: Arc::new(Notify::new()),
+        owner: None,
         shutdown: shutdown.clone(),
         acks_sent,
         last_append: None,
@@ -116,6 +117,8 @@ struct Conn {
     /// (client id, registration id) once connected.
     registered: Option<(String, u64)>,
     taken_over: Arc<Notify>,
+    /// The authenticated identity's `Identity::owner`, once authenticated.
+    owner: Option<String>,
     shutdown: CancellationToken,
     /// Acks the writer has put on the wire (for the receive maximum).
     acks_sent: Arc<std::sync::atomic::AtomicU64>,
@@ -273,9 +276,10 @@ impl Conn {
                     expiry_secs,
                 } => {
                     if let Some((id, reg)) = &self.registered {
-                        self.starting = Some(self.shared.sessions.attach(
+                        self.starting = Some(self.shared.sessions.attach_as(
                             id,
                             *reg,
+                            self.owner.as_deref(),
                             clean_start,
                             expiry_secs,
                             self.client_receive_maximum,
@@ -285,13 +289,17 @@ impl Conn {
                 Action::Authenticate(c) => {
                     self.client_receive_maximum = c.client_receive_maximum;
                     let result = self.authenticate(&c).await;
-                    if let Ok(ident) = &result {
-                        tracing::debug!(client_id = %c.client_id, identity = %ident.name, "authenticated");
-                    }
+                    let result = self.check_owner(&c, result);
                     self.refresh_policy();
                     let mut more = self.session.authenticated(result, self.policy.acl());
-                    if self.session.is_connected() {
-                        self.register();
+                    if self.session.is_connected() && !self.register() {
+                        // Lost a race with a connection of another identity: no CONNACK.
+                        self.refused_takeover(&c.client_id, "another identity");
+                        self.shared.stats.refused(Refusal::ClientId.as_label());
+                        let _ = self.session.take_will();
+                        more = vec![Action::Close {
+                            publish_will: false,
+                        }];
                     }
                     more.extend(queue.drain(..));
                     queue = more.into();
@@ -447,24 +455,86 @@ impl Conn {
             .unwrap_or(Err(reason::SERVER_BUSY))
     }
 
-    fn register(&mut self) {
+    /// Registers the connected client id, taking over a connection of the same identity.
+    /// `false` (nothing registered) when a connection of another identity holds it: one that
+    /// registered between the check before the CONNACK and now.
+    /// Refuses an authenticated CONNECT whose client id's session (connected or kept) belongs
+    /// to another identity, and logs every client id refusal. The connected device stays.
+    fn check_owner(
+        &mut self,
+        c: &codec::Connect,
+        result: Result<super::session::Identity, u8>,
+    ) -> Result<super::session::Identity, u8> {
+        match result {
+            Ok(ident) => {
+                let owner = ident.owner();
+                if let Some(other) = self.shared.owned_by_another(&ident.client_id, &owner) {
+                    self.refused_takeover(&ident.client_id, &other);
+                    return Err(reason::CLIENT_ID_NOT_VALID);
+                }
+                tracing::debug!(client_id = %ident.client_id, identity = %ident.name, "authenticated");
+                self.owner = Some(owner);
+                Ok(ident)
+            }
+            Err(reason::CLIENT_ID_NOT_VALID) => {
+                tracing::warn!(
+                    client_id = %c.client_id,
+                    username = c.username.as_deref().unwrap_or(""),
+                    certificate = self.cert_identity.as_deref().unwrap_or(""),
+                    "CONNECT refused: this identity does not own the client id \
+                     ([auth] client_id for password logins, client_id_must_match for certificates)"
+                );
+                Err(reason::CLIENT_ID_NOT_VALID)
+            }
+            Err(code) => Err(code),
+        }
+    }
+
+    fn refused_takeover(&self, client_id: &str, owner: &str) {
+        self.shared
+            .stats
+            .takeovers_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            %client_id,
+            session_owner = %owner,
+            "CONNECT refused: the session of this client id belongs to another identity; \
+             the device connected under it stays connected"
+        );
+    }
+
+    fn register(&mut self) -> bool {
         let Some(id) = self.session.client_id().map(str::to_string) else {
-            return;
+            return true;
         };
+        let owner = self.owner.clone().unwrap_or_default();
         let reg = self.shared.next_reg.fetch_add(1, Ordering::Relaxed);
-        let previous = self
-            .shared
-            .registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), (reg, self.taken_over.clone()));
-        if let Some((_, old)) = previous {
+        let previous = {
+            let mut map = self
+                .shared
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if map.get(&id).is_some_and(|r| r.owner != owner) {
+                return false;
+            }
+            map.insert(
+                id.clone(),
+                super::Registration {
+                    reg,
+                    taken_over: self.taken_over.clone(),
+                    owner,
+                },
+            )
+        };
+        if let Some(old) = previous {
             tracing::info!(client_id = %id, "session taken over by a new connection");
             self.shared.stats.takeovers.fetch_add(1, Ordering::Relaxed);
-            old.notify_one();
+            old.taken_over.notify_one();
         }
         self.shared.stats.connected.fetch_add(1, Ordering::Relaxed);
         self.registered = Some((id, reg));
+        true
     }
 
     /// Appends a message, holding the device back while the queue is full (backpressure).
@@ -601,7 +671,7 @@ impl Conn {
                 .registry
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if map.get(&id).is_some_and(|(r, _)| *r == reg) {
+            if map.get(&id).is_some_and(|r| r.reg == reg) {
                 map.remove(&id);
             }
             self.shared.stats.connected.fetch_sub(1, Ordering::Relaxed);

@@ -192,10 +192,12 @@ fn perform(
                 let r = if c.client_id.starts_with('x') {
                     Err(codec::reason::NOT_AUTHORIZED)
                 } else {
-                    Ok(Identity {
-                        name: c.client_id.clone(),
-                        username: c.username.clone(),
-                    })
+                    let id = if c.client_id.is_empty() {
+                        "gw-assigned"
+                    } else {
+                        &c.client_id
+                    };
+                    Ok(Identity::anonymous(id))
                 };
                 let more = session.authenticated(r, &AllowMost);
                 for m in more.into_iter().rev() {

@@ -62,6 +62,9 @@ pub struct IngestStats {
     /// PUBACK/PUBREC sent after a durable append.
     pub acks: AtomicU64,
     pub takeovers: AtomicU64,
+    /// CONNECTs refused because the session of their client id belongs to another identity
+    /// (also counted in the refusals as `client_id`).
+    pub takeovers_refused: AtomicU64,
     pub wills: AtomicU64,
     refusals: Mutex<HashMap<&'static str, u64>>,
     /// "append failed" repeats for every publish while the disk is full: one line per 10 s.
@@ -184,8 +187,8 @@ pub(crate) struct Shared {
     /// Bumped each time a new policy is put in force: a connection keeps its copy of the policy
     /// and reads the lock only when this changed (not once per packet).
     policy_gen: AtomicU64,
-    /// Connected client ids: registration id and the notifier that closes that connection.
-    registry: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    /// Connected client ids.
+    registry: Mutex<HashMap<String, Registration>>,
     next_reg: AtomicU64,
     auth_permits: Semaphore,
     stats: Arc<IngestStats>,
@@ -193,7 +196,34 @@ pub(crate) struct Shared {
     sessions: Arc<crate::sessions::Sessions>,
 }
 
+/// A connected client id in [`Shared::registry`].
+pub(crate) struct Registration {
+    pub(crate) reg: u64,
+    /// Closes that connection (taken over).
+    pub(crate) taken_over: Arc<Notify>,
+    /// Its identity (`Identity::owner`): only the same identity may take it over.
+    pub(crate) owner: String,
+}
+
 impl Shared {
+    /// The identity (`Identity::owner`) that `client_id`'s connected device or kept session
+    /// belongs to, when it is not `owner`: then `owner` may not take it over.
+    pub(crate) fn owned_by_another(&self, client_id: &str, owner: &str) -> Option<String> {
+        let live = self
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .map(|r| r.owner.clone());
+        if let Some(o) = live.filter(|o| o != owner) {
+            return Some(o);
+        }
+        self.sessions
+            .identity_of(client_id)
+            .filter(|o| &**o != owner)
+            .map(|o| o.to_string())
+    }
+
     /// The generation of the policy in force (see `policy_gen`).
     pub(crate) fn policy_generation(&self) -> u64 {
         self.policy_gen.load(Ordering::Acquire)

@@ -63,9 +63,46 @@ pub struct Message {
 /// Who a connected device is, as decided by authentication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// The name ACLs are written for: the certificate identity or the username.
+    /// The name ACLs are written for: the certificate identity or the username (for an
+    /// anonymous device, its client id).
     pub name: String,
     pub username: Option<String>,
+    /// How the device proved who it is; with `name`, who owns the sessions it starts.
+    pub kind: IdentityKind,
+    /// The client id the connection acts under, and the device id its records carry: the one
+    /// the CONNECT asked for, or the one the gateway assigned when it sent none. Always an id
+    /// this identity owns (the authenticator checked it).
+    pub client_id: String,
+}
+
+/// How a device proved its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    Certificate,
+    Password,
+    Anonymous,
+}
+
+impl Identity {
+    /// An anonymous device acting under `client_id`.
+    pub fn anonymous(client_id: &str) -> Identity {
+        Identity {
+            name: client_id.to_string(),
+            username: None,
+            kind: IdentityKind::Anonymous,
+            client_id: client_id.to_string(),
+        }
+    }
+
+    /// Who owns the sessions this identity starts: another identity may not take them over.
+    /// Every anonymous device is the same owner (none can prove to be another).
+    pub fn owner(&self) -> String {
+        match self.kind {
+            IdentityKind::Certificate => format!("cert:{}", self.name),
+            IdentityKind::Password => format!("user:{}", self.name),
+            IdentityKind::Anonymous => "anonymous".to_string(),
+        }
+    }
 }
 
 /// Why a session refused or ended something; bounded labels for metrics.
@@ -76,6 +113,8 @@ pub enum Refusal {
     Limit,
     Malformed,
     Protocol,
+    /// The identity does not own the client id (or its session belongs to another identity).
+    ClientId,
 }
 
 impl Refusal {
@@ -86,6 +125,7 @@ impl Refusal {
             Refusal::Limit => "limit",
             Refusal::Malformed => "malformed",
             Refusal::Protocol => "protocol",
+            Refusal::ClientId => "client_id",
         }
     }
 }
@@ -171,7 +211,6 @@ pub struct Session {
     /// (client id, username) the will is published as; kept after the session is closed.
     will_owner: Option<(String, Option<String>)>,
     keep_alive: u16,
-    assigned_ids: u64,
     /// Acks (PUBACK/PUBREC) this session asked for, and how many the connection reports sent:
     /// the difference is what the device has in flight (MQTT 5 receive maximum).
     acks_requested: u64,
@@ -190,7 +229,6 @@ impl Session {
             state: State::AwaitConnect,
             will: None,
             keep_alive: 0,
-            assigned_ids: 0,
             will_owner: None,
             acks_requested: 0,
             acks_sent: 0,
@@ -541,7 +579,7 @@ impl Session {
         out
     }
 
-    fn on_connect(&mut self, mut c: Box<Connect>, acl: &dyn PublishAcl) -> Vec<Action> {
+    fn on_connect(&mut self, c: Box<Connect>, acl: &dyn PublishAcl) -> Vec<Action> {
         let v = c.version;
         self.version = Some(v);
         self.problem_info = c.request_problem_info;
@@ -555,21 +593,15 @@ impl Session {
                 "enhanced authentication is not supported",
             );
         }
-        if c.client_id.is_empty() {
-            if v == Version::V311 && !c.clean_start {
-                return self.refuse_connect(
-                    v,
-                    0x02,
-                    reason::CLIENT_ID_NOT_VALID,
-                    Refusal::Protocol,
-                    "empty client id needs a clean session",
-                );
-            }
-            self.assigned_ids += 1;
-            c.client_id = format!(
-                "gw-{:x}-{}",
-                std::process::id(),
-                rand_suffix(self.assigned_ids)
+        // An empty client id: the authenticator assigns one the identity owns (see
+        // `Identity::client_id`); 3.1.1 allows that only with a clean session.
+        if c.client_id.is_empty() && v == Version::V311 && !c.clean_start {
+            return self.refuse_connect(
+                v,
+                0x02,
+                reason::CLIENT_ID_NOT_VALID,
+                Refusal::Protocol,
+                "empty client id needs a clean session",
             );
         }
         if c.client_id.len() > self.limits.max_client_id_length
@@ -613,15 +645,28 @@ impl Session {
         let v = c.version;
         let identity = match result {
             Ok(i) => i,
+            Err(reason::CLIENT_ID_NOT_VALID) => {
+                return self.refuse_connect(
+                    v,
+                    0x02,
+                    reason::CLIENT_ID_NOT_VALID,
+                    Refusal::ClientId,
+                    "this identity does not own the client id",
+                );
+            }
             Err(code) => {
                 let v4 = match code {
                     reason::BAD_USER_OR_PASSWORD => 0x04,
-                    reason::CLIENT_ID_NOT_VALID => 0x02,
+                    reason::SERVER_BUSY => 0x03,
                     _ => 0x05,
                 };
                 return self.refuse_connect(v, v4, code, Refusal::Auth, "not authorized");
             }
         };
+        // Invariant: from here on the client id is one the identity owns.
+        let assigned = c.client_id.is_empty().then(|| identity.client_id.clone());
+        let mut c = c;
+        c.client_id = identity.client_id.clone();
         if let Some(w) = &c.will {
             if !acl.may_publish(&identity, &c.client_id, &w.topic) {
                 return self.refuse_connect(
@@ -635,7 +680,6 @@ impl Session {
         }
         self.will = c.will.clone();
         self.will_owner = Some((c.client_id.clone(), identity.username.clone()));
-        let assigned = c.client_id.starts_with("gw-").then(|| c.client_id.clone());
         self.state = State::Connected(Connected {
             client_id: c.client_id.clone(),
             identity,
@@ -787,14 +831,6 @@ impl Session {
     }
 }
 
-fn rand_suffix(n: u64) -> String {
-    let t = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{t:08x}{n:x}")
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -861,10 +897,7 @@ mod tests {
         let mut s = Session::new(SessionLimits::default());
         let a = s.on_packet(Inbound::Connect(connect(v, id)), &DevicesOwnTree);
         assert!(matches!(a[0], Action::Authenticate(_)));
-        let ident = Identity {
-            name: id.into(),
-            username: None,
-        };
+        let ident = Identity::anonymous(id);
         let a = s.authenticated(Ok(ident), &DevicesOwnTree);
         assert!(matches!(
             a[0],
@@ -965,13 +998,7 @@ mod tests {
             Inbound::Connect(connect(Version::V5, "d1")),
             &DevicesOwnTree,
         );
-        s.authenticated(
-            Ok(Identity {
-                name: "d1".into(),
-                username: None,
-            }),
-            &DevicesOwnTree,
-        );
+        s.authenticated(Ok(Identity::anonymous("d1")), &DevicesOwnTree);
         for pkid in 1..=2 {
             let a = s.on_packet(publish("devices/d1/t", 1, pkid), &DevicesOwnTree);
             assert!(matches!(a[0], Action::Append { .. }));
@@ -1074,13 +1101,7 @@ mod tests {
         c.request_problem_info = problem_info;
         c.client_max_packet = max_packet;
         s.on_packet(Inbound::Connect(c), &DevicesOwnTree);
-        s.authenticated(
-            Ok(Identity {
-                name: "d1".into(),
-                username: None,
-            }),
-            &DevicesOwnTree,
-        );
+        s.authenticated(Ok(Identity::anonymous("d1")), &DevicesOwnTree);
         s
     }
 
@@ -1164,26 +1185,14 @@ mod tests {
         });
         let mut s = Session::new(SessionLimits::default());
         s.on_packet(Inbound::Connect(c.clone()), &DevicesOwnTree);
-        s.authenticated(
-            Ok(Identity {
-                name: "d1".into(),
-                username: None,
-            }),
-            &DevicesOwnTree,
-        );
+        s.authenticated(Ok(Identity::anonymous("d1")), &DevicesOwnTree);
         let w = s.take_will().unwrap();
         assert_eq!(w.topic, "devices/d1/status");
         assert_eq!(w.device_id, "d1");
 
         let mut s = Session::new(SessionLimits::default());
         s.on_packet(Inbound::Connect(c), &DevicesOwnTree);
-        s.authenticated(
-            Ok(Identity {
-                name: "d1".into(),
-                username: None,
-            }),
-            &DevicesOwnTree,
-        );
+        s.authenticated(Ok(Identity::anonymous("d1")), &DevicesOwnTree);
         let a = s.on_packet(Inbound::Disconnect { reason: 0 }, &DevicesOwnTree);
         assert_eq!(
             a,

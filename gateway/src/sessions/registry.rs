@@ -85,6 +85,10 @@ pub struct Slot {
     pub wake: Notify,
     /// The registration id of the connection that owns the session; 0 while offline.
     owner: AtomicU64,
+    /// The identity the session belongs to (`Identity::owner`): no other may resume it, end it
+    /// with a clean start or take its connection over. `None`: stored before identities were
+    /// recorded, or attached without one (tests).
+    identity: Mutex<Option<Arc<str>>>,
     life: Mutex<Life>,
     /// Bytes and messages queued in every session together (shared with [`Sessions`]).
     total_bytes: Arc<AtomicUsize>,
@@ -169,6 +173,14 @@ impl Slot {
     /// taken over, or whose session was replaced, no longer does).
     pub fn owned_by(&self, owner: u64) -> bool {
         owner != 0 && self.owner.load(Ordering::Acquire) == owner
+    }
+
+    /// The identity the session belongs to (see the field).
+    pub fn identity(&self) -> Option<Arc<str>> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn online(&self) -> bool {
@@ -395,6 +407,8 @@ impl Sessions {
             for (id, st) in recovered.sessions {
                 let slot = sessions.new_slot(&id, 0, st.expiry_secs, bounds.max_inflight, &bounds);
                 slot.life().offline_since = Some(now);
+                *slot.identity.lock().unwrap_or_else(|e| e.into_inner()) =
+                    st.owner.as_deref().map(Arc::from);
                 slot.routed_through
                     .store(st.routed_through, Ordering::Release);
                 slot.downlink_through
@@ -441,6 +455,7 @@ impl Sessions {
             outbox: Mutex::new(Outbox::new(rmax, b.max_queued_messages, b.max_queued_bytes)),
             wake: Notify::new(),
             owner: AtomicU64::new(owner),
+            identity: Mutex::new(None),
             life: Mutex::new(Life {
                 expiry_secs,
                 offline_since: None,
@@ -534,12 +549,44 @@ impl Sessions {
         expiry_secs: u32,
         receive_maximum: Option<u16>,
     ) -> (Arc<Slot>, bool) {
+        self.attach_as(
+            client_id,
+            owner,
+            None,
+            clean_start,
+            expiry_secs,
+            receive_maximum,
+        )
+    }
+
+    /// The identity (`Identity::owner`) that owns the session of `client_id`, if one is kept
+    /// and says so. The connection checks it before [`Sessions::attach_as`]: a session is
+    /// resumed, or ended by a clean start, only by the identity it belongs to.
+    pub fn identity_of(&self, client_id: &str) -> Option<Arc<str>> {
+        self.lock().slots.get(client_id).and_then(|s| s.identity())
+    }
+
+    /// [`Sessions::attach`] for `identity`, which the session then belongs to.
+    pub fn attach_as(
+        &self,
+        client_id: &str,
+        owner: u64,
+        identity: Option<&str>,
+        clean_start: bool,
+        expiry_secs: u32,
+        receive_maximum: Option<u16>,
+    ) -> (Arc<Slot>, bool) {
         let b = self.bounds();
         let rmax = receive_maximum.map_or(b.max_inflight, |r| r.min(b.max_inflight));
         let mut inner = self.lock();
         if let Some(old) = inner.slots.get(client_id).cloned() {
             if !clean_start {
                 old.owner.store(owner, Ordering::Release);
+                let claimed = identity.is_some() && old.identity().as_deref() != identity;
+                if claimed {
+                    *old.identity.lock().unwrap_or_else(|e| e.into_inner()) =
+                        identity.map(Arc::from);
+                }
                 let was = std::mem::replace(
                     &mut *old.life(),
                     Life {
@@ -553,7 +600,7 @@ impl Sessions {
                         let _ =
                             Self::store_whole(&inner, &old, &mut |e| store.append(&e).map(|_| ()));
                     }
-                } else if was.expiry_secs != expiry_secs {
+                } else if was.expiry_secs != expiry_secs || (claimed && expiry_secs > 0) {
                     self.record_session(&old, expiry_secs);
                 }
                 old.with_outbox(|o| o.set_receive_maximum(rmax));
@@ -565,6 +612,7 @@ impl Sessions {
             self.evict_oldest_offline(&mut inner);
         }
         let slot = self.new_slot(client_id, owner, expiry_secs, rmax, &b);
+        *slot.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity.map(Arc::from);
         if expiry_secs > 0 {
             self.record_session(&slot, expiry_secs);
         }
@@ -588,6 +636,7 @@ impl Sessions {
             id: id.clone(),
             expiry_secs,
             routed_through: slot.routed_through.load(Ordering::Acquire),
+            owner: slot.identity().map(|o| o.to_string()),
         })?;
         let through = slot.downlink_through.load(Ordering::Acquire);
         if through > 0 {
@@ -641,6 +690,7 @@ impl Sessions {
                     id: id.clone(),
                     expiry_secs,
                     routed_through: slot.routed_through.load(Ordering::Acquire),
+                    owner: slot.identity().map(|o| o.to_string()),
                 });
                 let through = slot.downlink_through.load(Ordering::Acquire);
                 if through > 0 {

@@ -43,6 +43,10 @@ pub enum Event {
         id: String,
         expiry_secs: u32,
         routed_through: u64,
+        /// The identity the session belongs to (`Identity::owner`; absent in events written
+        /// before it was kept, and then any identity that owns the client id may resume it).
+        #[serde(default)]
+        owner: Option<String>,
     },
     End {
         id: String,
@@ -165,6 +169,8 @@ pub struct StoredSession {
     pub routed_through: u64,
     /// The same for the command store (the downlink router).
     pub downlink_through: u64,
+    /// The identity it belongs to (see `Event::Session`).
+    pub owner: Option<String>,
     pub subs: BTreeMap<String, SubOptions>,
     /// By packet id, with the order they were queued in: (order, qos, message, released).
     pub msgs: BTreeMap<u16, (u64, u8, Message, bool)>,
@@ -204,9 +210,11 @@ pub fn replay(state: &mut Recovered, events: impl IntoIterator<Item = Event>) {
                 id,
                 expiry_secs,
                 routed_through,
+                owner,
             } => {
                 let s = sessions.entry(id).or_default();
                 s.expiry_secs = expiry_secs;
+                s.owner = owner;
                 s.routed_through = s.routed_through.max(routed_through);
             }
             Event::End { id } => {
@@ -512,6 +520,7 @@ mod tests {
                 id: id(),
                 expiry_secs: 60,
                 routed_through: 0,
+                owner: None,
             },
             Event::Sub {
                 id: id(),
@@ -704,6 +713,7 @@ mod tests {
             id: id(),
             expiry_secs: 60,
             routed_through: 30,
+            owner: None,
         };
         // Before the snapshot: 1 (QoS 2, PUBREC came), 2, 3, 4, queued in that order.
         let mut old = vec![session.clone(), m(1, 2), m(2, 1), m(3, 1), m(4, 1)];
@@ -735,6 +745,7 @@ mod tests {
                 id: "d1".into(),
                 expiry_secs: 5,
                 routed_through: 0,
+                owner: None,
             };
             let _ = store.append(&start).expect("append");
             let p = store
@@ -758,6 +769,7 @@ mod tests {
                     id: "d1".into(),
                     expiry_secs: 5,
                     routed_through: 3,
+                    owner: None,
                 })
                 .expect("append");
             let first_seq = first.seq();
