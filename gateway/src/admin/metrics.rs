@@ -63,7 +63,15 @@ impl Snapshot {
             .map(|(r, n)| (vec![("reason", r.to_string())], n))
             .collect();
         // The usual reasons are always present (at 0), so dashboards and alerts have a series.
-        for r in ["auth", "acl", "client_id", "limit", "malformed", "quota"] {
+        for r in [
+            "auth",
+            "acl",
+            "client_id",
+            "limit",
+            "malformed",
+            "quota",
+            "rate",
+        ] {
             if !refusals.iter().any(|(l, _)| l[0].1 == r) {
                 refusals.push((vec![("reason", r.to_string())], 0));
             }
@@ -120,6 +128,11 @@ impl Snapshot {
                 "session_takeovers",
                 "Sessions taken over by a new connection with the same client id.",
                 one(load(&i.takeovers)),
+            ),
+            (
+                "publishes_delayed",
+                "MQTT 3.1.1 publishes held back by publish_rate / publish_bytes_rate (the socket is not read until they may pass).",
+                one(load(&i.publishes_delayed)),
             ),
             (
                 "session_takeovers_refused",

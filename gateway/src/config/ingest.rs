@@ -47,6 +47,13 @@ pub const DEFAULT_QUOTA_WAIT: Duration = Duration::from_secs(5);
 /// a login use "%u-*".
 pub const DEFAULT_PASSWORD_CLIENT_ID: &str = "%u";
 
+/// Publish rate limits are off by default: the gateway cannot know a fleet's normal rate, and
+/// the moment devices publish fastest is the one that matters most, when they flush what they
+/// buffered through an outage. A default low enough to stop a runaway device would throttle
+/// that catch-up; the queue's bounds (`backpressure`) already protect the disk. Set a limit
+/// per site, a few times the devices' normal rate with a burst of their buffer.
+pub const DEFAULT_PUBLISH_RATE: Option<u32> = None;
+
 /// `[[listeners]]`: one bound socket.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,6 +227,20 @@ pub struct LimitsConfig {
     pub connect_timeout: Duration,
     #[serde(deserialize_with = "de::duration")]
     pub quota_wait: Duration,
+    /// PUBLISH packets per second one device connection may send (a token bucket); `None`:
+    /// no limit (the default, see [`DEFAULT_PUBLISH_RATE`]). Over it, MQTT 5 gets PUBACK/PUBREC
+    /// 0x97 "message rate too high" and the message is not stored; 3.1.1 is slowed (its
+    /// socket is not read).
+    pub publish_rate: Option<u32>,
+    /// Publishes a device may send at once above `publish_rate`; default: one second's worth.
+    pub publish_burst: Option<u32>,
+    /// Payload bytes per second one device connection may publish; `None`: no limit.
+    #[serde(deserialize_with = "de::optional_byte_size")]
+    pub publish_bytes_rate: Option<u64>,
+    /// Payload bytes a device may send at once; default: one second's worth. A publish larger
+    /// than this passes when the bucket is full and leaves it in debt.
+    #[serde(deserialize_with = "de::optional_byte_size")]
+    pub publish_bytes_burst: Option<u64>,
 }
 
 impl Default for LimitsConfig {
@@ -231,6 +252,10 @@ impl Default for LimitsConfig {
             max_topic_length: DEFAULT_MAX_TOPIC_LENGTH,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             quota_wait: DEFAULT_QUOTA_WAIT,
+            publish_rate: DEFAULT_PUBLISH_RATE,
+            publish_burst: None,
+            publish_bytes_rate: None,
+            publish_bytes_burst: None,
         }
     }
 }
@@ -317,6 +342,48 @@ pub(super) fn check_limits(l: &LimitsConfig, problems: &mut Vec<Problem>) {
             "must be between 1 and 65535 (MQTT's limit)",
         );
     }
+    if l.publish_rate == Some(0) {
+        p(
+            "publish_rate",
+            "0".into(),
+            "no device could publish; set at least 1 (messages per second), or remove the key for no limit",
+        );
+    }
+    if l.publish_burst == Some(0) {
+        p(
+            "publish_burst",
+            "0".into(),
+            "no publish could pass; set at least 1, or remove the key (default: one second's worth)",
+        );
+    }
+    if l.publish_burst.is_some() && l.publish_rate.is_none() {
+        p(
+            "publish_burst",
+            l.publish_burst.unwrap_or(0).to_string(),
+            "a burst without publish_rate limits nothing; set publish_rate too, or remove it",
+        );
+    }
+    if l.publish_bytes_rate == Some(0) {
+        p(
+            "publish_bytes_rate",
+            "0".into(),
+            "no device could publish; set a size per second such as \"64 KiB\", or remove the key for no limit",
+        );
+    }
+    if l.publish_bytes_burst == Some(0) {
+        p(
+            "publish_bytes_burst",
+            "0".into(),
+            "no publish could pass; set a size such as \"256 KiB\", or remove the key (default: one second's worth)",
+        );
+    }
+    if let (Some(b), None) = (l.publish_bytes_burst, l.publish_bytes_rate) {
+        p(
+            "publish_bytes_burst",
+            size_value(b),
+            "a burst without publish_bytes_rate limits nothing; set publish_bytes_rate too, or remove it",
+        );
+    }
     if l.connect_timeout < Duration::from_millis(100) {
         p(
             "connect_timeout",
@@ -390,6 +457,7 @@ pub fn check_client_id_pattern(p: &str) -> Result<(), &'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::super::{Config, ConfigError};
 
@@ -422,6 +490,74 @@ mod tests {
                     && found[0].contains(why)
                     && found[0].contains("write \"%u\""),
                 "{bad}: {}",
+                found[0]
+            );
+        }
+    }
+
+    fn limits_problems(body: &str) -> Vec<String> {
+        match Config::from_toml_str(&format!("[limits]\n{body}\n")) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems }) => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn publish_rates_are_read_and_nonsense_is_named() {
+        let c = Config::from_toml_str(
+            "[limits]\npublish_rate = 50\npublish_burst = 500\n\
+             publish_bytes_rate = \"64 KiB\"\npublish_bytes_burst = \"1 MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.limits.publish_rate,
+                c.limits.publish_burst,
+                c.limits.publish_bytes_rate,
+                c.limits.publish_bytes_burst
+            ),
+            (Some(50), Some(500), Some(64 << 10), Some(1 << 20))
+        );
+        assert_eq!(
+            Config::default().limits.publish_rate,
+            None,
+            "off by default"
+        );
+        for (body, key, says) in [
+            (
+                "publish_rate = 0",
+                "limits.publish_rate = 0",
+                "remove the key",
+            ),
+            (
+                "publish_rate = 5\npublish_burst = 0",
+                "limits.publish_burst = 0",
+                "at least 1",
+            ),
+            (
+                "publish_burst = 10",
+                "limits.publish_burst = 10",
+                "set publish_rate too",
+            ),
+            (
+                "publish_bytes_rate = 0",
+                "limits.publish_bytes_rate = 0",
+                "KiB",
+            ),
+            (
+                "publish_bytes_burst = \"1 MiB\"",
+                "limits.publish_bytes_burst = \"1 MiB\"",
+                "set publish_bytes_rate too",
+            ),
+        ] {
+            let found = limits_problems(body);
+            assert_eq!(found.len(), 1, "{body}: {found:?}");
+            assert!(
+                found[0].starts_with(&format!("{key}: ")) && found[0].contains(says),
+                "{body}: {}",
                 found[0]
             );
         }

@@ -601,6 +601,13 @@ mod de {
     }
 
     /// A present key is always `Some`. A missing key takes the struct default, `None`.
+    pub(super) fn optional_byte_size<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<u64>, D::Error> {
+        byte_size(deserializer).map(Some)
+    }
+
+    /// A present key is always `Some`. A missing key takes the struct default, `None`.
     pub(super) fn optional_duration<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<Duration>, D::Error> {

@@ -29,6 +29,8 @@ type SlotCell = Arc<std::sync::OnceLock<(Arc<Slot>, u64)>>;
 
 /// The reason string of a refusal because the message could not be stored.
 const STORE_FAILED: &str = "could not store the message";
+/// The reason string of a refusal over `[limits] publish_rate` / `publish_bytes_rate`.
+const RATE_TOO_HIGH: &str = "message rate too high ([limits] publish_rate / publish_bytes_rate)";
 
 /// What the reader hands the writer.
 enum Out {
@@ -69,6 +71,7 @@ pub(crate) async fn serve<S>(
         acks_sent.clone(),
         slot.clone(),
     ));
+    let limiter = super::rate::PublishLimiter::new(policy.limits(), tokio::time::Instant::now());
     let mut conn = Conn {
         session: Session::new(policy.session_limits()),
         policy,
@@ -81,6 +84,7 @@ pub(crate) async fn serve<S>(
         registered: None,
         taken_over: Arc::new(Notify::new()),
         owner: None,
+        limiter,
         shutdown: shutdown.clone(),
         acks_sent,
         last_append: None,
@@ -119,6 +123,8 @@ struct Conn {
     taken_over: Arc<Notify>,
     /// The authenticated identity's `Identity::owner`, once authenticated.
     owner: Option<String>,
+    /// This connection's publish rate limits (`[limits] publish_rate`, ...).
+    limiter: super::rate::PublishLimiter,
     shutdown: CancellationToken,
     /// Acks the writer has put on the wire (for the receive maximum).
     acks_sent: Arc<std::sync::atomic::AtomicU64>,
@@ -221,6 +227,56 @@ impl Conn {
         if generation != self.policy_gen {
             self.policy = self.shared.policy();
             self.policy_gen = generation;
+            self.limiter
+                .configure(self.policy.limits(), tokio::time::Instant::now());
+        }
+    }
+
+    /// Holds a publish to `publish_rate` / `publish_bytes_rate`. `None`: it may be stored.
+    /// Over the rate an MQTT 5 device is told 0x96 and the message is not stored; a 3.1.1
+    /// device is slowed instead: its socket is not read while it waits for the tokens.
+    async fn rate_limit(
+        &mut self,
+        m: &Message,
+        ack: Option<Outbound>,
+    ) -> Result<Option<Outbound>, Step> {
+        if !self.limiter.is_on() {
+            return Ok(ack);
+        }
+        let v5 = self.session.version() == Some(Version::V5);
+        let mut delayed = false;
+        loop {
+            let wait = match self
+                .limiter
+                .try_take(m.payload.len(), tokio::time::Instant::now())
+            {
+                Ok(()) => return Ok(ack),
+                Err(wait) => wait,
+            };
+            if v5 {
+                self.shared.stats.refused("rate");
+                // 0x96 "message rate too high" is a DISCONNECT reason only: MQTT 5 does not
+                // allow it in PUBACK/PUBREC, and clients (rumqttc among them) reject the
+                // packet. 0x97 is the ack's code for "slow down"; the reason string says why.
+                return Err(self
+                    .refuse(ack, reason::QUOTA_EXCEEDED, RATE_TOO_HIGH)
+                    .await);
+            }
+            if !delayed {
+                delayed = true;
+                self.shared
+                    .stats
+                    .publishes_delayed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.cancelled() => {
+                    // Not stored, not acknowledged: the device resends to whoever runs next.
+                    let _ = self.send(Out::Close).await;
+                    return Err(Step::Stop);
+                }
+            }
         }
     }
 
@@ -540,6 +596,10 @@ impl Conn {
     /// Appends a message, holding the device back while the queue is full (backpressure).
     async fn append(&mut self, m: Message, ack: Option<Outbound>) -> Step {
         self.shared.stats.publishes[usize::from(m.qos.min(2))].fetch_add(1, Ordering::Relaxed);
+        let ack = match self.rate_limit(&m, ack).await {
+            Ok(ack) => ack,
+            Err(step) => return step,
+        };
         let v5 = self.session.version() == Some(Version::V5);
         // Read only when the queue is full: the common path takes no lock for it.
         let mut quota_deadline = None;
@@ -566,7 +626,7 @@ impl Conn {
                         .get_or_insert_with(|| now + self.shared.policy().limits().quota_wait);
                     if v5 && now >= quota_deadline {
                         self.shared.stats.refused("quota");
-                        return self.refuse(ack, reason::QUOTA_EXCEEDED).await;
+                        return self.refuse(ack, reason::QUOTA_EXCEEDED, "queue full").await;
                     }
                     let wait = if v5 {
                         quota_deadline.saturating_duration_since(now)
@@ -595,7 +655,7 @@ impl Conn {
                         let _ = self.send(Out::Close).await;
                         return Step::Stop;
                     }
-                    return self.refuse(ack, reason::UNSPECIFIED).await;
+                    return self.refuse(ack, reason::UNSPECIFIED, STORE_FAILED).await;
                 }
             }
         }
@@ -603,20 +663,19 @@ impl Conn {
 
     /// The message was not stored: MQTT 5 is told with a reason code; 3.1.1 cannot be told, so
     /// its connection is closed (the device resends after reconnecting).
-    async fn refuse(&mut self, ack: Option<Outbound>, code: u8) -> Step {
+    async fn refuse(&mut self, ack: Option<Outbound>, code: u8, why: &str) -> Step {
         if ack.is_some() {
             // The refusal takes the place of the ack the session counted as in flight.
             self.acks_sent.fetch_add(1, Ordering::Release);
+        }
+        if let Some(Outbound::PubRec { pkid, .. }) = &ack {
+            self.session.not_stored(*pkid);
         }
         let refusal = match ack {
             None => return Step::Continue, // QoS 0: dropped, counted by the caller
             Some(Outbound::PubAck { pkid, .. }) => Outbound::PubAck { pkid, reason: code },
             Some(Outbound::PubRec { pkid, .. }) => Outbound::PubRec { pkid, reason: code },
             Some(other) => other,
-        };
-        let why = match code {
-            reason::QUOTA_EXCEEDED => "queue full",
-            _ => STORE_FAILED,
         };
         let refusal = self.session.with_reason(refusal, why);
         if self.session.version() == Some(Version::V5) {

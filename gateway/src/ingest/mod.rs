@@ -14,6 +14,7 @@ pub mod codec;
 mod connection;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod rate;
 pub mod session;
 
 use std::collections::HashMap;
@@ -65,6 +66,10 @@ pub struct IngestStats {
     /// CONNECTs refused because the session of their client id belongs to another identity
     /// (also counted in the refusals as `client_id`).
     pub takeovers_refused: AtomicU64,
+    /// 3.1.1 publishes held back by `publish_rate` / `publish_bytes_rate` (their socket was
+    /// not read until the tokens were there). MQTT 5 publishes over the rate are refusals
+    /// (`rate`) instead.
+    pub publishes_delayed: AtomicU64,
     pub wills: AtomicU64,
     refusals: Mutex<HashMap<&'static str, u64>>,
     /// "append failed" repeats for every publish while the disk is full: one line per 10 s.

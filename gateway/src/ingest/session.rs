@@ -308,6 +308,14 @@ impl Session {
     }
 
     /// The will as a message to append, if the connection ends without a normal DISCONNECT.
+    /// A QoS 2 publish whose PUBREC carried a refusal: it was not stored, so a later publish
+    /// with its packet id is a new message, not a resend to acknowledge again.
+    pub fn not_stored(&mut self, pkid: u16) {
+        if let State::Connected(c) = &mut self.state {
+            c.awaiting_rel.remove(&pkid);
+        }
+    }
+
     pub fn take_will(&mut self) -> Option<Message> {
         let will = self.will.take()?;
         let (device_id, username) = self.will_owner.clone()?;
