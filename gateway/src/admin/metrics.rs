@@ -67,7 +67,9 @@ impl Snapshot {
             "auth",
             "acl",
             "client_id",
+            "connect_rate",
             "limit",
+            "login_throttled",
             "malformed",
             "quota",
             "rate",
@@ -128,6 +130,11 @@ impl Snapshot {
                 "session_takeovers",
                 "Sessions taken over by a new connection with the same client id.",
                 one(load(&i.takeovers)),
+            ),
+            (
+                "password_checks",
+                "Password logins checked (argon2), past the per-address and waiting limits.",
+                one(load(&i.password_checks)),
             ),
             (
                 "publishes_delayed",

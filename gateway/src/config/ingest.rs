@@ -54,6 +54,26 @@ pub const DEFAULT_PASSWORD_CLIENT_ID: &str = "%u";
 /// per site, a few times the devices' normal rate with a burst of their buffer.
 pub const DEFAULT_PUBLISH_RATE: Option<u32> = None;
 
+/// New connections per address: off by default. Devices of one site often share one address
+/// (a NAT, a cellular router, a protocol converter), and their reconnect storm after an outage
+/// is when a limit would hurt most; `max_connections` and `connect_timeout` already bound the
+/// handshake work, and password guessing is limited on its own (`failed_login_burst`). On an
+/// untrusted network set e.g. 20 (each TLS handshake costs about a millisecond of CPU).
+pub const DEFAULT_CONNECT_RATE_PER_ADDRESS: u32 = 0;
+/// When `connect_rate_per_address` is set: a whole site of a few hundred devices behind one NAT
+/// reconnecting at once.
+pub const DEFAULT_CONNECT_BURST_PER_ADDRESS: u32 = 200;
+/// Ten wrong passwords in a row is a misconfigured device or a guesser; either way more
+/// guesses should cost time, not argon2 work.
+pub const DEFAULT_FAILED_LOGIN_BURST: u32 = 10;
+/// Then one more try every 6 s (10 a minute): a guesser gets ~14,000 tries a day per address,
+/// hopeless against a real password; a device whose password was fixed is back within a
+/// minute.
+pub const DEFAULT_FAILED_LOGIN_INTERVAL: Duration = Duration::from_secs(6);
+/// About 1 MiB of memory; an address-spraying flood gets past per-address limits anyway (the
+/// global bound on password checks still holds).
+pub const DEFAULT_ADDRESS_TABLE_SIZE: usize = 10_000;
+
 /// `[[listeners]]`: one bound socket.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +261,19 @@ pub struct LimitsConfig {
     /// than this passes when the bucket is full and leaves it in debt.
     #[serde(deserialize_with = "de::optional_byte_size")]
     pub publish_bytes_burst: Option<u64>,
+    /// New TCP connections per second from one source address (0: no limit); past the burst
+    /// they are closed before the TLS handshake.
+    pub connect_rate_per_address: u32,
+    pub connect_burst_per_address: u32,
+    /// Failed password logins one source address may make at once (0: no limit); past them
+    /// its password CONNECTs are refused without checking the password, until
+    /// `failed_login_interval` has given it another try.
+    pub failed_login_burst: u32,
+    #[serde(deserialize_with = "de::duration")]
+    pub failed_login_interval: Duration,
+    /// Source addresses tracked for the two limits above; when full, addresses whose limits are
+    /// back to full go first, then the one seen longest ago.
+    pub address_table_size: usize,
 }
 
 impl Default for LimitsConfig {
@@ -256,6 +289,11 @@ impl Default for LimitsConfig {
             publish_burst: None,
             publish_bytes_rate: None,
             publish_bytes_burst: None,
+            connect_rate_per_address: DEFAULT_CONNECT_RATE_PER_ADDRESS,
+            connect_burst_per_address: DEFAULT_CONNECT_BURST_PER_ADDRESS,
+            failed_login_burst: DEFAULT_FAILED_LOGIN_BURST,
+            failed_login_interval: DEFAULT_FAILED_LOGIN_INTERVAL,
+            address_table_size: DEFAULT_ADDRESS_TABLE_SIZE,
         }
     }
 }
@@ -382,6 +420,27 @@ pub(super) fn check_limits(l: &LimitsConfig, problems: &mut Vec<Problem>) {
             "publish_bytes_burst",
             size_value(b),
             "a burst without publish_bytes_rate limits nothing; set publish_bytes_rate too, or remove it",
+        );
+    }
+    if l.connect_burst_per_address == 0 && l.connect_rate_per_address > 0 {
+        p(
+            "connect_burst_per_address",
+            "0".into(),
+            "no connection could pass; set at least 1, or connect_rate_per_address = 0 for no limit",
+        );
+    }
+    if l.failed_login_burst > 0 && l.failed_login_interval.is_zero() {
+        p(
+            "failed_login_interval",
+            duration_value(l.failed_login_interval),
+            "zero gives a new try at once, which limits nothing; write e.g. \"6s\", or failed_login_burst = 0 for no limit",
+        );
+    }
+    if l.address_table_size == 0 && (l.connect_rate_per_address > 0 || l.failed_login_burst > 0) {
+        p(
+            "address_table_size",
+            "0".into(),
+            "the per-address limits need a table; set e.g. 10000, or turn them off (connect_rate_per_address = 0, failed_login_burst = 0)",
         );
     }
     if l.connect_timeout < Duration::from_millis(100) {
@@ -551,6 +610,49 @@ mod tests {
                 "publish_bytes_burst = \"1 MiB\"",
                 "limits.publish_bytes_burst = \"1 MiB\"",
                 "set publish_bytes_rate too",
+            ),
+        ] {
+            let found = limits_problems(body);
+            assert_eq!(found.len(), 1, "{body}: {found:?}");
+            assert!(
+                found[0].starts_with(&format!("{key}: ")) && found[0].contains(says),
+                "{body}: {}",
+                found[0]
+            );
+        }
+    }
+
+    #[test]
+    fn failed_logins_are_limited_by_default_and_zero_turns_each_limit_off() {
+        let d = Config::default().limits;
+        assert_eq!(
+            (
+                d.connect_rate_per_address,
+                d.connect_burst_per_address,
+                d.failed_login_burst,
+                d.failed_login_interval.as_secs(),
+                d.address_table_size
+            ),
+            (0, 200, 10, 6, 10_000)
+        );
+        let off = "connect_rate_per_address = 0\nconnect_burst_per_address = 0\n\
+                   failed_login_burst = 0\nfailed_login_interval = \"0s\"\naddress_table_size = 0";
+        assert_eq!(limits_problems(off), Vec::<String>::new());
+        for (body, key, says) in [
+            (
+                "connect_rate_per_address = 20\nconnect_burst_per_address = 0",
+                "limits.connect_burst_per_address = 0",
+                "connect_rate_per_address = 0",
+            ),
+            (
+                "failed_login_interval = \"0s\"",
+                "limits.failed_login_interval = \"0s\"",
+                "failed_login_burst = 0",
+            ),
+            (
+                "address_table_size = 0",
+                "limits.address_table_size = 0",
+                "10000",
             ),
         ] {
             let found = limits_problems(body);

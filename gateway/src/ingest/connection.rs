@@ -84,6 +84,8 @@ pub(crate) async fn serve<S>(
         registered: None,
         taken_over: Arc::new(Notify::new()),
         owner: None,
+        peer,
+        connect_deadline: deadline,
         limiter,
         shutdown: shutdown.clone(),
         acks_sent,
@@ -123,6 +125,10 @@ struct Conn {
     taken_over: Arc<Notify>,
     /// The authenticated identity's `Identity::owner`, once authenticated.
     owner: Option<String>,
+    /// The device's address (per-address login limits).
+    peer: std::net::SocketAddr,
+    /// When TLS handshake plus CONNECT must be done (`connect_timeout`).
+    connect_deadline: Instant,
     /// This connection's publish rate limits (`[limits] publish_rate`, ...).
     limiter: super::rate::PublishLimiter,
     shutdown: CancellationToken,
@@ -499,21 +505,71 @@ impl Conn {
     }
 
     async fn authenticate(&self, c: &codec::Connect) -> Result<super::session::Identity, u8> {
-        // argon2 costs tens of ms and ~19 MiB: bounded, and off the async workers.
-        let Ok(_permit) = self.shared.auth_permits.acquire().await else {
-            return Err(reason::SERVER_BUSY);
-        };
         let policy = self.shared.policy();
-        let c = c.clone();
         let cert = self.cert_identity.clone();
-        tokio::task::spawn_blocking(move || policy.authenticate(&c, cert.as_deref()))
+        let checks_password = cert.is_none() && c.username.is_some() && c.password.is_some();
+        if !checks_password {
+            // A certificate, or anonymous: nothing to guess, no argon2, no wait.
+            return policy.authenticate(c, cert.as_deref());
+        }
+        let ip = self.peer.ip();
+        let limits = policy.limits();
+        let now = tokio::time::Instant::now();
+        if !self.shared.addresses().begin_password(ip, now, limits) {
+            if let Some(left_out) = self.shared.stats.login_throttle_log.admit() {
+                tracing::warn!(
+                    address = %ip,
+                    similar_left_out = left_out,
+                    "password CONNECT refused unchecked: too many failed logins from this address ([limits] failed_login_burst / failed_login_interval)"
+                );
+            }
+            return Err(reason::CONNECTION_RATE_EXCEEDED);
+        }
+        let permit = {
+            let waiting = &self.shared.waiting_password_checks;
+            if waiting.fetch_add(1, Ordering::AcqRel) >= super::MAX_WAITING_PASSWORD_CHECKS {
+                waiting.fetch_sub(1, Ordering::AcqRel);
+                self.not_checked(ip, limits);
+                return Err(reason::SERVER_BUSY);
+            }
+            // argon2 costs tens of ms and ~19 MiB: a permit per core, off the async workers,
+            // and no longer than the CONNECT may take.
+            let deadline = tokio::time::Instant::from_std(self.connect_deadline);
+            let permit =
+                tokio::time::timeout_at(deadline, self.shared.auth_permits.acquire()).await;
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            match permit {
+                Ok(Ok(p)) => p,
+                _ => {
+                    self.not_checked(ip, limits);
+                    return Err(reason::SERVER_BUSY);
+                }
+            }
+        };
+        self.shared
+            .stats
+            .password_checks
+            .fetch_add(1, Ordering::Relaxed);
+        let c = c.clone();
+        let p = policy.clone();
+        let result = tokio::task::spawn_blocking(move || p.authenticate(&c, None))
             .await
-            .unwrap_or(Err(reason::SERVER_BUSY))
+            .unwrap_or(Err(reason::SERVER_BUSY));
+        drop(permit);
+        // A wrong password keeps the token it took; anything else gives it back.
+        if result != Err(reason::BAD_USER_OR_PASSWORD) {
+            self.not_checked(ip, limits);
+        }
+        result
     }
 
-    /// Registers the connected client id, taking over a connection of the same identity.
-    /// `false` (nothing registered) when a connection of another identity holds it: one that
-    /// registered between the check before the CONNACK and now.
+    /// Gives back the failed-login token a password CONNECT took (see `abuse`).
+    fn not_checked(&self, ip: std::net::IpAddr, limits: &crate::config::LimitsConfig) {
+        self.shared
+            .addresses()
+            .password_ok(ip, tokio::time::Instant::now(), limits);
+    }
+
     /// Refuses an authenticated CONNECT whose client id's session (connected or kept) belongs
     /// to another identity, and logs every client id refusal. The connected device stays.
     fn check_owner(

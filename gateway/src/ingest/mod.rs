@@ -9,6 +9,7 @@
 //! Device MQTT is terminated here rather than by an embedded broker because the acknowledgement
 //! must wait for the disk: see DESIGN.md, "PUBACK means durable".
 
+pub mod abuse;
 pub mod auth;
 pub mod codec;
 mod connection;
@@ -70,6 +71,13 @@ pub struct IngestStats {
     /// not read until the tokens were there). MQTT 5 publishes over the rate are refusals
     /// (`rate`) instead.
     pub publishes_delayed: AtomicU64,
+    /// Passwords checked (argon2 runs): bounded under a guessing flood by the per-address
+    /// failure limit and the bound on waiting checks.
+    pub password_checks: AtomicU64,
+    /// "connection refused: too many from this address" / "password CONNECTs refused": one
+    /// line per 10 s each.
+    connect_rate_log: crate::throttle::LogThrottle,
+    login_throttle_log: crate::throttle::LogThrottle,
     pub wills: AtomicU64,
     refusals: Mutex<HashMap<&'static str, u64>>,
     /// "append failed" repeats for every publish while the disk is full: one line per 10 s.
@@ -196,10 +204,20 @@ pub(crate) struct Shared {
     registry: Mutex<HashMap<String, Registration>>,
     next_reg: AtomicU64,
     auth_permits: Semaphore,
+    /// Password checks waiting for a permit (bounded by [`MAX_WAITING_PASSWORD_CHECKS`]).
+    waiting_password_checks: std::sync::atomic::AtomicUsize,
+    /// Per-source-address connection and failed-login limits.
+    addresses: Mutex<abuse::AddressTable>,
     stats: Arc<IngestStats>,
     /// Subscriptions and deliveries of the connected clients.
     sessions: Arc<crate::sessions::Sessions>,
 }
+
+/// Password checks that may wait for a permit at once; more are refused as "server busy" at
+/// once. An argon2 check takes tens of ms, so with a permit per core these wait at most a few
+/// seconds, inside the default `connect_timeout`: a good device that gets a place in line
+/// connects in time, and a flood from many addresses costs bounded memory and CPU.
+pub(crate) const MAX_WAITING_PASSWORD_CHECKS: usize = 64;
 
 /// A connected client id in [`Shared::registry`].
 pub(crate) struct Registration {
@@ -211,6 +229,11 @@ pub(crate) struct Registration {
 }
 
 impl Shared {
+    /// The per-address table (the lock is held only for a lookup).
+    pub(crate) fn addresses(&self) -> std::sync::MutexGuard<'_, abuse::AddressTable> {
+        self.addresses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The identity (`Identity::owner`) that `client_id`'s connected device or kept session
     /// belongs to, when it is not `owner`: then `owner` may not take it over.
     pub(crate) fn owned_by_another(&self, client_id: &str, owner: &str) -> Option<String> {
@@ -361,6 +384,8 @@ impl Ingest {
             auth_permits: Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
+            waiting_password_checks: std::sync::atomic::AtomicUsize::new(0),
+            addresses: Mutex::new(abuse::AddressTable::new()),
             stats: Arc::new(IngestStats::default()),
             sessions,
         });
@@ -472,6 +497,23 @@ async fn accept_loop(
             },
             _ = shutdown.cancelled() => return,
         };
+        let policy = shared.policy();
+        if !shared.addresses().admit_connection(
+            peer.ip(),
+            tokio::time::Instant::now(),
+            &policy.limits,
+        ) {
+            shared.stats.refused("connect_rate");
+            if let Some(left_out) = shared.stats.connect_rate_log.admit() {
+                tracing::warn!(
+                    address = %peer.ip(),
+                    similar_left_out = left_out,
+                    "connection refused: too many new connections from this address ([limits] connect_rate_per_address)"
+                );
+            }
+            drop(tcp);
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             shared.stats.refused("limit");
             tracing::warn!(%peer, "connection refused: max_connections reached");
@@ -483,7 +525,6 @@ async fn accept_loop(
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let _ = tcp.set_nodelay(true);
-        let policy = shared.policy();
         let deadline = Instant::now() + policy.limits.connect_timeout;
         let tls = policy.tls.get(l.index).cloned().flatten();
         let (shared, shutdown) = (shared.clone(), shutdown.clone());

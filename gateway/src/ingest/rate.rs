@@ -17,9 +17,9 @@ use tokio::time::Instant;
 
 use crate::config::LimitsConfig;
 
-/// One token bucket.
+/// One token bucket (also the per-address buckets of `super::abuse`).
 #[derive(Debug, Clone)]
-struct Bucket {
+pub(crate) struct Bucket {
     /// Tokens per second.
     rate: f64,
     burst: f64,
@@ -29,7 +29,7 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
+    pub(crate) fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
         Bucket {
             rate,
             burst,
@@ -38,10 +38,32 @@ impl Bucket {
         }
     }
 
-    fn refill(&mut self, now: Instant) {
+    pub(crate) fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.level = (self.level + elapsed * self.rate).min(self.burst);
         self.last = now;
+    }
+
+    /// Takes one token if there is one at `now`.
+    pub(crate) fn take_one(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.level >= 1.0 {
+            self.level -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Puts back a token taken by [`Bucket::take_one`] (up to the burst).
+    pub(crate) fn give_back(&mut self) {
+        self.level = (self.level + 1.0).min(self.burst);
+    }
+
+    /// Whether it is full at `now` (then it is no different from a new one).
+    pub(crate) fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.level >= self.burst
     }
 
     /// How long until `cost` can be taken (zero: now). Call after `refill`.
@@ -56,7 +78,7 @@ impl Bucket {
     }
 
     /// New settings (a reload): the tokens held are kept, up to the new burst.
-    fn configure(&mut self, rate: f64, burst: f64) {
+    pub(crate) fn configure(&mut self, rate: f64, burst: f64) {
         self.rate = rate;
         self.burst = burst;
         self.level = self.level.min(burst);

@@ -115,6 +115,10 @@ pub enum Refusal {
     Protocol,
     /// The identity does not own the client id (or its session belongs to another identity).
     ClientId,
+    /// Too many failed logins from the CONNECT's address: its password was not checked.
+    LoginThrottled,
+    /// Too many password checks waiting already.
+    Busy,
 }
 
 impl Refusal {
@@ -126,6 +130,8 @@ impl Refusal {
             Refusal::Malformed => "malformed",
             Refusal::Protocol => "protocol",
             Refusal::ClientId => "client_id",
+            Refusal::LoginThrottled => "login_throttled",
+            Refusal::Busy => "busy",
         }
     }
 }
@@ -662,10 +668,24 @@ impl Session {
                     "this identity does not own the client id",
                 );
             }
+            Err(code @ (reason::SERVER_BUSY | reason::CONNECTION_RATE_EXCEEDED)) => {
+                let (why, text) = if code == reason::SERVER_BUSY {
+                    (
+                        Refusal::Busy,
+                        "too many logins being checked; try again later",
+                    )
+                } else {
+                    (
+                        Refusal::LoginThrottled,
+                        "too many failed logins from this address; try again later",
+                    )
+                };
+                // 3.1.1: "server unavailable", which clients retry later.
+                return self.refuse_connect(v, 0x03, code, why, text);
+            }
             Err(code) => {
                 let v4 = match code {
                     reason::BAD_USER_OR_PASSWORD => 0x04,
-                    reason::SERVER_BUSY => 0x03,
                     _ => 0x05,
                 };
                 return self.refuse_connect(v, v4, code, Refusal::Auth, "not authorized");
