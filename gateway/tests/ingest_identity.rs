@@ -232,3 +232,65 @@ async fn a_certificate_cannot_take_over_another_certificates_session_but_its_own
     assert_eq!(ids, [DEV, DEV]);
     gw.stop().await;
 }
+
+/// The owner of a persistent session is stored with it: after a restart an anonymous device
+/// still cannot take the session, and its owner resumes it.
+#[tokio::test]
+async fn a_kept_sessions_owner_survives_a_restart() {
+    let gw = TestGateway::start(|c, _| c.auth.allow_anonymous = true).await;
+    let mut owner = gw
+        .raw_connected(DEV, &Connect::v5(DEV).persistent(3600))
+        .await;
+    owner.send(&raw::DISCONNECT).await.unwrap();
+    gw.wait_disconnected().await;
+    let gw = gw.restart().await;
+
+    let mut c = dial(&gw).await;
+    let ack = c.connect(&Connect::v5(DEV).persistent(3600)).await;
+    assert_eq!(ack.connack_code(), 0x85, "anonymous, after the restart");
+    assert_eq!(takeovers_refused(&gw), 1);
+
+    let mut owner = gw.raw(Some(DEV)).await;
+    let ack = owner.connect(&Connect::v5(DEV).persistent(3600)).await;
+    assert_eq!(ack.connack_code(), 0);
+    assert!(ack.session_present());
+    gw.stop().await;
+}
+
+/// The report, with the client it used: `mosquitto_pub -u alice -P ... -i dev-00001`
+/// over TLS fails (both protocol versions) and stores nothing; with `-i alice` it works.
+#[tokio::test]
+async fn mosquitto_pub_with_a_password_cannot_publish_as_another_device() {
+    let gw = TestGateway::start(passwords).await;
+    let port = gw.addr.port().to_string();
+    let publish = |id: &'static str, version: &'static str, topic: &'static str| {
+        let mut c = tokio::process::Command::new("mosquitto_pub");
+        c.args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
+            .args(["-u", "alice", "-P", "s3cret", "-i", id, "-t", topic])
+            .args(["-m", "reading"])
+            .arg("--cafile")
+            .arg(gw.certs.join("ca.pem"));
+        c
+    };
+    for version in ["mqttv311", "mqttv5"] {
+        let out = publish(DEV, version, TOPIC)
+            .output()
+            .await
+            .expect("mosquitto_pub (Debian's mosquitto-clients; `./run-tests` installs it)");
+        assert!(!out.status.success(), "{version}: accepted as {DEV}");
+    }
+    gw.wait_refused("client_id", 2).await;
+    let out = publish("alice", "mqttv5", "devices/alice/telemetry")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = gw.wait_records(1).await;
+    let ids: Vec<_> = records.iter().map(|r| r.device_id.as_str()).collect();
+    assert_eq!(ids, ["alice"]);
+    gw.stop().await;
+}

@@ -240,3 +240,47 @@ async fn a_reload_changes_the_limit_of_a_connected_device() {
     assert!(refused >= 3, "{refused} refused after the second reload");
     service.shutdown().await.unwrap();
 }
+
+/// A real MQTT 5 client (rumqttc, as in the fleet simulator) over the rate: it reads the
+/// refusals as PUBACK "quota exceeded" and stays connected. (A PUBACK with 0x96 would end its
+/// connection: rumqttc rejects reason codes MQTT 5 does not allow in a PUBACK.)
+#[tokio::test]
+async fn rumqttc_v5_reads_the_refusals_and_stays_connected() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::Event;
+
+    let gw = TestGateway::start(|c, _| {
+        c.limits.publish_rate = Some(1);
+        c.limits.publish_burst = Some(2);
+    })
+    .await;
+    let mut o = rumqttc::v5::MqttOptions::new(DEV, "127.0.0.1", gw.addr.port());
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(client_tls(&gw.certs, Some(DEV))),
+    ));
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 16);
+    let n = 8;
+    for i in 0..n {
+        client
+            .publish(TOPIC, Q5::AtLeastOnce, false, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let (mut ok, mut refused) = (0, 0);
+    while ok + refused < n {
+        match events.poll().await.expect("the connection stays up") {
+            Event::Incoming(P5::PubAck(ack)) => match ack.reason {
+                PubAckReason::Success => ok += 1,
+                PubAckReason::QuotaExceeded => refused += 1,
+                other => panic!("{other:?}"),
+            },
+            Event::Incoming(P5::Disconnect(d)) => panic!("disconnected: {d:?}"),
+            _ => {}
+        }
+    }
+    assert!(ok >= 2 && refused >= 1, "{ok} ok, {refused} refused");
+    gw.wait_refused("rate", refused).await;
+    assert_eq!(gw.wait_records(ok as usize).await.len(), ok as usize);
+    gw.stop().await;
+}

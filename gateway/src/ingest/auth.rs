@@ -166,9 +166,9 @@ impl Authenticator {
             .filter(|&i| rest.is_char_boundary(i))
             .find_map(|i| {
                 let (user, tail) = rest.split_at(i);
-                (glob(after, tail) && self.passwords.contains_key(user)).then_some(user)
+                let (known, _) = self.passwords.get_key_value(user)?;
+                glob(after, tail).then_some(known.as_str())
             })
-            .and_then(|u| self.passwords.get_key_value(u).map(|(k, _)| k.as_str()))
     }
 
     /// The client id to assign to a password login that sent none: the pattern with `*` as
@@ -193,13 +193,17 @@ impl Authenticator {
             }
             IdentityKind::Password => {
                 let user = identity.name.as_str();
-                if requested.is_empty() {
+                let id = if requested.is_empty() {
+                    // (With a pattern like "%u*", a longer username could own what the random
+                    // characters spell: checked like a requested id.)
                     self.assign_for_user(user)
-                } else if owner(requested) == Some(user) {
-                    requested.to_string()
                 } else {
+                    requested.to_string()
+                };
+                if owner(&id) != Some(user) {
                     return Err(reason::CLIENT_ID_NOT_VALID);
                 }
+                id
             }
             IdentityKind::Certificate | IdentityKind::Anonymous => {
                 if requested.is_empty() {

@@ -238,9 +238,10 @@ impl Conn {
         }
     }
 
-    /// Holds a publish to `publish_rate` / `publish_bytes_rate`. `None`: it may be stored.
-    /// Over the rate an MQTT 5 device is told 0x96 and the message is not stored; a 3.1.1
-    /// device is slowed instead: its socket is not read while it waits for the tokens.
+    /// Holds a publish to `publish_rate` / `publish_bytes_rate`: `Ok(ack)` once it may be
+    /// stored, `Err(step)` when it was refused. Over the rate an MQTT 5 device is told 0x97
+    /// "message rate too high" and the message is not stored; a 3.1.1 device is slowed
+    /// instead: its socket is not read while it waits for the tokens.
     async fn rate_limit(
         &mut self,
         m: &Message,
@@ -252,6 +253,8 @@ impl Conn {
         let v5 = self.session.version() == Some(Version::V5);
         let mut delayed = false;
         loop {
+            // A reload during the wait applies to it.
+            self.refresh_policy();
             let wait = match self
                 .limiter
                 .try_take(m.payload.len(), tokio::time::Instant::now())
@@ -356,7 +359,8 @@ impl Conn {
                     let mut more = self.session.authenticated(result, self.policy.acl());
                     if self.session.is_connected() && !self.register() {
                         // Lost a race with a connection of another identity: no CONNACK.
-                        self.refused_takeover(&c.client_id, "another identity");
+                        let id = self.session.client_id().unwrap_or_default().to_string();
+                        self.refused_takeover(&id, "another identity");
                         self.shared.stats.refused(Refusal::ClientId.as_label());
                         let _ = self.session.take_will();
                         more = vec![Action::Close {
@@ -863,6 +867,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     let mut buf = BytesMut::with_capacity(1024);
     let mut resumed = false;
+    // Whether this connection still watches its session's wake-ups (see below).
+    let mut watching = true;
     'outer: loop {
         let mut next = tokio::select! {
             biased;
@@ -870,8 +876,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Some(out) => Some(out),
                 None => break,
             },
-            _ = woken(&slot) => None,
+            _ = woken(&slot), if watching => None,
         };
+        let woke = next.is_none();
         // Encode everything that is ready, then write it in one go.
         while let Some(out) = next.take() {
             let v = version.get().copied().unwrap_or(Version::V311);
@@ -959,6 +966,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         encode_delivery(d, v, now, &mut buf);
                     }
                 });
+            } else if woke {
+                // Another connection owns the session now (this one is ending, or was taken
+                // over), and the wake-up was meant for its writer: pass it on, and stop
+                // watching. (`Notify` keeps one wake-up for one waiter: a writer that swallowed
+                // it left a resumed session's resends unsent.)
+                slot.wake.notify_one();
+                watching = false;
             }
         }
         if !buf.is_empty() {

@@ -313,7 +313,6 @@ impl Session {
         matches!(self.state, State::Connected(_))
     }
 
-    /// The will as a message to append, if the connection ends without a normal DISCONNECT.
     /// A QoS 2 publish whose PUBREC carried a refusal: it was not stored, so a later publish
     /// with its packet id is a new message, not a resend to acknowledge again.
     pub fn not_stored(&mut self, pkid: u16) {
@@ -322,6 +321,7 @@ impl Session {
         }
     }
 
+    /// The will as a message to append, if the connection ends without a normal DISCONNECT.
     pub fn take_will(&mut self) -> Option<Message> {
         let will = self.will.take()?;
         let (device_id, username) = self.will_owner.clone()?;

@@ -217,9 +217,12 @@ impl Slot {
     }
 
     /// The session store is durable through `seq`: the messages held until their events were
-    /// stored may be sent.
+    /// stored may be sent, and the session's writer is woken for them. (The router wakes only
+    /// the sessions that were online when it routed; one that came back meanwhile had already
+    /// looked, found them held, and would wait for the next message.)
     pub fn stored_through(&self, seq: u64) {
         self.with_outbox(|o| o.stored_through(seq));
+        self.wake.notify_one();
     }
 
     /// A PUBREC for `pkid`: the PUBREL to send, once the returned append (if any) is durable.
