@@ -87,6 +87,20 @@ fn parse_password_file(path: &Path) -> Result<HashMap<String, String>, AuthError
     Ok(users)
 }
 
+/// A hash of nothing in particular, made (once) like `gateway passwd` makes them, to check an
+/// unknown user's password against.
+fn dummy_hash() -> Option<PasswordHash<'static>> {
+    static DUMMY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let text = DUMMY.get_or_init(|| {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(b"no such user", &salt)
+            .ok()
+            .map(|h| h.to_string())
+    });
+    text.as_deref().and_then(|t| PasswordHash::new(t).ok())
+}
+
 fn user_ok(user: &str) -> bool {
     !user.is_empty()
         && user.len() <= 128
@@ -248,10 +262,14 @@ impl Authenticator {
         }
         match (&c.username, &c.password) {
             (Some(user), Some(password)) => {
-                let hash = self
-                    .passwords
-                    .get(user)
-                    .ok_or(reason::BAD_USER_OR_PASSWORD)?;
+                let Some(hash) = self.passwords.get(user) else {
+                    // As long as a wrong password takes: the answer's timing does not tell
+                    // which user names exist.
+                    if let Some(dummy) = dummy_hash() {
+                        let _ = Argon2::default().verify_password(password.as_bytes(), &dummy);
+                    }
+                    return Err(reason::BAD_USER_OR_PASSWORD);
+                };
                 let parsed = PasswordHash::new(hash).map_err(|_| reason::BAD_USER_OR_PASSWORD)?;
                 Argon2::default()
                     .verify_password(password.as_bytes(), &parsed)
