@@ -642,4 +642,25 @@ mod tests {
             assert!(p.contains(want), "{want} missing in:\n{p}");
         }
     }
+
+    #[test]
+    fn the_commented_kafka_example_in_the_default_config_is_valid() {
+        let text = crate::config::DEFAULT_CONFIG;
+        let start = text
+            .find("# [[downlinks]]\n# name = \"kcmds\"")
+            .expect("the Kafka downlink example");
+        let example: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let c = crate::config::Config::from_toml_str(&example).expect("the example parses");
+        let DownlinkConfig::Kafka(k) = &c.downlinks[0] else {
+            panic!("{:?}", c.downlinks[0]);
+        };
+        assert_eq!(k.command.topic, DEFAULT_KAFKA_COMMAND_TOPIC);
+        assert_eq!(k.max_wait, DEFAULT_KAFKA_MAX_WAIT);
+        assert_eq!(k.fetch_bytes, DEFAULT_KAFKA_FETCH_BYTES);
+        assert_eq!(k.request_timeout, DEFAULT_KAFKA_REQUEST_TIMEOUT);
+    }
 }

@@ -23,10 +23,11 @@
 //!   properties); the message id is the `message_id` header, else `{topic}:{partition}:{offset}`.
 //! - **Bad records** (not a command, or one the store cannot encode) go to the dead letters
 //!   with the reason, and the offset moves past them: never a stuck partition.
-//! - **Duplicates**: a message id seen among the downlink's recent ones ([`RecentIds`]) is
-//!   skipped, so records read again after a reconnect are not stored twice. After a crash
-//!   between the store's sync and the offsets write the records are read again and stored again
-//!   (at least once; the device may see such a command twice).
+//! - **Duplicates**: a message id seen among the downlink's recent ones ([`RecentIds`], seeded
+//!   at start with the ids of its commands still in the command store) is skipped, so records
+//!   read again after a reconnect, or after a crash between the store's sync and the offsets
+//!   write, are not stored twice. (A command already delivered and removed from the store
+//!   before such a crash would be stored again: at least once.)
 //! - **Backpressure**: a full command store stops the partition's fetching
 //!   ([`Queue::wait_for_space`]); state `paused`, counted in `backpressure`. The broker keeps
 //!   the records.
@@ -133,7 +134,15 @@ pub async fn run(
         }
     };
     let offsets = Mutex::new(offsets);
-    let recent = Mutex::new(RecentIds::default());
+    // Records read again after a crash between the store's sync and the offsets write are
+    // recognised by the message ids of this downlink's commands still in the store.
+    let recent = {
+        let (store, origin) = (store.clone(), origin.clone());
+        tokio::task::spawn_blocking(move || RecentIds::from_store(&store, &origin))
+            .await
+            .unwrap_or_default()
+    };
+    let recent = Mutex::new(recent);
     let changed = Notify::new();
     let ctx = Ctx {
         cfg: &cfg,

@@ -18,8 +18,8 @@
 //!   before it is settled: durable in the command store, durable in the dead letters, or a
 //!   duplicate of one that is. The downlink writes a number only after that (the mirror of an
 //!   AMQP ack after `PendingAppend::durable()`); a crash before the write makes the downlink
-//!   read those records again (dropped as duplicates by message id while the process lives;
-//!   after a crash they can reach a device once more: at least once).
+//!   read those records again, and drop them as duplicates by message id (`RecentIds`, seeded
+//!   from the command store at start).
 //! - **Topics are kept apart**, so a downlink switched to another topic and back resumes
 //!   where it was. A partition missing from the file starts at the downlink's `start`.
 //! - **Written whole and atomically**: `<file>.tmp` is written and fsync'd, renamed over the
