@@ -513,6 +513,7 @@ fn check_kafka(k: &KafkaDownlinkConfig, key: &dyn Fn(&str) -> String, problems: 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
