@@ -363,6 +363,7 @@ async fn partition(
     // The last append of this partition: the next one is refused once it failed.
     let mut after: Option<AppendMarker> = None;
     loop {
+        let began = tokio::time::Instant::now();
         let fetched = tokio::select! {
             r = tokio::time::timeout(bound, client.fetch_records(next, 1..fetch_bytes, max_wait_ms)) => r,
             _ = stop.cancelled() => return Ok(()),
@@ -389,6 +390,15 @@ async fn partition(
             Ok(Err(e)) => return Err(format!("fetch {topic}/{p} at offset {next}: {e}")),
             Ok(Ok((records, _high_watermark))) => records,
         };
+        if records.is_empty() {
+            // A broker that answers an empty fetch before `max_wait` would make this a busy
+            // loop: wait out the rest of it here.
+            tokio::select! {
+                _ = tokio::time::sleep_until(began + cfg.max_wait) => {}
+                _ = stop.cancelled() => return Ok(()),
+            }
+            continue;
+        }
         let mut taken: Vec<(i64, Taken)> = Vec::with_capacity(records.len());
         // Why the batch stopped short: Some(None) on stop, Some(Some(why)) on a failure.
         let mut cut: Option<Option<String>> = None;
