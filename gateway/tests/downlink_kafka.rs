@@ -4,7 +4,9 @@
 //! devices over mutual TLS, in order, with their MQTT 5 request/response properties; offline
 //! persistent sessions get theirs when they come back; a bad record is a dead letter and the
 //! next one still arrives; a gateway restart reads on from the offsets it kept (nothing read
-//! or delivered twice).
+//! or delivered twice); records read again after a lost offsets write are recognised and not
+//! stored twice; a full command store pauses fetching; a damaged offsets file stops the
+//! downlink with an error naming it until it is removed; a broker restart is ridden out.
 //!
 //! Needs `tansu` 0.6.0 (`$TANSU`, `$CARGO_HOME/bin/tansu` or on `PATH`); without it the tests
 //! fail, saying how to install it.
@@ -50,7 +52,7 @@ struct Rig {
     topic: String,
     kafka: Client,
     // Last: the broker outlives the clients above.
-    _tansu: Tansu,
+    tansu: Tansu,
 }
 
 impl Rig {
@@ -110,7 +112,7 @@ backoff_max = "1s"
             path,
             topic,
             kafka,
-            _tansu: tansu,
+            tansu,
         }
     }
 
@@ -441,5 +443,109 @@ async fn a_full_command_store_pauses_fetching_and_every_command_arrives_later_in
     })
     .await;
     assert_eq!(s.dead_lettered.load(Ordering::Relaxed), 0);
+    service.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn records_read_again_after_a_lost_offsets_write_are_not_stored_twice() {
+    // The offline device's session takes one command; the router stops behind the second, so
+    // the commands stay in the command store, as they do between the store's sync and their
+    // routing.
+    let rig = Rig::with("[sessions]\nmax_queued_messages = 1\n", "").await;
+    let service = rig.start().await;
+    let status = service.status();
+    let d = dev(3);
+    let mut c = rig
+        .device(&status, &d, &Connect::v4(&d).persistent(0))
+        .await;
+    subscribe(&mut c, false, &d).await;
+    drop(c);
+    wait_for("the offline session", || status.sessions.counts().1 == 1).await;
+    consuming(&status).await;
+    for i in 0..3 {
+        rig.produce(&d, &[], format!("c{i}").as_bytes()).await;
+    }
+    let s = downlink(&status);
+    wait_for("3 stored", || s.stored.load(Ordering::Relaxed) == 3).await;
+    let commands = status.commands().unwrap();
+    wait_for("1 routed", || {
+        commands.router.routed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    service.shutdown().await.unwrap();
+    // As if the gateway had died between the store's sync and the offsets write.
+    std::fs::remove_file(rig.offsets_file()).unwrap();
+
+    let service = rig.start().await;
+    let status = service.status();
+    let s = downlink(&status);
+    wait_for("the 3 records settled again", || {
+        s.acked.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    assert_eq!(s.consumed.load(Ordering::Relaxed), 3, "read again");
+    assert_eq!(s.duplicates.load(Ordering::Relaxed), 3, "recognised");
+    assert_eq!(s.stored.load(Ordering::Relaxed), 0, "not stored twice");
+    // One more after them. (It also wakes the restarted router: at the time of writing, after
+    // a restart it routes the commands it read at start only once a new one arrives; its
+    // `reader.wait_readable()` answers at once and `next_batch` then waits for a new record.)
+    rig.produce(&d, &[], b"c3").await;
+    let mut c = rig
+        .device(&status, &d, &Connect::v4(&d).persistent(0))
+        .await;
+    let got = receive(&mut c, false, 4).await;
+    assert_eq!(payloads(&got), ["c0", "c1", "c2", "c3"]);
+    assert!(
+        c.recv_within(Duration::from_millis(500)).await.is_err(),
+        "each command once"
+    );
+    service.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_damaged_offsets_file_stops_the_downlink_with_its_name_until_it_is_removed() {
+    let rig = Rig::new("").await;
+    std::fs::create_dir_all(rig.offsets_file().parent().unwrap()).unwrap();
+    std::fs::write(rig.offsets_file(), b"{\"version\": 1, \"downl").unwrap();
+    let service = rig.start().await;
+    let status = service.status();
+    let s = downlink(&status);
+    let file = rig.offsets_file().display().to_string();
+    wait_for("the downlink to say why it is down", || {
+        s.state() == DownlinkState::Down && s.last_error().contains(&file)
+    })
+    .await;
+    assert!(s.last_error().contains("delete it"), "{}", s.last_error());
+    assert_eq!(s.consumed.load(Ordering::Relaxed), 0);
+    // Removed: the downlink starts on its own (it tries again every backoff_max).
+    std::fs::remove_file(rig.offsets_file()).unwrap();
+    consuming(&status).await;
+    let d = dev(4);
+    let mut c = rig.device(&status, &d, &Connect::v4(&d)).await;
+    subscribe(&mut c, false, &d).await;
+    rig.produce(&d, &[], b"after-fix").await;
+    let got = receive(&mut c, false, 1).await;
+    assert_eq!(payloads(&got), ["after-fix"]);
+    service.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_downlink_reconnects_after_a_broker_restart_and_reads_on() {
+    let mut rig = Rig::new("").await;
+    let service = rig.start().await;
+    let status = service.status();
+    let d = dev(6);
+    let mut c = rig.device(&status, &d, &Connect::v4(&d)).await;
+    subscribe(&mut c, false, &d).await;
+    consuming(&status).await;
+    rig.produce(&d, &[], b"before").await;
+    assert_eq!(payloads(&receive(&mut c, false, 1).await), ["before"]);
+    rig.tansu.restart();
+    rig.produce(&d, &[], b"after").await;
+    assert_eq!(payloads(&receive(&mut c, false, 1).await), ["after"]);
+    assert!(
+        c.recv_within(Duration::from_millis(300)).await.is_err(),
+        "\"before\" is not read again"
+    );
     service.shutdown().await.unwrap();
 }
