@@ -311,6 +311,25 @@ impl Service {
                     stop.clone(),
                 ))
             }
+            #[cfg(feature = "kafka")]
+            DownlinkConfig::Kafka(k) => {
+                tracing::info!(downlink = %k.name, bootstrap = %k.bootstrap.join(","), topic = %k.topic, "downlink configured");
+                tokio::spawn(crate::downlink::kafka::run(
+                    k.clone(),
+                    self.config.gateway.id.clone(),
+                    commands.store.data_dir().to_path_buf(),
+                    commands.store.clone(),
+                    self.dead.clone(),
+                    stats.clone(),
+                    stop.clone(),
+                ))
+            }
+            // The config check refuses it in a build without Kafka; never reached.
+            #[cfg(not(feature = "kafka"))]
+            DownlinkConfig::Kafka(k) => {
+                tracing::error!(downlink = %k.name, "{}", crate::config::KAFKA_NOT_BUILT);
+                return;
+            }
         };
         self.downlinks.insert(
             cfg.name().to_string(),
@@ -405,15 +424,26 @@ impl Service {
             .downlinks
             .values()
             .map(|r| {
-                let DownlinkConfig::Amqp(a) = &r.cfg;
-                crate::status::DownlinkView {
-                    name: a.name.clone(),
-                    kind: "amqp",
-                    source: format!(
-                        "{} queue {}",
-                        crate::uplink::amqp::masked_url(a.urls()[r.stats.node() % a.urls().len()]),
-                        a.queue
+                let (kind, source) = match &r.cfg {
+                    DownlinkConfig::Amqp(a) => (
+                        "amqp",
+                        format!(
+                            "{} queue {}",
+                            crate::uplink::amqp::masked_url(
+                                a.urls()[r.stats.node() % a.urls().len()]
+                            ),
+                            a.queue
+                        ),
                     ),
+                    DownlinkConfig::Kafka(k) => (
+                        "kafka",
+                        format!("{} topic {}", k.bootstrap.join(","), k.topic),
+                    ),
+                };
+                crate::status::DownlinkView {
+                    name: r.cfg.name().to_string(),
+                    kind,
+                    source,
                     stats: r.stats.clone(),
                 }
             })

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::uplink::{check_kafka_client, kafka_topic_byte, KafkaSasl, KAFKA_NOT_BUILT};
 use super::{de, duration_value, quoted, Problem};
 
 /// Commands kept for a device that has not subscribed yet, before they are dead-lettered.
@@ -19,6 +20,21 @@ pub const DEFAULT_MAX_COMMAND_BYTES: u64 = 256 << 10;
 pub const DEFAULT_DOWNLINK_MAX_BYTES: u64 = 64 << 20;
 /// Where a downlink may write, unless configured: the devices' command topics.
 pub const DEFAULT_ALLOWED_TOPICS: &str = "devices/+/commands/#";
+/// The MQTT topic of a Kafka command without an `mqtt_topic` header. A Kafka producer keys a
+/// device's commands by its device id (so that they share a partition and stay in order), so
+/// the key names the device, not the whole topic as an AMQP routing key does; the command's
+/// name, if any, comes in the `mqtt_topic` header (`devices/dev-1/commands/reboot`).
+pub const DEFAULT_KAFKA_COMMAND_TOPIC: &str = "devices/{key}/commands";
+/// How long a Kafka fetch waits at the broker for records before it answers empty: the
+/// latency of a command when the topic is idle is at most this plus the round trip, and an
+/// idle downlink sends two fetches a second per partition.
+pub const DEFAULT_KAFKA_MAX_WAIT: Duration = Duration::from_millis(500);
+/// Bytes a Kafka fetch asks for at most (per partition): many commands in one fetch, one
+/// sync, one offsets write; far below the command store's bound.
+pub const DEFAULT_KAFKA_FETCH_BYTES: u64 = 1 << 20;
+/// A Kafka request (metadata, fetch beyond `max_wait`) not answered within this: the
+/// connection is taken as lost and made again.
+pub const DEFAULT_KAFKA_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[downlink]`: the durable store that holds commands between the upstream ack and the
 /// device's acknowledgement.
@@ -43,18 +59,30 @@ impl Default for DownlinkStoreConfig {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum DownlinkConfig {
     Amqp(AmqpDownlinkConfig),
+    Kafka(KafkaDownlinkConfig),
 }
 
 impl DownlinkConfig {
     pub fn name(&self) -> &str {
         match self {
             DownlinkConfig::Amqp(a) => &a.name,
+            DownlinkConfig::Kafka(k) => &k.name,
         }
     }
 
     pub fn common(&self) -> &CommandOptions {
         match self {
             DownlinkConfig::Amqp(a) => &a.command,
+            DownlinkConfig::Kafka(k) => &k.command,
+        }
+    }
+
+    /// The key that holds the MQTT topic template (`topic` for AMQP; for Kafka `topic` names
+    /// the Kafka topic, so the template is `mqtt_topic`).
+    fn template_key(&self) -> &'static str {
+        match self {
+            DownlinkConfig::Amqp(_) => "topic",
+            DownlinkConfig::Kafka(_) => "mqtt_topic",
         }
     }
 }
@@ -166,6 +194,125 @@ impl AmqpDownlinkConfig {
     }
 }
 
+/// Where a Kafka downlink starts in a partition it has no stored offset for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaStart {
+    /// The oldest record the broker still keeps: commands sent while the gateway was being
+    /// installed (or before its offsets were lost) are delivered, not silently skipped.
+    #[default]
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+}
+
+/// A Kafka downlink: every partition of one topic, read from the offsets the gateway keeps
+/// (`data_dir/downlink/kafka-<name>.offsets`; rskafka has no consumer groups).
+///
+/// Its Kafka topic is `topic`, so the MQTT topic template of the shared command keys is
+/// `mqtt_topic` here (default [`DEFAULT_KAFKA_COMMAND_TOPIC`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawKafkaDownlink")]
+pub struct KafkaDownlinkConfig {
+    pub name: String,
+    /// Bootstrap brokers, `host:port` each.
+    pub bootstrap: Vec<String>,
+    /// The Kafka topic consumed (all its partitions).
+    pub topic: String,
+    /// Speak TLS (rustls) to every broker, as the Kafka uplink does.
+    pub tls: bool,
+    /// With `tls`: a PEM file of CA certificates to trust besides the system's store.
+    pub ca_file: Option<PathBuf>,
+    /// SASL authentication (PLAIN or SCRAM), as the Kafka uplink has it.
+    pub sasl: Option<KafkaSasl>,
+    /// Where to begin in a partition with no stored offset.
+    pub start: KafkaStart,
+    /// How long a fetch waits at the broker for records.
+    pub max_wait: Duration,
+    /// Bytes per fetch (per partition), at most.
+    pub fetch_bytes: u64,
+    /// A request not answered within this (beyond `max_wait`): reconnect.
+    pub request_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// The shared command keys; `command.topic` is the `mqtt_topic` template.
+    pub command: CommandOptions,
+}
+
+/// The keys of a `type = "kafka"` downlink as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafkaDownlink {
+    name: String,
+    bootstrap: Vec<String>,
+    topic: String,
+    #[serde(default)]
+    tls: bool,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    sasl: Option<KafkaSasl>,
+    #[serde(default)]
+    start: KafkaStart,
+    #[serde(default = "default_kafka_max_wait", deserialize_with = "de::duration")]
+    max_wait: Duration,
+    #[serde(
+        default = "default_kafka_fetch_bytes",
+        deserialize_with = "de::byte_size"
+    )]
+    fetch_bytes: u64,
+    #[serde(
+        default = "default_kafka_request_timeout",
+        deserialize_with = "de::duration"
+    )]
+    request_timeout: Duration,
+    #[serde(default = "default_backoff_min", deserialize_with = "de::duration")]
+    backoff_min: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "de::duration")]
+    backoff_max: Duration,
+    /// The MQTT topic template (the shared `topic` key under another name).
+    #[serde(default)]
+    mqtt_topic: Option<String>,
+    #[serde(flatten)]
+    command: CommandOptions,
+}
+
+impl TryFrom<RawKafkaDownlink> for KafkaDownlinkConfig {
+    type Error = String;
+
+    fn try_from(r: RawKafkaDownlink) -> Result<Self, String> {
+        let mut command = r.command;
+        command.topic = r
+            .mqtt_topic
+            .unwrap_or_else(|| DEFAULT_KAFKA_COMMAND_TOPIC.into());
+        Ok(KafkaDownlinkConfig {
+            name: r.name,
+            bootstrap: r.bootstrap,
+            topic: r.topic,
+            tls: r.tls,
+            ca_file: r.ca_file,
+            sasl: r.sasl,
+            start: r.start,
+            max_wait: r.max_wait,
+            fetch_bytes: r.fetch_bytes,
+            request_timeout: r.request_timeout,
+            backoff_min: r.backoff_min,
+            backoff_max: r.backoff_max,
+            command,
+        })
+    }
+}
+
+fn default_kafka_max_wait() -> Duration {
+    DEFAULT_KAFKA_MAX_WAIT
+}
+fn default_kafka_fetch_bytes() -> u64 {
+    DEFAULT_KAFKA_FETCH_BYTES
+}
+fn default_kafka_request_timeout() -> Duration {
+    DEFAULT_KAFKA_REQUEST_TIMEOUT
+}
+
 /// Placeholders a downlink's `topic` template may use.
 pub fn check_command_template(t: &str) -> Result<(), String> {
     let mut rest = t;
@@ -220,7 +367,7 @@ pub(super) fn check(downlinks: &[DownlinkConfig], problems: &mut Vec<Problem>) {
         let c = d.common();
         if let Err(why) = check_command_template(&c.topic) {
             problems.push(Problem {
-                key: key("topic"),
+                key: key(d.template_key()),
                 value: quoted(&c.topic),
                 reason: why,
             });
@@ -273,6 +420,7 @@ pub(super) fn check(downlinks: &[DownlinkConfig], problems: &mut Vec<Problem>) {
         }
         match d {
             DownlinkConfig::Amqp(a) => check_amqp(a, &key, problems),
+            DownlinkConfig::Kafka(k) => check_kafka(k, &key, problems),
         }
     }
 }
@@ -309,7 +457,63 @@ fn check_amqp(a: &AmqpDownlinkConfig, key: &dyn Fn(&str) -> String, problems: &m
     }
 }
 
+fn check_kafka(k: &KafkaDownlinkConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    if !cfg!(feature = "kafka") {
+        problems.push(Problem {
+            key: key("type"),
+            value: "\"kafka\"".into(),
+            reason: KAFKA_NOT_BUILT.into(),
+        });
+    }
+    check_kafka_client(
+        &k.bootstrap,
+        k.tls,
+        k.ca_file.as_deref(),
+        k.sasl.as_ref(),
+        key,
+        problems,
+    );
+    if k.topic.is_empty() || k.topic.len() > 249 || !k.topic.bytes().all(kafka_topic_byte) {
+        problems.push(Problem {
+            key: key("topic"),
+            value: quoted(&k.topic),
+            reason: "name the Kafka topic to consume: 1 to 249 of A-Z a-z 0-9 . _ - (the MQTT \
+                     topic template is mqtt_topic)"
+                .into(),
+        });
+    }
+    if k.max_wait.is_zero() || k.max_wait > Duration::from_secs(60) {
+        problems.push(Problem {
+            key: key("max_wait"),
+            value: duration_value(k.max_wait),
+            reason: "use 1ms to 60s (how long a fetch waits at the broker for records)".into(),
+        });
+    }
+    if k.fetch_bytes < 1024 || k.fetch_bytes > 64 << 20 {
+        problems.push(Problem {
+            key: key("fetch_bytes"),
+            value: k.fetch_bytes.to_string(),
+            reason: "use 1 KiB to 64 MiB".into(),
+        });
+    }
+    if k.request_timeout < Duration::from_secs(1) {
+        problems.push(Problem {
+            key: key("request_timeout"),
+            value: duration_value(k.request_timeout),
+            reason: "use at least 1s".into(),
+        });
+    }
+    if k.backoff_min > k.backoff_max || k.backoff_min.is_zero() {
+        problems.push(Problem {
+            key: key("backoff_min"),
+            value: duration_value(k.backoff_min),
+            reason: "must be more than 0 and at most backoff_max".into(),
+        });
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -373,5 +577,91 @@ mod tests {
             e.contains("downlinks[0].url") && e.contains("amqp://"),
             "{e}"
         );
+    }
+
+    fn kafka_problems(text: &str) -> Vec<String> {
+        match crate::config::Config::from_toml_str(text) {
+            Err(crate::config::ConfigError::Invalid { problems }) => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    const KAFKA: &str = "[[downlinks]]\nname = \"k\"\ntype = \"kafka\"\nbootstrap = [\"h:9092\"]\ntopic = \"commands\"\n";
+
+    #[test]
+    fn kafka_downlink_defaults() {
+        let c = crate::config::Config::from_toml_str(KAFKA).unwrap();
+        let DownlinkConfig::Kafka(k) = &c.downlinks[0] else {
+            panic!("{:?}", c.downlinks[0]);
+        };
+        assert_eq!(k.topic, "commands");
+        assert_eq!(k.command.topic, DEFAULT_KAFKA_COMMAND_TOPIC);
+        assert_eq!(k.start, KafkaStart::Earliest);
+        assert_eq!(k.max_wait, DEFAULT_KAFKA_MAX_WAIT);
+        assert_eq!(k.fetch_bytes, DEFAULT_KAFKA_FETCH_BYTES);
+        assert_eq!(k.command.qos, 1);
+        assert_eq!(k.command.allowed_topics, [DEFAULT_ALLOWED_TOPICS]);
+        assert!(!k.tls && k.sasl.is_none());
+    }
+
+    #[test]
+    fn kafka_downlink_unknown_keys_and_bad_values_name_the_key() {
+        let e = crate::config::Config::from_toml_str(&format!("{KAFKA}bogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = crate::config::Config::from_toml_str(&format!("{KAFKA}start = \"middle\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("middle") && e.contains("earliest"), "{e}");
+        let p = kafka_problems(
+            r#"
+            [[downlinks]]
+            name = "k"
+            type = "kafka"
+            bootstrap = ["nohost"]
+            topic = "a/b"
+            mqtt_topic = "devices/{device}/x"
+            max_wait = "2m"
+            fetch_bytes = 10
+            ca_file = "/nonexistent/ca.pem"
+            sasl = { mechanism = "plain", username = "u" }
+            "#,
+        )
+        .join("\n");
+        for want in [
+            "downlinks[0].bootstrap[0] = \"nohost\"",
+            "downlinks[0].topic = \"a/b\"",
+            "downlinks[0].mqtt_topic = \"devices/{device}/x\": unknown placeholder",
+            "downlinks[0].max_wait",
+            "downlinks[0].fetch_bytes = 10",
+            "downlinks[0].ca_file",
+            "downlinks[0].sasl.password_env",
+        ] {
+            assert!(p.contains(want), "{want} missing in:\n{p}");
+        }
+    }
+
+    #[test]
+    fn the_commented_kafka_example_in_the_default_config_is_valid() {
+        let text = crate::config::DEFAULT_CONFIG;
+        let start = text
+            .find("# [[downlinks]]\n# name = \"kcmds\"")
+            .expect("the Kafka downlink example");
+        let example: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let c = crate::config::Config::from_toml_str(&example).expect("the example parses");
+        let DownlinkConfig::Kafka(k) = &c.downlinks[0] else {
+            panic!("{:?}", c.downlinks[0]);
+        };
+        assert_eq!(k.command.topic, DEFAULT_KAFKA_COMMAND_TOPIC);
+        assert_eq!(k.max_wait, DEFAULT_KAFKA_MAX_WAIT);
+        assert_eq!(k.fetch_bytes, DEFAULT_KAFKA_FETCH_BYTES);
+        assert_eq!(k.request_timeout, DEFAULT_KAFKA_REQUEST_TIMEOUT);
     }
 }

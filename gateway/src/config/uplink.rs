@@ -658,25 +658,14 @@ fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec
             reason: KAFKA_NOT_BUILT.into(),
         });
     }
-    if k.bootstrap.is_empty() {
-        problems.push(Problem {
-            key: key("bootstrap"),
-            value: "[]".into(),
-            reason: "name at least one broker as \"host:port\"".into(),
-        });
-    }
-    for (j, b) in k.bootstrap.iter().enumerate() {
-        let ok = b.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if !ok {
-            problems.push(Problem {
-                key: key(&format!("bootstrap[{j}]")),
-                value: quoted(b),
-                reason: "must be \"host:port\"".into(),
-            });
-        }
-    }
+    check_kafka_client(
+        &k.bootstrap,
+        k.tls,
+        k.ca_file.as_deref(),
+        k.sasl.as_ref(),
+        key,
+        problems,
+    );
     match check_template(&k.topic) {
         Err(why) => problems.push(Problem {
             key: key("topic"),
@@ -736,8 +725,39 @@ fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec
             ),
         });
     }
-    if let Some(ca) = &k.ca_file {
-        if !k.tls {
+}
+
+/// The connection keys a Kafka uplink and a Kafka downlink share: `bootstrap`, `tls`, `ca_file`
+/// and `sasl`.
+pub(super) fn check_kafka_client(
+    bootstrap: &[String],
+    tls: bool,
+    ca_file: Option<&Path>,
+    sasl: Option<&KafkaSasl>,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Vec<Problem>,
+) {
+    if bootstrap.is_empty() {
+        problems.push(Problem {
+            key: key("bootstrap"),
+            value: "[]".into(),
+            reason: "name at least one broker as \"host:port\"".into(),
+        });
+    }
+    for (j, b) in bootstrap.iter().enumerate() {
+        let ok = b.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            problems.push(Problem {
+                key: key(&format!("bootstrap[{j}]")),
+                value: quoted(b),
+                reason: "must be \"host:port\"".into(),
+            });
+        }
+    }
+    if let Some(ca) = ca_file {
+        if !tls {
             problems.push(Problem {
                 key: key("ca_file"),
                 value: quoted(&ca.display().to_string()),
@@ -751,7 +771,7 @@ fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec
             });
         }
     }
-    if let Some(sasl) = &k.sasl {
+    if let Some(sasl) = sasl {
         if sasl.username.is_empty() {
             problems.push(Problem {
                 key: key("sasl.username"),

@@ -22,7 +22,7 @@ use super::map::{self, HeaderValue, Upstream};
 use super::{DownlinkState, DownlinkStats, RecentIds};
 use crate::config::AmqpDownlinkConfig;
 use crate::forwarder::DeadLetters;
-use crate::queue::{Queue, QueueError, Record};
+use crate::queue::{Queue, QueueError};
 use crate::uplink::amqp::{masked_url, open_connection};
 
 /// No handshake by then: the node is a black hole; try the next.
@@ -261,7 +261,9 @@ async fn consume(
                 let command = match map::map(&cfg.command, &upstream) {
                     Ok(c) => c,
                     Err(why) => {
-                        if let Err(e) = reject(dead, origin, &upstream, &why).await {
+                        let source = vec![("amqp_routing_key".to_string(), upstream.routing_key.clone())];
+                        let topic = upstream.routing_key.replace('.', "/");
+                        if let Err(e) = super::reject(dead, origin, &upstream, source, topic, &why).await {
                             // Not in the dead letters: leave it to the broker.
                             tracing::warn!(downlink = %cfg.name, error = %e, "a bad command could not be dead-lettered; returned to the broker");
                             let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
@@ -331,46 +333,6 @@ async fn consume(
             }
         }
     }
-}
-
-/// Stores a message that cannot be a command in the dead letters, with the reason.
-async fn reject(
-    dead: &DeadLetters,
-    origin: &str,
-    m: &Upstream,
-    why: &str,
-) -> Result<(), QueueError> {
-    let mut props: Vec<(String, String)> = vec![("amqp_routing_key".into(), m.routing_key.clone())];
-    if let Some(id) = &m.message_id {
-        props.push(("message_id".into(), id.clone()));
-    }
-    let topic = m
-        .headers
-        .iter()
-        .find(|(k, _)| k == "mqtt_topic")
-        .and_then(|(_, v)| match v {
-            HeaderValue::Text(t) => Some(t.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| m.routing_key.replace('.', "/"));
-    let rec = Record {
-        seq: 0,
-        received_at_us: crate::queue::micros_since_epoch(SystemTime::now()),
-        device_id: origin.to_string(),
-        username: None,
-        topic,
-        qos: 1,
-        retain: false,
-        user_properties: props,
-        content_type: m.content_type.clone(),
-        payload_format: None,
-        message_expiry: None,
-        response_topic: None,
-        correlation_data: None,
-        // Bounded: the dead letters keep at most 1 MiB of a rejected payload.
-        payload: m.payload[..m.payload.len().min(1 << 20)].to_vec(),
-    };
-    dead.put(&rec, origin, why).await
 }
 
 /// The transport-neutral view of a delivery.

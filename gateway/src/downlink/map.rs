@@ -264,7 +264,7 @@ pub fn expand(template: &str, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, DownlinkConfig};
+    use crate::config::Config;
 
     fn opts() -> CommandOptions {
         let c = Config::from_toml_str(
@@ -277,9 +277,7 @@ mod tests {
             "#,
         )
         .expect("config");
-        match &c.downlinks[0] {
-            DownlinkConfig::Amqp(a) => a.command.clone(),
-        }
+        c.downlinks[0].common().clone()
     }
 
     fn msg(rk: &str) -> Upstream {

@@ -28,15 +28,21 @@
 //!   (upstream redelivery after a lost ack) is acked and not stored again.
 
 pub mod amqp;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod map;
+pub mod offsets;
 pub mod router;
 
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
+use std::time::SystemTime;
 
-use crate::queue::{FsyncPolicy, FullPolicy, Queue, QueueError, QueueOptions};
+use crate::forwarder::DeadLetters;
+use crate::queue::{FsyncPolicy, FullPolicy, Queue, QueueError, QueueOptions, Record};
+use map::{HeaderValue, Upstream};
 
 /// Message ids remembered per downlink to drop upstream redeliveries.
 pub const RECENT_IDS: usize = 65_536;
@@ -60,6 +66,52 @@ pub fn open_store(main: &QueueOptions, max_bytes: u64) -> Result<Queue, QueueErr
 /// Whether the command store exists under `data_dir` (for the tools).
 pub fn store_dir(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("downlink")
+}
+
+/// Stores an upstream message that cannot be a command in the dead letters, with the reason.
+/// `source` says where it came from (e.g. `amqp_routing_key`, or a Kafka record's topic,
+/// partition, offset and key); the dead letter's topic is the `mqtt_topic` header if it is
+/// text, else `topic` (what the downlink's template made of it). Durable when `Ok`.
+pub async fn reject(
+    dead: &DeadLetters,
+    origin: &str,
+    m: &Upstream,
+    source: Vec<(String, String)>,
+    topic: String,
+    why: &str,
+) -> Result<(), QueueError> {
+    let mut props = source;
+    if let Some(id) = &m.message_id {
+        props.push(("message_id".into(), id.clone()));
+    }
+    let topic = m
+        .headers
+        .iter()
+        .find(|(k, _)| k == "mqtt_topic")
+        .and_then(|(_, v)| match v {
+            HeaderValue::Text(t) => Some(t.clone()),
+            HeaderValue::Bytes(b) => String::from_utf8(b.clone()).ok(),
+            _ => None,
+        })
+        .unwrap_or(topic);
+    let rec = Record {
+        seq: 0,
+        received_at_us: crate::queue::micros_since_epoch(SystemTime::now()),
+        device_id: origin.to_string(),
+        username: None,
+        topic,
+        qos: 1,
+        retain: false,
+        user_properties: props,
+        content_type: m.content_type.clone(),
+        payload_format: None,
+        message_expiry: None,
+        response_topic: None,
+        correlation_data: None,
+        // Bounded: the dead letters keep at most 1 MiB of a rejected payload.
+        payload: m.payload[..m.payload.len().min(1 << 20)].to_vec(),
+    };
+    dead.put(&rec, origin, why).await
 }
 
 /// A downlink's connection state.

@@ -25,6 +25,7 @@
 //! only the last is sent.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,34 +111,20 @@ impl KafkaUplink {
         };
         // Invariant: every rskafka call gives up within `confirm_timeout` (without a deadline it
         // retries forever); reconnecting with our own backoff is the forwarder's job.
-        let backoff = BackoffConfig {
-            init_backoff: cfg.backoff_min,
-            max_backoff: cfg.backoff_max,
-            base: 2.0,
-            deadline: Some(cfg.confirm_timeout),
-        };
-        let mut builder = ClientBuilder::new(cfg.bootstrap.clone())
-            .client_id(gateway_id)
-            .backoff_config(backoff);
-        if cfg.tls {
-            builder =
-                builder.tls_config(crate::tls::client_config(cfg.ca_file.as_deref()).map_err(err)?);
-        }
-        if let Some(sasl) = &cfg.sasl {
-            builder = builder.sasl_config(sasl_config(sasl).map_err(err)?);
-        }
-        let build = builder.build();
-        let client = match tokio::time::timeout(cfg.confirm_timeout, build).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(err(e.to_string())),
-            Err(_) => {
-                return Err(err(format!(
-                    "no answer from {} within {:?}",
-                    cfg.bootstrap.join(","),
-                    cfg.confirm_timeout
-                )))
-            }
-        };
+        let client = client(
+            &ClientOptions {
+                bootstrap: &cfg.bootstrap,
+                tls: cfg.tls,
+                ca_file: cfg.ca_file.as_deref(),
+                sasl: cfg.sasl.as_ref(),
+                backoff_min: cfg.backoff_min,
+                backoff_max: cfg.backoff_max,
+                timeout: cfg.confirm_timeout,
+            },
+            gateway_id,
+        )
+        .await
+        .map_err(err)?;
         Ok(KafkaUplink {
             name: cfg.name.clone(),
             gateway_id: gateway_id.to_string(),
@@ -395,6 +382,47 @@ impl KafkaUplink {
     pub async fn close(self) {
         // rskafka has no explicit close; dropping the client closes its connections.
         drop(self);
+    }
+}
+
+/// How to reach a Kafka cluster: the keys a Kafka uplink and a Kafka downlink share.
+pub struct ClientOptions<'a> {
+    pub bootstrap: &'a [String],
+    pub tls: bool,
+    pub ca_file: Option<&'a Path>,
+    pub sasl: Option<&'a KafkaSasl>,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Every rskafka call (and the bootstrap) gives up within this; without a deadline rskafka
+    /// retries forever.
+    pub timeout: Duration,
+}
+
+/// Connects to the cluster (TLS and SASL as configured; the SASL password is read now).
+pub async fn client(o: &ClientOptions<'_>, client_id: &str) -> Result<Client, String> {
+    let backoff = BackoffConfig {
+        init_backoff: o.backoff_min,
+        max_backoff: o.backoff_max,
+        base: 2.0,
+        deadline: Some(o.timeout),
+    };
+    let mut builder = ClientBuilder::new(o.bootstrap.to_vec())
+        .client_id(client_id)
+        .backoff_config(backoff);
+    if o.tls {
+        builder = builder.tls_config(crate::tls::client_config(o.ca_file)?);
+    }
+    if let Some(sasl) = o.sasl {
+        builder = builder.sasl_config(sasl_config(sasl)?);
+    }
+    match tokio::time::timeout(o.timeout, builder.build()).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no answer from {} within {:?}",
+            o.bootstrap.join(","),
+            o.timeout
+        )),
     }
 }
 
