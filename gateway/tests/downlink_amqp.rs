@@ -296,7 +296,7 @@ async fn commands_reach_online_and_offline_devices_in_order_with_request_respons
 
 #[tokio::test]
 async fn bad_messages_are_dead_letters_acked_upstream_and_the_consumer_goes_on() {
-    let rig = Rig::new("max_payload = \"1 KiB\"").await;
+    let rig = Rig::new("max_payload = \"2000 KiB\"").await;
     let service = rig.start().await;
     let status = service.status();
     let d = dev(1);
@@ -312,7 +312,7 @@ async fn bad_messages_are_dead_letters_acked_upstream_and_the_consumer_goes_on()
         .await;
     rig.publish(
         &format!("devices.{d}.commands.big"),
-        &vec![b'x'; 2048],
+        &vec![b'x'; 2100 << 10],
         BasicProperties::default(),
     )
     .await;
@@ -335,6 +335,14 @@ async fn bad_messages_are_dead_letters_acked_upstream_and_the_consumer_goes_on()
         BasicProperties::default().with_headers(h),
     )
     .await;
+    // Larger than a command-store segment (1 MiB) though within max_payload: it can never be
+    // stored; a dead letter too, not a message handed back forever.
+    rig.publish(
+        &format!("devices.{d}.commands.huge"),
+        &vec![b'x'; 1536 << 10],
+        BasicProperties::default(),
+    )
+    .await;
     // A good one after them still arrives.
     rig.publish(
         &format!("devices.{d}.commands.ok"),
@@ -345,8 +353,8 @@ async fn bad_messages_are_dead_letters_acked_upstream_and_the_consumer_goes_on()
     let got = receive(&mut a, false, 1).await;
     assert_eq!(payloads(&got), ["fine"]);
     let s = downlink(&status);
-    wait_for("5 upstream acks", || s.acked.load(Ordering::Relaxed) == 5).await;
-    assert_eq!(s.dead_lettered.load(Ordering::Relaxed), 4);
+    wait_for("6 upstream acks", || s.acked.load(Ordering::Relaxed) == 6).await;
+    assert_eq!(s.dead_lettered.load(Ordering::Relaxed), 5);
     let reasons: Vec<String> = status.dead.recent().into_iter().map(|d| d.reason).collect();
     for want in [
         "outside allowed_topics",
@@ -664,6 +672,41 @@ async fn a_slow_device_with_a_full_bound_holds_its_commands_back_in_order_none_d
         "FAULT scenario=downlink-full-session published=10 delivered=10 missing=0 duplicates=0 blocked={}",
         commands.router.blocked.load(Ordering::Relaxed)
     );
+    service.shutdown().await.unwrap();
+    rig.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_held_command_survives_a_restart_and_reaches_a_device_that_subscribes_after_it() {
+    let rig = Rig::new("").await;
+    let service = rig.start().await;
+    let status = service.status();
+    consuming(&status).await;
+    let d = dev(6);
+    rig.publish(
+        &format!("devices.{d}.commands.x"),
+        b"held",
+        BasicProperties::default(),
+    )
+    .await;
+    let commands = status.commands().unwrap();
+    wait_for("the held command", || {
+        commands.router.held.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    service.shutdown().await.unwrap();
+
+    // No new command arrives after the restart: the router reads the held one again by itself.
+    let service = rig.start().await;
+    let status = service.status();
+    let commands = status.commands().unwrap();
+    wait_for("the command held again after the restart", || {
+        commands.router.held.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let mut c = rig.device(&status, &d, &Connect::v4(&d)).await;
+    subscribe(&mut c, false, &d).await;
+    assert_eq!(payloads(&receive(&mut c, false, 1).await), ["held"]);
     service.shutdown().await.unwrap();
     rig.cleanup().await;
 }

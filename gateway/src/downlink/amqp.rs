@@ -304,6 +304,19 @@ async fn consume(
                         let r = p.durable().await;
                         (delivery, id, r)
                     })),
+                    Err(error @ QueueError::Encode(_)) => {
+                        // It can never be stored (larger than a command-store segment): a dead
+                        // letter, not a message the broker would hand back forever.
+                        let why = format!("cannot be stored: {error}");
+                        let source = vec![("amqp_routing_key".to_string(), upstream.routing_key.clone())];
+                        let topic = command.topic.clone();
+                        if super::reject(dead, origin, &upstream, source, topic, &why).await.is_ok() {
+                            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            acking.push(ack(delivery));
+                        } else {
+                            let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(downlink = %cfg.name, %error, "a command could not be stored; returned to the broker");
                         if let Some(id) = id {

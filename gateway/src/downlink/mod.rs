@@ -44,6 +44,9 @@ use crate::forwarder::DeadLetters;
 use crate::queue::{FsyncPolicy, FullPolicy, Queue, QueueError, QueueOptions, Record};
 use map::{HeaderValue, Upstream};
 
+/// Bytes of a rejected message's payload kept in its dead letter.
+pub const REJECTED_PAYLOAD_KEPT: usize = 64 << 10;
+
 /// Message ids remembered per downlink to drop upstream redeliveries.
 pub const RECENT_IDS: usize = 65_536;
 
@@ -108,8 +111,9 @@ pub async fn reject(
         message_expiry: None,
         response_topic: None,
         correlation_data: None,
-        // Bounded: the dead letters keep at most 1 MiB of a rejected payload.
-        payload: m.payload[..m.payload.len().min(1 << 20)].to_vec(),
+        // Bounded: the dead letters keep the first 64 KiB of a rejected payload (their segments
+        // are 1 MiB; a whole oversized payload could not be stored there either).
+        payload: m.payload[..m.payload.len().min(REJECTED_PAYLOAD_KEPT)].to_vec(),
     };
     dead.put(&rec, origin, why).await
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::forwarder::DeadLetters;
-use crate::queue::{Queue, QueueError, Reader, Record};
+use crate::queue::{Queue, QueueError, Record};
 use crate::sessions::outbox::Message;
 use crate::sessions::registry::{CommandOutcome, Routed};
 use crate::sessions::Sessions;
@@ -116,8 +116,12 @@ pub async fn run(
         let retry = tokio::time::sleep(BLOCKED_RETRY);
         let mut retry_held = false;
         tokio::select! {
-            r = reader.wait_readable() => match r {
-                Ok(_) => match read(&mut reader).await {
+            // Cancel-safe, and it does not report again where the last read found nothing (the
+            // store may say a seq is readable where no record is: its seq reservation after a
+            // restart), so the loop never waits inside a read: sweeps, held retries and the
+            // stop go on.
+            r = reader.readable() => match r {
+                Ok(()) => match reader.batch_now(BATCH_RECORDS, BATCH_BYTES).await {
                     Ok(batch) => router.entries.extend(batch.into_iter().map(|rec| Entry {
                         rec,
                         stage: Stage::New,
@@ -157,10 +161,6 @@ pub async fn run(
     if settled_through > reader.acked() {
         let _ = reader.ack_through(settled_through).await;
     }
-}
-
-async fn read(reader: &mut Reader) -> Result<Vec<Record>, QueueError> {
-    reader.next_batch(BATCH_RECORDS, BATCH_BYTES).await
 }
 
 impl Router {
