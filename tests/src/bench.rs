@@ -472,7 +472,12 @@ receive_maximum = {rm}
             .arg(&cfg)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // BENCH_GATEWAY_LOG=1: its warnings on this process's stderr (a failing run).
+            .stderr(if std::env::var_os("BENCH_GATEWAY_LOG").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?,
     );
