@@ -1,10 +1,10 @@
-//! End to end, commands (issue 12): `firmware-sim command` publishes commands for 100 devices to
-//! the real RabbitMQ; the real gateway binary's AMQP downlink takes them and delivers them over
+//! End to end, commands (issue 12), once through RabbitMQ and once through the Kafka test broker
+//! (tansu): `firmware-sim command` publishes commands for 100 devices upstream; the real gateway binary's AMQP downlink takes them and delivers them over
 //! mutual TLS to the fleet's devices (persistent sessions). Half the devices are offline while
 //! the commands arrive (they subscribed once, then left) and come back afterwards; the online
 //! half speaks MQTT 5 (response topic and correlation data), the other 3.1.1. Each device
 //! answers every command (ping, set_rate, reboot: it disconnects and reconnects) on its reply
-//! topic; the replies go up through the gateway's AMQP uplink; `firmware-sim verify --commands`
+//! topic; the replies go up through the gateway's uplink to the same broker; `firmware-sim verify --commands`
 //! must find every confirmed command answered, in the order sent, per device.
 #![allow(clippy::unwrap_used)]
 
@@ -14,6 +14,10 @@ use gateway_tests::faults::{http_get, Metrics};
 use gateway_tests::{start_gateway, workspace_binary, GatewayProcess};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
+
+#[path = "../../gateway/tests/tansu/mod.rs"]
+mod tansu;
+use tansu::Tansu;
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const COMMANDS: u32 = 10;
@@ -64,8 +68,26 @@ fn fleet(
     c
 }
 
+/// Where commands come from and replies go: the same broker both ways.
+enum Upstream {
+    Amqp,
+    Kafka(String),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_reach_100_devices_half_of_them_offline_and_every_one_is_answered_in_order() {
+    scenario(Upstream::Amqp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_commands_reach_100_devices_half_of_them_offline_and_every_one_is_answered_in_order()
+{
+    let tansu = Tansu::start();
+    scenario(Upstream::Kafka(tansu.bootstrap())).await;
+    drop(tansu);
+}
+
+async fn scenario(upstream: Upstream) {
     let sim = workspace_binary("firmware-sim", "firmware-sim");
     let n = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -73,21 +95,16 @@ async fn commands_reach_100_devices_half_of_them_offline_and_every_one_is_answer
         .as_nanos();
     let (up_x, up_q) = (format!("cmd-e2e-up-{n}"), format!("cmd-e2e-upq-{n}"));
     let (cmd_x, cmd_q) = (format!("cmd-e2e-x-{n}"), format!("cmd-e2e-q-{n}"));
-    let gw = start_gateway(
-        100,
-        &format!(
+    let links = match &upstream {
+        Upstream::Amqp => format!(
             r#"[[uplinks]]
-name = "rabbit"
+name = "up"
 type = "amqp"
 url = "{URL}"
 exchange = "{up_x}"
 routing_key = "{{topic}}"
 declare = true
 declare_queue = "{up_q}"
-
-[[routes]]
-filter = "devices/#"
-uplinks = ["rabbit"]
 
 [[downlinks]]
 name = "commands"
@@ -98,6 +115,26 @@ declare = true
 exchange = "{cmd_x}"
 "#
         ),
+        Upstream::Kafka(bootstrap) => format!(
+            r#"[[uplinks]]
+name = "up"
+type = "kafka"
+bootstrap = ["{bootstrap}"]
+topic = "{up_q}"
+create_topics = true
+
+[[downlinks]]
+name = "commands"
+type = "kafka"
+bootstrap = ["{bootstrap}"]
+topic = "{cmd_q}"
+backoff_max = "1s"
+"#
+        ),
+    };
+    let gw = start_gateway(
+        100,
+        &format!("{links}\n[[routes]]\nfilter = \"devices/#\"\nuplinks = [\"up\"]\n"),
     );
     let dir = gw.dir.path().to_path_buf();
 
@@ -115,8 +152,13 @@ exchange = "{cmd_x}"
     wait_metric(&gw, "gateway_subscriptions", 100.0).await;
 
     let manifest = dir.join("commands.json");
-    let sent = tokio::process::Command::new(&sim)
-        .args(["command", "--amqp", URL, "--exchange", &cmd_x])
+    let mut command = tokio::process::Command::new(&sim);
+    command.arg("command");
+    match &upstream {
+        Upstream::Amqp => command.args(["--amqp", URL, "--exchange", &cmd_x]),
+        Upstream::Kafka(b) => command.args(["--kafka", b, "--topic", &cmd_q]),
+    };
+    let sent = command
         .args(["--devices", "100", "--count", &COMMANDS.to_string()])
         .args([
             "--reboot-every",
@@ -139,7 +181,7 @@ exchange = "{cmd_x}"
     // The offline half's commands are stored in their sessions before they come back.
     wait_metric(
         &gw,
-        "gateway_downlink_acked_total",
+        "gateway_commands_routed_total",
         f64::from(100 * COMMANDS),
     )
     .await;
@@ -155,8 +197,13 @@ exchange = "{cmd_x}"
         );
     }
 
-    let verify = tokio::process::Command::new(&sim)
-        .args(["verify", "--amqp", URL, "--queue", &up_q])
+    let mut verify = tokio::process::Command::new(&sim);
+    verify.arg("verify");
+    match &upstream {
+        Upstream::Amqp => verify.args(["--amqp", URL, "--queue", &up_q]),
+        Upstream::Kafka(b) => verify.args(["--kafka", b, "--topic", &up_q]),
+    };
+    let verify = verify
         .args(["--timeout", "60", "--json", "--commands"])
         .arg(&manifest)
         .output()
@@ -178,24 +225,30 @@ exchange = "{cmd_x}"
     assert_eq!(c["out_of_order"], 0, "{report}");
     // Duplicates: a reboot's command whose PUBACK the device's disconnect cut off comes again
     // (DUP) after the reconnect, and is answered again (not acted on again).
+    let kind = match upstream {
+        Upstream::Amqp => "amqp",
+        Upstream::Kafka(_) => "kafka",
+    };
     println!(
-        "FAULT scenario=downlink-fleet devices=100 offline=50 confirmed={} answered={} missing={} duplicates={} out_of_order={} correlation_mismatch={}",
+        "FAULT scenario=downlink-fleet-{kind} devices=100 offline=50 confirmed={} answered={} missing={} duplicates={} out_of_order={} correlation_mismatch={}",
         c["confirmed"], c["answered"], c["missing"], c["duplicates"], c["out_of_order"], c["correlation_mismatch"]
     );
 
     drop(gw);
-    let conn = Connection::connect(URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    for q in [&up_q, &cmd_q] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for x in [&up_x, &cmd_x] {
-        let _ = ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
+    if let Upstream::Amqp = upstream {
+        let conn = Connection::connect(URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        for q in [&up_q, &cmd_q] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&up_x, &cmd_x] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
     }
 }
