@@ -17,9 +17,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::pem::PemObject;
+
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 
 /// Why certificates could not be made.
@@ -39,6 +42,8 @@ pub enum CertError {
     },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("{path}: {why}")]
+    Parse { path: PathBuf, why: String },
 }
 
 /// A CA that can sign more certificates (the one in `OUT/ca.*`).
@@ -165,4 +170,92 @@ pub fn generate(out: &Path, devices: usize) -> Result<(), CertError> {
         write_file(&out.join("devices").join(format!("{id}.key")), &key, true)?;
     }
     Ok(())
+}
+
+/// How long a development CRL is valid (its next update).
+pub const DEV_CRL_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+
+/// Adds the device certificates `names` (`DIR/devices/<name>.pem`) to the development CA's
+/// revocation list `DIR/crl.pem` (made if missing; the ones it revoked already stay), signed by
+/// `DIR/ca.*`, valid for [`DEV_CRL_VALIDITY`]. Returns its path and how many it now revokes.
+/// `names` may be empty: an empty list to start from.
+pub fn revoke(dir: &Path, names: &[String]) -> Result<(PathBuf, usize), CertError> {
+    let ca = DevCa::load(dir)?;
+    let crl_path = dir.join("crl.pem");
+    let now = SystemTime::now();
+    let mut revoked: Vec<RevokedCertParams> = Vec::new();
+    let mut serials: Vec<Vec<u8>> = Vec::new();
+    let mut number = 1u64;
+    if crl_path.exists() {
+        let pem = fs::read(&crl_path).map_err(|source| CertError::Read {
+            path: crl_path.clone(),
+            source,
+        })?;
+        let parse = |why: String| CertError::Parse {
+            path: crl_path.clone(),
+            why,
+        };
+        let der = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+            .next()
+            .ok_or_else(|| parse("no X509 CRL in it".into()))?
+            .map_err(|e| parse(e.to_string()))?;
+        let (_, crl) =
+            x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| parse(e.to_string()))?;
+        number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .map_or(1, |n| n + 1);
+        for r in crl.iter_revoked_certificates() {
+            serials.push(r.raw_serial().to_vec());
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: r.revocation_date.to_datetime(),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+    }
+    for name in names {
+        let path = dir.join("devices").join(format!("{name}.pem"));
+        let pem = fs::read(&path).map_err(|source| CertError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let der = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .ok_or_else(|| CertError::Parse {
+                path: path.clone(),
+                why: "no certificate in it".into(),
+            })?
+            .map_err(|e| CertError::Parse {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| CertError::Parse {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        let serial = cert.tbs_certificate.raw_serial().to_vec();
+        if !serials.contains(&serial) {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: now.into(),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+            serials.push(serial);
+        }
+    }
+    let params = CertificateRevocationListParams {
+        this_update: (now - Duration::from_secs(60)).into(),
+        next_update: (now + DEV_CRL_VALIDITY).into(),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&ca.issuer)?;
+    write_file(&crl_path, &crl.pem()?, false)?;
+    Ok((crl_path, serials.len()))
 }

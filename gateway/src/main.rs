@@ -109,6 +109,16 @@ enum CertsCommand {
         #[arg(long, default_value_t = 10)]
         devices: usize,
     },
+    /// Revoke development device certificates: add DIR/devices/NAME.pem to the revocation list
+    /// DIR/crl.pem (made if missing), signed by the development CA. Point a listener's
+    /// tls.crl_file at it and reload: new connections with those certificates are refused and
+    /// connected ones closed.
+    Revoke {
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Device ids (dev-00001 ...); none writes a list that revokes nothing yet.
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -252,9 +262,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Queue(q) => queue_command(q),
         Command::Sessions(s) => sessions_command(s),
         #[cfg(not(feature = "dev-certs"))]
-        Command::Certs(CertsCommand::Generate { .. }) => {
+        Command::Certs(CertsCommand::Generate { .. } | CertsCommand::Revoke { .. }) => {
             eprintln!(
-                "error: gateway certs generate: {}",
+                "error: gateway certs: {}",
                 gateway::config::DEV_CERTS_NOT_BUILT
             );
             Ok(ExitCode::FAILURE)
@@ -266,6 +276,15 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 "wrote {0}/ca.pem, {0}/server.pem (+ keys) and {1} device certificates in {0}/devices/",
                 out.display(),
                 devices
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "dev-certs")]
+        Command::Certs(CertsCommand::Revoke { dir, names }) => {
+            let (path, n) = gateway::certs::revoke(&dir, &names)?;
+            println!(
+                "wrote {}: {n} certificate(s) revoked; point a listener's tls.crl_file at it and reload (gateway reload)",
+                path.display()
             );
             Ok(ExitCode::SUCCESS)
         }

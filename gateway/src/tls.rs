@@ -3,11 +3,12 @@
 //! uplinks that speak TLS. One crypto provider everywhere, `ring`: pure Rust plus assembly, no C
 //! toolchain or cmake needed to cross-compile for ARM edge boards.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -44,6 +45,63 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// A certificate as revocation lists name it: its issuer's name (DER) and its serial number.
+pub type CertKey = (Vec<u8>, Vec<u8>);
+
+/// A listener's revocation lists, loaded: what rustls checks in the handshake, and the
+/// certificates they revoke (a reload closes their connections).
+#[derive(Debug, Default)]
+pub struct Crls {
+    pub ders: Vec<CertificateRevocationListDer<'static>>,
+    pub revoked: HashSet<CertKey>,
+    /// Lists whose next update has passed: the file and that date. They are still applied.
+    pub stale: Vec<(PathBuf, String)>,
+}
+
+/// Loads the revocation lists in `paths` (each PEM, possibly several, or one DER).
+pub fn load_crls(paths: &[&Path]) -> Result<Crls, TlsError> {
+    let mut out = Crls::default();
+    for path in paths {
+        let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
+        let ders: Vec<CertificateRevocationListDer<'static>> =
+            if bytes.windows(10).any(|w| w == b"-----BEGIN") {
+                CertificateRevocationListDer::pem_slice_iter(&bytes)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| file_err(path, e))?
+            } else {
+                vec![CertificateRevocationListDer::from(bytes)]
+            };
+        if ders.is_empty() {
+            return Err(file_err(path, "no X509 CRL in it (PEM or DER)"));
+        }
+        for der in ders {
+            let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+                .map_err(|e| file_err(path, format!("not a certificate revocation list: {e}")))?;
+            let issuer = crl.issuer().as_raw().to_vec();
+            for r in crl.iter_revoked_certificates() {
+                out.revoked
+                    .insert((issuer.clone(), r.raw_serial().to_vec()));
+            }
+            if let Some(next) = crl.next_update() {
+                if next < x509_parser::time::ASN1Time::now() {
+                    out.stale.push((path.to_path_buf(), next.to_string()));
+                }
+            }
+            out.ders.push(der);
+        }
+    }
+    Ok(out)
+}
+
+/// The issuer and serial of a certificate (DER), as revocation lists name it.
+pub fn cert_key(der: &[u8]) -> Option<CertKey> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some((
+        cert.issuer().as_raw().to_vec(),
+        cert.tbs_certificate.raw_serial().to_vec(),
+    ))
+}
+
 /// The crypto provider used for every TLS config of the gateway.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -63,6 +121,20 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
                 roots.add(c).map_err(|e| file_err(ca_path, e))?;
             }
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let crls = load_crls(&t.crl_file.paths())?;
+            for (path, next) in &crls.stale {
+                tracing::warn!(file = %path.display(), next_update = %next, "certificate revocation list past its next update: still applied (certificates it revokes stay refused); publish a new one and reload");
+            }
+            // A device certificate is checked against the lists; one from a CA without a list
+            // (or an intermediate) is not refused for it; a list past its next update still
+            // applies (see the README's Security section).
+            let v = if crls.ders.is_empty() {
+                v
+            } else {
+                v.with_crls(crls.ders)
+                    .only_check_end_entity_revocation()
+                    .allow_unknown_revocation_status()
+            };
             let v = if t.require_client_cert {
                 v
             } else {

@@ -147,6 +147,11 @@ impl Snapshot {
                 one(load(&i.takeovers_refused)),
             ),
             (
+                "connections_revoked",
+                "Connections closed because a reloaded revocation list (tls.crl_file) revokes their client certificate.",
+                one(load(&i.revoked_closed)),
+            ),
+            (
                 "queue_appended_records",
                 "Records appended to the queue since start.",
                 one(q.appended_records),

@@ -1,7 +1,7 @@
 //! The device-facing sections: `[[listeners]]`, `[auth]`, `[[acl]]` and `[limits]`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -93,6 +93,7 @@ impl Default for ListenerConfig {
                 key: PathBuf::from(DEV_SERVER_KEY),
                 client_ca: Some(PathBuf::from(DEV_CA)),
                 require_client_cert: true,
+                crl_file: Default::default(),
             }),
         }
     }
@@ -146,6 +147,31 @@ pub struct TlsConfig {
     /// Refuse clients without a valid certificate (mutual TLS).
     #[serde(default)]
     pub require_client_cert: bool,
+    /// Certificate revocation lists (PEM or DER; a file may hold several) checked in the
+    /// handshake against client certificates: one path or a list. A reload reads them again and
+    /// closes the connections of certificates they revoke.
+    #[serde(default)]
+    pub crl_file: CrlFiles,
+}
+
+/// `crl_file`: one path or a list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(untagged)]
+pub enum CrlFiles {
+    #[default]
+    None,
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl CrlFiles {
+    pub fn paths(&self) -> Vec<&Path> {
+        match self {
+            CrlFiles::None => Vec::new(),
+            CrlFiles::One(p) => vec![p.as_path()],
+            CrlFiles::Many(v) => v.iter().map(PathBuf::as_path).collect(),
+        }
+    }
 }
 
 impl TlsConfig {
@@ -341,6 +367,13 @@ pub(super) fn check_listeners(listeners: &[ListenerConfig], problems: &mut Vec<P
                         key: key("tls.require_client_cert"),
                         value: "true".into(),
                         reason: "needs tls.client_ca, the CA that signs device certificates".into(),
+                    });
+                }
+                if !t.crl_file.paths().is_empty() && t.client_ca.is_none() {
+                    problems.push(Problem {
+                        key: key("tls.crl_file"),
+                        value: quoted(&t.crl_file.paths()[0].display().to_string()),
+                        reason: "revocation lists apply to client certificates: set tls.client_ca too".into(),
                     });
                 }
             }

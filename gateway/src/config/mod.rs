@@ -346,6 +346,9 @@ impl Config {
             }
             readable(format!("listeners[{i}].tls.cert"), &t.cert);
             readable(format!("listeners[{i}].tls.key"), &t.key);
+            for (j, crl) in t.crl_file.paths().into_iter().enumerate() {
+                readable(format!("listeners[{i}].tls.crl_file[{j}]"), crl);
+            }
             if let Some(ca) = &t.client_ca {
                 readable(format!("listeners[{i}].tls.client_ca"), ca);
             }

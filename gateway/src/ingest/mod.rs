@@ -67,6 +67,8 @@ pub struct IngestStats {
     /// CONNECTs refused because the session of their client id belongs to another identity
     /// (also counted in the refusals as `client_id`).
     pub takeovers_refused: AtomicU64,
+    /// Connections closed because a reloaded revocation list revokes their certificate.
+    pub revoked_closed: AtomicU64,
     /// 3.1.1 publishes held back by `publish_rate` / `publish_bytes_rate` (their socket was
     /// not read until the tokens were there). MQTT 5 publishes over the rate are refusals
     /// (`rate`) instead.
@@ -141,14 +143,21 @@ pub(crate) struct Policy {
     sessions: crate::config::SessionsConfig,
     /// The acceptor of each listener, in `config.listeners` order (`None`: plaintext).
     tls: Vec<Option<TlsAcceptor>>,
+    /// The client certificates the listeners' revocation lists revoke (a reload closes their
+    /// connections).
+    revoked: std::collections::HashSet<crate::tls::CertKey>,
 }
 
 impl Policy {
     fn new(config: &Config) -> Result<Policy, IngestError> {
         let mut tls = Vec::new();
+        let mut revoked = std::collections::HashSet::new();
         for l in &config.listeners {
             tls.push(match &l.tls {
-                TlsSetting::On(t) => Some(TlsAcceptor::from(crate::tls::server_config(t)?)),
+                TlsSetting::On(t) => {
+                    revoked.extend(crate::tls::load_crls(&t.crl_file.paths())?.revoked);
+                    Some(TlsAcceptor::from(crate::tls::server_config(t)?))
+                }
                 TlsSetting::Off(_) => None,
             });
         }
@@ -158,6 +167,7 @@ impl Policy {
             limits: config.limits.clone(),
             sessions: config.sessions.clone(),
             tls,
+            revoked,
         })
     }
 
@@ -211,6 +221,10 @@ pub(crate) struct Shared {
     stats: Arc<IngestStats>,
     /// Subscriptions and deliveries of the connected clients.
     sessions: Arc<crate::sessions::Sessions>,
+    /// Connections with a client certificate: its issuer and serial, the identity it gave, and
+    /// what closes the connection (a reload whose revocation lists revoke it).
+    cert_conns: Mutex<HashMap<u64, (crate::tls::CertKey, String, CancellationToken)>>,
+    next_cert_conn: AtomicU64,
 }
 
 /// Password checks that may wait for a permit at once; more are refused as "server busy" at
@@ -322,6 +336,7 @@ impl IngestHandle {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = p.0;
         self.shared.policy_gen.fetch_add(1, Ordering::Release);
+        self.close_revoked();
         let mut have = self
             .max_connections
             .lock()
@@ -344,6 +359,35 @@ impl IngestHandle {
             return;
         }
         *have = want;
+    }
+}
+
+impl IngestHandle {
+    /// Closes the connections whose client certificate the policy in force revokes (after a
+    /// reload brought a new revocation list); returns how many.
+    fn close_revoked(&self) -> usize {
+        let policy = self.shared.policy();
+        if policy.revoked.is_empty() {
+            return 0;
+        }
+        let conns = self
+            .shared
+            .cert_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for (key, identity, close) in conns.values() {
+            if policy.revoked.contains(key) && !close.is_cancelled() {
+                tracing::warn!(certificate = %identity, "closing a connection: its client certificate is revoked (tls.crl_file, reloaded)");
+                close.cancel();
+                n += 1;
+            }
+        }
+        self.shared
+            .stats
+            .revoked_closed
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 }
 
@@ -388,6 +432,8 @@ impl Ingest {
             addresses: Mutex::new(abuse::AddressTable::new()),
             stats: Arc::new(IngestStats::default()),
             sessions,
+            cert_conns: Mutex::new(HashMap::new()),
+            next_cert_conn: AtomicU64::new(0),
         });
         Ok(Ingest {
             listeners,
@@ -562,11 +608,45 @@ async fn handle(
             return;
         }
     };
-    let cert_identity = stream
+    let leaf = stream
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
+    let cert_identity = leaf
+        .as_deref()
         .and_then(|der| auth::identity_from_cert(der, shared.policy().auth.cert_identity_mode()));
-    connection::serve(stream, peer, cert_identity, shared, deadline, shutdown).await;
+    // A certificate connection is registered, so that a reload revoking its certificate can
+    // close it.
+    let registered = leaf.as_deref().and_then(crate::tls::cert_key).map(|key| {
+        let id = shared.next_cert_conn.fetch_add(1, Ordering::Relaxed);
+        let close = shutdown.child_token();
+        let who = cert_identity.clone().unwrap_or_default();
+        shared
+            .cert_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (key, who, close.clone()));
+        (id, close)
+    });
+    let conn_shutdown = registered
+        .as_ref()
+        .map_or_else(|| shutdown.clone(), |(_, c)| c.clone());
+    connection::serve(
+        stream,
+        peer,
+        cert_identity,
+        shared.clone(),
+        deadline,
+        conn_shutdown,
+    )
+    .await;
+    if let Some((id, _)) = registered {
+        shared
+            .cert_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
 }

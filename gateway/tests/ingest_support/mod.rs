@@ -50,6 +50,7 @@ pub fn base_config(dir: &std::path::Path, certs: &std::path::Path) -> Config {
             key: certs.join("server.key"),
             client_ca: Some(certs.join("ca.pem")),
             require_client_cert: false,
+            crl_file: Default::default(),
         }),
     }];
     c
