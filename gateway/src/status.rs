@@ -53,6 +53,20 @@ pub struct DownlinkView {
     pub stats: Arc<crate::downlink::DownlinkStats>,
 }
 
+impl DownlinkView {
+    /// This downlink's commands that devices acknowledged.
+    pub fn stats_acked_by_devices(&self, sessions: &Sessions) -> u64 {
+        sessions
+            .stats
+            .commands_done_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&crate::downlink::origin(&self.name))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 /// The command store and its router, while there is one.
 #[derive(Clone)]
 pub struct CommandsView {

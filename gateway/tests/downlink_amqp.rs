@@ -286,6 +286,18 @@ async fn commands_reach_online_and_offline_devices_in_order_with_request_respons
         status.sessions.stats.commands_done.load(Ordering::Relaxed) == 10
     })
     .await;
+    // The same per downlink, in /metrics and /api/status.
+    let view = &status.downlinks()[0];
+    assert_eq!(view.stats_acked_by_devices(&status.sessions), 10);
+    assert_eq!(status.commands().unwrap().router.of("cmds").routed, 10);
+    let metrics = gateway::admin::metrics::render(&status).unwrap();
+    for line in [
+        r#"gateway_downlink_commands_acked_by_devices_total{downlink="cmds"} 10"#,
+        r#"gateway_downlink_commands_routed_total{downlink="cmds"} 10"#,
+        r#"gateway_downlink_stored_total{downlink="cmds"} 10"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
     assert!(
         a.recv_within(Duration::from_millis(300)).await.is_err(),
         "nothing more for the online device"

@@ -103,6 +103,23 @@ impl Snapshot {
         let router = |f: fn(&crate::downlink::router::RouterStats) -> u64| -> u64 {
             commands.as_ref().map_or(0, |c| f(&c.router))
         };
+        // Each downlink's share of the router's counters, and of the devices' acks.
+        let per: Vec<(String, crate::downlink::router::PerDownlink, u64)> = downlinks
+            .iter()
+            .map(|d| {
+                let p = commands
+                    .as_ref()
+                    .map(|c| c.router.of(&d.name))
+                    .unwrap_or_default();
+                let acked = d.stats_acked_by_devices(&status.sessions);
+                (d.name.clone(), p, acked)
+            })
+            .collect();
+        let per_down = |f: fn(&crate::downlink::router::PerDownlink) -> u64| -> Vec<(Labels, u64)> {
+            per.iter()
+                .map(|(n, p, _)| (vec![("downlink", n.clone())], f(p)))
+                .collect()
+        };
         let mut counters = vec![
             (
                 "connections",
@@ -294,6 +311,37 @@ impl Snapshot {
                 "commands_routed",
                 "Commands put into their subscribed sessions (all downlinks).",
                 one(router(|r| r.routed.load(Ordering::Relaxed))),
+            ),
+            (
+                "downlink_commands_routed",
+                "The downlink's commands put into their subscribed sessions.",
+                per_down(|p| p.routed),
+            ),
+            (
+                "downlink_commands_acked_by_devices",
+                "The downlink's commands their devices acknowledged (PUBACK or PUBCOMP).",
+                per.iter()
+                    .map(|(n, _, a)| (vec![("downlink", n.clone())], *a))
+                    .collect(),
+            ),
+            (
+                "downlink_commands_dead_lettered",
+                "The downlink's commands the router moved to the dead letters, by reason.",
+                per.iter()
+                    .flat_map(|(n, p, _)| {
+                        [
+                            ("unmatched", p.dead_unmatched),
+                            ("expired", p.dead_expired),
+                            ("too_large", p.dead_too_large),
+                        ]
+                        .map(|(r, v)| {
+                            (
+                                vec![("downlink", n.clone()), ("reason", r.to_string())],
+                                v,
+                            )
+                        })
+                    })
+                    .collect(),
             ),
             (
                 "commands_delivered_acked",
@@ -499,6 +547,20 @@ impl Snapshot {
                 "commands_pending",
                 "Commands in the command store not yet in their sessions (held ones included).",
                 one(router(|r| r.pending.load(Ordering::Relaxed)) as f64),
+            ),
+            (
+                "downlink_commands_pending",
+                "The downlink's commands not yet in their sessions, held ones included (taken once a second).",
+                per.iter()
+                    .map(|(n, p, _)| (vec![("downlink", n.clone())], p.pending as f64))
+                    .collect(),
+            ),
+            (
+                "downlink_commands_held",
+                "The downlink's commands waiting for a device to subscribe (taken once a second).",
+                per.iter()
+                    .map(|(n, p, _)| (vec![("downlink", n.clone())], p.held as f64))
+                    .collect(),
             ),
             (
                 "commands_held",

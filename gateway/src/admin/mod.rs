@@ -323,6 +323,10 @@ fn downlinks_json(status: &Status) -> serde_json::Value {
         .iter()
         .map(|d| {
             let s = &d.stats;
+            let r = status
+                .commands()
+                .map(|c| c.router.of(&d.name))
+                .unwrap_or_default();
             serde_json::json!({
                 "name": d.name,
                 "type": d.kind,
@@ -335,6 +339,15 @@ fn downlinks_json(status: &Status) -> serde_json::Value {
                 "duplicates": load(&s.duplicates),
                 "dead_lettered": load(&s.dead_lettered),
                 "backpressure": load(&s.backpressure),
+                "routed": r.routed,
+                "acked_by_devices": d.stats_acked_by_devices(&status.sessions),
+                "held": r.held,
+                "pending": r.pending,
+                "dead_lettered_by_router": {
+                    "unmatched": r.dead_unmatched,
+                    "expired": r.dead_expired,
+                    "too_large": r.dead_too_large,
+                },
                 "last_error": s.last_error(),
             })
         })

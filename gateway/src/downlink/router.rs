@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -49,6 +49,41 @@ pub struct RouterStats {
     pub dead_unmatched: AtomicU64,
     pub dead_expired: AtomicU64,
     pub dead_too_large: AtomicU64,
+    /// The same by downlink (origin `downlink:NAME`).
+    per: Mutex<HashMap<String, PerDownlink>>,
+}
+
+/// One downlink's share of the router's counters (`held` and `pending` are gauges, taken once
+/// a second).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PerDownlink {
+    pub routed: u64,
+    pub held: u64,
+    pub pending: u64,
+    pub dead_unmatched: u64,
+    pub dead_expired: u64,
+    pub dead_too_large: u64,
+}
+
+impl RouterStats {
+    fn count(&self, origin: &str, f: impl FnOnce(&mut PerDownlink)) {
+        let mut per = self.per.lock().unwrap_or_else(|e| e.into_inner());
+        f(per.entry(origin.to_string()).or_default());
+    }
+
+    /// The counters of downlink `name`.
+    pub fn of(&self, name: &str) -> PerDownlink {
+        let per = self.per.lock().unwrap_or_else(|e| e.into_inner());
+        per.get(&super::origin(name)).copied().unwrap_or_default()
+    }
+}
+
+/// Why the router dead-letters a command.
+#[derive(Debug, Clone, Copy)]
+enum Dead {
+    Unmatched,
+    Expired,
+    TooLarge,
 }
 
 /// Each downlink's `hold`, by origin ([`super::origin`]); changed by a reload.
@@ -208,19 +243,13 @@ impl Router {
                     break;
                 }
                 CommandOutcome::Expired => {
-                    if self
-                        .dead_letter(i, "expired before any session took it")
-                        .await
-                    {
-                        self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let why = "expired before any session took it";
+                    self.dead_letter(i, why, Dead::Expired).await;
                 }
                 CommandOutcome::TooLarge => {
                     let why =
                         "larger than a subscribed session's bound ([sessions] max_queued_bytes)";
-                    if self.dead_letter(i, why).await {
-                        self.stats.dead_too_large.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.dead_letter(i, why, Dead::TooLarge).await;
                 }
             }
         }
@@ -263,6 +292,8 @@ impl Router {
                 .routed
                 .fetch_add(routed.len() as u64, Ordering::Relaxed);
             for i in routed {
+                self.stats
+                    .count(&self.entries[i].rec.device_id, |d| d.routed += 1);
                 self.set_stage(i, Stage::Done);
             }
         }
@@ -288,21 +319,33 @@ impl Router {
     }
 
     /// Once a second: held commands past their hold or expiry, and commands that expired in
-    /// sessions, go to the dead letters.
+    /// sessions, go to the dead letters; each downlink's held and pending counts are taken.
     async fn sweep(&mut self) {
         let now = SystemTime::now();
+        let mut gauges: HashMap<&str, (u64, u64)> = HashMap::new();
+        for e in &self.entries {
+            let g = gauges.entry(e.rec.device_id.as_str()).or_default();
+            g.0 += u64::from(e.stage == Stage::Held);
+            g.1 += u64::from(e.stage != Stage::Done);
+        }
+        {
+            let mut per = self.stats.per.lock().unwrap_or_else(|e| e.into_inner());
+            for d in per.values_mut() {
+                (d.held, d.pending) = (0, 0);
+            }
+            for (origin, (held, pending)) in gauges {
+                let d = per.entry(origin.to_string()).or_default();
+                (d.held, d.pending) = (held, pending);
+            }
+        }
         for i in 0..self.entries.len() {
             if self.entries[i].stage != Stage::Held {
                 continue;
             }
             let rec = &self.entries[i].rec;
             if rec.expires_at().is_some_and(|t| t <= now) {
-                if self
-                    .dead_letter(i, "expired while no session subscribed to its topic")
-                    .await
-                {
-                    self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
-                }
+                let why = "expired while no session subscribed to its topic";
+                self.dead_letter(i, why, Dead::Expired).await;
                 continue;
             }
             let hold = self.hold_of(rec);
@@ -311,17 +354,17 @@ impl Router {
                     "no session subscribed to its topic within hold ({})",
                     humantime::format_duration(hold)
                 );
-                if self.dead_letter(i, &why).await {
-                    self.stats.dead_unmatched.fetch_add(1, Ordering::Relaxed);
-                }
+                self.dead_letter(i, &why, Dead::Unmatched).await;
             }
         }
         for (client, m) in self.sessions.take_expired_commands() {
             let rec = record_of(&client, &m);
             let why = format!("expired in the session of {client} before it was sent");
-            match self.dead.put(&rec, "downlink", &why).await {
+            let origin = m.command.as_deref().unwrap_or("downlink");
+            match self.dead.put(&rec, origin, &why).await {
                 Ok(()) => {
                     self.stats.dead_expired.fetch_add(1, Ordering::Relaxed);
+                    self.stats.count(origin, |d| d.dead_expired += 1);
                 }
                 Err(error) => {
                     tracing::error!(%error, client = %client, topic = %m.topic, "an expired command could not be stored in the dead letters; it is lost");
@@ -330,13 +373,21 @@ impl Router {
         }
     }
 
-    /// Moves entry `i` to the dead letters; true when stored (else it stays, tried again).
-    async fn dead_letter(&mut self, i: usize, why: &str) -> bool {
+    /// Moves entry `i` to the dead letters and counts it as `kind`; true when stored (else it
+    /// stays, tried again).
+    async fn dead_letter(&mut self, i: usize, why: &str, kind: Dead) -> bool {
         let rec = &self.entries[i].rec;
         let origin = rec.device_id.clone();
         match self.dead.put(rec, &origin, why).await {
             Ok(()) => {
                 self.set_stage(i, Stage::Done);
+                let (total, per): (&AtomicU64, fn(&mut PerDownlink)) = match kind {
+                    Dead::Unmatched => (&self.stats.dead_unmatched, |d| d.dead_unmatched += 1),
+                    Dead::Expired => (&self.stats.dead_expired, |d| d.dead_expired += 1),
+                    Dead::TooLarge => (&self.stats.dead_too_large, |d| d.dead_too_large += 1),
+                };
+                total.fetch_add(1, Ordering::Relaxed);
+                self.stats.count(&origin, per);
                 true
             }
             Err(error) => {

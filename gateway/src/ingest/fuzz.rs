@@ -162,7 +162,7 @@ fn message_for(filter: &str) -> Arc<Message> {
         correlation_data: None,
         subscription_ids: Vec::new(),
         expires_at: None,
-        command: false,
+        command: None,
     })
 }
 

@@ -40,9 +40,9 @@ pub struct Message {
     pub subscription_ids: Vec<u32>,
     /// MQTT 5: when the message expires (receive time + its message expiry interval).
     pub expires_at: Option<SystemTime>,
-    /// A command from a downlink: its acknowledgement and expiry are counted, and an expired
-    /// one becomes a dead letter.
-    pub command: bool,
+    /// A command: the downlink it came from (`downlink:NAME`). Its acknowledgement and expiry
+    /// are counted per downlink, and an expired one becomes a dead letter.
+    pub command: Option<Arc<str>>,
 }
 
 impl Message {
@@ -169,6 +169,8 @@ pub struct Outbox {
     expired_pkids: Vec<u16>,
     /// Commands dropped as expired, until [`Outbox::take_expired_commands`] (dead letters).
     expired_commands: Vec<Arc<Message>>,
+    /// The downlinks of the commands acknowledged since [`Outbox::take_done_commands`].
+    done_commands: Vec<Arc<str>>,
 }
 
 impl Outbox {
@@ -189,6 +191,7 @@ impl Outbox {
             any_expiry: false,
             expired_pkids: Vec::new(),
             expired_commands: Vec::new(),
+            done_commands: Vec::new(),
         }
     }
 
@@ -418,7 +421,7 @@ impl Outbox {
         }
         self.bytes -= w.message.cost();
         self.counts.expired += 1;
-        if w.message.command {
+        if w.message.command.is_some() {
             self.expired_commands.push(w.message.clone());
         }
         if w.qos > 0 {
@@ -431,6 +434,11 @@ impl Outbox {
     /// session stores that they are done).
     pub fn take_expired(&mut self) -> Vec<u16> {
         std::mem::take(&mut self.expired_pkids)
+    }
+
+    /// The downlinks of the commands acknowledged since the last call.
+    pub fn take_done_commands(&mut self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.done_commands)
     }
 
     /// Commands dropped as expired since the last call.
@@ -462,7 +470,10 @@ impl Outbox {
             self.bytes -= done.message.cost();
             self.used.remove(&done.pkid);
             self.counts.completed += 1;
-            self.counts.commands_done += u64::from(done.message.command);
+            if let Some(origin) = &done.message.command {
+                self.counts.commands_done += 1;
+                self.done_commands.push(origin.clone());
+            }
         }
     }
 
@@ -545,7 +556,7 @@ mod tests {
             correlation_data: None,
             subscription_ids: Vec::new(),
             expires_at: None,
-            command: false,
+            command: None,
         })
     }
 

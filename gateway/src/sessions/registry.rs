@@ -150,6 +150,14 @@ impl Slot {
                 after.commands_done - counts.commands_done,
                 Ordering::Relaxed,
             );
+            let mut by = self
+                .stats
+                .commands_done_by
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for origin in outbox.take_done_commands() {
+                *by.entry(origin.to_string()).or_default() += 1;
+            }
         }
         if after.expired > counts.expired {
             self.stats
@@ -347,6 +355,8 @@ pub struct DeliveryStats {
     pub router_skipped: AtomicU64,
     /// Commands (from downlinks) their devices acknowledged.
     pub commands_done: AtomicU64,
+    /// The same by downlink (`downlink:NAME`).
+    pub commands_done_by: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Default)]
@@ -1106,8 +1116,9 @@ impl Sessions {
         let retained = rec.retain && !command;
         let published_qos = rec.qos;
         let seq = rec.seq;
+        let origin: Option<Arc<str>> = command.then(|| rec.device_id.as_str().into());
         let mut message = Message::from_record(rec, false);
-        message.command = command;
+        message.command = origin;
         let message = Arc::new(message);
         if command && message.is_expired(now) {
             self.stats.messages_expired.fetch_add(1, Ordering::Relaxed);
@@ -1267,7 +1278,7 @@ impl Message {
             correlation_data: rec.correlation_data.map(Bytes::from),
             subscription_ids: Vec::new(),
             expires_at,
-            command: false,
+            command: None,
         }
     }
 }

@@ -123,6 +123,9 @@ pub struct StoredMessage {
     /// A command from a downlink (absent in older events: no).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub command: bool,
+    /// The downlink a command came from (`downlink:NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl StoredMessage {
@@ -138,7 +141,8 @@ impl StoredMessage {
             correlation_data: m.correlation_data.as_ref().map(|b| b.to_vec()),
             subscription_ids: m.subscription_ids.clone(),
             expires_at_us: m.expires_at.map(crate::queue::micros_since_epoch),
-            command: m.command,
+            command: m.command.is_some(),
+            origin: m.command.as_deref().map(String::from),
         }
     }
 
@@ -156,7 +160,11 @@ impl StoredMessage {
             expires_at: self
                 .expires_at_us
                 .map(|us| SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us)),
-            command: self.command,
+            command: match (self.command, self.origin) {
+                (true, Some(o)) => Some(o.into()),
+                (true, None) => Some("downlink".into()),
+                (false, _) => None,
+            },
         }
     }
 }
@@ -509,6 +517,7 @@ mod tests {
             subscription_ids: vec![3],
             expires_at_us: Some(1_700_000_000_123_456),
             command: false,
+            origin: None,
         }
     }
 
