@@ -591,6 +591,7 @@ mod tests {
     const KAFKA: &str = "[[downlinks]]\nname = \"k\"\ntype = \"kafka\"\nbootstrap = [\"h:9092\"]\ntopic = \"commands\"\n";
 
     #[test]
+    #[cfg(feature = "kafka")]
     fn kafka_downlink_defaults() {
         let c = crate::config::Config::from_toml_str(KAFKA).unwrap();
         let DownlinkConfig::Kafka(k) = &c.downlinks[0] else {
@@ -645,6 +646,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "kafka")]
     fn the_commented_kafka_example_in_the_default_config_is_valid() {
         let text = crate::config::DEFAULT_CONFIG;
         let start = text
