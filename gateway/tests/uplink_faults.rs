@@ -702,13 +702,15 @@ async fn restart_resumes_from_the_persisted_cursor(crash: bool) {
     } else {
         a.stop().await;
     }
-    let a_cursor = rig.cursor();
+    // What A had confirmed; an aborted A may not have persisted the last of it (its cursor
+    // write runs beside the sending: one write in flight, lost with the crash).
+    let a_confirmed = rig.cursor();
     assert!(
-        a_cursor < rig.last(),
+        a_confirmed < rig.last(),
         "A forwarded everything before it stopped: the test proves nothing"
     );
     assert!(
-        a_cursor >= rig.expected[0].1 + 95,
+        a_confirmed >= rig.expected[0].1 + 95,
         "A confirmed, so its cursor moved"
     );
 
@@ -722,7 +724,15 @@ async fn restart_resumes_from_the_persisted_cursor(crash: bool) {
         rig.queue = queue;
         rig.dead = DeadLetters::open(&rig_opts).unwrap();
     });
-    assert_eq!(rig.cursor(), a_cursor, "the cursor was persisted");
+    let a_cursor = rig.cursor();
+    if crash {
+        assert!(
+            a_cursor <= a_confirmed && a_cursor + window as u64 >= a_confirmed,
+            "the persisted cursor ({a_cursor}) is at most a window behind what A confirmed ({a_confirmed}), never ahead"
+        );
+    } else {
+        assert_eq!(a_cursor, a_confirmed, "a clean stop persists the cursor");
+    }
     rig.append(20).await;
     let last = rig.last();
     let remaining = rig.expected.iter().filter(|(_, s)| *s > a_cursor).count();
