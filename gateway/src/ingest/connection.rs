@@ -31,6 +31,9 @@ type SlotCell = Arc<std::sync::OnceLock<(Arc<Slot>, u64)>>;
 const STORE_FAILED: &str = "could not store the message";
 /// The reason string of a refusal over `[limits] publish_rate` / `publish_bytes_rate`.
 const RATE_TOO_HIGH: &str = "message rate too high ([limits] publish_rate / publish_bytes_rate)";
+/// How long a new subscription waits for the router to keep the retained publishes already
+/// acknowledged (normally well under a millisecond; longer only when the router lags).
+const RETAINED_SETTLE_BOUND: Duration = Duration::from_secs(1);
 
 /// What the reader hands the writer.
 enum Out {
@@ -457,6 +460,14 @@ impl Conn {
             self.retained_after_suback.clear();
             return;
         };
+        // A retained publish acknowledged just before is kept by the router a moment later:
+        // wait for it, so a subscriber gets the newest retained message.
+        if !self.retained_after_suback.is_empty() {
+            self.shared
+                .sessions
+                .retained_settled(RETAINED_SETTLE_BOUND)
+                .await;
+        }
         let mut last = None;
         for (filter, options, handling, new) in std::mem::take(&mut self.retained_after_suback) {
             let p = self

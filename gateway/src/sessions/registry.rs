@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -382,6 +382,10 @@ pub struct Sessions {
     /// The newest queue seq of a retained publish (the router reads up to it even when nobody
     /// subscribes, to keep the retained messages).
     retained_upto: AtomicU64,
+    /// The newest queue seq the router has routed: a subscription made just after a retained
+    /// publish was acknowledged waits (briefly) for the router to keep it before its retained
+    /// messages go.
+    routed_upto: tokio::sync::watch::Sender<u64>,
     pub stats: Arc<DeliveryStats>,
     /// Notified when a subscription is made (the downlink router retries the commands it
     /// holds for a device that subscribes later).
@@ -832,6 +836,29 @@ impl Sessions {
     /// Ingest appended a retained publish as record `seq`.
     pub fn note_retained(&self, seq: u64) {
         self.retained_upto.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The router has routed everything up to `seq`.
+    pub fn note_routed(&self, seq: u64) {
+        self.routed_upto.send_if_modified(|v| {
+            let newer = seq > *v;
+            if newer {
+                *v = seq;
+            }
+            newer
+        });
+    }
+
+    /// Waits until the router has kept every retained publish acknowledged so far, for at most
+    /// `bound` (a router that lags longer delays retained messages no further: they go as
+    /// they are then).
+    pub async fn retained_settled(&self, bound: Duration) {
+        let target = self.retained_upto();
+        if target == 0 || *self.routed_upto.borrow() >= target {
+            return;
+        }
+        let mut rx = self.routed_upto.subscribe();
+        let _ = tokio::time::timeout(bound, rx.wait_for(|v| *v >= target)).await;
     }
 
     /// Retained messages now: (count, bytes).

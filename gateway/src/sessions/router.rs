@@ -71,7 +71,10 @@ pub async fn run(queue: Queue, sessions: Arc<Sessions>, shutdown: CancellationTo
             _ = shutdown.cancelled() => break,
         };
         match routed {
-            Ok(Some(last)) => routed_through = last,
+            Ok(Some(last)) => {
+                routed_through = last;
+                sessions.note_routed(last);
+            }
             Ok(None) => {}
             Err(QueueError::Closed) => break,
             Err(error) => {
@@ -86,6 +89,7 @@ pub async fn run(queue: Queue, sessions: Arc<Sessions>, shutdown: CancellationTo
                         .fetch_add(skipped, std::sync::atomic::Ordering::Relaxed);
                     reader.skip_through(last);
                     routed_through = last;
+                    sessions.note_routed(last);
                 }
             }
         }
