@@ -622,6 +622,53 @@ async fn a_command_for_a_device_offline_past_ttl_is_a_dead_letter_with_the_reaso
 }
 
 #[tokio::test]
+async fn a_qos0_command_for_an_offline_device_waits_in_its_session_and_is_not_dropped() {
+    let rig = Rig::new("").await;
+    let service = rig.start().await;
+    let status = service.status();
+    let d = dev(3);
+    let mut c = rig
+        .device(&status, &d, &Connect::v4(&d).persistent(0))
+        .await;
+    subscribe(&mut c, false, &d).await;
+    drop(c);
+    wait_for("the offline session", || status.sessions.counts().1 == 1).await;
+    consuming(&status).await;
+    for (i, qos) in ["0", "1", "0"].iter().enumerate() {
+        let mut h = FieldTable::default();
+        h.insert("mqtt_qos".into(), AMQPValue::LongString((*qos).into()));
+        rig.publish(
+            &format!("devices.{d}.commands.x"),
+            format!("q{qos}-{i}").as_bytes(),
+            BasicProperties::default().with_headers(h),
+        )
+        .await;
+    }
+    let commands = status.commands().unwrap();
+    wait_for("three commands routed", || {
+        commands.router.routed.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    let mut c = rig
+        .device(&status, &d, &Connect::v4(&d).persistent(0))
+        .await;
+    let got = receive(&mut c, false, 3).await;
+    assert_eq!(payloads(&got), ["q0-0", "q1-1", "q0-2"]);
+    assert_eq!(
+        got.iter().map(|r| r.qos).collect::<Vec<_>>(),
+        [0, 1, 0],
+        "each at the QoS it was sent with"
+    );
+    assert_eq!(
+        status.sessions.stats.dropped_qos0.load(Ordering::Relaxed),
+        0,
+        "no QoS 0 command dropped"
+    );
+    service.shutdown().await.unwrap();
+    rig.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_slow_device_with_a_full_bound_holds_its_commands_back_in_order_none_dropped() {
     let rig = Rig::new("").await;
     // A session holds 3 commands at most.

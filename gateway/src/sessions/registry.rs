@@ -1181,7 +1181,10 @@ impl Sessions {
             }
             let qos = o.qos.min(published_qos);
             let over_total = self.total_bytes.load(Ordering::Acquire) + message.cost() > max_bytes;
-            if qos == 0 && (!slot.online() || over_total) {
+            // A QoS 0 publish is not kept for an offline session, nor past the bound. A QoS 0
+            // command is: it waits in the outbox like the others (in memory only, being at
+            // most once: a restart loses it), and a full bound blocks it as it blocks them.
+            if qos == 0 && !command && (!slot.online() || over_total) {
                 self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
