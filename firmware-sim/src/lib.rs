@@ -21,8 +21,8 @@
 //!
 //! - [`device`]: the device state machine (fixed-size `heapless` buffers, as on firmware).
 //! - [`command`]: downlink commands and replies (JSON): ids, parsing, encoding, the send plan.
-//! - [`payload`]: the CBOR payload; the only module that uses `serde_cbor` (unmaintained,
-//!   RUSTSEC-2021-0127). Also decodes the same fields as JSON.
+//! - [`payload`]: the CBOR payload; the only module that uses the CBOR library (ciborium).
+//!   Also decodes the same fields as JSON.
 //! - [`fleet`]: the runner (`run`, `bench`): connections, reconnects, progress, summary.
 //! - [`manifest`]: what a run acknowledged, per device; [`ranges`] compresses it.
 //! - [`sender`]: `firmware-sim command`: commands upstream (AMQP or Kafka) and their manifest.

@@ -1,7 +1,7 @@
 //! The telemetry payload a simulated device publishes, and its decoding on the verifier side.
 //!
-//! This is the only module that touches `serde_cbor` (unmaintained, RUSTSEC-2021-0127): swapping
-//! the CBOR library means changing this file and nothing else.
+//! This is the only module that touches the CBOR library (ciborium, as the gateway; serde_cbor
+//! before it, unmaintained, RUSTSEC-2021-0127): swapping it means changing this file alone.
 //!
 //! Wire format: one CBOR map with text keys (serde's struct-as-map encoding), in this order:
 //!
@@ -18,7 +18,6 @@
 //! ignored in both encodings.
 
 use serde::{Deserialize, Serialize, Serializer};
-use serde_cbor::ser::SliceWrite;
 
 /// The largest `pad` the encoder can add (the biggest device buffer is smaller than this).
 pub const MAX_PAD: usize = 8192;
@@ -118,9 +117,9 @@ fn encode_with_pad<const N: usize>(
     // Invariant: a fresh Vec of capacity N can always be resized to N.
     out.resize_default(N)
         .map_err(|_| PayloadError::BufferTooSmall { capacity: N })?;
-    let mut ser = serde_cbor::Serializer::new(SliceWrite::new(out.as_mut_slice()));
-    let written = match wire.serialize(&mut ser) {
-        Ok(()) => ser.into_inner().bytes_written(),
+    let mut rest = out.as_mut_slice();
+    let written = match ciborium::into_writer(&wire, &mut rest) {
+        Ok(()) => N - rest.len(),
         Err(_) => {
             out.clear();
             return Err(too_small);
@@ -155,7 +154,7 @@ fn pad_len(bare: usize, target: usize) -> usize {
 /// Decodes a telemetry payload from CBOR, or from JSON when the bytes look like a JSON object.
 pub fn decode(bytes: &[u8]) -> Result<Telemetry, PayloadError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    let cbor = || serde_cbor::from_slice::<Telemetry>(bytes);
+    let cbor = || ciborium::from_reader::<Telemetry, _>(bytes);
     let json = || serde_json::from_slice::<Telemetry>(bytes);
     // A CBOR map never starts with `{` (0x7b is a CBOR text header), so this test is exact.
     if first == Some(&b'{') {
@@ -165,7 +164,10 @@ pub fn decode(bytes: &[u8]) -> Result<Telemetry, PayloadError> {
     }
 }
 
-fn undecodable(cbor: &serde_cbor::Error, json: &serde_json::Error) -> PayloadError {
+fn undecodable(
+    cbor: &ciborium::de::Error<std::io::Error>,
+    json: &serde_json::Error,
+) -> PayloadError {
     PayloadError::Undecodable {
         cbor: cbor.to_string(),
         json: json.to_string(),
