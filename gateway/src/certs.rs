@@ -10,12 +10,19 @@
 //! ```
 //!
 //! Keys are PKCS#8 PEM, written with mode 0600. These are for development and tests only.
+//! So is [`tls_tunnel`], the TLS client side for test clients that speak plain TCP.
 
 use std::fs;
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use rustls::pki_types::pem::PemObject;
 
@@ -258,4 +265,48 @@ pub fn revoke(dir: &Path, names: &[String]) -> Result<(PathBuf, usize), CertErro
     let crl = params.signed_by(&ca.issuer)?;
     write_file(&crl_path, &crl.pem()?, false)?;
     Ok((crl_path, serials.len()))
+}
+
+/// A running [`tls_tunnel`]: plain TCP in at [`addr`](TlsTunnel::addr), mutual TLS out.
+/// Dropping it stops the listener and ends the connections it carries.
+pub struct TlsTunnel {
+    /// Where a client connects with plain TCP (on 127.0.0.1).
+    pub addr: SocketAddr,
+    _stop: DropGuard,
+}
+
+/// Listens on 127.0.0.1:0; for each plain TCP connection accepted, connects to `target`, does
+/// the TLS handshake as the client with `config` (server name: `target`'s IP address) and copies
+/// bytes both ways until either side ends. When the TLS side ends, or its connection or
+/// handshake fails (a refused certificate), the plain connection is closed, so the client sees
+/// a closed connection as it would over TLS.
+///
+/// Why: the test clients (rumqttc) would otherwise need rumqttc's rustls feature, which pulls in
+/// rustls-webpki 0.102 (RUSTSEC advisories) and the unmaintained rustls-pemfile. The gateway's
+/// TLS stays real; only the test client's half of it is done here, with the workspace's rustls.
+pub async fn tls_tunnel(
+    target: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsTunnel> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let connector = TlsConnector::from(config);
+    let server_name = rustls::pki_types::ServerName::from(target.ip());
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(stop.clone().run_until_cancelled_owned(async move {
+        while let Ok((mut plain, _)) = listener.accept().await {
+            let (connector, server_name) = (connector.clone(), server_name.clone());
+            tokio::spawn(stopped.clone().run_until_cancelled_owned(async move {
+                let tcp = TcpStream::connect(target).await?;
+                let mut tls = connector.connect(server_name, tcp).await?;
+                tokio::io::copy_bidirectional(&mut plain, &mut tls).await
+                // Either way `plain` is dropped here: the client sees its connection close.
+            }));
+        }
+    }));
+    Ok(TlsTunnel {
+        addr,
+        _stop: stop.drop_guard(),
+    })
 }

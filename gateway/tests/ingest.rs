@@ -39,7 +39,8 @@ async fn publish_and_collect_acks(
 #[tokio::test]
 async fn qos1_publishes_over_mutual_tls_are_acked_and_stored_in_order() {
     let gw = TestGateway::start(|_, _| {}).await;
-    let (client, mut el) = AsyncClient::new(v4_options(gw.addr, &gw.certs, "dev-00001"), 100);
+    let (o, _tunnel) = v4_options(gw.addr, &gw.certs, "dev-00001").await;
+    let (client, mut el) = AsyncClient::new(o, 100);
     let acks = publish_and_collect_acks(&client, &mut el, "devices/dev-00001/telemetry", 50).await;
     assert_eq!(acks, 50);
     // PUBACK means durable: every acked message is in the queue already.
@@ -52,6 +53,50 @@ async fn qos1_publishes_over_mutual_tls_are_acked_and_stored_in_order() {
         assert_eq!(r.qos, 1);
     }
     assert_eq!(gw.stats.acks.load(std::sync::atomic::Ordering::Relaxed), 50);
+    gw.stop().await;
+}
+
+/// Through the test TLS tunnel (`gateway::certs::tls_tunnel`) a refused certificate still looks
+/// like a closed connection to rumqttc, as it does over rumqttc's own TLS: nothing is stored.
+#[tokio::test]
+async fn rumqttc_through_the_tunnel_with_a_refused_certificate_sees_the_connection_close() {
+    let gw = TestGateway::start(|_, _| {}).await;
+    let (stranger_ca, _) = gateway::certs::DevCa::new().unwrap();
+    let (cert, key) = stranger_ca.device_cert("dev-00001").unwrap();
+    let tunnel = gateway::certs::tls_tunnel(
+        gw.addr,
+        ingest_support::client_tls_pem(&gw.certs, &cert, &key),
+    )
+    .await
+    .unwrap();
+    let o = rumqttc::MqttOptions::new("dev-00001", "127.0.0.1", tunnel.addr.port());
+    let (client, mut el) = AsyncClient::new(o, 10);
+    client
+        .publish("devices/dev-00001/telemetry", QoS::AtLeastOnce, false, "m")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(c))) => panic!("connected: {c:?}"),
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the connection ends within 10 s");
+    // Closed while rumqttc waits for its CONNACK (over rumqttc's TLS it would be the TLS alert's
+    // I/O error instead: either way the connection is gone before CONNACK).
+    assert!(
+        matches!(
+            closed,
+            rumqttc::ConnectionError::Io(_)
+                | rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
+        ),
+        "{closed:?}"
+    );
+    assert!(gw.records().is_empty());
     gw.stop().await;
 }
 

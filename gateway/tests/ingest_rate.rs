@@ -255,10 +255,8 @@ async fn rumqttc_v5_reads_the_refusals_and_stays_connected() {
         c.limits.publish_burst = Some(2);
     })
     .await;
-    let mut o = rumqttc::v5::MqttOptions::new(DEV, "127.0.0.1", gw.addr.port());
-    o.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(client_tls(&gw.certs, Some(DEV))),
-    ));
+    let tunnel = ingest_support::tunnel(gw.addr, &gw.certs, DEV).await;
+    let o = rumqttc::v5::MqttOptions::new(DEV, "127.0.0.1", tunnel.addr.port());
     let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 16);
     let n = 8;
     for i in 0..n {

@@ -389,21 +389,16 @@ async fn rumqttc_v4_and_v5_subscribe_and_receive_qos1_and_qos2() {
 
     let gw = gateway().await;
     let certs = gw.certs.clone();
-    let tls = |id: &str| {
-        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-            ingest_support::client_tls(&certs, Some(id)),
-        ))
-    };
 
     // Subscriber: rumqttc::v5 (dev-00005), QoS 2.
-    let mut o5 = rumqttc::v5::MqttOptions::new(SUBSCRIBER, "127.0.0.1", gw.addr.port());
-    o5.set_transport(tls(SUBSCRIBER));
+    let tunnel5 = ingest_support::tunnel(gw.addr, &certs, SUBSCRIBER).await;
+    let o5 = rumqttc::v5::MqttOptions::new(SUBSCRIBER, "127.0.0.1", tunnel5.addr.port());
     let (sub5, mut loop5) = rumqttc::v5::AsyncClient::new(o5, 16);
     sub5.subscribe("devices/+/rumqttc", Q5::ExactlyOnce)
         .await
         .unwrap();
     // Subscriber: rumqttc 3.1.1 (dev-00003), QoS 1.
-    let mut o4 = ingest_support::v4_options(gw.addr, &certs, OTHER);
+    let (mut o4, _tunnel4) = ingest_support::v4_options(gw.addr, &certs, OTHER).await;
     o4.set_clean_session(true);
     let (sub4, mut loop4) = rumqttc::AsyncClient::new(o4, 16);
     sub4.subscribe("devices/+/rumqttc", QoS::AtLeastOnce)
@@ -444,8 +439,8 @@ async fn rumqttc_v4_and_v5_subscribe_and_receive_qos1_and_qos2() {
     wait_subscriptions(&gw, 2).await;
 
     // Publisher: rumqttc 3.1.1 (dev-00001), QoS 0, 1, 2 in that order.
-    let (publisher, mut pub_loop) =
-        rumqttc::AsyncClient::new(ingest_support::v4_options(gw.addr, &certs, PUBLISHER), 16);
+    let (o, _pub_tunnel) = ingest_support::v4_options(gw.addr, &certs, PUBLISHER).await;
+    let (publisher, mut pub_loop) = rumqttc::AsyncClient::new(o, 16);
     let topic = "devices/dev-00001/rumqttc";
     for (qos, payload) in [
         (QoS::AtMostOnce, "zero"),

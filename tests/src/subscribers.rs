@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration};
+use gateway::certs::TlsTunnel;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 
 use crate::faults::Gateway;
 use crate::raw::{self, kind, Connect, RecvError};
@@ -37,15 +38,18 @@ pub fn acl() -> String {
     )
 }
 
-/// rumqttc options for `device` over mutual TLS to `gw`, clean session = 0.
-pub fn options(gw: &Gateway, device: &str) -> MqttOptions {
-    let mut o = MqttOptions::new(device, "127.0.0.1", gw.port);
-    o.set_transport(rumqttc::Transport::tls_with_config(
-        TlsConfiguration::Rustls(crate::device_tls(&gw.certs, Some(device))),
-    ));
+/// rumqttc options for `device` over mutual TLS to `gw`, clean session = 0: rumqttc connects
+/// with plain TCP to the returned [`gateway::certs::tls_tunnel`], which must live as long as the
+/// client (it outlives the gateway's restarts: each connection makes a new TLS connection).
+pub async fn options(gw: &Gateway, device: &str) -> (MqttOptions, TlsTunnel) {
+    let target = SocketAddr::from(([127, 0, 0, 1], gw.port));
+    let tunnel = gateway::certs::tls_tunnel(target, crate::device_tls(&gw.certs, Some(device)))
+        .await
+        .expect("a TLS tunnel on 127.0.0.1");
+    let mut o = MqttOptions::new(device, "127.0.0.1", tunnel.addr.port());
     o.set_keep_alive(Duration::from_secs(30));
     o.set_clean_session(false);
-    o
+    (o, tunnel)
 }
 
 /// Even numbers at QoS 1, odd at QoS 2 (for [`publish_until_gone`]).

@@ -23,7 +23,7 @@ use gateway::queue::inspect::Inspector;
 use gateway::queue::{Queue, QueueOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 
 const DEVICES: [&str; 2] = ["dev-00001", "dev-00002"];
 /// How long the gateway may take to start listening.
@@ -115,10 +115,14 @@ async fn publish_until_killed(
     device: &'static str,
     trial: u32,
 ) -> Vec<String> {
-    let mut opts = MqttOptions::new(device, "127.0.0.1", port);
-    opts.set_transport(rumqttc::Transport::tls_with_config(
-        TlsConfiguration::Rustls(gateway_tests::device_tls(&certs, Some(device))),
-    ));
+    // rumqttc speaks plain TCP to a local tunnel that does the mutual TLS to the gateway.
+    let tunnel = gateway::certs::tls_tunnel(
+        ([127, 0, 0, 1], port).into(),
+        gateway_tests::device_tls(&certs, Some(device)),
+    )
+    .await
+    .unwrap();
+    let mut opts = MqttOptions::new(device, "127.0.0.1", tunnel.addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_inflight(64);
     let (client, mut eventloop) = AsyncClient::new(opts, 16);

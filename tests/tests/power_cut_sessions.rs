@@ -39,7 +39,7 @@ async fn session(
     publish: Option<(&str, u64)>,
     wait: Duration,
 ) -> Vec<(u64, bool)> {
-    let mut o = options(gw, device);
+    let (mut o, _tunnel) = options(gw, device).await;
     o.set_clean_session(clean);
     let (client, mut ev) = AsyncClient::new(o, 8);
     if subscribe {
@@ -124,13 +124,14 @@ async fn a_power_cut_loses_no_message_of_a_persistent_session_nor_the_retained_o
     let done = Arc::new(AtomicBool::new(false));
     // Publisher: reconnects after every cut and goes on numbering.
     let publisher = {
-        let (o, next, acked, done) = (
-            options(&rig.gw, PUBLISHER),
+        let ((o, tunnel), next, acked, done) = (
+            options(&rig.gw, PUBLISHER).await,
             next.clone(),
             acked.clone(),
             done.clone(),
         );
         tokio::spawn(async move {
+            let _tunnel = tunnel;
             while !done.load(Ordering::SeqCst) {
                 publish_until_gone(
                     o.clone(),

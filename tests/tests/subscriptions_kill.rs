@@ -263,18 +263,16 @@ async fn persistent_subscribers_get_every_accepted_message_in_order_qos2_exactly
                 tokio::spawn(visit(s.clone(), plan, killed.clone())),
             ));
         }
-        let publishers: Vec<_> = pubs
-            .iter()
-            .map(|p| {
-                tokio::spawn(publish_until_gone(
-                    options(&gw, p.device),
-                    p.qos,
-                    p.next.clone(),
-                    p.acked.clone(),
-                    killed.clone(),
-                ))
-            })
-            .collect();
+        let mut publishers = Vec::new();
+        for p in &pubs {
+            let (o, tunnel) = options(&gw, p.device).await;
+            let publish =
+                publish_until_gone(o, p.qos, p.next.clone(), p.acked.clone(), killed.clone());
+            publishers.push(tokio::spawn(async move {
+                let _tunnel = tunnel;
+                publish.await
+            }));
+        }
         tokio::time::sleep(Duration::from_millis(kill_at)).await;
         gw.kill();
         killed.store(true, Ordering::SeqCst);

@@ -242,12 +242,28 @@ pub fn client_tls_pem(
     )
 }
 
-/// rumqttc (3.1.1) options for `device` over mutual TLS to `addr`.
-pub fn v4_options(addr: SocketAddr, certs: &std::path::Path, device: &str) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(device, "127.0.0.1", addr.port());
-    o.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(client_tls(certs, Some(device))),
-    ));
+/// A [`gateway::certs::tls_tunnel`] to `addr` with `device`'s certificate: rumqttc connects to
+/// its address with plain TCP, and it does the mutual TLS to the gateway. Keep it while the
+/// client runs.
+pub async fn tunnel(
+    addr: SocketAddr,
+    certs: &std::path::Path,
+    device: &str,
+) -> gateway::certs::TlsTunnel {
+    gateway::certs::tls_tunnel(addr, client_tls(certs, Some(device)))
+        .await
+        .unwrap()
+}
+
+/// rumqttc (3.1.1) options for `device` over mutual TLS to `addr` (through the returned tunnel,
+/// which must live as long as the client).
+pub async fn v4_options(
+    addr: SocketAddr,
+    certs: &std::path::Path,
+    device: &str,
+) -> (rumqttc::MqttOptions, gateway::certs::TlsTunnel) {
+    let tunnel = tunnel(addr, certs, device).await;
+    let mut o = rumqttc::MqttOptions::new(device, "127.0.0.1", tunnel.addr.port());
     o.set_keep_alive(Duration::from_secs(30));
-    o
+    (o, tunnel)
 }
