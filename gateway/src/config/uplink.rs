@@ -332,7 +332,8 @@ pub struct KafkaConfig {
     /// Topic (template); `{topic}` has `/` turned into `.` (Kafka topic names have no `/`).
     pub topic: String,
     /// Create a missing topic (with `partitions` and `replication_factor`) when a record first
-    /// needs it. Off: a record for a missing topic goes to the dead letters.
+    /// needs it (a fixed topic: at connect). Off: a record for a missing topic goes to the dead
+    /// letters.
     #[serde(default)]
     pub create_topics: bool,
     #[serde(default = "default_kafka_partitions")]

@@ -125,7 +125,7 @@ impl KafkaUplink {
         )
         .await
         .map_err(err)?;
-        Ok(KafkaUplink {
+        let mut uplink = KafkaUplink {
             name: cfg.name.clone(),
             gateway_id: gateway_id.to_string(),
             client,
@@ -144,7 +144,15 @@ impl KafkaUplink {
             running: JoinSet::new(),
             ready: VecDeque::new(),
             error: None,
-        })
+        };
+        // A fixed topic's partitions are looked up now, so a connected uplink produces at once
+        // (on a long link the lookups are several round trips) and a metadata failure is a
+        // connect error. A missing topic is not: its records go to the dead letters (or it is
+        // created) when they come. A templated topic is looked up at its first record.
+        if !cfg.topic.contains('{') {
+            uplink.partitions(&cfg.topic).await.map_err(|e| err(e.to_string()))?;
+        }
+        Ok(uplink)
     }
 
     fn lost(&self, why: String) -> UplinkError {
