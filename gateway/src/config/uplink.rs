@@ -25,6 +25,11 @@ pub const DEFAULT_KAFKA_WINDOW: usize = 8192;
 /// Records per Kafka produce request (per partition): large requests cross a long link in one
 /// round trip each.
 pub const DEFAULT_KAFKA_MAX_BATCH: usize = 1024;
+/// Bytes per Kafka produce request (per partition), about (each record counted as its key,
+/// value and headers plus 32 bytes of framing): under the broker's `message.max.bytes`
+/// (1 MiB by default), which refuses a larger record batch whole. A single record above it
+/// still goes, alone.
+pub const DEFAULT_KAFKA_MAX_BATCH_BYTES: usize = 900 << 10;
 /// Bytes of records in flight per uplink (payloads as read and as sent, plus their addresses):
 /// the memory bound of the window when payloads are large. 16 MiB holds 4,096 records of up to
 /// 2 KiB each; with 64-byte sensor readings the record count binds first.
@@ -345,6 +350,9 @@ pub struct KafkaConfig {
     /// Records per produce request (per partition), at most.
     #[serde(default = "default_kafka_max_batch")]
     pub max_batch: usize,
+    /// Bytes per produce request (per partition), about (see [`DEFAULT_KAFKA_MAX_BATCH_BYTES`]).
+    #[serde(default = "default_kafka_max_batch_bytes")]
+    pub max_batch_bytes: usize,
     /// Records sent and not yet settled, at most (see [`DEFAULT_KAFKA_WINDOW`]).
     #[serde(default = "default_kafka_window")]
     pub window: usize,
@@ -380,6 +388,9 @@ pub struct KafkaConfig {
 
 fn default_kafka_max_batch() -> usize {
     DEFAULT_KAFKA_MAX_BATCH
+}
+fn default_kafka_max_batch_bytes() -> usize {
+    DEFAULT_KAFKA_MAX_BATCH_BYTES
 }
 fn default_kafka_window() -> usize {
     DEFAULT_KAFKA_WINDOW
@@ -707,6 +718,13 @@ fn check_kafka(k: &KafkaConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec
             reason: "must be between 1 and 65535".into(),
         });
     }
+    if !(1024..=64 << 20).contains(&k.max_batch_bytes) {
+        problems.push(Problem {
+            key: key("max_batch_bytes"),
+            value: k.max_batch_bytes.to_string(),
+            reason: "must be between 1024 and 67108864 (keep it under the broker's message.max.bytes, 1 MiB by default)".into(),
+        });
+    }
     check_window(k.window, k.window_bytes, key, problems);
     if k.confirm_timeout.is_zero() {
         problems.push(Problem {
@@ -883,8 +901,23 @@ mod tests {
         assert_eq!(k.partitions, DEFAULT_KAFKA_PARTITIONS);
         assert_eq!(k.replication_factor, DEFAULT_KAFKA_REPLICATION_FACTOR);
         assert_eq!(k.max_batch, DEFAULT_KAFKA_MAX_BATCH);
+        assert_eq!(k.max_batch_bytes, DEFAULT_KAFKA_MAX_BATCH_BYTES);
         assert_eq!(k.window, DEFAULT_KAFKA_WINDOW);
         assert_eq!(k.confirm_timeout, Duration::from_secs(5));
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn a_kafka_max_batch_bytes_out_of_range_is_named() {
+        let p = problems(
+            "[[uplinks]]\nname = \"k\"\ntype = \"kafka\"\nbootstrap = [\"h:1\"]\ntopic = \"t\"\nmax_batch_bytes = 100\n",
+        );
+        assert!(
+            p.iter().any(|p| p.contains("uplinks[0].max_batch_bytes")
+                && p.contains("100")
+                && p.contains("message.max.bytes")),
+            "{p:?}"
+        );
     }
 
     #[cfg(feature = "kafka")]

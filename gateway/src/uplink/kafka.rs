@@ -4,7 +4,8 @@
 //! key agree.
 //!
 //! Records are queued per topic and partition, in queue order. Each partition has at most ONE
-//! produce request in flight (up to `max_batch` records); what comes meanwhile waits and goes
+//! produce request in flight (up to `max_batch` records and about `max_batch_bytes`, under the
+//! broker's `message.max.bytes`, which refuses a larger batch whole); what comes meanwhile waits and goes
 //! in the next request as soon as that one is answered. Requests start when the forwarder asks
 //! for answers ([`KafkaUplink::next`]), so the records it sent together share a request. rskafka has no idempotent producer, so
 //! this is what keeps a device's order: a retry of an earlier request can never land after a
@@ -60,6 +61,8 @@ pub struct KafkaUplink {
     topics: HashMap<String, Vec<Arc<PartitionClient>>>,
     /// Records per produce request, at most.
     max_batch: usize,
+    /// Bytes per produce request, about ([`record_size`]); one record at least.
+    max_batch_bytes: usize,
     /// Per (topic, partition): records waiting for the request in flight, and whether there is
     /// one. Invariant: at most one request per partition is in flight.
     lanes: HashMap<(String, usize), Lane>,
@@ -79,7 +82,8 @@ pub struct KafkaUplink {
 /// The records of one partition waiting for its request in flight.
 #[derive(Default)]
 struct Lane {
-    waiting: VecDeque<(u64, KafkaRecord)>,
+    /// Seq, record, its size ([`record_size`]).
+    waiting: VecDeque<(u64, KafkaRecord, usize)>,
     busy: bool,
 }
 
@@ -139,6 +143,7 @@ impl KafkaUplink {
                 .then_some((cfg.partitions, cfg.replication_factor)),
             topics: HashMap::new(),
             max_batch: cfg.max_batch.max(1),
+            max_batch_bytes: cfg.max_batch_bytes,
             lanes: HashMap::new(),
             idle: Vec::new(),
             running: JoinSet::new(),
@@ -150,7 +155,10 @@ impl KafkaUplink {
         // connect error. A missing topic is not: its records go to the dead letters (or it is
         // created) when they come. A templated topic is looked up at its first record.
         if !cfg.topic.contains('{') {
-            uplink.partitions(&cfg.topic).await.map_err(|e| err(e.to_string()))?;
+            uplink
+                .partitions(&cfg.topic)
+                .await
+                .map_err(|e| err(e.to_string()))?;
         }
         Ok(uplink)
     }
@@ -302,8 +310,9 @@ impl KafkaUplink {
         let partition = partition_for_key(m.key.as_bytes(), n) as usize;
         let key = (topic.to_string(), partition);
         let record = self.record(m);
+        let size = record_size(&record);
         let lane = self.lanes.entry(key.clone()).or_default();
-        lane.waiting.push_back((seq, record));
+        lane.waiting.push_back((seq, record, size));
         if !lane.busy && lane.waiting.len() == 1 {
             // Started by `next`: what is sent before it is polled goes in the same request.
             self.idle.push(key);
@@ -321,8 +330,10 @@ impl KafkaUplink {
         let Some(client) = self.topics.get(&key.0).and_then(|p| p.get(key.1)).cloned() else {
             return;
         };
-        let n = lane.waiting.len().min(self.max_batch);
-        let (seqs, records): (Vec<u64>, Vec<KafkaRecord>) = lane.waiting.drain(..n).unzip();
+        let sizes = lane.waiting.iter().map(|w| w.2);
+        let n = batch_len(sizes, self.max_batch, self.max_batch_bytes);
+        let (seqs, records): (Vec<u64>, Vec<KafkaRecord>) =
+            lane.waiting.drain(..n).map(|(s, r, _)| (s, r)).unzip();
         lane.busy = true;
         let compression = self.compression;
         let key = key.clone();
@@ -444,7 +455,72 @@ fn sasl_config(sasl: &KafkaSasl) -> Result<SaslConfig, String> {
     })
 }
 
+/// How many of the records of `sizes` (in order) go in one request: up to `max` records and
+/// `max_bytes` bytes, one record at least (a record larger than `max_bytes` goes alone).
+fn batch_len(sizes: impl Iterator<Item = usize>, max: usize, max_bytes: usize) -> usize {
+    let mut n = 0;
+    let mut bytes = 0;
+    for size in sizes.take(max) {
+        if n > 0 && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        n += 1;
+    }
+    n
+}
+
+/// A record's size in a produce request, about: key, value and headers, plus 32 bytes for its
+/// framing (length, attributes, timestamp and offset deltas, header counts as varints).
+fn record_size(r: &KafkaRecord) -> usize {
+    let key = r.key.as_ref().map_or(0, Vec::len);
+    let value = r.value.as_ref().map_or(0, Vec::len);
+    let headers: usize = r.headers.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    32 + key + value + headers
+}
+
 /// Whether Kafka accepts `topic` as a topic name.
 fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && topic.len() <= 249 && topic.bytes().all(kafka_topic_byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_takes_records_up_to_the_count_and_the_bytes_and_one_at_least() {
+        let sizes = |v: &[usize]| v.to_vec().into_iter();
+        assert_eq!(batch_len(sizes(&[100; 10]), 4, 1000), 4, "the count binds");
+        assert_eq!(batch_len(sizes(&[300; 10]), 8, 1000), 3, "the bytes bind");
+        assert_eq!(
+            batch_len(sizes(&[300, 700, 1]), 8, 1000),
+            2,
+            "exactly max_bytes fits"
+        );
+        assert_eq!(
+            batch_len(sizes(&[5000, 10]), 8, 1000),
+            1,
+            "a large record goes alone"
+        );
+        assert_eq!(
+            batch_len(sizes(&[10, 5000]), 8, 1000),
+            1,
+            "and not with the one before"
+        );
+        assert_eq!(batch_len(sizes(&[]), 8, 1000), 0);
+    }
+
+    #[test]
+    fn a_record_is_sized_by_key_value_and_headers() {
+        let mut headers = BTreeMap::new();
+        headers.insert("device_id".to_string(), b"dev-1".to_vec());
+        let r = KafkaRecord {
+            key: Some(b"dev-1".to_vec()),
+            value: Some(vec![0; 100]),
+            headers,
+            timestamp: DateTime::<Utc>::default(),
+        };
+        assert_eq!(record_size(&r), 32 + 5 + 100 + (9 + 5 + 4));
+    }
 }
