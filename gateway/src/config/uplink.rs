@@ -19,12 +19,14 @@ use super::{de, duration_value, quoted, Problem};
 pub const DEFAULT_WINDOW: usize = 4096;
 /// Kafka window, in records: with one produce request in flight per partition (order without
 /// an idempotent producer), the records waiting behind it must fill the next request while the
-/// current one crosses the link: two `max_batch`es per partition of a 3-partition topic, and
-/// more for more partitions.
-pub const DEFAULT_KAFKA_WINDOW: usize = 8192;
-/// Records per Kafka produce request (per partition): large requests cross a long link in one
-/// round trip each.
-pub const DEFAULT_KAFKA_MAX_BATCH: usize = 1024;
+/// current one crosses the link. Four `max_batch`es: at 200 ms round trip to a 3-partition
+/// topic the default config keeps its RTT-0 rate (README, "Uplink benchmark on a long link");
+/// 8,192 with 1,024-record requests kept 0.5-0.8 of it.
+pub const DEFAULT_KAFKA_WINDOW: usize = 16384;
+/// Records per Kafka produce request (per partition), bounded by `max_batch_bytes` too: large
+/// requests cross a long link in one round trip each, and a broker pays its per-request cost
+/// (tansu: a transaction) once per request.
+pub const DEFAULT_KAFKA_MAX_BATCH: usize = 4096;
 /// Bytes per Kafka produce request (per partition), about (each record counted as its key,
 /// value and headers plus 32 bytes of framing): under the broker's `message.max.bytes`
 /// (1 MiB by default), which refuses a larger record batch whole. A single record above it
