@@ -284,6 +284,7 @@ fn uplink(url: &str, extra: &str) -> MqttConfig {
 /// A data directory with its queue and dead letters, and the records appended so far.
 struct Rig {
     dir: tempfile::TempDir,
+    opts: QueueOptions,
     queue: Queue,
     dead: DeadLetters,
     routes: Arc<Routes>,
@@ -304,6 +305,7 @@ impl Rig {
         let dead = DeadLetters::open(&opts).unwrap();
         Rig {
             dir,
+            opts,
             queue,
             dead,
             routes: Arc::new(Routes::new(routes)),
@@ -743,6 +745,17 @@ async fn refused_black_hole_and_reset_through_the_proxy_lose_nothing_and_keep_or
         dups.len()
     );
     assert!(f.reconnects() >= 2, "{:?}", log.history());
+    // The session is persistent: the broker resumed it, and what may have reached it before a
+    // failure went again marked DUP.
+    let broker = m.log();
+    assert!(
+        broker.contains("Sending CONNACK to testgw (1, 0)"),
+        "no resumed session:\n{broker}"
+    );
+    assert!(
+        broker.contains("Received PUBLISH from testgw (d1, q1"),
+        "nothing sent again with DUP:\n{broker}"
+    );
     eprintln!(
         "faults: {} duplicates, {resets} resets, states {:?}",
         dups.len(),
@@ -772,5 +785,88 @@ async fn a_refused_connect_names_the_connack_reason() {
         Ok(_) => panic!("connected"),
     };
     assert!(e.contains("refused the connection: CONNACK 0x8"), "{e}");
+    rig.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_uplink_moves_to_the_next_broker_and_shows_which_one_it_uses() {
+    let mut rig = Rig::devices();
+    let m = Mosquitto::start(rig.path(), "");
+    let sub = Sub::start(&m, rig.path(), &unique("sub"), "gw/#", true);
+    let first = FaultProxy::start(m.addr()).await.unwrap();
+    first.set_mode(Mode::Refuse);
+    let second = FaultProxy::start(m.addr()).await.unwrap();
+    let mut cfg = uplink("", "");
+    cfg.url = String::new();
+    cfg.urls = vec![
+        format!("mqtt://127.0.0.1:{}", first.port()),
+        format!("mqtt://127.0.0.1:{}", second.port()),
+    ];
+    let last = rig.append(30).await;
+    let f = rig.spawn(cfg);
+    rig.wait_cursor(last, Duration::from_secs(15), &f).await;
+    assert_eq!(
+        f.stats.node(),
+        format!("mqtt://127.0.0.1:{}", second.port())
+    );
+    assert!(first.refused() >= 1);
+    let got = rig.received(&sub, Duration::from_secs(10)).await;
+    assert!(check_delivery(&rig.expected, &got).is_empty());
+    f.stop().await;
+    rig.finish();
+}
+
+/// A forwarder aborted mid-window (as a crash would stop it), the queue closed and opened again,
+/// and a new forwarder on the same cursor: with QoS 2, the new connection resumes the broker's
+/// session and finishes the flows the old one left (PUBREL for what the broker had PUBRECed, DUP
+/// for the rest). Nothing is missing, order holds, duplicates stay within a window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarder_killed_mid_window_resumes_from_its_cursor_with_qos2() {
+    let mut rig = Rig::devices();
+    let m = Mosquitto::start(rig.path(), "");
+    let sub = Sub::start(&m, rig.path(), &unique("sub"), "gw/#", true);
+    rig.append(300).await;
+    let cfg = uplink(&m.url(), "qos = 2\n");
+    let window = cfg.window;
+    // A is paced so that it is still forwarding when the test kills it.
+    let mut a_cfg = cfg.clone();
+    a_cfg.max_rate = Some(200);
+    let a = rig.spawn(a_cfg);
+    eventually(
+        Duration::from_secs(10),
+        || a.confirmed() >= 100,
+        || format!("A confirmed only {}", a.confirmed()),
+    )
+    .await;
+    a.handle.abort();
+    let _ = a.handle.await;
+    let opts = rig.opts.clone();
+    tokio::task::block_in_place(|| {
+        rig.dead.close();
+        rig.queue.close();
+        let (queue, _) = Queue::open(opts.clone()).unwrap();
+        rig.queue = queue;
+        rig.dead = DeadLetters::open(&opts).unwrap();
+    });
+    let cursor = rig.cursor();
+    assert!(
+        cursor < rig.last(),
+        "A forwarded everything: the test proves nothing"
+    );
+    let last = rig.append(20).await;
+    let b = rig.spawn(cfg);
+    rig.wait_cursor(last, Duration::from_secs(30), &b).await;
+    let got = rig.received(&sub, Duration::from_secs(10)).await;
+    let dups = check_delivery(&rig.expected, &got);
+    assert!(
+        dups.iter().all(|&s| s > cursor),
+        "records at or before the persisted cursor {cursor} came again: {dups:?}"
+    );
+    assert!(dups.len() <= window, "{} duplicates: {dups:?}", dups.len());
+    eprintln!(
+        "killed mid-window: cursor {cursor}, {} duplicates",
+        dups.len()
+    );
+    b.stop().await;
     rig.finish();
 }
