@@ -140,7 +140,12 @@ impl MqttUplink {
             tx: answer_tx.clone(),
             failed: failed.clone(),
             protocol: cfg.protocol,
-            keepalive: cfg.keepalive,
+            // MQTT 5: a broker's Server Keep Alive replaces ours (0: no pings).
+            keepalive: match ack.server_keep_alive {
+                Some(0) => Duration::from_secs(10 * 365 * 24 * 3600),
+                Some(secs) => Duration::from_secs(u64::from(secs)),
+                None => cfg.keepalive,
+            },
             name: cfg.name.clone(),
         }));
         Ok(MqttUplink {

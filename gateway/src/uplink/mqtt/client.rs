@@ -75,6 +75,8 @@ pub struct ConnAck {
     pub receive_max: Option<u16>,
     pub max_packet: Option<u32>,
     pub max_qos: Option<u8>,
+    /// MQTT 5 Server Keep Alive: the keep alive the client must use instead of its own.
+    pub server_keep_alive: Option<u16>,
 }
 
 /// What the broker sends a publisher.
@@ -357,6 +359,7 @@ pub fn decode(
                     receive_max: None,
                     max_packet: None,
                     max_qos: None,
+                    server_keep_alive: None,
                 }),
                 m4::Packet::PubAck(a) => Incoming::PubAck {
                     pkid: a.pkid,
@@ -392,6 +395,7 @@ pub fn decode(
                         receive_max: props.as_ref().and_then(|p| p.receive_max),
                         max_packet: props.as_ref().and_then(|p| p.max_packet_size),
                         max_qos: props.as_ref().and_then(|p| p.max_qos),
+                        server_keep_alive: props.as_ref().and_then(|p| p.server_keep_alive),
                     })
                 }
                 m5::Packet::PubAck(a) => Incoming::PubAck {
@@ -821,6 +825,7 @@ mod tests {
             receive_max,
             max_packet: None,
             max_qos: None,
+            server_keep_alive: None,
         }
     }
 
