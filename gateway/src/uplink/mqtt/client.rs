@@ -56,6 +56,8 @@ pub struct Inflight {
     slots: BTreeMap<u16, Slot>,
     /// seq -> packet id of the slots.
     by_seq: BTreeMap<u64, u16>,
+    /// Records of the carried slots not sent again yet (so a publish looks only at them).
+    carried: BTreeSet<u64>,
     /// Records that may have reached the broker on an earlier connection whose session is
     /// gone: they go again with DUP set.
     maybe_sent: BTreeSet<u64>,
@@ -456,11 +458,15 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
                     inf.by_seq.remove(&s.seq);
                 }
             }
+            inf.carried.clear();
             for (&pkid, s) in inf.slots.iter_mut() {
-                s.carried = true;
                 if s.stage == Stage::Cleanup {
+                    s.carried = false;
                     encode_pubrel(version, pkid, out);
                     open += 1;
+                } else {
+                    s.carried = true;
+                    inf.carried.insert(s.seq);
                 }
             }
         } else {
@@ -473,6 +479,7 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
             }
             inf.slots.clear();
             inf.by_seq.clear();
+            inf.carried.clear();
         }
         let receive_max = match version {
             Version::V5 => usize::from(ack.receive_max.unwrap_or(u16::MAX).max(1)),
@@ -513,13 +520,15 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
     /// Carried slots of records before `seq` that were not sent again: the forwarder settled
     /// them otherwise. QoS 1: forgotten; QoS 2: released (PUBREL) so the id is free again.
     fn clean_up_before(&mut self, seq: u64, out: &mut BytesMut) {
-        let stale: Vec<(u64, u16)> = self
-            .inflight
-            .by_seq
-            .range(..seq)
-            .map(|(&s, &p)| (s, p))
-            .collect();
-        for (s, pkid) in stale {
+        if self.inflight.carried.first().is_none_or(|&c| c >= seq) {
+            return;
+        }
+        let stale: Vec<u64> = self.inflight.carried.range(..seq).copied().collect();
+        for s in stale {
+            self.inflight.carried.remove(&s);
+            let Some(&pkid) = self.inflight.by_seq.get(&s) else {
+                continue;
+            };
             let Some(slot) = self.inflight.slots.get(&pkid).copied() else {
                 continue;
             };
@@ -584,7 +593,9 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
             if let Some(slot) = self.inflight.slots.get_mut(&pkid) {
                 if slot.carried {
                     slot.carried = false;
-                    match slot.stage {
+                    let stage = slot.stage;
+                    self.inflight.carried.remove(&seq);
+                    match stage {
                         Stage::Released => {
                             self.write_or_queue(pkid, pubrel_bytes(self.version, pkid), out);
                             return Ok(None);
@@ -769,6 +780,7 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
         let s = self.inflight.slots.remove(&pkid)?;
         if self.inflight.by_seq.get(&s.seq) == Some(&pkid) {
             self.inflight.by_seq.remove(&s.seq);
+            self.inflight.carried.remove(&s.seq);
         }
         if s.stage == Stage::Queued {
             // Never written: drop its queued bytes too.
