@@ -35,7 +35,7 @@ pub struct HistoryPoint {
 #[derive(Debug, Clone)]
 pub struct UplinkView {
     pub name: String,
-    /// `amqp` or `kafka`.
+    /// `amqp`, `kafka` or `mqtt`.
     pub kind: &'static str,
     /// Where it sends, credentials masked.
     pub target: String,

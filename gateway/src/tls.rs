@@ -156,6 +156,54 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
 /// A rustls client config that trusts the system's CA store plus `ca_file` (PEM), if set: for
 /// uplinks with TLS. The error says what is wrong in words an operator can act on.
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    client_config_with_identity(ca_file, None)
+}
+
+/// A client certificate chain and its key, read for mutual TLS (an uplink's `cert_file` and
+/// `key_file`). The error names the key of the file that is wrong, and why.
+pub type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// Reads `cert_file` (PEM chain) and `key_file` (PEM key) and checks that they belong together.
+pub fn load_client_identity(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<ClientIdentity, (&'static str, String)> {
+    let chain: Vec<_> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            (
+                "cert_file",
+                format!("cannot read PEM certificates from it: {e}"),
+            )
+        })?;
+    if chain.is_empty() {
+        return Err((
+            "cert_file",
+            "holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+        (
+            "key_file",
+            format!("cannot read a PEM private key from it: {e}"),
+        )
+    })?;
+    // Checks that the key is usable and matches the certificate.
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("cert_file", format!("TLS setup: {e}")))?
+        .with_root_certificates(RootCertStore::empty())
+        .with_client_auth_cert(chain.clone(), key.clone_key())
+        .map_err(|e| ("key_file", format!("does not match cert_file: {e}")))?;
+    Ok((chain, key))
+}
+
+/// [`client_config`] that also presents a client certificate (mutual TLS) when `identity` is
+/// `Some((cert_file, key_file))`.
+pub fn client_config_with_identity(
+    ca_file: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     // A system store that cannot be read is not fatal when `ca_file` names the broker's CA.
     let native = rustls_native_certs::load_native_certs();
@@ -180,7 +228,16 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let (chain, key) = load_client_identity(cert_file, key_file)
+                .map_err(|(which, why)| format!("{which}: {why}"))?;
+            config
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("key_file: {e}"))?
+        }
+    };
     Ok(Arc::new(config))
 }

@@ -240,8 +240,8 @@ const CASES: &[Case] = &[
     ),
     case(
         "unknown uplink type",
-        ("type = \"amqp\"", "type = \"mqtt\""),
-        &["unknown variant `mqtt`", "amqp", "kafka"],
+        ("type = \"amqp\"", "type = \"nats\""),
+        &["unknown variant `nats`", "amqp", "kafka", "mqtt"],
     ),
     case(
         "uplink without type",

@@ -95,6 +95,7 @@ impl GatewayConfig {
 pub enum UplinkConfig {
     Amqp(AmqpConfig),
     Kafka(KafkaConfig),
+    Mqtt(MqttConfig),
 }
 
 impl UplinkConfig {
@@ -102,6 +103,7 @@ impl UplinkConfig {
         match self {
             UplinkConfig::Amqp(a) => &a.name,
             UplinkConfig::Kafka(k) => &k.name,
+            UplinkConfig::Mqtt(m) => &m.name,
         }
     }
 
@@ -110,6 +112,7 @@ impl UplinkConfig {
         match self {
             UplinkConfig::Amqp(a) => a.window,
             UplinkConfig::Kafka(k) => k.window,
+            UplinkConfig::Mqtt(m) => m.window,
         }
     }
 
@@ -118,24 +121,27 @@ impl UplinkConfig {
         match self {
             UplinkConfig::Amqp(a) => a.window_bytes,
             UplinkConfig::Kafka(k) => k.window_bytes,
+            UplinkConfig::Mqtt(m) => m.window_bytes,
         }
     }
 
     /// Records read from the queue at a time: a Kafka produce request's worth (`max_batch`);
-    /// for AMQP, a slice of the window.
+    /// for AMQP and MQTT, a slice of the window.
     pub fn batch(&self) -> usize {
         match self {
             UplinkConfig::Amqp(a) => a.window.clamp(1, 256),
             UplinkConfig::Kafka(k) => k.max_batch,
+            UplinkConfig::Mqtt(m) => m.window.clamp(1, 256),
         }
     }
 
-    /// The nodes the uplink may connect to, tried in turn (AMQP `urls` or `url`; a Kafka
-    /// client finds the cluster's brokers itself from `bootstrap`: one node).
+    /// The nodes the uplink may connect to, tried in turn (AMQP and MQTT `urls` or `url`; a
+    /// Kafka client finds the cluster's brokers itself from `bootstrap`: one node).
     pub fn nodes(&self) -> usize {
         match self {
             UplinkConfig::Amqp(a) => a.urls().len(),
             UplinkConfig::Kafka(_) => 1,
+            UplinkConfig::Mqtt(m) => m.urls().len(),
         }
     }
 
@@ -147,6 +153,10 @@ impl UplinkConfig {
                 .get(i)
                 .map_or_else(String::new, |u| crate::uplink::amqp::masked_url(u)),
             UplinkConfig::Kafka(k) => k.bootstrap.join(","),
+            UplinkConfig::Mqtt(m) => m
+                .urls()
+                .get(i)
+                .map_or_else(String::new, |u| crate::uplink::amqp::masked_url(u)),
         }
     }
 
@@ -154,6 +164,7 @@ impl UplinkConfig {
         match self {
             UplinkConfig::Amqp(a) => a.max_retries,
             UplinkConfig::Kafka(k) => k.max_retries,
+            UplinkConfig::Mqtt(m) => m.max_retries,
         }
     }
 
@@ -162,6 +173,7 @@ impl UplinkConfig {
         match self {
             UplinkConfig::Amqp(a) => (a.backoff_min, a.backoff_max),
             UplinkConfig::Kafka(k) => (k.backoff_min, k.backoff_max),
+            UplinkConfig::Mqtt(m) => (m.backoff_min, m.backoff_max),
         }
     }
 
@@ -169,6 +181,7 @@ impl UplinkConfig {
         match self {
             UplinkConfig::Amqp(a) => a.max_rate,
             UplinkConfig::Kafka(k) => k.max_rate,
+            UplinkConfig::Mqtt(m) => m.max_rate,
         }
     }
 
@@ -177,15 +190,17 @@ impl UplinkConfig {
         match self {
             UplinkConfig::Amqp(a) => a.confirm_timeout,
             UplinkConfig::Kafka(k) => k.confirm_timeout,
+            UplinkConfig::Mqtt(m) => m.confirm_timeout,
         }
     }
 
     /// How long the forwarder waits for more records when fewer than [`Self::batch`] are ready
-    /// (Kafka `linger`; zero for AMQP, whose confirm window already streams).
+    /// (Kafka `linger`; zero for AMQP and MQTT, whose windows already stream).
     pub fn linger(&self) -> Duration {
         match self {
             UplinkConfig::Amqp(_) => Duration::ZERO,
             UplinkConfig::Kafka(k) => k.linger,
+            UplinkConfig::Mqtt(_) => Duration::ZERO,
         }
     }
 }
@@ -388,6 +403,146 @@ pub struct KafkaConfig {
     pub max_rate: Option<u32>,
 }
 
+/// MQTT protocol version of an MQTT uplink (`protocol = "5"` or `"3.1.1"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum MqttProtocol {
+    /// MQTT 5: the record's identity and the device's user properties go as user properties.
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1: only the payload (no properties in that protocol).
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// MQTT keep alive of an uplink: a PINGREQ after this long without a packet sent, and the
+/// connection counts as lost when the broker answers nothing for as long again. 30 s finds a
+/// dead cellular link in under a minute at one small packet per 30 s on an idle uplink; cloud
+/// brokers accept it (AWS IoT Core: 30-1200 s).
+pub const DEFAULT_MQTT_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// An MQTT uplink (a cloud MQTT broker: AWS IoT Core, Azure Event Grid, HiveMQ, EMQX,
+/// Mosquitto). Its session is persistent, so a reconnect resumes it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Names the uplink and its queue cursor.
+    pub name: String,
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS). One broker; for failover use `urls`.
+    #[serde(default)]
+    pub url: String,
+    /// Brokers tried in turn: on a failure the forwarder moves to the next one. Instead of `url`.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// The MQTT client id of the gateway's session; the gateway id (`[gateway] id`) if not set.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// An environment variable holding the password (read at each connect, never logged).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// With `mqtts://`: a PEM file of CA certificates to trust besides the system's store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// With `mqtts://`: the gateway's client certificate (PEM chain) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// With `cert_file`: its private key (PEM).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Topic (template) each record is published to; `{topic}` keeps its `/`.
+    #[serde(default = "default_mqtt_topic")]
+    pub topic: String,
+    /// 1: a record is confirmed by its PUBACK; 2: by its PUBCOMP.
+    #[serde(default = "default_mqtt_qos")]
+    pub qos: u8,
+    #[serde(default = "default_mqtt_keepalive", deserialize_with = "de::duration")]
+    pub keepalive: Duration,
+    /// Records sent and not yet settled, at most; under MQTT 5 also at most the broker's
+    /// receive maximum (from its CONNACK).
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Bytes of records in flight, at most (see [`DEFAULT_WINDOW_BYTES`]).
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: usize,
+    /// No PUBACK (PUBCOMP) within this, or no CONNACK: stalled, reconnect and re-send.
+    #[serde(default = "default_confirm_timeout", deserialize_with = "de::duration")]
+    pub confirm_timeout: Duration,
+    /// Transient refusals of one record (quota exceeded) before it goes to the dead letters.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_backoff_min", deserialize_with = "de::duration")]
+    pub backoff_min: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "de::duration")]
+    pub backoff_max: Duration,
+    /// At most this many records per second to this uplink. Not set: no limit.
+    #[serde(default)]
+    pub max_rate: Option<u32>,
+}
+
+impl MqttConfig {
+    /// The configured brokers: `urls`, or `url` alone.
+    pub fn urls(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The client id: `client_id`, or the gateway id.
+    pub fn client_id<'a>(&'a self, gateway_id: &'a str) -> &'a str {
+        self.client_id.as_deref().unwrap_or(gateway_id)
+    }
+}
+
+/// `host` and `port` of an `mqtt://` or `mqtts://` url (default ports 1883 and 8883), and
+/// whether it is TLS; why not, otherwise.
+pub fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err("must start with mqtt:// or mqtts://".into());
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.contains('@') || hostport.contains('/') {
+        return Err(
+            "give only mqtt(s)://host:port (credentials go in username and password_env)".into(),
+        );
+    }
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            let port = p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| format!("port {p:?} is not a number from 1 to 65535"))?;
+            (h, port)
+        }
+        _ => (hostport, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    Ok((tls, host.to_string(), port))
+}
+
+fn default_mqtt_topic() -> String {
+    "{topic}".into()
+}
+fn default_mqtt_qos() -> u8 {
+    1
+}
+fn default_mqtt_keepalive() -> Duration {
+    DEFAULT_MQTT_KEEPALIVE
+}
+
 fn default_kafka_max_batch() -> usize {
     DEFAULT_KAFKA_MAX_BATCH
 }
@@ -526,6 +681,7 @@ pub(super) fn check(uplinks: &[UplinkConfig], routes: &[RouteConfig], problems: 
         match u {
             UplinkConfig::Amqp(a) => check_amqp(a, &key, problems),
             UplinkConfig::Kafka(k) => check_kafka(k, &key, problems),
+            UplinkConfig::Mqtt(m) => check_mqtt(m, &key, problems),
         }
     }
     for (i, r) in routes.iter().enumerate() {
@@ -822,6 +978,160 @@ pub(super) fn check_kafka_client(
     }
 }
 
+fn check_mqtt(m: &MqttConfig, key: &dyn Fn(&str) -> String, problems: &mut Vec<Problem>) {
+    match (m.url.is_empty(), m.urls.is_empty()) {
+        (true, true) => problems.push(Problem {
+            key: key("url"),
+            value: "(missing)".into(),
+            reason: "give the broker's url, mqtt://host:port or mqtts://host:port (or urls = [...] for failover)".into(),
+        }),
+        (false, false) => problems.push(Problem {
+            key: key("urls"),
+            value: quoted(&m.urls.join(",")),
+            reason: "give either url or urls, not both".into(),
+        }),
+        _ => {}
+    }
+    let single = m.urls.is_empty();
+    let mut any_tls = false;
+    for (j, u) in m.urls().iter().enumerate() {
+        if single && u.is_empty() {
+            continue;
+        }
+        match parse_mqtt_url(u) {
+            Ok((tls, _, _)) => any_tls |= tls,
+            Err(why) => problems.push(Problem {
+                key: if single {
+                    key("url")
+                } else {
+                    key(&format!("urls[{j}]"))
+                },
+                value: quoted(&crate::uplink::amqp::masked_url(u)),
+                reason: why,
+            }),
+        }
+    }
+    check_window(m.window, m.window_bytes, key, problems);
+    if let Some(id) = &m.client_id {
+        if id.is_empty() || id.len() > 65_535 || id.chars().any(char::is_control) {
+            problems.push(Problem {
+                key: key("client_id"),
+                value: quoted(id),
+                reason: "use printable characters (many brokers take at most 23); remove the key to use the gateway id".into(),
+            });
+        }
+    }
+    if let Some(var) = &m.password_env {
+        if var.is_empty() || var.contains('=') {
+            problems.push(Problem {
+                key: key("password_env"),
+                value: quoted(var),
+                reason: "not an environment variable name".into(),
+            });
+        } else if m.username.is_none() {
+            problems.push(Problem {
+                key: key("password_env"),
+                value: quoted(var),
+                reason: "MQTT sends a password only with a user name; set username too".into(),
+            });
+        }
+    }
+    match check_template(&m.topic) {
+        Err(why) => problems.push(Problem {
+            key: key("topic"),
+            value: quoted(&m.topic),
+            reason: why,
+        }),
+        Ok(()) => {
+            if m.topic.is_empty() || m.topic.contains(['+', '#', '\0']) {
+                problems.push(Problem {
+                    key: key("topic"),
+                    value: quoted(&m.topic),
+                    reason: "a topic to publish to: not empty, no wildcards + or #; use \"{topic}\" for the device's topic".into(),
+                });
+            }
+        }
+    }
+    if !(1..=2).contains(&m.qos) {
+        problems.push(Problem {
+            key: key("qos"),
+            value: m.qos.to_string(),
+            reason:
+                "must be 1 (confirmed by PUBACK) or 2 (confirmed by PUBCOMP); QoS 0 has no confirm"
+                    .into(),
+        });
+    }
+    if m.keepalive < Duration::from_secs(1) || m.keepalive > Duration::from_secs(65_535) {
+        problems.push(Problem {
+            key: key("keepalive"),
+            value: duration_value(m.keepalive),
+            reason: "must be between 1s and 65535s (MQTT keeps it in whole seconds)".into(),
+        });
+    }
+    if m.confirm_timeout.is_zero() {
+        problems.push(Problem {
+            key: key("confirm_timeout"),
+            value: duration_value(m.confirm_timeout),
+            reason: "must be above zero".into(),
+        });
+    }
+    let path = |p: &Path| quoted(&p.display().to_string());
+    for (k, file) in [
+        ("ca_file", &m.ca_file),
+        ("cert_file", &m.cert_file),
+        ("key_file", &m.key_file),
+    ] {
+        if let Some(f) = file {
+            if !any_tls {
+                problems.push(Problem {
+                    key: key(k),
+                    value: path(f),
+                    reason: format!("only used with an mqtts:// url; use mqtts:// or remove {k}"),
+                });
+            }
+        }
+    }
+    match (&m.cert_file, &m.key_file) {
+        (Some(c), None) => problems.push(Problem {
+            key: key("key_file"),
+            value: "(missing)".into(),
+            reason: format!(
+                "cert_file {} needs its private key in key_file",
+                c.display()
+            ),
+        }),
+        (None, Some(k)) => problems.push(Problem {
+            key: key("cert_file"),
+            value: "(missing)".into(),
+            reason: format!(
+                "key_file {} needs its certificate in cert_file",
+                k.display()
+            ),
+        }),
+        _ => {}
+    }
+    if any_tls {
+        if let Some(ca) = &m.ca_file {
+            if let Err(why) = load_ca_file(ca) {
+                problems.push(Problem {
+                    key: key("ca_file"),
+                    value: path(ca),
+                    reason: why,
+                });
+            }
+        }
+        if let (Some(c), Some(k)) = (&m.cert_file, &m.key_file) {
+            if let Err((which, why)) = crate::tls::load_client_identity(c, k) {
+                problems.push(Problem {
+                    key: key(which),
+                    value: path(if which == "cert_file" { c } else { k }),
+                    reason: why,
+                });
+            }
+        }
+    }
+}
+
 /// Reads a PEM file of CA certificates (an uplink's `ca_file`); says why not in words an
 /// operator can act on.
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -1101,6 +1411,110 @@ mod tests {
         assert!(p.contains("only used with an amqps:// url"), "{p}");
         assert!(p.contains("uplinks[1].ca_file"), "{p}");
         assert!(p.contains("holds no PEM certificate"), "{p}");
+    }
+
+    #[test]
+    fn mqtt_uplink_parses_with_defaults_and_failover_urls() {
+        let c = crate::config::Config::from_toml_str(
+            r#"
+            [gateway]
+            id = "site-7"
+            [[uplinks]]
+            name = "cloud"
+            type = "mqtt"
+            urls = ["mqtts://a.example:8883", "mqtt://b.example"]
+            "#,
+        )
+        .unwrap();
+        let UplinkConfig::Mqtt(m) = &c.uplinks[0] else {
+            panic!("{:?}", c.uplinks[0]);
+        };
+        assert_eq!(m.protocol, MqttProtocol::V5);
+        assert_eq!(m.qos, 1);
+        assert_eq!(m.topic, "{topic}");
+        assert_eq!(m.keepalive, DEFAULT_MQTT_KEEPALIVE);
+        assert_eq!(m.window, DEFAULT_WINDOW);
+        assert_eq!(m.client_id(&c.gateway.id), "site-7");
+        assert_eq!(c.uplinks[0].nodes(), 2);
+        assert_eq!(c.uplinks[0].batch(), 256);
+        assert_eq!(
+            parse_mqtt_url("mqtt://b.example").unwrap(),
+            (false, "b.example".to_string(), 1883)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtts://a.example:8884/").unwrap(),
+            (true, "a.example".to_string(), 8884)
+        );
+        let c = crate::config::Config::from_toml_str(
+            "[[uplinks]]\nname = \"m\"\ntype = \"mqtt\"\nurl = \"mqtt://h:1\"\nprotocol = \"3.1.1\"\nqos = 2\nclient_id = \"gw-1\"\nkeepalive = \"10s\"\n",
+        )
+        .unwrap();
+        let UplinkConfig::Mqtt(m) = &c.uplinks[0] else {
+            panic!()
+        };
+        assert_eq!(m.protocol, MqttProtocol::V311);
+        assert_eq!((m.qos, m.client_id("x")), (2, "gw-1"));
+        assert_eq!(m.keepalive, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn mqtt_uplink_problems_name_the_key_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "not a certificate").unwrap();
+        let p = problems(&format!(
+            r#"
+            [[uplinks]]
+            name = "m"
+            type = "mqtt"
+            url = "mqtt://user:secret@h:1883"
+            topic = "site/+/{{device}}"
+            qos = 0
+            keepalive = "0s"
+            password_env = "P"
+            ca_file = {f:?}
+            cert_file = {f:?}
+            [[uplinks]]
+            name = "n"
+            type = "mqtt"
+            urls = ["mqtts://h:1", "amqp://h:2"]
+            topic = "a/#"
+            key_file = {f:?}
+            [[uplinks]]
+            name = "o"
+            type = "mqtt"
+            url = "mqtts://h:1"
+            cert_file = {f:?}
+            key_file = {f:?}
+            "#,
+            f = cert.display().to_string()
+        ))
+        .join("\n");
+        for want in [
+            "uplinks[0].url",
+            "credentials go in username and password_env",
+            "uplinks[0].topic = \"site/+/{device}\": unknown placeholder",
+            "uplinks[0].qos = 0: must be 1",
+            "uplinks[0].keepalive",
+            "uplinks[0].password_env = \"P\": MQTT sends a password only with a user name",
+            "uplinks[0].ca_file",
+            "only used with an mqtts:// url",
+            "uplinks[0].key_file = (missing)",
+            "uplinks[1].urls[1]",
+            "must start with mqtt:// or mqtts://",
+            "uplinks[1].topic = \"a/#\"",
+            "uplinks[1].cert_file = (missing)",
+            "uplinks[2].cert_file",
+            "holds no PEM certificate",
+        ] {
+            assert!(p.contains(want), "{want} missing in:\n{p}");
+        }
+        assert!(!p.contains("secret"), "{p}");
+        let e = crate::config::Config::from_toml_str(
+            "[[uplinks]]\nname = \"m\"\ntype = \"mqtt\"\nurl = \"mqtt://h\"\nprotocol = \"4\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`3.1.1`"), "{e}");
     }
 
     #[test]

@@ -43,8 +43,8 @@ pub fn prepare(cfg: &UplinkConfig, routes: &Routes, r: Record) -> Prep {
 }
 
 /// Destination and key of `r` on the uplink `cfg`: AMQP exchange and routing key from their
-/// templates; Kafka topic from its template and the device id as key. Either way `{topic}` has
-/// `/` turned into `.`.
+/// templates; Kafka topic from its template and the device id as key; for both `{topic}` has
+/// `/` turned into `.`. MQTT topic from its template (`{topic}` as it is) and the device id.
 pub fn address(cfg: &UplinkConfig, r: &Record) -> (String, String) {
     match cfg {
         UplinkConfig::Amqp(a) => (
@@ -52,6 +52,7 @@ pub fn address(cfg: &UplinkConfig, r: &Record) -> (String, String) {
             expand(&a.routing_key, r, true),
         ),
         UplinkConfig::Kafka(k) => (expand(&k.topic, r, true), r.device_id.clone()),
+        UplinkConfig::Mqtt(m) => (expand(&m.topic, r, false), r.device_id.clone()),
     }
 }
 

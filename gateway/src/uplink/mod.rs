@@ -1,6 +1,6 @@
 //! Uplinks: the transports the forwarder sends records through, one module per protocol
-//! (`amqp`, `kafka`); [`Uplink`] dispatches on the configured kind, so one forwarder loop serves
-//! both. What a record becomes on an uplink (routes, templates, payload) is the forwarder's
+//! (`amqp`, `kafka`, `mqtt`); [`Uplink`] dispatches on the configured kind, so one forwarder
+//! loop serves them all. What a record becomes on an uplink (routes, templates, payload) is the forwarder's
 //! business (`forwarder::prepare`); an uplink takes [`Prepared`] messages.
 //!
 //! An uplink streams: [`Uplink::send`] starts sending a message and returns without waiting for
@@ -12,6 +12,7 @@
 pub mod amqp;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod mqtt;
 pub mod murmur2;
 
 use crate::config::UplinkConfig;
@@ -20,14 +21,16 @@ use crate::queue::Record;
 use amqp::AmqpUplink;
 #[cfg(feature = "kafka")]
 use kafka::KafkaUplink;
+use mqtt::MqttUplink;
 
-/// A connected uplink of either kind. An enum rather than a trait object: two kinds, async
+/// A connected uplink of any kind. An enum rather than a trait object: three kinds, async
 /// methods, and no boxed futures on the hot path.
 pub enum Uplink {
-    /// Boxed, both: their connections and queues are large, and the enum is moved around.
+    /// Boxed, all: their connections and queues are large, and the enum is moved around.
     Amqp(Box<AmqpUplink>),
     #[cfg(feature = "kafka")]
     Kafka(Box<KafkaUplink>),
+    Mqtt(Box<MqttUplink>),
 }
 
 impl Uplink {
@@ -45,6 +48,9 @@ impl Uplink {
             #[cfg(feature = "kafka")]
             UplinkConfig::Kafka(k) => {
                 Uplink::Kafka(Box::new(KafkaUplink::connect(k, gateway_id).await?))
+            }
+            UplinkConfig::Mqtt(m) => {
+                Uplink::Mqtt(Box::new(MqttUplink::connect(m, node, gateway_id).await?))
             }
             // Validation refuses such a config (see `config::uplink`); this is the backstop.
             #[cfg(not(feature = "kafka"))]
@@ -65,6 +71,7 @@ impl Uplink {
             Uplink::Amqp(u) => u.send(m).await,
             #[cfg(feature = "kafka")]
             Uplink::Kafka(u) => u.send(m).await,
+            Uplink::Mqtt(u) => u.send(m),
         }
     }
 
@@ -75,6 +82,7 @@ impl Uplink {
             Uplink::Amqp(u) => u.failed(),
             #[cfg(feature = "kafka")]
             Uplink::Kafka(u) => u.failed(),
+            Uplink::Mqtt(u) => u.failed(),
         }
     }
 
@@ -85,6 +93,7 @@ impl Uplink {
             Uplink::Amqp(u) => u.next().await,
             #[cfg(feature = "kafka")]
             Uplink::Kafka(u) => u.next().await,
+            Uplink::Mqtt(u) => u.next().await,
         }
     }
 
@@ -93,6 +102,7 @@ impl Uplink {
             Uplink::Amqp(u) => u.close().await,
             #[cfg(feature = "kafka")]
             Uplink::Kafka(u) => u.close().await,
+            Uplink::Mqtt(u) => u.close().await,
         }
     }
 }
@@ -115,6 +125,23 @@ pub fn describe(cfg: &UplinkConfig) -> (&'static str, String) {
         UplinkConfig::Kafka(k) => (
             "kafka",
             format!("{} topic {:?}", k.bootstrap.join(","), k.topic),
+        ),
+        UplinkConfig::Mqtt(m) => (
+            "mqtt",
+            format!(
+                "{} topic {:?} (MQTT {}, QoS {})",
+                m.urls()
+                    .iter()
+                    .map(|u| amqp::masked_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                m.topic,
+                match m.protocol {
+                    crate::config::MqttProtocol::V5 => "5",
+                    crate::config::MqttProtocol::V311 => "3.1.1",
+                },
+                m.qos
+            ),
         ),
     }
 }
@@ -156,9 +183,9 @@ impl UplinkError {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub record: Record,
-    /// Exchange (AMQP) or topic (Kafka), from the uplink's template.
+    /// Exchange (AMQP) or topic (Kafka, MQTT), from the uplink's template.
     pub destination: String,
-    /// Routing key (AMQP) from the uplink's template; the device id (Kafka).
+    /// Routing key (AMQP) from the uplink's template; the device id (Kafka, MQTT).
     pub key: String,
     pub payload: Vec<u8>,
     pub content_type: Option<String>,

@@ -16,9 +16,20 @@
 //! forwarder's scheme: order without an idempotent producer), partitions in parallel. `--all`
 //! runs both. `--repeat N` repeats each measurement and prints every figure.
 //!
+//! With `--mqtt`, towards a Mosquitto (`/usr/sbin/mosquitto`, the "cloud" broker) the bench
+//! starts on a free loopback port behind the shaper, three ways of draining the same backlog:
+//! (a) a Mosquitto bridge (a second, "edge" Mosquitto holding the backlog for its bridge
+//! connection, which comes up once the backlog is in; `max_inflight_messages` = the window),
+//! timed from its connection to the last message at a subscriber on the cloud broker; (b) a bare
+//! rumqttc MQTT 5 publisher with the same window (QoS 1, the uplink's user properties), timed to
+//! the last PUBACK; (c) the gateway's MQTT uplink draining the backlog from its queue, timed to
+//! its cursor. The cloud broker's `max_inflight_messages` (its MQTT 5 receive maximum) is the
+//! window too. `--bridge-protocol mqttv311` makes the bridge speak 3.1.1 (default mqttv50).
+//!
 //! ```text
 //! cargo run --release -p gateway-tests --bin uplink-bench -- [--rtt-ms 200] [--records 20000] [--window 256] [--payload 64] [--url amqp://...]
 //! cargo run --release -p gateway-tests --bin uplink-bench -- --kafka [--rtt-ms 200] [--records 20000] [--batch 256] [--devices 30]
+//! cargo run --release -p gateway-tests --bin uplink-bench -- --mqtt [--rtt-ms 200] [--records 5000] [--window 256]
 //! ```
 
 use std::collections::VecDeque;
@@ -26,7 +37,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use gateway::config::{AmqpConfig, KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
+use gateway::config::{
+    AmqpConfig, KafkaConfig, MqttConfig, PayloadMode, RouteConfig, UplinkConfig,
+};
 use gateway::forwarder::Routes;
 use gateway::forwarder::{self, DeadLetters};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
@@ -558,12 +571,271 @@ async fn amqp_bench(records: usize, payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A loopback port in 20000-32000 that is free when we look.
+fn free_port() -> Result<u16> {
+    for _ in 0..200 {
+        let port = 20_000 + std::process::id() as u16 % 97 * 100 + rand_u16() % 100;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 20000-32000")
+}
+
+fn rand_u16() -> u16 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (n / 1000 % 65_536) as u16
+}
+
+/// A Mosquitto of the bench's own, killed when dropped.
+struct Mosquitto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Mosquitto {
+    fn start(dir: &std::path::Path, name: &str, extra: &str) -> Result<Mosquitto> {
+        let port = free_port()?;
+        let conf = dir.join(format!("{name}.conf"));
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data)?;
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\npersistence true\npersistence_location {}/\nallow_anonymous true\n\
+                 max_queued_messages 10000000\nlistener {port} 127.0.0.1\n{extra}",
+                data.display()
+            ),
+        )?;
+        let child = std::process::Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+            .spawn()?;
+        let m = Mosquitto { child, port };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("mosquitto {name} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A subscriber on `port` (QoS 1) that exits after `n` messages.
+fn subscriber(port: u16, n: usize) -> Result<std::process::Child> {
+    Ok(std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-q", "1", "-t", "gw/#", "-C", &n.to_string(), "-F", "%U"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?)
+}
+
+/// Waits until the subscriber has its `n` messages.
+fn subscriber_done(child: std::process::Child, n: usize) -> Result<()> {
+    let out = child.wait_with_output()?;
+    let got = String::from_utf8_lossy(&out.stdout).lines().count();
+    if got < n {
+        bail!("the subscriber got {got} of {n}");
+    }
+    Ok(())
+}
+
+/// (a) A Mosquitto bridge draining a backlog of `records` from an edge Mosquitto to `cloud`
+/// through `proxy` (refusing until the backlog is in).
+async fn bridge(
+    dir: &std::path::Path,
+    cloud: &Mosquitto,
+    proxy: &FaultProxy,
+    records: usize,
+    window: usize,
+    payload: &[u8],
+) -> Result<f64> {
+    proxy.set_mode(fault_proxy::Mode::Refuse);
+    let edge = Mosquitto::start(
+        dir,
+        "edge",
+        &format!(
+            "max_inflight_messages {window}\n\
+             connection cloud\naddress {}\ntopic devices/# out 1 \"\" gw/\n\
+             cleansession false\nclientid edge-bridge-{}\nbridge_protocol_version {}\n\
+             restart_timeout 1\n",
+            proxy.addr(),
+            std::process::id(),
+            arg_str("--bridge-protocol").unwrap_or_else(|| "mqttv50".into())
+        ),
+    )?;
+    let sub = subscriber(cloud.port, records)?;
+    // The backlog, at QoS 1, into the edge broker.
+    let body = String::from_utf8_lossy(payload).replace('\n', " ");
+    let mut lines = String::new();
+    for _ in 0..records {
+        lines.push_str(&body);
+        lines.push('\n');
+    }
+    let mut p = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &edge.port.to_string()])
+        .args(["-q", "1", "-l", "-t", "devices/bench-0001/t"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = p.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        stdin.write_all(lines.as_bytes())?;
+    }
+    if !p.wait()?.success() {
+        bail!("mosquitto_pub into the edge broker failed");
+    }
+    let before = proxy.accepted();
+    proxy.set_mode(fault_proxy::Mode::Pass);
+    // The clock starts when the bridge's connection is made (the others' start at their
+    // CONNACK, a round trip later): its reconnect backoff is not what is measured.
+    let wait = Instant::now();
+    while proxy.accepted() == before {
+        if wait.elapsed() > Duration::from_secs(60) {
+            bail!("the bridge did not connect in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let start = Instant::now();
+    tokio::task::spawn_blocking(move || subscriber_done(sub, records)).await??;
+    let rate = records as f64 / start.elapsed().as_secs_f64();
+    drop(edge);
+    std::fs::remove_dir_all(dir.join("edge"))?;
+    Ok(rate)
+}
+
+/// (b) A bare rumqttc MQTT 5 publisher with `window` in flight; records/s to the last PUBACK.
+async fn bare_mqtt(
+    addr: std::net::SocketAddr,
+    records: usize,
+    window: usize,
+    payload: &[u8],
+) -> Result<f64> {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
+    let mut o = MqttOptions::new(
+        format!("bare-{}", std::process::id()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_outgoing_inflight_upper_limit(u16::try_from(window).unwrap_or(u16::MAX));
+    let (client, mut events) = AsyncClient::new(o, window * 2);
+    let payload = payload.to_vec();
+    let mut acked = 0usize;
+    let mut start = None;
+    let publisher = tokio::spawn(async move {
+        for i in 0..records {
+            let props = PublishProperties {
+                content_type: None,
+                user_properties: vec![
+                    ("message_id".into(), format!("bare-{i}")),
+                    ("gateway_seq".into(), i.to_string()),
+                    ("device_id".into(), "bench-0001".into()),
+                    ("mqtt_topic".into(), "devices/bench-0001/t".into()),
+                ],
+                ..PublishProperties::default()
+            };
+            if client
+                .publish_with_properties(
+                    "gw/devices/bench-0001/t",
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                    props,
+                )
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    while acked < records {
+        match events.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => start = Some(Instant::now()),
+            Ok(Event::Incoming(Incoming::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => bail!("bare publisher: {e}"),
+        }
+    }
+    let rate = records as f64 / start.map_or(1e-9, |s| s.elapsed().as_secs_f64());
+    publisher.abort();
+    Ok(rate)
+}
+
+/// The MQTT uplink of the bench, from the config's defaults, with `window`.
+fn mqtt_config(addr: std::net::SocketAddr, window: usize) -> Result<UplinkConfig> {
+    let mut c: MqttConfig = toml::from_str(&format!(
+        "name = \"bench\"\nurl = \"mqtt://{addr}\"\ntopic = \"gw/{{topic}}\"\n"
+    ))?;
+    c.window = window;
+    c.client_id = Some(format!("bench-gw-{}-{}", std::process::id(), rand_u16()));
+    c.confirm_timeout = Duration::from_secs(30);
+    Ok(UplinkConfig::Mqtt(c))
+}
+
+async fn mqtt_bench(records: usize, payload: &[u8]) -> Result<()> {
+    let window = arg("--window", 256);
+    let dir = tempfile::tempdir()?;
+    let cloud = Mosquitto::start(
+        dir.path(),
+        "cloud",
+        &format!("max_inflight_messages {window}\n"),
+    )?;
+    let cloud_addr: std::net::SocketAddr = format!("127.0.0.1:{}", cloud.port).parse()?;
+    let proxy = FaultProxy::start_shaped(cloud_addr, link()).await?;
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    let mut c = Vec::new();
+    for _ in 0..arg("--repeat", 1).max(1) {
+        a.push(bridge(dir.path(), &cloud, &proxy, records, window, payload).await?);
+        b.push(bare_mqtt(proxy.addr(), records, window, payload).await?);
+        c.push(gateway_drain(records, 1, payload, mqtt_config(proxy.addr(), window)?).await?);
+    }
+    let l = link();
+    println!(
+        "MQTT to Mosquitto 2.0.11: {records} messages, QoS 1, {}-byte payload, window {window}; \
+         link: rtt {} ms",
+        payload.len(),
+        (l.up_delay + l.down_delay).as_millis()
+    );
+    println!("(a) Mosquitto bridge:               {} msg/s", figures(&a));
+    println!("(b) bare MQTT 5 publisher:          {} msg/s", figures(&b));
+    println!("(c) gateway MQTT uplink:            {} msg/s", figures(&c));
+    println!(
+        "ratios: uplink / bridge {:.2}, uplink / bare {:.2}",
+        mean(&c) / mean(&a),
+        mean(&c) / mean(&b)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let records = arg("--records", 20_000);
     let payload = vec![0x5a_u8; arg("--payload", 64)];
     if flag("--kafka") {
         return kafka_bench(records, &payload).await;
+    }
+    if flag("--mqtt") {
+        return mqtt_bench(records, &payload).await;
     }
     amqp_bench(records, &payload).await?;
     if flag("--all") {
