@@ -490,7 +490,9 @@ mod tests {
 
     #[test]
     fn a_request_takes_records_up_to_the_count_and_the_bytes_and_one_at_least() {
-        let sizes = |v: &[usize]| v.to_vec().into_iter();
+        fn sizes(v: &[usize]) -> impl Iterator<Item = usize> + '_ {
+            v.iter().copied()
+        }
         assert_eq!(batch_len(sizes(&[100; 10]), 4, 1000), 4, "the count binds");
         assert_eq!(batch_len(sizes(&[300; 10]), 8, 1000), 3, "the bytes bind");
         assert_eq!(

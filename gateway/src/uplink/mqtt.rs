@@ -13,10 +13,12 @@
 //!   so a reconnect resumes it: the packet-id state of the flows in flight outlives the
 //!   connection (kept per uplink, broker and client id), and when the forwarder sends from its
 //!   cursor again, a publish that may have reached the broker goes with DUP and its old packet
-//!   id, one the broker acknowledged with PUBREC goes on with PUBREL. With `qos = 2` the first
-//!   connection of a run starts a clean session: the broker may hold packet ids of the previous
-//!   run that this one does not know (and would take a new record under one for a duplicate).
-//! - Under MQTT 5 at most the broker's receive maximum (CONNACK) flows are open at once; the
+//!   id, one the broker acknowledged with PUBREC goes on with PUBREL. The first connection of a
+//!   run starts a clean session: the broker may hold packet ids of the previous run that this
+//!   one does not know (and would take a new QoS 2 record under one for a duplicate); the
+//!   forwarder re-sends from its cursor anyway.
+//! - At most `max_inflight` flows are open at once (default: no bound but the window, 20 for
+//!   3.1.1 with QoS 2), and under MQTT 5 at most the broker's receive maximum (CONNACK); the
 //!   window's other records wait in order. Records go with `message_id`, `gateway_seq`,
 //!   `device_id` and `mqtt_topic` user properties after the device's own; content type and
 //!   payload format indicator pass through. MQTT 3.1.1 carries only the payload.
@@ -123,7 +125,8 @@ impl MqttUplink {
         };
         tracing::debug!(uplink = %cfg.name, session_present = ack.session_present, receive_max = ?ack.receive_max, "MQTT uplink connected");
         let mut out = BytesMut::new();
-        let client = Client::new(guard, cfg.protocol, cfg.qos, &ack, &mut out);
+        let mut client = Client::new(guard, cfg.protocol, cfg.qos, &ack, &mut out);
+        client.limit_in_flight(cfg.max_inflight());
         let shared = Arc::new(Mutex::new(Shared {
             client,
             out,
@@ -279,8 +282,9 @@ async fn handshake(
             protocol: cfg.protocol,
             client_id,
             keep_alive_secs,
-            // QoS 2: a run's first connection forgets packet ids of an earlier run (see above).
-            clean: cfg.qos == 2 && !guard.started,
+            // A run's first connection forgets the session of an earlier run (see above): its
+            // packet ids are unknown to this run, and the forwarder re-sends from its cursor.
+            clean: !guard.started,
             username: cfg.username.as_deref(),
             password: password.as_deref(),
             session_expiry_secs: SESSION_EXPIRY_SECS,

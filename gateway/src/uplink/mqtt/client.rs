@@ -496,6 +496,12 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
         }
     }
 
+    /// Lowers the flows open at once to `max` (`max_inflight`); the broker's receive maximum
+    /// still bounds them under MQTT 5.
+    pub fn limit_in_flight(&mut self, max: usize) {
+        self.receive_max = self.receive_max.min(max.max(1));
+    }
+
     /// Flows the broker takes at once (its receive maximum under MQTT 5).
     pub fn receive_max(&self) -> usize {
         self.receive_max
@@ -649,6 +655,15 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
         pkid: u16,
         dup: bool,
     ) -> Result<BytesMut, Outcome> {
+        // A template may expand to no topic, or to one with a wildcard (a device id with '+'):
+        // a broker would close the connection on it, and the record would go again after every
+        // reconnect. It is refused here instead.
+        if let Err(e) = crate::topic::check_name(&m.destination, usize::from(u16::MAX)) {
+            return Err(Outcome::Returned {
+                code: 0x90,
+                text: format!("MQTT 0x90 topic name invalid: {:?}: {e}", m.destination),
+            });
+        }
         let r = &m.record;
         let mut props: Vec<(String, String)> = Vec::new();
         if self.version == Version::V5 {
@@ -857,6 +872,37 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_record_whose_topic_is_empty_or_has_a_wildcard_is_refused_without_being_sent() {
+        let mut inf = Inflight::default();
+        let mut out = BytesMut::new();
+        let mut c = Client::new(&mut inf, MqttProtocol::V5, 1, &ack(false, None), &mut out);
+        for bad in ["", "devices/a+b/t", "site/#"] {
+            let mut m = prepared(3);
+            m.destination = bad.to_string();
+            match c.publish("gw", &m, &mut out).unwrap() {
+                Some(Outcome::Returned { code: 0x90, text }) => {
+                    assert!(text.contains("topic name invalid"), "{text}")
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert!(out.is_empty(), "nothing written");
+        assert_eq!(c.open(), 0);
+    }
+
+    #[test]
+    fn max_inflight_lowers_the_flows_open_at_once() {
+        let mut inf = Inflight::default();
+        let mut out = BytesMut::new();
+        let mut c = Client::new(&mut inf, MqttProtocol::V311, 2, &ack(false, None), &mut out);
+        c.limit_in_flight(2);
+        for seq in 1..=4 {
+            assert_eq!(c.publish("gw", &prepared(seq), &mut out).unwrap(), None);
+        }
+        assert_eq!(c.open(), 2, "two flows open, the others wait");
     }
 
     #[test]
