@@ -48,8 +48,8 @@ const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 /// The largest packet the gateway takes from the broker: a publisher receives only acks.
 const MAX_INCOMING_PACKET: usize = 64 << 10;
 
-/// The packet-id state of each uplink session (uplink name, broker url, client id), kept across
-/// its connections. A connection holds its session's lock for its whole life, so the next one
+/// The packet-id state of each uplink session (uplink name, client id), kept across its
+/// connections (a connection to another node than the last starts a clean session). A connection holds its session's lock for its whole life, so the next one
 /// starts only once the previous one is gone (dropped or aborted).
 static SESSIONS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Inflight>>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
@@ -265,7 +265,7 @@ async fn handshake(
         Box::new(tcp)
     };
     let client_id = cfg.client_id(gateway_id);
-    let guard = session(format!("{}\n{url}\n{client_id}", cfg.name))
+    let mut guard = session(format!("{}\n{client_id}", cfg.name))
         .lock_owned()
         .await;
     let password = match &cfg.password_env {
@@ -284,7 +284,8 @@ async fn handshake(
             keep_alive_secs,
             // A run's first connection forgets the session of an earlier run (see above): its
             // packet ids are unknown to this run, and the forwarder re-sends from its cursor.
-            clean: !guard.started,
+            // So does a connection to another node than the last one.
+            clean: !guard.started || guard.node.as_deref() != Some(url),
             username: cfg.username.as_deref(),
             password: password.as_deref(),
             session_expiry_secs: SESSION_EXPIRY_SECS,
@@ -328,6 +329,7 @@ async fn handshake(
             ));
         }
     }
+    guard.node = Some(url.to_string());
     Ok((io, inbuf, guard, ack))
 }
 

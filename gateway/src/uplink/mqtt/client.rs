@@ -65,6 +65,10 @@ pub struct Inflight {
     /// A connection of this process was accepted: the broker's session state is ours. Before,
     /// it may hold QoS 2 packet ids of a previous run that we do not know.
     pub started: bool,
+    /// The broker url of the last accepted connection. Another node starts a clean session:
+    /// nodes of a cluster may share sessions, and this state knows only what went through the
+    /// connections it saw.
+    pub node: Option<String>,
 }
 
 /// The CONNACK, whichever version.
@@ -188,8 +192,8 @@ fn refusal(code: u8, reason: Option<&str>) -> Outcome {
     }
 }
 
-/// How the gateway connects: what goes in CONNECT.
-#[derive(Debug, Clone)]
+/// How the gateway connects: what goes in CONNECT. Its `Debug` leaves the password out.
+#[derive(Clone)]
 pub struct ConnectOptions<'a> {
     pub protocol: MqttProtocol,
     pub client_id: &'a str,
@@ -200,6 +204,20 @@ pub struct ConnectOptions<'a> {
     pub password: Option<&'a str>,
     /// MQTT 5: how long the broker keeps the session after a disconnect.
     pub session_expiry_secs: u32,
+}
+
+impl std::fmt::Debug for ConnectOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("protocol", &self.protocol)
+            .field("client_id", &self.client_id)
+            .field("keep_alive_secs", &self.keep_alive_secs)
+            .field("clean", &self.clean)
+            .field("username", &self.username)
+            .field("password", &self.password.map(|_| "***"))
+            .field("session_expiry_secs", &self.session_expiry_secs)
+            .finish()
+    }
 }
 
 /// Appends the CONNECT of `o` to `out`.
