@@ -107,6 +107,16 @@ pub enum Incoming {
         code: u8,
         reason: Option<String>,
     },
+    /// A PUBLISH from the broker (the session has a subscription someone else made under this
+    /// client id): acknowledged and dropped.
+    Publish {
+        qos: u8,
+        pkid: u16,
+    },
+    /// The PUBREL of a QoS 2 PUBLISH from the broker.
+    PubRel {
+        pkid: u16,
+    },
     /// A packet a publisher does not expect (its type).
     Unexpected(&'static str),
 }
@@ -280,6 +290,29 @@ pub fn encode_pingreq(protocol: MqttProtocol, out: &mut BytesMut) {
     }
 }
 
+/// The seq of a slot that carries no record (the cleanup of a flow this state did not know).
+const NO_RECORD: u64 = u64::MAX;
+
+/// Acks of a PUBLISH the broker sent: PUBACK, PUBREC, PUBCOMP.
+#[derive(Debug, Clone, Copy)]
+enum AckKind {
+    Ack,
+    Rec,
+    Comp,
+}
+
+fn encode_ack(version: Version, kind: AckKind, pkid: u16, out: &mut BytesMut) {
+    // Fixed-size packets: writing them into a BytesMut cannot fail.
+    let _ = match (version, kind) {
+        (Version::V311, AckKind::Ack) => m4::PubAck::new(pkid).write(out).is_ok(),
+        (Version::V311, AckKind::Rec) => m4::PubRec::new(pkid).write(out).is_ok(),
+        (Version::V311, AckKind::Comp) => m4::PubComp::new(pkid).write(out).is_ok(),
+        (Version::V5, AckKind::Ack) => m5::PubAck::new(pkid, None).write(out).is_ok(),
+        (Version::V5, AckKind::Rec) => m5::PubRec::new(pkid, None).write(out).is_ok(),
+        (Version::V5, AckKind::Comp) => m5::PubComp::new(pkid, None).write(out).is_ok(),
+    };
+}
+
 fn encode_pubrel(version: Version, pkid: u16, out: &mut BytesMut) {
     match version {
         Version::V311 => {
@@ -397,8 +430,11 @@ pub fn decode(
                     code: 0,
                     reason: None,
                 },
-                m4::Packet::Publish(_) => Incoming::Unexpected("PUBLISH"),
-                m4::Packet::PubRel(_) => Incoming::Unexpected("PUBREL"),
+                m4::Packet::Publish(p) => Incoming::Publish {
+                    qos: p.qos as u8,
+                    pkid: p.pkid,
+                },
+                m4::Packet::PubRel(r) => Incoming::PubRel { pkid: r.pkid },
                 _ => Incoming::Unexpected("a packet only clients send"),
             })),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
@@ -434,8 +470,11 @@ pub fn decode(
                     code: d.reason_code as u8,
                     reason: d.properties.and_then(|p| p.reason_string),
                 },
-                m5::Packet::Publish(_) => Incoming::Unexpected("PUBLISH"),
-                m5::Packet::PubRel(_) => Incoming::Unexpected("PUBREL"),
+                m5::Packet::Publish(p) => Incoming::Publish {
+                    qos: p.qos as u8,
+                    pkid: p.pkid,
+                },
+                m5::Packet::PubRel(r) => Incoming::PubRel { pkid: r.pkid },
                 m5::Packet::Auth(_) => Incoming::Unexpected("AUTH"),
                 _ => Incoming::Unexpected("a packet only clients send"),
             })),
@@ -491,7 +530,7 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
             // The broker has no session: nothing it held is left; what was written may have
             // been delivered, so it goes again marked DUP.
             for s in inf.slots.values() {
-                if s.stage != Stage::Queued {
+                if s.stage != Stage::Queued && s.seq != NO_RECORD {
                     inf.maybe_sent.insert(s.seq);
                 }
             }
@@ -778,8 +817,21 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
                         }
                         encode_pubrel(self.version, pkid, out);
                     }
-                    // Not ours (any more): release it so the broker forgets it too.
-                    None if code < 0x80 => encode_pubrel(self.version, pkid, out),
+                    // Not ours (any more): release it so the broker forgets it too, and keep the id
+                    // until its PUBCOMP, so that no record takes it meanwhile (that PUBCOMP would
+                    // confirm the record before its own flow).
+                    None if code < 0x80 => {
+                        self.inflight.slots.insert(
+                            pkid,
+                            Slot {
+                                seq: NO_RECORD,
+                                stage: Stage::Cleanup,
+                                carried: false,
+                            },
+                        );
+                        self.open += 1;
+                        encode_pubrel(self.version, pkid, out);
+                    }
                     None => {}
                 }
             }
@@ -791,6 +843,18 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
                 }
             }
             Incoming::PingResp => {}
+            Incoming::Publish { qos, pkid } => {
+                // Nothing subscribes on this connection; a persistent session may hold a
+                // subscription made under the same client id. Acknowledged (so the broker does
+                // not send it again at each reconnect) and dropped.
+                tracing::warn!(qos, "the broker sent a PUBLISH to the MQTT uplink's session (another client subscribed under its client id?): acknowledged and dropped");
+                match qos {
+                    0 => {}
+                    1 => encode_ack(self.version, AckKind::Ack, pkid, out),
+                    _ => encode_ack(self.version, AckKind::Rec, pkid, out),
+                }
+            }
+            Incoming::PubRel { pkid } => encode_ack(self.version, AckKind::Comp, pkid, out),
             Incoming::Disconnect { code, reason } => {
                 return Err(format!(
                     "the broker disconnected: {}",
@@ -815,10 +879,13 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
             self.inflight.by_seq.remove(&s.seq);
             self.inflight.carried.remove(&s.seq);
         }
-        if s.stage == Stage::Queued {
-            // Never written: drop its queued bytes too.
+        // Bytes not yet written (a first send, or a resend waiting for room) are dropped, so they
+        // never go under an id that a later record may take; only a flow written on this
+        // connection held a place among the open ones (a carried flow not sent again did not).
+        let waiting = self.queued.iter().any(|(p, _)| *p == pkid);
+        if waiting {
             self.queued.retain(|(p, _)| *p != pkid);
-        } else {
+        } else if s.stage != Stage::Queued && !s.carried {
             self.open = self.open.saturating_sub(1);
         }
         Some(s)
@@ -1077,6 +1144,94 @@ mod tests {
         assert_eq!(publish_ids(&ps[1..]), vec![(2, true), (3, true)]);
         let a = c.handle(Incoming::PubComp { pkid: 1 }, &mut out).unwrap();
         assert_eq!(a, vec![(1, Outcome::Confirmed)]);
+    }
+
+    #[test]
+    fn a_pubrec_for_an_unknown_id_is_released_and_its_id_kept_until_the_pubcomp() {
+        let mut inf = Inflight::default();
+        let mut out = BytesMut::new();
+        let mut c = Client::new(&mut inf, MqttProtocol::V5, 2, &ack(false, None), &mut out);
+        let rec = Incoming::PubRec {
+            pkid: 1,
+            code: 0,
+            reason: None,
+        };
+        assert!(c.handle(rec, &mut out).unwrap().is_empty());
+        assert!(matches!(&written(&mut out)[..], [m5::Packet::PubRel(r)] if r.pkid == 1));
+        c.publish("gw", &prepared(9), &mut out).unwrap();
+        let ids = publish_ids(&written(&mut out));
+        assert_eq!(ids.len(), 1);
+        assert_ne!(ids[0].0, 1, "the released id is not taken meanwhile");
+        // Its PUBCOMP confirms nothing of ours.
+        let a = c.handle(Incoming::PubComp { pkid: 1 }, &mut out).unwrap();
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(c.open(), 1, "the record's flow alone is open");
+    }
+
+    #[test]
+    fn an_early_ack_of_a_resend_waiting_for_room_drops_the_resend() {
+        let mut inf = Inflight::default();
+        let mut out = BytesMut::new();
+        let ids = {
+            let mut c = Client::new(&mut inf, MqttProtocol::V5, 1, &ack(false, None), &mut out);
+            for seq in 1..=3 {
+                c.publish("gw", &prepared(seq), &mut out).unwrap();
+            }
+            publish_ids(&written(&mut out))
+        };
+        // Resumed with room for one flow: 1 goes again, 2 and 3 wait.
+        let mut c = Client::new(&mut inf, MqttProtocol::V5, 1, &ack(true, Some(1)), &mut out);
+        for seq in 1..=3 {
+            c.publish("gw", &prepared(seq), &mut out).unwrap();
+        }
+        assert_eq!(publish_ids(&written(&mut out)), vec![(ids[0].0, true)]);
+        // The broker acks 2's first send before its resend went out.
+        let a = c
+            .handle(
+                Incoming::PubAck {
+                    pkid: ids[1].0,
+                    code: 0,
+                    reason: None,
+                },
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(a, vec![(2, Outcome::Confirmed)]);
+        assert_eq!(c.open(), 1, "2's resend never held a place");
+        // 1's ack frees the place: 3 goes, 2 does not go again.
+        let ack1 = Incoming::PubAck {
+            pkid: ids[0].0,
+            code: 0,
+            reason: None,
+        };
+        assert_eq!(
+            c.handle(ack1, &mut out).unwrap(),
+            vec![(1, Outcome::Confirmed)]
+        );
+        assert_eq!(publish_ids(&written(&mut out)), vec![(ids[2].0, true)]);
+        assert_eq!(c.open(), 1);
+    }
+
+    #[test]
+    fn a_publish_from_the_broker_is_acknowledged_and_dropped() {
+        let mut inf = Inflight::default();
+        let mut out = BytesMut::new();
+        let mut c = Client::new(&mut inf, MqttProtocol::V5, 1, &ack(false, None), &mut out);
+        for (p, want) in [
+            (Incoming::Publish { qos: 1, pkid: 5 }, "PubAck"),
+            (Incoming::Publish { qos: 2, pkid: 6 }, "PubRec"),
+            (Incoming::PubRel { pkid: 6 }, "PubComp"),
+        ] {
+            assert!(c.handle(p, &mut out).unwrap().is_empty());
+            let ps = written(&mut out);
+            assert_eq!(ps.len(), 1);
+            assert!(format!("{:?}", ps[0]).starts_with(want), "{ps:?}");
+        }
+        assert!(c
+            .handle(Incoming::Publish { qos: 0, pkid: 0 }, &mut out)
+            .unwrap()
+            .is_empty());
+        assert!(out.is_empty());
     }
 
     #[test]
