@@ -671,8 +671,20 @@ impl<P: DerefMut<Target = Inflight>> Client<P> {
                                     None
                                 }
                                 Err(o) => {
-                                    self.inflight.slots.remove(&pkid);
                                     self.inflight.by_seq.remove(&seq);
+                                    if self.qos == 2 && stage == Stage::Published {
+                                        // The broker may hold this QoS 2 id: release it (and
+                                        // keep it until the PUBCOMP), or a later record under
+                                        // it would be taken for a duplicate.
+                                        if let Some(s) = self.inflight.slots.get_mut(&pkid) {
+                                            s.stage = Stage::Cleanup;
+                                            s.seq = NO_RECORD;
+                                        }
+                                        let b = pubrel_bytes(self.version, pkid);
+                                        self.write_or_queue(pkid, b, out);
+                                    } else {
+                                        self.inflight.slots.remove(&pkid);
+                                    }
                                     Some(o)
                                 }
                             });
@@ -1210,6 +1222,34 @@ mod tests {
         );
         assert_eq!(publish_ids(&written(&mut out)), vec![(ids[2].0, true)]);
         assert_eq!(c.open(), 1);
+    }
+
+    #[test]
+    fn a_carried_qos2_flow_that_no_longer_fits_is_released_not_forgotten() {
+        let mut inf = Inflight::default();
+        let mut out = BytesMut::new();
+        let id = {
+            let mut c = Client::new(&mut inf, MqttProtocol::V5, 2, &ack(false, None), &mut out);
+            c.publish("gw", &prepared(1), &mut out).unwrap();
+            publish_ids(&written(&mut out))[0].0
+        };
+        // Resumed, but the broker now takes packets of 20 bytes at most.
+        let small = ConnAck {
+            max_packet: Some(20),
+            ..ack(true, None)
+        };
+        let mut c = Client::new(&mut inf, MqttProtocol::V5, 2, &small, &mut out);
+        match c.publish("gw", &prepared(1), &mut out).unwrap() {
+            Some(Outcome::Returned { code: 0x95, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(&written(&mut out)[..], [m5::Packet::PubRel(r)] if r.pkid == id),
+            "the id the broker may hold is released"
+        );
+        let a = c.handle(Incoming::PubComp { pkid: id }, &mut out).unwrap();
+        assert!(a.is_empty(), "its PUBCOMP answers no record: {a:?}");
+        assert_eq!(c.open(), 0);
     }
 
     #[test]
