@@ -22,7 +22,7 @@ use fault_proxy::{FaultProxy, Link, Mode};
 use forwarder_rig::{check_delivery, eventually, unique, Forwarder, StateLog};
 use gateway::config::{AmqpConfig, PayloadMode, RouteConfig, UplinkConfig};
 use gateway::forwarder::Routes;
-use gateway::forwarder::{self, DeadLetters, UplinkState};
+use gateway::forwarder::{DeadLetters, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions, Record};
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -31,7 +31,6 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const BROKER: &str = "127.0.0.1:5672";
 const DIRECT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -179,50 +178,21 @@ impl Rig {
     }
 
     fn spawn(&self, cfg: AmqpConfig) -> Forwarder {
-        let stop = CancellationToken::new();
-        let (stats, handle) = forwarder::spawn(
+        forwarder_rig::spawn(
             UplinkConfig::Amqp(cfg),
-            "faultgw".into(),
-            self.queue.clone(),
-            self.routes.clone(),
-            self.dead.clone(),
-            stop.clone(),
-        );
-        Forwarder {
-            stats,
-            handle,
-            stop,
-        }
-    }
-
-    /// The uplink cursor's confirmed position (0 before the forwarder made it).
-    fn cursor(&self) -> u64 {
-        self.queue
-            .stats()
-            .cursors
-            .iter()
-            .find(|c| c.name == UPLINK)
-            .map_or(0, |c| c.acked)
-    }
-
-    /// Waits until the uplink's cursor reaches `seq`.
-    async fn wait_cursor(&self, seq: u64, timeout: Duration, f: &Forwarder) {
-        eventually(
-            timeout,
-            || self.cursor() >= seq,
-            || {
-                format!(
-                    "cursor at {} of {seq}; state {:?}, sent {}, confirmed {}, nacked {}, reconnects {}",
-                    self.cursor(),
-                    f.stats.state(),
-                    f.sent(),
-                    f.confirmed(),
-                    f.nacked(),
-                    f.reconnects()
-                )
-            },
+            "faultgw",
+            &self.queue,
+            &self.routes,
+            &self.dead,
         )
-        .await;
+    }
+
+    fn cursor(&self) -> u64 {
+        forwarder_rig::cursor(&self.queue, UPLINK)
+    }
+
+    async fn wait_cursor(&self, seq: u64, timeout: Duration, f: &Forwarder) {
+        forwarder_rig::wait_cursor(&self.queue, UPLINK, seq, timeout, f).await;
     }
 
     /// Takes every message now in the queue: (device_id, gateway_seq) in arrival order. Call it

@@ -27,11 +27,10 @@ use fault_proxy::{FaultProxy, Mode};
 use forwarder_rig::{check_delivery, eventually, unique, Forwarder, StateLog};
 use gateway::config::{KafkaConfig, PayloadMode, RouteConfig, UplinkConfig};
 use gateway::forwarder::Routes;
-use gateway::forwarder::{self, DeadLetters, UplinkState};
+use gateway::forwarder::{DeadLetters, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
 use tansu::Tansu;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// The uplink's name, hence its cursor's.
 const UPLINK: &str = "kafka";
@@ -141,47 +140,21 @@ impl Rig {
     }
 
     fn spawn(&self, cfg: KafkaConfig) -> Forwarder {
-        let stop = CancellationToken::new();
-        let (stats, handle) = forwarder::spawn(
+        forwarder_rig::spawn(
             UplinkConfig::Kafka(cfg),
-            "kfaultgw".into(),
-            self.queue.clone(),
-            self.routes.clone(),
-            self.dead.clone(),
-            stop.clone(),
-        );
-        Forwarder {
-            stats,
-            handle,
-            stop,
-        }
+            "kfaultgw",
+            &self.queue,
+            &self.routes,
+            &self.dead,
+        )
     }
 
     fn cursor(&self) -> u64 {
-        self.queue
-            .stats()
-            .cursors
-            .iter()
-            .find(|c| c.name == UPLINK)
-            .map_or(0, |c| c.acked)
+        forwarder_rig::cursor(&self.queue, UPLINK)
     }
 
     async fn wait_cursor(&self, seq: u64, timeout: Duration, f: &Forwarder) {
-        eventually(
-            timeout,
-            || self.cursor() >= seq,
-            || {
-                format!(
-                    "cursor at {} of {seq}; state {:?}, sent {}, confirmed {}, reconnects {}",
-                    self.cursor(),
-                    f.stats.state(),
-                    f.sent(),
-                    f.confirmed(),
-                    f.reconnects()
-                )
-            },
-        )
-        .await;
+        forwarder_rig::wait_cursor(&self.queue, UPLINK, seq, timeout, f).await;
     }
 
     /// Every record in the topic as (device_id, gateway_seq), per partition in offset order

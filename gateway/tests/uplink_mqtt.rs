@@ -19,11 +19,10 @@ use std::time::Duration;
 use fault_proxy::{FaultProxy, Mode};
 use forwarder_rig::{check_delivery, eventually, unique, Forwarder, StateLog};
 use gateway::config::{MqttConfig, PayloadMode, RouteConfig, UplinkConfig};
-use gateway::forwarder::{self, DeadLetters, Routes, UplinkState};
+use gateway::forwarder::{DeadLetters, Routes, UplinkState};
 use gateway::queue::{NewRecord, Queue, QueueOptions};
 use gateway::uplink::Uplink;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const MOSQUITTO_SUB: &str = "/usr/bin/mosquitto_sub";
@@ -355,48 +354,21 @@ impl Rig {
     }
 
     fn spawn(&self, cfg: MqttConfig) -> Forwarder {
-        let stop = CancellationToken::new();
-        let (stats, handle) = forwarder::spawn(
+        forwarder_rig::spawn(
             UplinkConfig::Mqtt(cfg),
-            "testgw".into(),
-            self.queue.clone(),
-            self.routes.clone(),
-            self.dead.clone(),
-            stop.clone(),
-        );
-        Forwarder {
-            stats,
-            handle,
-            stop,
-        }
+            "testgw",
+            &self.queue,
+            &self.routes,
+            &self.dead,
+        )
     }
 
     fn cursor(&self) -> u64 {
-        self.queue
-            .stats()
-            .cursors
-            .iter()
-            .find(|c| c.name == UPLINK)
-            .map_or(0, |c| c.acked)
+        forwarder_rig::cursor(&self.queue, UPLINK)
     }
 
     async fn wait_cursor(&self, seq: u64, timeout: Duration, f: &Forwarder) {
-        eventually(
-            timeout,
-            || self.cursor() >= seq,
-            || {
-                format!(
-                    "cursor at {} of {seq}; state {:?}, sent {}, confirmed {}, nacked {}, reconnects {}",
-                    self.cursor(),
-                    f.stats.state(),
-                    f.sent(),
-                    f.confirmed(),
-                    f.nacked(),
-                    f.reconnects()
-                )
-            },
-        )
-        .await;
+        forwarder_rig::wait_cursor(&self.queue, UPLINK, seq, timeout, f).await;
     }
 
     /// Waits until the subscriber has a copy of every record; returns (device, seq) in arrival

@@ -1,5 +1,6 @@
 //! The test rig shared by the forwarder fault tests (uplink_faults for AMQP, uplink_kafka_faults
-//! for Kafka): unique names, polling, a forwarder's state log and handle, and the delivery check.
+//! for Kafka, uplink_mqtt): unique names, polling, a forwarder's state log and handle, its
+//! cursor, and the delivery check.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -7,7 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use gateway::forwarder::{ForwarderStats, UplinkState};
+use gateway::config::UplinkConfig;
+use gateway::forwarder::{self, DeadLetters, ForwarderStats, Routes, UplinkState};
+use gateway::queue::Queue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -112,6 +115,60 @@ impl Forwarder {
             .expect("the forwarder did not stop within 15 s of its cancellation")
             .unwrap();
     }
+}
+
+/// Starts the forwarder of `cfg` (gateway id `gateway_id`) on `queue`.
+pub fn spawn(
+    cfg: UplinkConfig,
+    gateway_id: &str,
+    queue: &Queue,
+    routes: &Arc<Routes>,
+    dead: &DeadLetters,
+) -> Forwarder {
+    let stop = CancellationToken::new();
+    let (stats, handle) = forwarder::spawn(
+        cfg,
+        gateway_id.into(),
+        queue.clone(),
+        routes.clone(),
+        dead.clone(),
+        stop.clone(),
+    );
+    Forwarder {
+        stats,
+        handle,
+        stop,
+    }
+}
+
+/// Cursor `name`'s confirmed position (0 before the forwarder made it).
+pub fn cursor(queue: &Queue, name: &str) -> u64 {
+    queue
+        .stats()
+        .cursors
+        .iter()
+        .find(|c| c.name == name)
+        .map_or(0, |c| c.acked)
+}
+
+/// Waits until cursor `name` reaches `seq`; the failure tells what forwarder `f` was doing.
+pub async fn wait_cursor(queue: &Queue, name: &str, seq: u64, timeout: Duration, f: &Forwarder) {
+    eventually(
+        timeout,
+        || cursor(queue, name) >= seq,
+        || {
+            format!(
+                "cursor at {} of {seq}; state {:?}, sent {}, confirmed {}, nacked {}, reconnects {}",
+                cursor(queue, name),
+                f.stats.state(),
+                f.sent(),
+                f.confirmed(),
+                f.nacked(),
+                f.reconnects()
+            )
+        },
+    )
+    .await;
 }
 
 /// Checks `got` (the topic's records, per device in arrival order) against `expected`: nothing
