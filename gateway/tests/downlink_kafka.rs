@@ -12,38 +12,32 @@
 //! fail, saying how to install it.
 #![allow(clippy::unwrap_used)]
 
+mod downlink_support;
 mod ingest_support;
 mod tansu;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
+use downlink_support::{
+    consuming, dev, downlink, payloads, receive, subscribe, text, unique, wait_for,
+    CORRELATION_DATA, RESPONSE_TOPIC,
+};
 use gateway::config::Config;
-use gateway::downlink::{DownlinkState, DownlinkStats};
+use gateway::downlink::DownlinkState;
 use gateway::service::Service;
 use gateway::status::Status;
 use gateway::uplink::murmur2::partition_for_key;
-use ingest_support::raw::{self, property_values, Connect, Received};
+use ingest_support::raw::{self, property_values, Connect};
 use rskafka::chrono::{DateTime, Utc};
 use rskafka::client::partition::{Compression, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 use tansu::Tansu;
 
-const RESPONSE_TOPIC: u8 = 0x08;
-const CORRELATION_DATA: u8 = 0x09;
 const PARTITIONS: u32 = 3;
-
-fn unique(prefix: &str) -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{n}", std::process::id())
-}
 
 struct Rig {
     dir: tempfile::TempDir,
@@ -151,79 +145,12 @@ backoff_max = "1s"
     }
 
     async fn device(&self, status: &Status, id: &str, connect: &Connect) -> raw::TlsRaw {
-        let addr = status.listeners[0].0;
-        let tls = ingest_support::client_tls(&self.certs, Some(id));
-        let mut c = raw::tls_connect(addr, tls).await.unwrap();
-        let ack = c.connect(connect).await;
-        assert_eq!(ack.connack_code(), 0, "CONNACK for {id}: {ack:?}");
-        c
+        downlink_support::device(&self.certs, status, id, connect).await
     }
 
     fn offsets_file(&self) -> PathBuf {
         self.dir.path().join("data/downlink/kafka-kcmds.offsets")
     }
-}
-
-fn dev(n: u32) -> String {
-    format!("dev-{n:05}")
-}
-
-async fn subscribe(c: &mut raw::TlsRaw, v5: bool, device: &str) {
-    let filter = format!("devices/{device}/commands/#");
-    c.send(&raw::subscribe_with(v5, 1, &[(filter.as_str(), 1)]))
-        .await
-        .unwrap();
-    let ack = c.recv().await;
-    assert_eq!(ack.suback_codes(v5), vec![1], "SUBACK for {device}");
-}
-
-/// Receives `n` PUBLISHes, acking each.
-async fn receive(c: &mut raw::TlsRaw, v5: bool, n: usize) -> Vec<Received> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let p = c.recv_within(Duration::from_secs(20)).await.unwrap();
-        let r = p.publish(v5);
-        if r.qos == 1 {
-            c.send(&raw::puback(r.pkid)).await.unwrap();
-        }
-        got.push(r);
-    }
-    got
-}
-
-async fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn downlink(status: &Status) -> Arc<DownlinkStats> {
-    status.downlinks()[0].stats.clone()
-}
-
-async fn consuming(status: &Status) {
-    let s = downlink(status);
-    wait_for("the downlink to consume", || {
-        s.state() == DownlinkState::Consuming
-    })
-    .await;
-}
-
-fn payloads(got: &[Received]) -> Vec<String> {
-    got.iter()
-        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
-        .collect()
-}
-
-fn text(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u16).to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
 }
 
 #[tokio::test]
