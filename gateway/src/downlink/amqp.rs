@@ -314,6 +314,12 @@ async fn consume(
                             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                             acking.push(ack(delivery));
                         } else {
+                            // Neither stored nor dead-lettered: the broker keeps it, and its
+                            // redelivery must not pass for a duplicate.
+                            tracing::warn!(downlink = %cfg.name, %error, "a command that cannot be stored could not be dead-lettered either; returned to the broker");
+                            if let Some(id) = &id {
+                                recent.forget(id);
+                            }
                             let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
                         }
                     }

@@ -113,6 +113,10 @@ pub struct Router {
     held: usize,
     done: usize,
     blocked: bool,
+    /// Storing for persistent sessions failed at the last settle: the entries it left new are
+    /// routed again to every matching session (a session that has one only in memory must store
+    /// it, so its copy survives a crash; a duplicate in memory is the price).
+    store_failed: bool,
 }
 
 pub async fn run(
@@ -139,6 +143,7 @@ pub async fn run(
         stats,
         entries: VecDeque::new(),
         first_new: 0,
+        store_failed: false,
         held: 0,
         done: 0,
         blocked: false,
@@ -227,7 +232,8 @@ impl Router {
             let outcome = if rec.expires_at().is_some_and(|t| t <= now) {
                 CommandOutcome::Expired
             } else {
-                let (r, outcome) = self.sessions.route_command(rec.clone(), false);
+                let retry = self.store_failed;
+                let (r, outcome) = self.sessions.route_command(rec.clone(), retry);
                 acc.merge(r);
                 outcome
             };
@@ -284,6 +290,7 @@ impl Router {
                 ok = false;
             }
         }
+        self.store_failed = !ok;
         for s in acc.wake {
             s.wake.notify_one();
         }
