@@ -321,6 +321,17 @@ pub enum CommandOutcome {
     TooLarge,
 }
 
+/// What pushing a message into one session's outbox did.
+enum Push {
+    Pushed,
+    /// Full (a publish: counted by the outbox).
+    Refused,
+    /// A command larger than the session's bound even when empty.
+    TooLarge,
+    /// A command the session's bound (or the all-sessions bound) has no room for now.
+    Blocked,
+}
+
 /// Counters of local delivery (exact; exported as metrics).
 #[derive(Debug, Default)]
 pub struct DeliveryStats {
@@ -1188,16 +1199,7 @@ impl Sessions {
                 self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if command && !slot.with_outbox(|ob| ob.fits(message.cost())) {
-                outcome = CommandOutcome::TooLarge;
-                continue;
-            }
-            if over_total || (command && slot.with_outbox(|ob| !ob.has_room(message.cost()))) {
-                if command {
-                    // The sessions before this one have it (and skip it when it comes again).
-                    outcome = CommandOutcome::Blocked;
-                    break;
-                }
+            if over_total && !command {
                 self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -1208,15 +1210,21 @@ impl Sessions {
             ids.sort_unstable();
             let m = with_subscription_ids(&m, std::mem::take(ids));
             let stored_seq = if command { seq | DOWNLINK_SEQ } else { seq };
+            // One lock of the outbox: a command's bound checked, then the push.
             let (pushed, before, after) = slot.with_outbox(|ob| {
                 let before = ob.counts();
+                if command && !ob.fits(m.cost()) {
+                    return (Push::TooLarge, before, before);
+                }
+                if command && (over_total || !ob.has_room(m.cost())) {
+                    return (Push::Blocked, before, before);
+                }
                 let pushed = match ob.push(m.clone(), qos) {
                     Ok(pkid) => {
-                        if command {
+                        if command || (store.is_some() && qos > 0) {
                             through.fetch_max(seq, Ordering::AcqRel);
                         }
                         if let (Some(st), true) = (store, qos > 0) {
-                            through.fetch_max(seq, Ordering::AcqRel);
                             let p = st.append(&Event::Msg {
                                 id: slot.client_id.to_string(),
                                 seq: stored_seq,
@@ -1233,12 +1241,25 @@ impl Sessions {
                                 routed.last_append = Some(p);
                             }
                         }
-                        true
+                        Push::Pushed
                     }
-                    Err(_) => false,
+                    Err(_) => Push::Refused,
                 };
                 (pushed, before, ob.counts())
             });
+            let pushed = match pushed {
+                Push::Pushed => true,
+                Push::Refused => false,
+                Push::TooLarge => {
+                    outcome = CommandOutcome::TooLarge;
+                    continue;
+                }
+                Push::Blocked => {
+                    // The sessions before this one have it (and skip it when it comes again).
+                    outcome = CommandOutcome::Blocked;
+                    break;
+                }
+            };
             self.stats
                 .dropped_qos0
                 .fetch_add(after.dropped_qos0 - before.dropped_qos0, Ordering::Relaxed);
